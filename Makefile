@@ -1,0 +1,22 @@
+# Quick start: `make demo` (set up + main job) and `make test` (set up + test suite).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e ".[test,geo]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m xstars_models.demo --out demo_output
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) demo_output

@@ -1,0 +1,29 @@
+"""Tiny models and imagery for the tests (depth 2, width 32: fast on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xstars_models import XStars, get_sensor
+
+TINY = dict(patch_size=8, img_size=64, embed_dim=32, depth=2, num_heads=2)
+
+
+def tiny_model(seed: int = 0, extra_sensors: bool = True) -> XStars:
+    """Sentinel-2 RGB (10 m, patch 8) as primary; aerial RGB at 5 m (patch 16) and the 13-band
+    Sentinel-2 (patch 8) as extra stems."""
+    import torch
+
+    torch.manual_seed(seed)
+    sensors = {"sentinel2_rgb": get_sensor("sentinel2_rgb")}
+    if extra_sensors:
+        sensors["aerial"] = get_sensor("aerial_rgb").with_gsd(5.0, name="aerial")
+        sensors["sentinel2"] = get_sensor("sentinel2")
+    return XStars.new("vit_tiny_patch16_224", sensors, **TINY).eval()
+
+
+def rgb_images(n: int = 2, size: int = 64, seed: int = 0) -> np.ndarray:
+    """``n`` uint8 H x W x 3 images with some spatial structure."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(n, size // 8, size // 8, 3), dtype=np.uint8)
+    return np.repeat(np.repeat(base, 8, axis=1), 8, axis=2)

@@ -1,0 +1,161 @@
+"""XStars.embed: input formats, outputs, layers, sizes and every kind of bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from factories import rgb_images, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def test_outputs_have_documented_shapes(model):
+    x = rgb_images(3, 64)
+    d = model.embed_dim
+    assert model.embed(x, "sentinel2_rgb", output="cls").shape == (3, d)
+    assert model.embed(x, "sentinel2_rgb", output="mean").shape == (3, d)
+    assert model.embed(x, "sentinel2_rgb", output="patch").shape == (3, 64, d)
+    assert model.embed(x, "sentinel2_rgb", output="map").shape == (3, d, 8, 8)
+
+
+def test_map_and_patch_and_mean_agree(model):
+    x = rgb_images(2, 64)
+    fmap = model.embed(x, "sentinel2_rgb", output="map")
+    patch = model.embed(x, "sentinel2_rgb", output="patch")
+    mean = model.embed(x, "sentinel2_rgb", output="mean")
+    # token (i, j) of the map is patch token i * w + j
+    assert torch.allclose(fmap[:, :, 2, 5], patch[:, 2 * 8 + 5])
+    assert torch.allclose(mean, patch.mean(1), atol=1e-6)
+
+
+def test_input_formats_give_identical_embeddings(model):
+    x = rgb_images(2, 64)
+    ref = model.embed(x, "sentinel2_rgb")
+    chw = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    assert torch.equal(model.embed(chw, "sentinel2_rgb"), ref)
+    assert torch.equal(model.embed(list(x), "sentinel2_rgb"), ref)
+    assert torch.equal(model.embed([Image.fromarray(a) for a in x], "sentinel2_rgb"), ref)
+    assert torch.equal(model.embed(x[0], "sentinel2_rgb"), ref[:1])
+    assert torch.equal(model.embed(chw[0].numpy(), "sentinel2_rgb"), ref[:1])
+    assert torch.allclose(model.embed(x.astype(np.float32), "sentinel2_rgb"), ref)
+
+
+def test_band_names_reorder_channels(model):
+    x = rgb_images(2, 64)
+    ref = model.embed(x, "sentinel2_rgb")
+    bgr = x[..., ::-1].copy()
+    assert torch.equal(model.embed(bgr, "sentinel2_rgb", bands=["blue", "green", "red"]), ref)
+    assert torch.equal(model.embed(bgr, "sentinel2_rgb", bands=["B02", "B03", "B04"]), ref)
+    assert not torch.allclose(model.embed(bgr, "sentinel2_rgb"), ref)
+
+
+def test_uint16_sensor_and_reflectance_scale(model):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 6000, size=(2, 13, 32, 32), dtype=np.uint16)
+    out = model.embed(x, "sentinel2", output="map")
+    assert out.shape == (2, model.embed_dim, 4, 4)
+    assert torch.isfinite(out).all()
+
+
+def test_batching_and_progress_do_not_change_results(model):
+    x = rgb_images(5, 64)
+    full = model.embed(x, "sentinel2_rgb", batch_size=5)
+    chunked = model.embed(x, "sentinel2_rgb", batch_size=2, progress=True)
+    assert torch.allclose(full, chunked, atol=1e-5)
+
+
+def test_arbitrary_sizes_interpolate_positions(model):
+    x = rgb_images(1, 128)[:, :96]  # 96 x 128, not the 64 x 64 the trunk was built for
+    fmap = model.embed(x, "sentinel2_rgb", output="map")
+    assert fmap.shape == (1, model.embed_dim, 12, 16)
+
+
+def test_sizes_not_multiple_of_patch_are_trimmed_with_a_warning(model):
+    x = rgb_images(1, 64)
+    padded = np.pad(x, ((0, 0), (0, 5), (0, 3), (0, 0)))
+    with pytest.warns(UserWarning, match="5 rows and 3 columns"):
+        out = model.embed(padded, "sentinel2_rgb", output="map")
+    assert torch.equal(out, model.embed(x, "sentinel2_rgb", output="map"))
+
+
+def test_aerial_stem_tokens_cover_the_same_ground(model):
+    aerial = rgb_images(1, 128)  # 128 px at 5 m = 640 m = 64 px of Sentinel-2
+    assert model.embed(aerial, "aerial", output="map").shape[-2:] == (8, 8)
+
+
+def test_layers_return_intermediate_blocks(model):
+    x = rgb_images(2, 64)
+    per_block = model.embed(x, "sentinel2_rgb", output="map", layers=[0, 1])
+    assert len(per_block) == 2 and all(t.shape == (2, model.embed_dim, 8, 8) for t in per_block)
+    last = model.embed(x, "sentinel2_rgb", output="patch", layers=1)
+    assert len(last) == 1
+    # the final output is the last block's output after the final LayerNorm
+    with torch.inference_mode():
+        normed = model.trunk.norm(last[0])
+    assert torch.allclose(normed, model.embed(x, "sentinel2_rgb", output="patch"), atol=1e-5)
+    cls_per_block = model.embed(x, "sentinel2_rgb", output="cls", layers=[0])
+    assert cls_per_block[0].shape == (2, model.embed_dim)
+    assert not torch.allclose(per_block[0], per_block[1])
+
+
+def test_embed_runs_without_autograd_and_restores_mode(model):
+    model.train()
+    out = model.embed(rgb_images(1, 64), "sentinel2_rgb")
+    assert model.training
+    model.eval()
+    assert not out.requires_grad
+    assert out.is_inference()
+
+
+def test_forward_intermediates_follow_timm(model):
+    x = torch.from_numpy(rgb_images(2, 64)).permute(0, 3, 1, 2).float()
+    final, inter = model.forward_intermediates(x, "sentinel2_rgb", indices=2, output_fmt="NLC", norm=True)
+    assert final.shape == (2, 65, model.embed_dim)
+    assert torch.allclose(inter[-1], final[:, 1:], atol=1e-5)
+    _, maps = model.forward_intermediates(x, "sentinel2_rgb", indices=[0])
+    assert maps[0].shape == (2, model.embed_dim, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "images, kwargs, message",
+    [
+        (np.zeros((64, 64, 4), np.uint8), {}, r"has 3 bands .*shape \(64, 64, 4\)"),
+        (np.zeros((64, 64, 3), np.uint16), {}, r"sentinel2_rgb.*expects uint8.*got uint16"),
+        (np.zeros((64, 64, 3), np.int64), {}, r"expects uint8.*got int64"),
+        (np.zeros((64, 64, 3), np.uint8), {"bands": ["red", "green", "swir16"]}, r"no band 'swir16'.*bands are"),
+        (np.zeros((64, 64, 3), np.uint8), {"bands": ["red", "green", "green"]}, r"name a band twice"),
+        (np.zeros((6, 6, 3), np.uint8), {}, r"6 x 6 px are smaller than one patch \(8 x 8 px = 80 m"),
+        ([np.zeros((64, 64, 3), np.uint8), np.zeros((32, 32, 3), np.uint8)], {}, r"must share a size"),
+        (np.zeros((2, 2, 64, 64, 3), np.uint8), {}, r"shape"),
+        ([], {}, r"empty"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(model, images, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model.embed(images, "sentinel2_rgb", **kwargs)
+
+
+def test_nan_and_inf_name_image_and_band(model):
+    x = rgb_images(2, 64).astype(np.float32)
+    x[1, 3, 4, 2] = np.nan
+    with pytest.raises(ValueError, match=r"image 1, band 'blue' contains NaN"):
+        model.embed(x, "sentinel2_rgb")
+    x[1, 3, 4, 2] = 0
+    x[0, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"image 0, band 'red'"):
+        model.embed(x, "sentinel2_rgb")
+
+
+def test_unknown_sensor_and_output(model):
+    with pytest.raises(ValueError, match=r"no stem for sensor 'landsat8'.*knows \['sentinel2_rgb', 'aerial'"):
+        model.embed(rgb_images(1), "landsat8")
+    with pytest.raises(ValueError, match=r"output must be one of"):
+        model.embed(rgb_images(1), "sentinel2_rgb", output="pooled")
+    with pytest.raises(TypeError, match=r"numpy arrays, torch tensors or PIL images"):
+        model.embed("image.png", "sentinel2_rgb")

@@ -1,0 +1,42 @@
+"""xstars-models: pretrained X-STARS cross-sensor encoders for remote sensing.
+
+    from xstars_models import XStars
+    model = XStars.from_pretrained("xstars-s2-aerial")
+    emb = model.embed(images, sensor="aerial", output="map")
+"""
+
+from .config import XStarsConfig
+from .encoder import StemConfig, XStarsEncoder
+from .errors import (
+    ChecksumError,
+    ManifestError,
+    ModelNotFoundError,
+    OfflineFilesMissingError,
+    StateDictMismatchError,
+)
+from .manifest import ModelEntry, get_model_entry, list_models, register_model
+from .model import XStars
+from .sensors import Band, SensorSpec, get_sensor, list_sensors, register_sensor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Band",
+    "ChecksumError",
+    "ManifestError",
+    "ModelEntry",
+    "ModelNotFoundError",
+    "OfflineFilesMissingError",
+    "SensorSpec",
+    "StateDictMismatchError",
+    "StemConfig",
+    "XStars",
+    "XStarsConfig",
+    "XStarsEncoder",
+    "get_model_entry",
+    "get_sensor",
+    "list_models",
+    "list_sensors",
+    "register_model",
+    "register_sensor",
+]

@@ -1,0 +1,32 @@
+"""Exceptions users can catch by kind. Each message names the file, sensor or key at fault and
+what to do about it."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ChecksumError",
+    "ManifestError",
+    "ModelNotFoundError",
+    "OfflineFilesMissingError",
+    "StateDictMismatchError",
+]
+
+
+class ChecksumError(RuntimeError):
+    """A file's sha256 or size differs from the one recorded in the manifest or config."""
+
+
+class ManifestError(ValueError):
+    """A weights manifest (or one entry of it) is malformed."""
+
+
+class ModelNotFoundError(ValueError):
+    """An id is neither a registered model, a local folder, nor a Hub repo id."""
+
+
+class OfflineFilesMissingError(FileNotFoundError):
+    """Files needed to load a model are not in the local cache and downloading is not allowed."""
+
+
+class StateDictMismatchError(RuntimeError):
+    """Weights do not match the architecture: missing, unexpected or mis-shaped tensors."""

@@ -1,0 +1,190 @@
+"""Where a model's files come from: a local folder, a registry id (bundled in the package or pinned
+on the Hub), or a Hub repo id. Downloads go through ``huggingface_hub`` (its cache, its
+``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` handling); this module only decides which files to ask
+for and which sha256 each must have. Building a model from the files is :mod:`.model`'s job."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .config import CONFIG_NAME, FileRecord, XStarsConfig
+from .errors import ChecksumError, ManifestError, ModelNotFoundError, OfflineFilesMissingError
+from .manifest import ModelEntry, get_model_entry, is_registered
+from .serialization import read_verified
+
+__all__ = ["ResolvedModel", "resolve_model"]
+
+_REPO_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(@(?P<rev>[A-Za-z0-9._/-]+))?$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model's files on local disk with the records they must match.
+
+    Attributes:
+        config: the parsed, verified ``config.json``.
+        paths: local path of every weight file, by file name.
+        records: sha256/size each weight file must have.
+        source: how the model was named (``registry:ID``, ``hub:REPO``, ``local:PATH``).
+        revision: the Hub commit the files come from, when they come from the Hub.
+    """
+
+    config: XStarsConfig
+    paths: Mapping[str, Path]
+    records: Mapping[str, FileRecord]
+    source: str
+    revision: str | None = None
+
+
+def _parse_config_bytes(data: bytes, where: str) -> XStarsConfig:
+    try:
+        return XStarsConfig.from_dict(json.loads(data), source=where)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err}).") from None
+
+
+def _from_folder(folder: Path) -> ResolvedModel:
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise ModelNotFoundError(f"{folder} is a folder but has no {CONFIG_NAME}; is it a saved X-STARS model?")
+    config = XStarsConfig.from_file(config_path)
+    paths = {name: folder / name for name in config.weight_files}
+    missing = [name for name, path in paths.items() if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: config.json lists weight files {missing} that are not in the folder.")
+    return ResolvedModel(config, paths, {n: config.files[n] for n in paths}, f"local:{folder}")
+
+
+class _HubFiles:
+    """Downloads files of one repo at one revision, collecting those missing from an offline cache
+    so the error can name all of them at once."""
+
+    def __init__(self, repo_id: str, revision: str | None, cache_dir, local_files_only: bool, token, force_download: bool):
+        self.repo_id, self.revision = repo_id, revision
+        self.kwargs = dict(
+            cache_dir=cache_dir, local_files_only=local_files_only, token=token, force_download=force_download,
+            library_name="xstars-models",
+        )
+        self.missing: list[str] = []
+
+    def get(self, filename: str) -> Path | None:
+        try:
+            path = Path(hf_hub_download(self.repo_id, filename, revision=self.revision, **self.kwargs))
+        except LocalEntryNotFoundError:
+            self.missing.append(filename)
+            return None
+        except RepositoryNotFoundError:
+            raise ModelNotFoundError(
+                f"Hub repo {self.repo_id!r} not found (or private: pass token=...)."
+            ) from None
+        except RevisionNotFoundError:
+            raise ModelNotFoundError(f"Hub repo {self.repo_id!r} has no revision {self.revision!r}.") from None
+        except EntryNotFoundError:
+            raise ModelNotFoundError(
+                f"Hub repo {self.repo_id!r} at revision {self.revision or 'main'} has no file {filename!r}; "
+                "is it an X-STARS model?"
+            ) from None
+        if self.revision is None and _COMMIT.match(path.parent.name):
+            # Pin the rest of the files to the commit the first one came from, so a push that lands
+            # between two downloads cannot mix files of two commits.
+            self.revision = path.parent.name
+        return path
+
+    def raise_if_missing(self, name: str) -> None:
+        if self.missing:
+            raise OfflineFilesMissingError(
+                f"Files {self.missing} of {name} (Hub repo {self.repo_id!r}, revision "
+                f"{self.revision or 'main'}) are not in the local cache and downloading is off "
+                "(local_files_only=True or HF_HUB_OFFLINE=1). Download them once while online: "
+                f"`xstars download {name}` or XStars.from_pretrained({name!r})."
+            )
+
+
+def _from_registry(entry: ModelEntry, revision: str | None, cache_dir, local_files_only, token, force_download) -> ResolvedModel:
+    if revision is not None and revision != entry.revision:
+        raise ValueError(
+            f"Registry model {entry.model_id!r} is pinned to revision {entry.revision or 'bundled'}; "
+            f"to load revision {revision!r}, name the Hub repo instead: {entry.repo_id or 'org/name'}@{revision}."
+        )
+    if entry.bundled_path is not None:
+        folder = entry.bundled_path
+        paths = {name: folder / name for name in entry.files}
+        absent = [name for name, path in paths.items() if not path.is_file()]
+        if absent:
+            raise FileNotFoundError(
+                f"Bundled model {entry.model_id!r}: files {absent} are missing from {folder}; "
+                "the installation is incomplete, reinstall xstars-models."
+            )
+    else:
+        hub = _HubFiles(entry.repo_id, entry.revision, cache_dir, local_files_only, token, force_download)
+        paths = {name: hub.get(name) for name in entry.files}
+        hub.raise_if_missing(entry.model_id)
+    config = _parse_config_bytes(
+        read_verified(paths[CONFIG_NAME], entry.files[CONFIG_NAME], f"{entry.model_id}/{CONFIG_NAME}"),
+        f"{entry.model_id}/{CONFIG_NAME}",
+    )
+    for name in config.weight_files:
+        if name not in entry.files:
+            raise ManifestError(f"{entry.origin}: model {entry.model_id!r} lists no sha256 for {name!r}.")
+        if config.files[name] != entry.files[name]:
+            raise ChecksumError(
+                f"{entry.model_id}: config.json records {name} as sha256 {config.files[name].sha256} "
+                f"but the manifest ({entry.origin}) says {entry.files[name].sha256}."
+            )
+    weights = {name: paths[name] for name in config.weight_files}
+    return ResolvedModel(
+        config, weights, {n: entry.files[n] for n in weights}, f"registry:{entry.model_id}", entry.revision
+    )
+
+
+def _from_hub(repo_id: str, revision: str | None, cache_dir, local_files_only, token, force_download) -> ResolvedModel:
+    hub = _HubFiles(repo_id, revision, cache_dir, local_files_only, token, force_download)
+    name = repo_id if revision is None else f"{repo_id}@{revision}"
+    config_path = hub.get(CONFIG_NAME)
+    hub.raise_if_missing(name)
+    config = XStarsConfig.from_file(config_path)
+    paths = {file: hub.get(file) for file in config.weight_files}
+    hub.raise_if_missing(name)
+    return ResolvedModel(config, paths, {n: config.files[n] for n in paths}, f"hub:{repo_id}", hub.revision)
+
+
+def resolve_model(
+    name_or_path: str | Path,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    force_download: bool = False,
+) -> ResolvedModel:
+    """Find (downloading if needed and allowed) the files of a model.
+
+    ``name_or_path`` is tried as, in order: an existing local folder, a registry id, a Hub repo id
+    ``org/name`` or ``org/name@revision``. The weight files are *not* read here; the records they
+    must match travel with the paths.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return _from_folder(path)
+    name = str(name_or_path)
+    if is_registered(name):
+        return _from_registry(get_model_entry(name), revision, cache_dir, local_files_only, token, force_download)
+    match = _REPO_REF.match(name)
+    if match is None:
+        get_model_entry(name)  # raises ModelNotFoundError with close matches
+    repo_id, ref = match["repo"], match["rev"]
+    if ref is not None and revision is not None and ref != revision:
+        raise ValueError(f"Two revisions given for {repo_id!r}: {ref!r} in the name and revision={revision!r}.")
+    return _from_hub(repo_id, ref or revision, cache_dir, local_files_only, token, force_download)

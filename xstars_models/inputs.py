@@ -1,0 +1,213 @@
+"""Turn whatever imagery a user has (NumPy, PIL, torch; HWC or CHW; one image or a batch) into a
+float32 B x C x H x W tensor of the sensor's digital numbers, checked against its :class:`SensorSpec`.
+
+Normalisation is *not* done here: the model's per-sensor input stem does it, once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .sensors import SensorSpec
+
+__all__ = ["ImageInput", "to_batch"]
+
+ImageInput = Any  # np.ndarray | torch.Tensor | PIL.Image.Image | a sequence of those
+
+_FLOAT_DTYPES = {np.dtype("float16"), np.dtype("float32"), np.dtype("float64")}
+_NUMPY_DTYPE_NAMES = {
+    torch.uint8: "uint8",
+    torch.int8: "int8",
+    torch.int16: "int16",
+    torch.uint16: "uint16",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.float16: "float16",
+    torch.bfloat16: "float32",
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.bool: "bool",
+}
+
+
+def _as_array(image: Any, sensor: str) -> tuple[np.ndarray | torch.Tensor, str]:
+    """The image as an array-like plus the library it came from (decides HWC vs CHW ties)."""
+    if isinstance(image, torch.Tensor):
+        return image.detach(), "torch"
+    if isinstance(image, np.ndarray):
+        return image, "numpy"
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a hard dependency
+        Image = None
+    if Image is not None and isinstance(image, Image.Image):
+        array = np.asarray(image)
+        if array.ndim == 2:
+            array = array[:, :, None]
+        return array, "numpy"
+    raise TypeError(
+        f"Sensor {sensor!r}: images must be numpy arrays, torch tensors or PIL images "
+        f"(or a list of them), got {type(image).__name__}."
+    )
+
+
+def _dtype_name(array: np.ndarray | torch.Tensor) -> str:
+    if isinstance(array, torch.Tensor):
+        return _NUMPY_DTYPE_NAMES.get(array.dtype, str(array.dtype))
+    return array.dtype.name
+
+
+def _check_dtype(dtype: str, spec: SensorSpec) -> None:
+    if np.dtype(dtype) in _FLOAT_DTYPES:
+        return
+    if spec.dtype == "float32":
+        raise ValueError(
+            f"Sensor {spec.name!r} expects floating-point values in physical units, got {dtype}."
+        )
+    if dtype != spec.dtype:
+        raise ValueError(
+            f"Sensor {spec.name!r} expects {spec.dtype} digital numbers (values scaled by "
+            f"{spec.scale:g} to the statistics' scale), got {dtype}. Convert the imagery to "
+            f"{spec.dtype}, pass float values in the same units, or use a sensor spec whose "
+            "dtype and scale match your data."
+        )
+
+
+def _to_chw(array: np.ndarray | torch.Tensor, origin: str, spec: SensorSpec, layout: str | None):
+    """Put channels first for a 3-D image (H, W, C) or (C, H, W)."""
+    n = spec.num_bands
+    if layout is None:
+        first, last = array.shape[0] == n, array.shape[-1] == n
+        if first and last:
+            # A 3 x W x 3 image is ambiguous; follow each library's own convention.
+            layout = "CHW" if origin == "torch" else "HWC"
+        elif first:
+            layout = "CHW"
+        elif last:
+            layout = "HWC"
+        else:
+            raise ValueError(
+                f"Sensor {spec.name!r} has {n} bands {list(spec.band_names)}, but neither the "
+                f"first nor the last axis of an image of shape {tuple(array.shape)} has size {n}. "
+                "Pass images as H x W x C or C x H x W with one channel per band."
+            )
+    if layout not in ("CHW", "HWC"):
+        raise ValueError(f"layout must be 'CHW', 'HWC' or None (guess), got {layout!r}.")
+    if layout == "HWC":
+        array = array.permute(2, 0, 1) if isinstance(array, torch.Tensor) else array.transpose(2, 0, 1)
+    if array.shape[0] != n:
+        raise ValueError(
+            f"Sensor {spec.name!r} expects {n} bands {list(spec.band_names)}; an image given as "
+            f"{layout} has shape {tuple(array.shape)} ({array.shape[0]} channels)."
+        )
+    return array
+
+
+def _band_order(spec: SensorSpec, bands: Sequence[str] | None) -> list[int] | None:
+    """Indexes that reorder channels given in the order ``bands`` into the model's order."""
+    if bands is None:
+        return None
+    positions = [spec.band_index(b) for b in bands]
+    if len(set(positions)) != len(positions):
+        raise ValueError(f"Sensor {spec.name!r}: band names {list(bands)} name a band twice.")
+    missing = [spec.band_names[i] for i in range(spec.num_bands) if i not in positions]
+    if missing:
+        raise ValueError(
+            f"Sensor {spec.name!r} needs bands {list(spec.band_names)}; {missing} missing from "
+            f"the given band names {list(bands)}."
+        )
+    # channel k of the input is band positions[k]; we want channel j = band j.
+    return [positions.index(j) for j in range(spec.num_bands)]
+
+
+def _check_values(batch: torch.Tensor, spec: SensorSpec) -> None:
+    finite = torch.isfinite(batch)
+    if not bool(finite.all()):
+        bad = (~finite).flatten(2).any(-1)  # B x C
+        image, band = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(
+            f"Sensor {spec.name!r}: image {image}, band {spec.band_names[band]!r} contains NaN "
+            "or infinite values. Replace missing pixels with the sensor's nodata value "
+            f"({spec.nodata}) or crop them out."
+        )
+
+
+def to_batch(
+    images: ImageInput,
+    spec: SensorSpec,
+    patch_size: int,
+    bands: Sequence[str] | None = None,
+    layout: str | None = None,
+) -> torch.Tensor:
+    """Validate ``images`` against ``spec`` and stack them into a float32 B x C x H x W tensor.
+
+    Args:
+        images: one image (2-D only for single-band sensors, 3-D) or a batch (4-D array/tensor,
+            or a list of equally sized images). Values are the sensor's digital numbers in
+            ``spec.dtype`` (or floats in the same units).
+        spec: the sensor the imagery comes from.
+        patch_size: the model's patch size in pixels for this sensor; smaller images are rejected.
+        bands: the band names (or aliases) of the input channels, in order, when they are not
+            the spec's order; channels are reordered to the spec's order.
+        layout: ``"CHW"`` or ``"HWC"`` to override the guess from the band count.
+
+    Raises:
+        ValueError: wrong band count, unknown or missing band name, wrong dtype, NaN/inf,
+            an image smaller than one patch, or images of different sizes in one list.
+    """
+    if isinstance(images, (list, tuple)):
+        items = list(images)
+    else:
+        array, _ = _as_array(images, spec.name)
+        items = list(array) if array.ndim == 4 else [images]
+    if not items:
+        raise ValueError(f"Sensor {spec.name!r}: got an empty batch of images.")
+    chw = [_single_chw(image, spec, layout, i) for i, image in enumerate(items)]
+    sizes = {tuple(item.shape[1:]) for item in chw}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"Sensor {spec.name!r}: images in one batch must share a size, got sizes (H, W) "
+            f"{sorted(sizes)}. Embed them in separate calls."
+        )
+    batch = torch.stack(chw)
+    order = _band_order(spec, bands)
+    if order is not None:
+        batch = batch[:, order]
+    _check_values(batch, spec)
+    height, width = batch.shape[-2:]
+    if height < patch_size or width < patch_size:
+        raise ValueError(
+            f"Sensor {spec.name!r}: images of {height} x {width} px are smaller than one patch "
+            f"({patch_size} x {patch_size} px = {patch_size * spec.gsd_m:g} m at {spec.gsd_m:g} m GSD)."
+        )
+    return batch
+
+
+def _single_chw(image: Any, spec: SensorSpec, layout: str | None, index: int) -> torch.Tensor:
+    array, origin = _as_array(image, spec.name)
+    _check_dtype(_dtype_name(array), spec)
+    if array.ndim == 2:
+        if spec.num_bands != 1:
+            raise ValueError(
+                f"Sensor {spec.name!r} expects {spec.num_bands} bands; image {index} is 2-D "
+                f"{tuple(array.shape)} (a single band)."
+            )
+        array = array[None]
+    elif array.ndim != 3:
+        raise ValueError(
+            f"Sensor {spec.name!r}: image {index} has shape {tuple(array.shape)}; expected "
+            "H x W x C or C x H x W (or a 4-D batch)."
+        )
+    return _to_tensor(_to_chw(array, origin, spec, layout))
+
+
+def _to_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.to(torch.float32)
+    array = np.ascontiguousarray(array)
+    if array.dtype == np.uint16:
+        array = array.astype(np.int32)  # torch.from_numpy has limited uint16 support
+    return torch.from_numpy(array).to(torch.float32)

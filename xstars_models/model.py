@@ -1,0 +1,245 @@
+"""``XStars``: the user-facing model. An :class:`~.encoder.XStarsEncoder` plus the Hugging Face style
+``from_pretrained`` / ``save_pretrained`` and ``embed``."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import CONFIG_NAME, WEIGHTS_NAME, XStarsConfig, stem_file_name
+from .encoder import StemConfig, XStarsEncoder
+from .hub import resolve_model
+from .inputs import ImageInput, to_batch
+from .sensors import SensorSpec, get_sensor
+from .serialization import atomic_write_bytes, load_state_dict_strict, read_verified_safetensors, write_safetensors
+
+__all__ = ["OUTPUTS", "XStars"]
+
+OUTPUTS = ("cls", "mean", "patch", "map")
+
+
+class XStars(XStarsEncoder):
+    """A cross-sensor X-STARS encoder: one ViT trunk, one input stem per sensor.
+
+    Create one with :meth:`from_pretrained` (registry id, Hub repo or folder) or :meth:`new`
+    (random weights, for training). ``lineage``, ``training`` and ``metrics`` are free-form
+    records saved in ``config.json`` and shown in model cards.
+    """
+
+    def __init__(self, config: XStarsConfig) -> None:
+        super().__init__(config.arch, config.arch_kwargs, config.sensors)
+        self.lineage: dict[str, Any] = dict(config.lineage)
+        self.training_record: dict[str, Any] = dict(config.training)
+        self.metrics: dict[str, Any] = dict(config.metrics)
+        self.name_or_path: str | None = None
+        self.revision: str | None = None
+
+    @classmethod
+    def new(
+        cls,
+        arch: str,
+        sensors: Sequence[SensorSpec | str] | Mapping[str, SensorSpec | str],
+        patch_sizes: Mapping[str, int] | None = None,
+        **arch_kwargs: Any,
+    ) -> XStars:
+        """A randomly initialised model.
+
+        Args:
+            arch: timm ViT name, e.g. ``vit_small_patch16_224``.
+            sensors: specs or built-in sensor names (primary first), or a mapping from the names
+                the model should use to specs.
+            patch_sizes: pixels per token for non-primary sensors; default from the GSD ratio
+                (each token covers the same ground as a primary-sensor token).
+            arch_kwargs: ``timm.create_model`` overrides (``patch_size``, ``img_size``, ``depth``,
+                ``embed_dim``, ``num_heads``...).
+        """
+        if isinstance(sensors, Mapping):
+            named = {name: get_sensor(s) if isinstance(s, str) else s for name, s in sensors.items()}
+        else:
+            specs = [get_sensor(s) if isinstance(s, str) else s for s in sensors]
+            named = {spec.name: spec for spec in specs}
+        if not named:
+            raise ValueError("A model needs at least one sensor.")
+        primary_name, primary = next(iter(named.items()))
+        trunk_patch = arch_kwargs.get("patch_size") or _arch_patch_size(arch)
+        model = cls(XStarsConfig(arch, dict(arch_kwargs), {primary_name: StemConfig(primary, trunk_patch)}))
+        for name, spec in list(named.items())[1:]:
+            model.add_sensor(spec, patch_size=(patch_sizes or {}).get(name), name=name)
+        return model
+
+    @property
+    def config(self) -> XStarsConfig:
+        """The model's current configuration (``files`` is filled by :meth:`save_pretrained`)."""
+        return XStarsConfig(
+            arch=self.arch,
+            arch_kwargs=dict(self.arch_kwargs),
+            sensors=dict(self.sensors),
+            lineage=dict(self.lineage),
+            training=dict(self.training_record),
+            metrics=dict(self.metrics),
+        )
+
+    def weight_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """State dicts by file: the timm trunk in ``model.safetensors``, one file per extra stem."""
+        tensors = {WEIGHTS_NAME: self.trunk.state_dict()}
+        for name in list(self.sensors)[1:]:
+            tensors[stem_file_name(name)] = self.stems[name].state_dict()
+        return tensors
+
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write ``config.json`` and the safetensors weight files into ``save_directory``.
+
+        Each file is written to a temporary name and renamed; ``config.json``, which records the
+        sha256 of every weight file, is written last, so an interrupted save never leaves a
+        config that points at weights it does not describe.
+        """
+        folder = Path(save_directory)
+        config = self.config
+        for file_name, tensors in self.weight_tensors().items():
+            config.files[file_name] = write_safetensors(folder / file_name, tensors, {"arch": self.arch})
+        atomic_write_bytes(folder / CONFIG_NAME, config.to_json().encode("utf-8"))
+        return folder
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        map_location: str | torch.device = "cpu",
+        force_download: bool = False,
+    ) -> XStars:
+        """Load a model by registry id (``xstars-s2-aerial``), Hub repo id (``org/name`` or
+        ``org/name@revision``) or local folder.
+
+        Every weight file is checked against the sha256 recorded in the manifest (registry ids)
+        or in ``config.json`` before any tensor is loaded, and loading is strict. A registry model
+        pinned to a commit that is already cached loads without any network request; with
+        ``local_files_only=True`` or ``HF_HUB_OFFLINE=1`` nothing is ever requested.
+
+        Raises:
+            ModelNotFoundError: unknown id (with close matches) or missing Hub repo.
+            OfflineFilesMissingError: files not cached while downloads are off.
+            ChecksumError: a file's bytes differ from the recorded sha256 or size.
+            StateDictMismatchError: weights that do not fit the architecture.
+        """
+        resolved = resolve_model(name_or_path, revision, cache_dir, local_files_only, token, force_download)
+        tensors = {
+            name: read_verified_safetensors(path, resolved.records[name], "cpu", name)
+            for name, path in resolved.paths.items()
+        }
+        model = cls(resolved.config)
+        load_state_dict_strict(model.trunk, tensors[WEIGHTS_NAME], f"{name_or_path} ({WEIGHTS_NAME})")
+        for sensor in list(model.sensors)[1:]:
+            file_name = stem_file_name(sensor)
+            load_state_dict_strict(model.stems[sensor], tensors[file_name], f"{name_or_path} ({file_name})")
+        model.name_or_path = str(name_or_path)
+        model.revision = resolved.revision
+        return model.to(map_location).eval()
+
+    @torch.inference_mode()
+    def embed(
+        self,
+        images: ImageInput,
+        sensor: str,
+        output: str = "cls",
+        layers: int | Sequence[int] | None = None,
+        batch_size: int = 32,
+        device: str | torch.device | None = None,
+        progress: bool = True,
+        bands: Sequence[str] | None = None,
+        layout: str | None = None,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Embed imagery of one sensor.
+
+        Args:
+            images: one image or a batch: NumPy arrays, torch tensors or PIL images, H x W x C or
+                C x H x W, holding the sensor's digital numbers (e.g. uint8 for 8-bit RGB, uint16
+                reflectance x 1e4 for ``sentinel2``) or floats in the same units. Any size of at
+                least one patch; pixels beyond a whole number of patches (bottom and right) are
+                dropped with a warning.
+            sensor: which of the model's sensors the imagery comes from (``model.sensors``).
+            output: ``"cls"`` (B x D), ``"mean"`` of patch tokens (B x D), ``"patch"`` tokens
+                (B x N x D) or ``"map"`` (B x D x h x w, token (i, j) covering pixels
+                [i*p, (i+1)*p) x [j*p, (j+1)*p) for patch size p).
+            layers: ``None`` for the final (LayerNorm-ed) output, or block indexes / a count of
+                last blocks as in timm's ``forward_intermediates``; then a list with one tensor per
+                block (raw block outputs, no final norm) is returned.
+            batch_size: images per forward pass.
+            device: where to compute (the model is moved there); default: where the model is.
+            progress: show a progress bar when there is more than one batch.
+            bands: band names of the input channels when they are not in the sensor's order.
+            layout: ``"HWC"`` or ``"CHW"`` when the band count cannot tell (e.g. 3 x W x 3).
+
+        Returns:
+            float32 CPU tensor(s) in the ``output`` layout.
+        """
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        stem = self.check_sensor(sensor)
+        batch = _trim_to_patches(to_batch(images, stem.spec, stem.patch_size, bands, layout), stem, sensor)
+        if device is not None:
+            self.to(device)
+        target = self.trunk.cls_token.device
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = [batch[i : i + batch_size] for i in range(0, len(batch), batch_size)]
+            results = [
+                self._embed_chunk(chunk.to(target, non_blocking=True), sensor, output, layers)
+                for chunk in tqdm(chunks, desc=f"embed {sensor}", unit="batch", disable=not progress or len(chunks) < 2)
+            ]
+        finally:
+            self.train(was_training)
+        if layers is None:
+            return torch.cat(results)
+        return [torch.cat(per_layer) for per_layer in zip(*results)]
+
+    def _embed_chunk(self, x: torch.Tensor, sensor: str, output: str, layers) -> Any:
+        final, intermediates, grid = self.forward_tokens(x, sensor, [] if layers is None else layers)
+        prefix = self.trunk.num_prefix_tokens
+        if layers is None:
+            return _format(final, output, grid, prefix)
+        return [_format(tokens, output, grid, prefix) for tokens in intermediates]
+
+
+def _format(tokens: torch.Tensor, output: str, grid: tuple[int, int], prefix: int) -> torch.Tensor:
+    patches = tokens[:, prefix:]
+    if output == "cls":
+        out = tokens[:, 0]
+    elif output == "mean":
+        out = patches.mean(dim=1)
+    elif output == "patch":
+        out = patches
+    else:
+        out = patches.reshape(len(tokens), *grid, -1).permute(0, 3, 1, 2)
+    return out.float().cpu()
+
+
+def _trim_to_patches(batch: torch.Tensor, stem: StemConfig, sensor: str) -> torch.Tensor:
+    p = stem.patch_size
+    height, width = batch.shape[-2:]
+    keep_h, keep_w = height - height % p, width - width % p
+    if (keep_h, keep_w) != (height, width):
+        warnings.warn(
+            f"Sensor {sensor!r}: {height} x {width} px is not a multiple of the {p} px patch; "
+            f"the last {height - keep_h} rows and {width - keep_w} columns are not embedded.",
+            stacklevel=3,
+        )
+    return batch[..., :keep_h, :keep_w]
+
+
+def _arch_patch_size(arch: str) -> int:
+    match = re.search(r"patch(\d+)", arch)
+    if match is None:
+        raise ValueError(f"Cannot read the patch size from architecture {arch!r}; pass patch_size=.")
+    return int(match[1])

@@ -1,0 +1,114 @@
+"""Weight files on disk: sha256 verification, atomic writes, and strict loading with a readable
+diff. Every read goes through :func:`read_verified`, which hashes the very bytes it returns."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+from torch import nn
+
+from .config import FileRecord
+from .errors import ChecksumError, StateDictMismatchError
+
+__all__ = [
+    "atomic_write_bytes",
+    "file_record",
+    "load_state_dict_strict",
+    "read_verified",
+    "read_verified_safetensors",
+    "sha256_bytes",
+    "write_safetensors",
+]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_record(path: str | Path) -> FileRecord:
+    data = Path(path).read_bytes()
+    return FileRecord(sha256_bytes(data), len(data))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> FileRecord:
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place, so readers see
+    the old file or the whole new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return FileRecord(sha256_bytes(data), len(data))
+
+
+def write_safetensors(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> FileRecord:
+    """Save tensors (moved to CPU, made contiguous) atomically; returns the file's record."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = save_safetensors_bytes(cpu, metadata={"format": "pt", **(metadata or {})})
+    return atomic_write_bytes(path, data)
+
+
+def read_verified(path: str | Path, expected: FileRecord, name: str | None = None) -> bytes:
+    """The bytes of ``path`` after checking them against ``expected``.
+
+    Raises:
+        ChecksumError: naming the file, the expected and actual sha256 and sizes.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    actual = sha256_bytes(data)
+    if actual != expected.sha256 or len(data) != expected.size:
+        truncated = " (truncated)" if len(data) < expected.size else ""
+        raise ChecksumError(
+            f"{name or path.name} at {path} is corrupted{truncated}: sha256 {actual} "
+            f"({len(data)} bytes), expected sha256 {expected.sha256} ({expected.size} bytes). "
+            "Nothing was loaded. Delete the file and download it again "
+            "(from_pretrained(..., force_download=True) or `xstars download`)."
+        )
+    return data
+
+
+def read_verified_safetensors(
+    path: str | Path, expected: FileRecord, map_location: str | torch.device = "cpu", name: str | None = None
+) -> dict[str, torch.Tensor]:
+    tensors = load_safetensors_bytes(read_verified(path, expected, name))
+    return {k: v.to(map_location) for k, v in tensors.items()}
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """``module.load_state_dict(state_dict, strict=True)`` with a readable error listing missing,
+    unexpected and mis-shaped keys before anything is copied."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mis_shaped = sorted(
+        f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in set(expected) & set(state_dict)
+        if state_dict[key].shape != expected[key].shape
+    )
+    if missing or unexpected or mis_shaped:
+        lines = [f"Weights of {what} do not match the architecture:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mis_shaped)):
+            if keys:
+                shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
+                lines.append(f"  {title} ({len(keys)}):")
+                lines.extend(f"    {k}" for k in shown)
+        lines.append("Check that config.json's arch and arch_kwargs match the weights.")
+        raise StateDictMismatchError("\n".join(lines))
+    module.load_state_dict(state_dict, strict=True)

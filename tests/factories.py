@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+import torch
 
 from xstars_models import XStars, get_sensor
 
 TINY = dict(patch_size=8, img_size=64, embed_dim=32, depth=2, num_heads=2)
 
 
-def tiny_model(seed: int = 0, extra_sensors: bool = True) -> XStars:
-    """Sentinel-2 RGB (10 m, patch 8) as primary; aerial RGB at 5 m (patch 16) and the 13-band
-    Sentinel-2 (patch 8) as extra stems."""
-    import torch
+EXTRA_SENSORS = {
+    "aerial": get_sensor("aerial_rgb").with_gsd(5.0, name="aerial"),
+    "sentinel2": get_sensor("sentinel2"),
+}
 
+
+def tiny_model(seed: int = 0, extra_sensors: Sequence[str] = ("aerial", "sentinel2")) -> XStars:
+    """Sentinel-2 RGB (10 m, patch 8) as primary; by default aerial RGB at 5 m (patch 16) and the
+    13-band Sentinel-2 (patch 8) as extra stems."""
     torch.manual_seed(seed)
     sensors = {"sentinel2_rgb": get_sensor("sentinel2_rgb")}
-    if extra_sensors:
-        sensors["aerial"] = get_sensor("aerial_rgb").with_gsd(5.0, name="aerial")
-        sensors["sentinel2"] = get_sensor("sentinel2")
+    sensors.update({name: EXTRA_SENSORS[name] for name in extra_sensors})
     return XStars.new("vit_tiny_patch16_224", sensors, **TINY).eval()
 
 

@@ -136,7 +136,7 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
 
 
 def test_add_sensor_picks_patch_size_from_gsd_and_copies_nearest_wavelength():
-    model = tiny_model(extra_sensors=False)
+    model = tiny_model(extra_sensors=())
     stem = model.add_sensor(get_sensor("spot67").with_gsd(5.0), init_from="sentinel2_rgb")
     assert stem.patch_size == 16 and stem.token_ground_m == 80.0
     source = model.trunk.patch_embed.proj.weight  # red, green, blue
@@ -151,7 +151,7 @@ def test_add_sensor_picks_patch_size_from_gsd_and_copies_nearest_wavelength():
 
 
 def test_nearest_wavelength_init_gives_same_tokens_for_upsampled_image():
-    model = tiny_model(extra_sensors=False)
+    model = tiny_model(extra_sensors=())
     model.add_sensor(get_sensor("sentinel2_rgb").with_gsd(5.0, name="s2_5m"), init_from="sentinel2_rgb")
     x = rgb_images(1, 64)
     up = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)

@@ -44,6 +44,13 @@ def test_round_trip_gives_identical_embeddings(saved):
     assert not loaded.training
 
 
+def test_saving_twice_gives_identical_bytes(saved, tmp_path):
+    model, folder = saved
+    again = model.save_pretrained(tmp_path / "again")
+    for name in os.listdir(folder):
+        assert (again / name).read_bytes() == (folder / name).read_bytes(), name
+
+
 def test_config_records_every_weight_file_hash(saved):
     _, folder = saved
     config = json.loads((folder / "config.json").read_text())

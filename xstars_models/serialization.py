@@ -58,7 +58,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> FileRecord:
 def write_safetensors(
     path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> FileRecord:
-    """Save tensors (moved to CPU, made contiguous) atomically; returns the file's record."""
+    """Save tensors (moved to CPU, made contiguous) atomically; returns the file's record.
+
+    safetensors writes metadata from a hash map, so with more than one key the bytes (and the
+    sha256) of two saves of the same tensors can differ; callers needing reproducible files keep
+    metadata to the single ``format`` key."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     data = save_safetensors_bytes(cpu, metadata={"format": "pt", **(metadata or {})})
     return atomic_write_bytes(path, data)

@@ -1,0 +1,118 @@
+"""push_to_hub through the unmodified huggingface_hub client against the loopback Hub server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+
+import pytest
+import timm
+import torch
+from huggingface_hub import hf_hub_download
+
+from factories import TINY, rgb_images, tiny_model
+from xstars_models import XStars, get_model_entry
+from xstars_models import manifest as manifest_module
+from xstars_models.manifest import MANIFEST_ENV
+
+
+@pytest.fixture(autouse=True)
+def clean_registry(monkeypatch):
+    monkeypatch.setattr(manifest_module, "_registered", {})
+
+
+def new_repo() -> str:
+    return f"org/pushed-{uuid.uuid4().hex[:8]}"
+
+
+def test_push_then_load_is_byte_identical(tmp_path, hub_server, hf_cache):
+    model = tiny_model()
+    repo_id = new_repo()
+    commit = model.push_to_hub(repo_id)
+    assert commit == hub_server.head(repo_id)
+    local = model.save_pretrained(tmp_path / "local")
+    remote = hub_server.files(repo_id, commit)
+    assert set(remote) >= {"config.json", "model.safetensors", "stem-aerial.safetensors", "README.md"}
+    for name in ("config.json", "model.safetensors", "stem-aerial.safetensors", "stem-sentinel2.safetensors"):
+        assert remote[name] == (local / name).read_bytes()
+    commits = [r for r in hub_server.requests if r[0] == "POST" and "/commit/" in r[1]]
+    assert len(commits) == 1  # everything in one commit
+    loaded = XStars.from_pretrained(f"{repo_id}@{commit}")
+    x = rgb_images(1, 128)
+    assert torch.equal(loaded.embed(x, "aerial", output="map"), model.embed(x, "aerial", output="map"))
+
+
+def test_model_card_metadata(hub_server, hf_cache):
+    model = tiny_model()
+    model.lineage = {"base_model": "org/base-model", "base_revision": "a" * 40}
+    model.metrics = {"retrieval_r1": 0.5}
+    repo_id = new_repo()
+    commit = model.push_to_hub(repo_id, license="cc-by-4.0")
+    card = hub_server.files(repo_id, commit)["README.md"].decode()
+    front = card.split("---")[1]
+    assert "library_name: xstars-models" in front and "pipeline_tag: image-feature-extraction" in front
+    assert 'license: "cc-by-4.0"' in front and 'base_model: "org/base-model"' in front
+    assert "| `aerial` | red (0.620), green (0.540), blue (0.460) | 5 m | 16 px = 80 m |" in card
+    assert "retrieval_r1" in card and "a" * 40 in card and "arXiv:2405.09922" in card
+    assert f'XStars.from_pretrained("{repo_id}")' in card
+
+
+def test_repush_of_unchanged_weights_makes_no_commit(hub_server, hf_cache):
+    model = tiny_model()
+    repo_id = new_repo()
+    first = model.push_to_hub(repo_id)
+    hub_server.clear_log()
+    assert model.push_to_hub(repo_id) == first
+    assert hub_server.head(repo_id) == first
+    assert not [r for r in hub_server.requests if "/commit/" in r[1] or r[0] == "PUT"]
+
+
+def test_rejected_token_is_clear_leaves_nothing_and_is_never_shown(hub_server, hf_cache, caplog):
+    secret = "hf_not_a_valid_token_123456"
+    repo_id = new_repo()
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(PermissionError, match="rejected the token") as err:
+        tiny_model().push_to_hub(repo_id, token=secret)
+    assert secret not in str(err.value) and secret not in caplog.text
+    assert hub_server.head(repo_id) is None
+
+
+def test_missing_token_is_clear(hub_server, hf_cache, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+    repo_id = new_repo()
+    with pytest.raises(PermissionError, match="needs a Hub token|rejected the token"):
+        tiny_model().push_to_hub(repo_id)
+    assert hub_server.head(repo_id) is None
+
+
+def test_manifest_entry_makes_a_registry_id(tmp_path, hub_server, hf_cache, monkeypatch):
+    model = tiny_model()
+    repo_id = new_repo()
+    manifest = tmp_path / "extra.json"
+    commit = model.push_to_hub(repo_id, manifest_path=manifest, model_id="my-pushed-model")
+    monkeypatch.setenv(MANIFEST_ENV, str(manifest))
+    entry = get_model_entry("my-pushed-model")
+    assert entry.revision == commit and entry.repo_id == repo_id
+    assert set(entry.files) == {"config.json", "model.safetensors", "stem-aerial.safetensors", "stem-sentinel2.safetensors"}
+    hub_server.clear_log()
+    loaded = XStars.from_pretrained("my-pushed-model")
+    assert torch.equal(loaded.embed(rgb_images(1), "sentinel2_rgb"), model.embed(rgb_images(1), "sentinel2_rgb"))
+    assert json.loads(manifest.read_text())["models"]["my-pushed-model"]["source"]["revision"] == commit
+
+
+def test_pushed_trunk_loads_in_plain_timm(hub_server, hf_cache):
+    model = tiny_model()
+    repo_id = new_repo()
+    commit = model.push_to_hub(repo_id)
+    weights = hf_hub_download(repo_id, "model.safetensors", revision=commit)
+    plain = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=True, num_classes=0, dynamic_img_size=True,
+        pretrained_cfg_overlay=dict(file=weights), **TINY,
+    )
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, model.trunk.state_dict()[key])

@@ -1,0 +1,86 @@
+"""The model card (``README.md``) written beside a model's weights: Hub YAML metadata, the sensor
+table, training summary, metrics, lineage, usage and citation — all read from the config, so the
+card cannot disagree with the weights it describes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .config import XStarsConfig
+
+__all__ = ["CITATION", "model_card"]
+
+CITATION = """@article{marsocci2024xstars,
+  title   = {Cross-sensor self-supervised training and alignment for remote sensing},
+  author  = {Marsocci, Valerio and Audebert, Nicolas},
+  journal = {arXiv preprint arXiv:2405.09922},
+  year    = {2024}
+}"""
+
+
+def _yaml_value(value: Any) -> str:
+    # JSON strings are valid YAML scalars and quote anything that needs it.
+    return json.dumps(value)
+
+
+def model_card(config: XStarsConfig, repo_id: str, license: str = "mit", description: str = "") -> str:
+    """Markdown model card with YAML front matter for ``repo_id``."""
+    base_model = config.lineage.get("base_model")
+    tags = ["remote-sensing", "earth-observation", "x-stars", "self-supervised", "timm", *config.sensors]
+    front = [
+        "---",
+        "library_name: xstars-models",
+        "pipeline_tag: image-feature-extraction",
+        f"license: {_yaml_value(license)}",
+        "tags:",
+        *[f"- {_yaml_value(t)}" for t in tags],
+    ]
+    if base_model and "/" in str(base_model) and not str(base_model).startswith(("/", ".")):
+        front.append(f"base_model: {_yaml_value(base_model)}")
+    front.append("---")
+
+    rows = [
+        "| sensor | bands (centre wavelength, um) | GSD | patch | input | mean / std (after scaling) | statistics from |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, stem in config.sensors.items():
+        spec = stem.spec
+        bands = ", ".join(f"{b.name} ({b.center_um:.3f})" for b in spec.bands)
+        stats = "; ".join(f"{b.mean:.4f} / {b.std:.4f}" for b in spec.bands)
+        scaling = f"{spec.dtype} x {spec.scale:.6g}" + (f" {spec.offset:+g}" if spec.offset else "")
+        rows.append(
+            f"| `{name}` | {bands} | {spec.gsd_m:g} m | {stem.patch_size} px = {stem.token_ground_m:g} m | "
+            f"{scaling} | {stats} | {spec.normalisation_source or 'n/a'} |"
+        )
+
+    primary = config.primary_sensor
+    sections = [
+        "\n".join(front),
+        f"# {repo_id}",
+        description
+        or "An X-STARS cross-sensor encoder: one ViT trunk shared by every sensor, one input stem per sensor.",
+        "## Sensors\n\n" + "\n".join(rows),
+        "## Architecture\n\n"
+        f"timm `{config.arch}` with overrides `{json.dumps(config.arch_kwargs)}`. `model.safetensors` holds the "
+        f"trunk with timm's own keys (its patch embedding is the `{primary}` stem); each other sensor's patch "
+        "embedding is in `stem-<sensor>.safetensors`.",
+        "## Lineage\n\n" + (_json_block(config.lineage) if config.lineage else "Trained from scratch."),
+        "## Training\n\n" + (_json_block(config.training) if config.training else "Not recorded."),
+        "## Metrics\n\n" + (_json_block(config.metrics) if config.metrics else "Not evaluated."),
+        "## Usage\n\n```python\n"
+        "from xstars_models import XStars\n"
+        f'model = XStars.from_pretrained("{repo_id}")\n'
+        f'features = model.embed(images, sensor="{primary}", output="map")  # B x D x h x w\n'
+        "```\n\nPlain timm (trunk only; normalise inputs with the sensor's mean/std yourself):\n\n```python\n"
+        "import timm\n"
+        f'trunk = timm.create_model("{config.arch}", pretrained=True, num_classes=0, dynamic_img_size=True,\n'
+        f'    pretrained_cfg_overlay=dict(file="model.safetensors"), **{json.dumps(config.arch_kwargs)})\n'
+        "```",
+        "## Citation\n\n```bibtex\n" + CITATION + "\n```",
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _json_block(data: dict[str, Any]) -> str:
+    return "```json\n" + json.dumps(data, indent=2, default=str) + "\n```"

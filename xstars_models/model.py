@@ -101,7 +101,7 @@ class XStars(XStarsEncoder):
         folder = Path(save_directory)
         config = self.config
         for file_name, tensors in self.weight_tensors().items():
-            config.files[file_name] = write_safetensors(folder / file_name, tensors, {"arch": self.arch})
+            config.files[file_name] = write_safetensors(folder / file_name, tensors)
         atomic_write_bytes(folder / CONFIG_NAME, config.to_json().encode("utf-8"))
         return folder
 
@@ -143,6 +143,29 @@ class XStars(XStarsEncoder):
         model.name_or_path = str(name_or_path)
         model.revision = resolved.revision
         return model.to(map_location).eval()
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool = False,
+        revision: str | None = None,
+        commit_message: str = "Upload X-STARS model",
+        token: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Upload config, weights and a generated model card to ``repo_id`` in one commit and
+        return the commit id; see :func:`xstars_models.publish.push_to_hub` for the options
+        (``license``, ``description``, ``manifest_path``, ``model_id``)."""
+        from .publish import push_to_hub
+
+        return push_to_hub(self, repo_id, private, revision, commit_message, token, **kwargs)
+
+    def adapt(self, new_sensor: SensorSpec, pairs: Any, **kwargs: Any) -> XStars:
+        """Continual pretraining to ``new_sensor`` (MSAD against a frozen copy of this model, plus
+        DINO); see :func:`xstars_models.training.adapt` for the options. This model is unchanged."""
+        from .training import adapt
+
+        return adapt(self, new_sensor, pairs, **kwargs)
 
     @torch.inference_mode()
     def embed(

@@ -1,0 +1,140 @@
+"""pretrain / adapt: the loss trains what it should, checkpoints resume (also after SIGKILL), a
+non-finite loss stops with a clear error, and two gloo ranks under torchrun stay in sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from factories import tiny_model
+from toy_data import ToyPairs
+from xstars_models import get_sensor
+from xstars_models.training import TrainConfig, adapt, pretrain
+from xstars_models.training.checkpoint import load_checkpoint
+
+WORKER = Path(__file__).with_name("train_worker.py")
+
+
+def small_config(**overrides) -> TrainConfig:
+    settings = dict(steps=4, batch_size=4, lr=1e-3, warmup_steps=1, dino_out_dim=64, local_crops=2, checkpoint_every=2)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def two_sensor_model():
+    return tiny_model(extra_sensors=("aerial",))
+
+
+def test_pretrain_trains_encoder_and_msad_heads(tmp_path):
+    model = two_sensor_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trained = pretrain(model, ToyPairs(8), small_config(), out_dir=tmp_path, device="cpu", progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert all(line["msad"] > 0 and line["dino"] > 0 for line in lines)
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("trunk.blocks") for k in changed)
+    assert any(k.startswith("stems.aerial") for k in changed)
+    state = load_checkpoint(tmp_path)["modules"]
+    assert "msad.sensor_heads.aerial.proj.weight" in state and "dino.center" in state
+    assert trained.training_record["recipe"] == "pretrain"
+    assert trained.training_record["settings"]["steps"] == 4
+
+
+def test_msad_gradient_moves_the_projection_heads(tmp_path):
+    """Same seed, same initial heads: with alpha = 0 the MSAD heads get no gradient, with alpha > 0
+    they move (the official code's detached loss and un-optimised heads would leave them equal)."""
+
+    def msad_state(alpha, run):
+        torch.manual_seed(0)
+        pretrain(two_sensor_model(), ToyPairs(8), small_config(alpha=alpha, steps=2), out_dir=tmp_path / run, device="cpu", progress=False)
+        return {k: v for k, v in load_checkpoint(tmp_path / run)["modules"].items() if k.startswith("msad.")}
+
+    without, with_msad = msad_state(0.0, "a0"), msad_state(1.0, "a1")
+    moved = [k for k in with_msad if not torch.equal(with_msad[k], without[k])]
+    assert {"msad.log_tau", "msad.shared.proj.weight", "msad.sensor_heads.aerial.fc.weight"} <= set(moved)
+
+
+def test_resume_continues_to_the_same_step(tmp_path):
+    config = small_config(steps=4)
+    pretrain(two_sensor_model(), ToyPairs(8), config, out_dir=tmp_path, device="cpu", progress=False)
+    assert load_checkpoint(tmp_path)["step"] == 4
+    more = small_config(steps=6)
+    trained = pretrain(two_sensor_model(), ToyPairs(8), more, out_dir=tmp_path, resume=True, device="cpu", progress=False)
+    assert trained.training_record["resumed_from"] == 4
+    assert load_checkpoint(tmp_path)["step"] == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_existing_checkpoint_without_resume_is_an_error(tmp_path):
+    pretrain(two_sensor_model(), ToyPairs(8), small_config(steps=2), out_dir=tmp_path, device="cpu", progress=False)
+    with pytest.raises(FileExistsError, match="checkpoint at step 2; pass resume=True"):
+        pretrain(two_sensor_model(), ToyPairs(8), small_config(steps=2), out_dir=tmp_path, device="cpu", progress=False)
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"loss became nan at step 0"):
+        pretrain(two_sensor_model(), ToyPairs(8, nan_at=0), small_config(), out_dir=tmp_path, device="cpu", progress=False)
+    assert load_checkpoint(tmp_path) is None
+
+
+def test_sigkill_mid_run_then_resume(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(run), "400", "--checkpoint-every", "2"], env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (run / "last.pt").exists():
+        assert proc.poll() is None, "the training process ended before its first checkpoint"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(run)["step"]
+    assert 2 <= killed_at < 400
+    target = killed_at + 4
+    subprocess.run([sys.executable, str(WORKER), str(run), str(target), "--resume"], env=env, check=True, timeout=300)
+    result = json.loads((run / "result-rank0.json").read_text())
+    assert result["resumed_from"] == killed_at and result["steps"] == target
+    assert load_checkpoint(run)["step"] == target
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == target and torch.isfinite(torch.tensor(last["loss"]))
+
+
+def test_two_gloo_ranks_stay_in_sync(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(tmp_path), "3"],
+        env=env, check=True, timeout=300, capture_output=True,
+    )
+    results = [json.loads((tmp_path / f"result-rank{r}.json").read_text()) for r in (0, 1)]
+    assert results[0]["digest"] == results[1]["digest"]
+    single = tmp_path / "single"
+    subprocess.run([sys.executable, str(WORKER), str(single), "3"], env=env, check=True, timeout=300)
+    # Same seed, different data split: the two-rank model must not be the one-process model.
+    assert json.loads((single / "result-rank0.json").read_text())["digest"] != results[0]["digest"]
+
+
+@pytest.mark.parametrize("mode", ["stem", "full"])
+def test_adapt_trains_what_the_mode_says(tmp_path, mode):
+    base = tiny_model(extra_sensors=())
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    new = get_sensor("aerial_rgb").with_gsd(5.0, name="aerial")
+    adapted = adapt(base, new, ToyPairs(8), mode=mode, config=small_config(), out_dir=tmp_path, device="cpu", progress=False)
+    assert all(torch.equal(v, base_state[k]) for k, v in base.state_dict().items()), "the base model was modified"
+    assert adapted.sensors["aerial"].patch_size == 16
+    trunk_changed = any(
+        not torch.equal(v, base_state[f"trunk.{k}"]) for k, v in adapted.trunk.state_dict().items() if f"trunk.{k}" in base_state
+    )
+    assert trunk_changed == (mode == "full")
+    assert adapted.lineage["adapt_mode"] == mode
+    out = adapted.embed(ToyPairs(2).aerial.numpy(), "aerial", output="map", layout="CHW")
+    assert out.shape == (2, 32, 8, 8)

@@ -1,0 +1,88 @@
+"""DINO multi-crop views of one sensor's image, in digital numbers of any band count."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..sensors import SensorSpec
+
+__all__ = ["MultiCropAugment"]
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=generator))
+
+
+class MultiCropAugment:
+    """``n_global`` crops of ``global_size`` px and ``n_local`` of ``local_size`` px, each a random
+    resized crop (area fraction in ``*_scale``, aspect ratio 3/4-4/3) with flips, brightness and
+    contrast jitter relative to the image's own mean (safe for any band count and DN scale),
+    occasional Gaussian blur, and, for 3-band RGB sensors, occasional conversion to grey.
+    Values stay within the sensor's integer range. Randomness comes only from ``generator``."""
+
+    def __init__(
+        self,
+        spec: SensorSpec,
+        global_size: int,
+        local_size: int,
+        n_global: int = 2,
+        n_local: int = 4,
+        global_scale: tuple[float, float] = (0.4, 1.0),
+        local_scale: tuple[float, float] = (0.05, 0.4),
+        jitter: float = 0.3,
+        blur_p: float = 0.3,
+        grey_p: float = 0.2,
+    ) -> None:
+        self.spec, self.jitter, self.blur_p = spec, jitter, blur_p
+        self.grey_p = grey_p if set(spec.band_names) == {"red", "green", "blue"} else 0.0
+        self.plan = [(global_size, global_scale)] * n_global + [(local_size, local_scale)] * n_local
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        if image.ndim != 3 or image.shape[0] != self.spec.num_bands:
+            raise ValueError(
+                f"Sensor {self.spec.name!r}: augmentation expects C x H x W with C = {self.spec.num_bands}, "
+                f"got {tuple(image.shape)}."
+            )
+        generator = generator or torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        return [self._view(image.float(), size, scale, generator) for size, scale in self.plan]
+
+    def _view(self, image: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
+        _, height, width = image.shape
+        area = height * width * _uniform(g, *scale)
+        ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
+        h = min(height, max(1, round(math.sqrt(area / ratio))))
+        w = min(width, max(1, round(math.sqrt(area * ratio))))
+        top = int(torch.randint(0, height - h + 1, (), generator=g))
+        left = int(torch.randint(0, width - w + 1, (), generator=g))
+        view = F.interpolate(
+            image[None, :, top : top + h, left : left + w], size=(size, size), mode="bilinear",
+            antialias=True, align_corners=False,
+        )[0]
+        if float(torch.rand((), generator=g)) < 0.5:
+            view = view.flip(-1)
+        if float(torch.rand((), generator=g)) < 0.5:
+            view = view.flip(-2)
+        mean = view.mean(dim=(1, 2), keepdim=True)
+        contrast = _uniform(g, 1 - self.jitter, 1 + self.jitter)
+        brightness = _uniform(g, 1 - self.jitter, 1 + self.jitter)
+        view = (mean + (view - mean) * contrast) * brightness
+        if float(torch.rand((), generator=g)) < self.grey_p:
+            view = view.mean(dim=0, keepdim=True).expand_as(view).clone()
+        if float(torch.rand((), generator=g)) < self.blur_p:
+            view = _gaussian_blur(view, _uniform(g, 0.1, 1.5))
+        limits = self.spec.value_range
+        return view.clamp(*limits) if limits else view
+
+
+def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(2 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=image.dtype)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = image.shape[0]
+    padded = F.pad(image[None], (radius, radius, radius, radius), mode="reflect")
+    blurred = F.conv2d(padded, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    return F.conv2d(blurred, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)[0]

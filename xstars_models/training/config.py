@@ -1,0 +1,81 @@
+"""Hyper-parameters of a training run, saved with every checkpoint and in the model's config."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass
+class TrainConfig:
+    """Settings shared by :func:`pretrain` and :func:`adapt`.
+
+    Crop sizes are given in tokens per side, not pixels: each sensor's crops are
+    ``tokens x patch size`` pixels, so the crops of every sensor cover the same ground and have
+    the same token grid (8 tokens = 64 px of Sentinel-2 with patch 8 = 640 m).
+
+    Attributes:
+        steps: optimisation steps in total (not epochs).
+        batch_size: pairs per step on each process.
+        lr: peak AdamW learning rate, reached after ``warmup_steps``, cosine-decayed to ``min_lr``.
+        alpha: weight of the MSAD loss in ``DINO + alpha * MSAD`` (official default 0.1); 0
+            trains DINO only.
+        teacher_momentum: EMA momentum of the teacher at step 0, cosine-increased to 1.
+        dino_out_dim: prototypes of the DINO head (65536 in DINO; smaller for small data).
+        global_crops, local_crops: number of DINO views of each size.
+        global_scale, local_scale: area fractions of the random resized crops.
+        checkpoint_every: write ``last.pt`` every this many steps (and at the end).
+        grad_clip: maximum gradient norm, or 0 for none.
+        freeze_last_layer_steps: DINO's trick of not updating the head's last layer at first.
+        amp: bf16 autocast; ``None`` means "on CUDA, off on CPU".
+    """
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 100
+    weight_decay: float = 0.04
+    alpha: float = 0.1
+    teacher_momentum: float = 0.996
+    dino_out_dim: int = 4096
+    dino_bottleneck: int = 256
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_steps: int = 0
+    global_tokens: int = 8
+    local_tokens: int = 4
+    global_crops: int = 2
+    local_crops: int = 4
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    checkpoint_every: int = 100
+    grad_clip: float = 3.0
+    freeze_last_layer_steps: int = 0
+    num_workers: int = 0
+    seed: int = 0
+    amp: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "global_crops"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.alpha < 0:
+            raise ValueError(f"TrainConfig.alpha must be >= 0, got {self.alpha}.")
+        if not 0 <= self.teacher_momentum <= 1:
+            raise ValueError(f"TrainConfig.teacher_momentum must be in [0, 1], got {self.teacher_momentum}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown training settings {unknown}; known: {sorted(known)}.")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

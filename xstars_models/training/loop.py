@@ -1,0 +1,213 @@
+"""The one training loop: optimiser, schedules, teacher EMA, gradient sync across processes,
+atomic checkpoints with resume, JSON-lines metrics, progress bar, and a hard stop on a
+non-finite loss. What a step computes is the recipe's business (:mod:`.recipes`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..distributed import is_distributed, rank, world_size
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .schedules import cosine, warmup_cosine
+
+__all__ = ["StepBatchSampler", "train_loop"]
+
+StepFn = Callable[[dict[str, Any], int], tuple[torch.Tensor, dict[str, float]]]
+
+
+class StepBatchSampler:
+    """Yields, for each step from ``start`` to ``steps``, this process's share of a batch as
+    ``(index, step)`` pairs. The order depends only on ``seed`` and the step, so a resumed run
+    sees exactly the batches the uninterrupted run would have, and each rank a disjoint slice."""
+
+    def __init__(self, n_items: int, batch_size: int, steps: int, start: int = 0, seed: int = 0) -> None:
+        if n_items < 1:
+            raise ValueError("The training data set is empty.")
+        self.n, self.batch, self.steps, self.start, self.seed = n_items, batch_size, steps, start, seed
+        self.rank, self.world = rank(), world_size()
+        self._cached: tuple[int, torch.Tensor] = (-1, torch.empty(0))
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if self._cached[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._cached = (epoch, torch.randperm(self.n, generator=generator))
+        return self._cached[1]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        global_batch = self.batch * self.world
+        for step in range(self.start, self.steps):
+            first = step * global_batch + self.rank * self.batch
+            indexes = []
+            for position in range(first, first + self.batch):
+                epoch, offset = divmod(position, self.n)
+                indexes.append(int(self._epoch_order(epoch)[offset]))
+            yield [(i, step) for i in indexes]
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        # Biases, norms, tokens and temperatures are not decayed (as in DINO/CLIP).
+        (no_decay if param.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _sync_gradients(params: list[nn.Parameter]) -> None:
+    """Average gradients over processes with one all-reduce. Done by hand rather than with
+    DistributedDataParallel because a step runs the student several times (global, local and
+    paired views of several sensors), which DDP's one-forward-per-backward contract forbids."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _broadcast_state(module: nn.Module) -> None:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(tensor.data, src=0)
+
+
+@torch.no_grad()
+def _ema(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    # Frozen parameters are skipped: t * m + t * (1 - m) is not bit-exact, and frozen weights
+    # (the trunk when only a stem is adapted) must stay exactly the base model's.
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):
+        if s.requires_grad:
+            t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+
+
+def train_loop(
+    modules: nn.ModuleDict,
+    ema_pairs: list[tuple[nn.Module, nn.Module]],
+    step_fn: StepFn,
+    batches: Callable[[int], Iterable[dict[str, Any]]],
+    config: TrainConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    device: torch.device = torch.device("cpu"),
+    last_layer_params: list[nn.Parameter] | None = None,
+) -> dict[str, Any]:
+    """Train ``modules`` for ``config.steps`` steps.
+
+    Args:
+        modules: everything whose state a checkpoint must hold; its parameters with
+            ``requires_grad`` are optimised.
+        ema_pairs: (teacher, student) modules; the teacher follows the student by EMA.
+        step_fn: ``(batch, step) -> (loss, scalars to log)``.
+        batches: ``start_step -> iterable of batches`` for steps ``start_step .. steps - 1``.
+        run_dir: where ``last.pt`` and ``metrics.jsonl`` live.
+        resume: continue from ``run_dir/last.pt`` if it exists. Without it, an existing
+            checkpoint is an error rather than being silently overwritten.
+        last_layer_params: parameters frozen for ``config.freeze_last_layer_steps`` steps.
+
+    Returns:
+        A summary: steps run, final logged scalars, wall time, and whether it resumed.
+
+    Raises:
+        FloatingPointError: the loss became NaN or infinite (the last checkpoint is kept).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = torch.optim.AdamW(_param_groups(modules, config.weight_decay), lr=config.lr)
+    start = 0
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is not None and not resume:
+        raise FileExistsError(
+            f"{run_dir} already holds a checkpoint at step {checkpoint['step']}; pass resume=True "
+            "to continue it, or choose a new output folder."
+        )
+    if checkpoint is not None:
+        modules.load_state_dict(checkpoint["modules"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start = int(checkpoint["step"])
+        torch.set_rng_state(checkpoint["rng"])
+    if is_distributed():
+        _broadcast_state(modules)
+    params = [p for p in modules.parameters() if p.requires_grad]
+    use_amp = device.type == "cuda" if config.amp is None else config.amp
+    is_main = rank() == 0
+    metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if is_main else None
+    logged: dict[str, float] = {}
+    began = time.perf_counter()
+    bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main))
+    try:
+        for step, batch in zip(range(start, config.steps), batches(start)):
+            lr = warmup_cosine(step, config.steps, config.lr, config.min_lr, config.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+            with autocast:
+                loss, scalars = step_fn(batch, step)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(
+                    f"The training loss became {loss_value} at step {step} ({scalars}); stopping. "
+                    f"The last good checkpoint is in {run_dir}. Lower the learning rate "
+                    f"(now {lr:.2e}) or check the inputs for extreme values."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if is_distributed():
+                _sync_gradients(params)
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            if last_layer_params and step < config.freeze_last_layer_steps:
+                for p in last_layer_params:
+                    p.grad = None
+            optimizer.step()
+            momentum = cosine(step, config.steps, config.teacher_momentum, 1.0)
+            for teacher, student in ema_pairs:
+                _ema(teacher, student, momentum)
+            logged = {"step": step + 1, "loss": loss_value, "lr": lr, "momentum": momentum, **scalars}
+            if metrics_file is not None:
+                metrics_file.write(json.dumps({**logged, "time_s": round(time.perf_counter() - began, 3)}) + "\n")
+                metrics_file.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                if is_main:
+                    save_checkpoint(
+                        run_dir,
+                        {
+                            "step": step + 1,
+                            "modules": modules.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "rng": torch.get_rng_state(),
+                            "config": config.to_dict(),
+                        },
+                    )
+                if is_distributed():
+                    dist.barrier()
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    return {
+        "steps": config.steps,
+        "resumed_from": start,
+        "final": logged,
+        "wall_time_s": round(time.perf_counter() - began, 1),
+    }

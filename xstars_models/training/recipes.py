@@ -1,0 +1,331 @@
+"""The X-STARS recipes: pretraining from scratch on several sensors, and continual pretraining
+(:func:`adapt`) of a trained model to a new sensor against a frozen copy of itself.
+
+Both optimise ``DINO + alpha * MSAD`` (see ``shared/docs/method.md``) and avoid the official
+code's defects: the MSAD term keeps its autograd graph, the projection heads are optimised, the
+frozen reference runs in ``eval()`` mode, every load is strict, and inputs are normalised once
+(by the model's own sensor stems; datasets hand over raw digital numbers).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.augment import MultiCropAugment
+from ..heads import DINOHead
+from ..losses import DINOLoss, MSADLoss
+from ..model import XStars
+from ..sensors import SensorSpec
+from .config import TrainConfig
+from .loop import StepBatchSampler, train_loop
+
+__all__ = ["adapt", "pretrain"]
+
+ADAPT_MODES = ("stem", "lora", "full")
+
+
+class _DINONet(nn.Module):
+    """An encoder plus its DINO head; ``forward`` gives head outputs of the CLS token."""
+
+    def __init__(self, encoder: XStars, head: DINOHead) -> None:
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x: torch.Tensor, sensor: str) -> torch.Tensor:
+        return self.head(self.encoder(x, sensor)[:, 0])
+
+
+class _TrainingViews(Dataset):
+    """Turns a paired data set into training samples: DINO multi-crop views of the ``dino``
+    sensors and un-augmented MSAD views of the ``paired`` sensors, resized to one token grid.
+
+    Items are addressed by ``(index, step)``; the augmentation is seeded from both, so a resumed
+    run reproduces the uninterrupted one."""
+
+    def __init__(
+        self,
+        pairs: Dataset,
+        augments: dict[str, MultiCropAugment],
+        msad_sizes: dict[str, int],
+        seed: int,
+    ) -> None:
+        self.pairs, self.augments, self.msad_sizes, self.seed = pairs, augments, msad_sizes, seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, step = key
+        images = self.pairs[index]["images"]
+        missing = sorted((set(self.augments) | set(self.msad_sizes)) - set(images))
+        if missing:
+            raise KeyError(
+                f"Training item {index} has images for {sorted(images)} but the recipe needs {missing}; "
+                "name the data set's sensors as the model names them."
+            )
+        generator = torch.Generator().manual_seed(hash((self.seed, step, index)) & 0x7FFF_FFFF_FFFF)
+        views = {s: aug(images[s], generator=generator) for s, aug in self.augments.items()}
+        paired = {s: _resize(images[s], size) for s, size in self.msad_sizes.items()}
+        return {"views": views, "pairs": paired}
+
+
+def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    if image.shape[-2:] == (size, size):
+        return image
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def _augment(model: XStars, sensor: str, config: TrainConfig) -> MultiCropAugment:
+    stem = model.sensors[sensor]
+    return MultiCropAugment(
+        spec=stem.spec,
+        global_size=config.global_tokens * stem.patch_size,
+        local_size=config.local_tokens * stem.patch_size,
+        n_global=config.global_crops,
+        n_local=config.local_crops,
+        global_scale=config.global_scale,
+        local_scale=config.local_scale,
+    )
+
+
+def _dino_term(
+    student: _DINONet, teacher: _DINONet, loss: DINOLoss, views: Sequence[torch.Tensor], sensor: str, n_global: int, step: int
+) -> torch.Tensor:
+    """DINO for one sensor: the teacher sees the global views, the student every view. Views of
+    one size go through the network in a single batch."""
+    global_views = torch.cat(list(views[:n_global]))
+    with torch.no_grad():
+        teacher_out = teacher(global_views, sensor)
+    student_out = [student(global_views, sensor)]
+    if len(views) > n_global:
+        student_out.append(student(torch.cat(list(views[n_global:])), sensor))
+    return loss(torch.cat(student_out), teacher_out, step)
+
+
+def _loader(views: _TrainingViews, config: TrainConfig, device: torch.device):
+    def batches(start: int):
+        sampler = StepBatchSampler(len(views), config.batch_size, config.steps, start, config.seed)
+        loader = DataLoader(views, batch_sampler=sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")
+        for batch in loader:
+            yield _to_device(batch, device)
+
+    return batches
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return [_to_device(v, device) for v in batch]
+    return batch
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _dino_parts(encoder: XStars, config: TrainConfig) -> tuple[_DINONet, _DINONet, DINOLoss]:
+    head = DINOHead(encoder.embed_dim, config.dino_out_dim, bottleneck_dim=config.dino_bottleneck)
+    student = _DINONet(encoder, head)
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    loss = DINOLoss(
+        out_dim=config.dino_out_dim,
+        n_global=config.global_crops,
+        student_temp=config.student_temp,
+        teacher_temp=config.teacher_temp,
+        warmup_teacher_temp=config.warmup_teacher_temp,
+        warmup_teacher_temp_steps=config.warmup_teacher_temp_steps,
+    )
+    return student, teacher, loss
+
+
+def _finish(teacher: _DINONet, record: dict[str, Any], config: TrainConfig, summary: dict[str, Any]) -> XStars:
+    """The result is the teacher's encoder (the EMA model, as in DINO), in eval mode, on the CPU."""
+    model = teacher.encoder.to("cpu").eval()
+    model.training_record = {**record, "settings": config.to_dict(), **summary}
+    return model
+
+
+def pretrain(
+    model: XStars,
+    pairs: Dataset,
+    config: TrainConfig | None = None,
+    out_dir: str | Path = "runs/pretrain",
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    data_description: str = "",
+) -> XStars:
+    """Pretrain ``model`` from its current weights on every one of its sensors.
+
+    DINO runs on augmented views of each sensor's image; MSAD aligns the un-augmented views of
+    every pair of sensors (summed over pairs, as the official code does with several sensors).
+
+    Args:
+        model: e.g. ``XStars.new("vit_small_patch16_224", ["sentinel2_rgb", "landsat8_rgb"])``.
+        pairs: items ``{"images": {sensor: C x H x W float digital numbers}}`` with one image per
+            model sensor, all covering the same footprint.
+        config: training settings (defaults: :class:`TrainConfig`).
+        out_dir: run folder for checkpoints (``last.pt``) and ``metrics.jsonl``.
+        resume: continue from the last checkpoint in ``out_dir``.
+        device: default CUDA when available.
+        data_description: recorded in the model's training record and model card.
+
+    Returns:
+        The trained encoder (the EMA teacher), ready for ``save_pretrained``.
+    """
+    config = config or TrainConfig()
+    device = _device(device)
+    sensors = list(model.sensors)
+    student, teacher, dino = _dino_parts(model.train(), config)
+    msad = MSADLoss(model.embed_dim, sensors=sensors)
+    modules = nn.ModuleDict({"student": student, "teacher": teacher, "dino": dino, "msad": msad}).to(device)
+    grid = config.global_tokens
+    views = _TrainingViews(
+        pairs,
+        {s: _augment(model, s, config) for s in sensors},
+        {s: grid * model.sensors[s].patch_size for s in sensors} if len(sensors) > 1 else {},
+        config.seed,
+    )
+
+    def step_fn(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        dino_loss = sum(
+            _dino_term(student, teacher, dino, batch["views"][s], s, config.global_crops, step) for s in sensors
+        ) / len(sensors)
+        msad_loss = torch.zeros((), device=device)
+        if config.alpha > 0 and len(sensors) > 1:
+            tokens = {s: student.encoder(batch["pairs"][s], s) for s in sensors}
+            for a, b in itertools.combinations(sensors, 2):
+                msad_loss = msad_loss + msad(tokens[a], tokens[b], a, b)
+        return dino_loss + config.alpha * msad_loss, {"dino": float(dino_loss.detach()), "msad": float(msad_loss.detach())}
+
+    summary = train_loop(
+        modules,
+        [(teacher, student)],
+        step_fn,
+        _loader(views, config, device),
+        config,
+        out_dir,
+        resume=resume,
+        progress=progress,
+        device=device,
+        last_layer_params=list(student.head.last_layer.parameters()),
+    )
+    return _finish(teacher, {"recipe": "pretrain", "sensors": sensors, "data": data_description}, config, summary)
+
+
+def adapt(
+    base: XStars,
+    new_sensor: SensorSpec,
+    pairs: Dataset,
+    old_sensor: str | None = None,
+    mode: str = "stem",
+    config: TrainConfig | None = None,
+    out_dir: str | Path = "runs/adapt",
+    resume: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    lora_rank: int = 8,
+    patch_size: int | None = None,
+    data_description: str = "",
+) -> XStars:
+    """Continual pretraining: teach ``base`` a new sensor.
+
+    A frozen copy of ``base`` (in ``eval()`` mode) encodes the old sensor's image; the student,
+    initialised from ``base`` with a new input stem for ``new_sensor`` (patch size from the GSD
+    ratio, kernel from the nearest-wavelength bands of the old stem), encodes the new sensor's
+    image of the same footprint. MSAD aligns the student's tokens to the frozen ones position
+    by position, while DINO (teacher = EMA of the student) runs on views of the new sensor.
+
+    Args:
+        base: the trained model; it is not modified.
+        new_sensor: the new sensor's spec (its ``name`` is the stem's name).
+        pairs: items ``{"images": {old_sensor: ..., new_sensor.name: ...}}`` of raw digital numbers.
+        old_sensor: which of ``base``'s sensors the pairs' other image comes from (default: its
+            primary sensor).
+        mode: what is trained: ``"stem"`` (the new stem only), ``"lora"`` (the stem plus LoRA on
+            the attention layers) or ``"full"`` (the whole student).
+        lora_rank: rank of the LoRA updates in ``"lora"`` mode.
+        patch_size: override the stem's patch size (pixels).
+
+    Returns:
+        The adapted model (EMA teacher) with ``lineage`` naming the base model and revision.
+    """
+    if mode not in ADAPT_MODES:
+        raise ValueError(f"mode must be one of {ADAPT_MODES}, got {mode!r}.")
+    config = config or TrainConfig()
+    device = _device(device)
+    old_sensor = old_sensor or base.primary_sensor
+    base.check_sensor(old_sensor)
+    if new_sensor.name in base.sensors:
+        raise ValueError(f"The base model already has a sensor named {new_sensor.name!r}; give the new spec another name.")
+    frozen = copy.deepcopy(base).eval().requires_grad_(False)
+    encoder = copy.deepcopy(base)
+    encoder.add_sensor(new_sensor, patch_size=patch_size, init_from=old_sensor)
+    new = new_sensor.name
+    encoder.requires_grad_(mode == "full")
+    if mode == "lora":
+        from ..lora import apply_lora
+
+        apply_lora(encoder.trunk, rank=lora_rank)
+    encoder.stems[new].requires_grad_(True)
+    student, teacher, dino = _dino_parts(encoder.train(), config)
+    msad = MSADLoss(encoder.embed_dim, sensors=[new, old_sensor])
+    modules = nn.ModuleDict({"student": student, "teacher": teacher, "dino": dino, "msad": msad}).to(device)
+    frozen.to(device)
+    grid = config.global_tokens
+    views = _TrainingViews(
+        pairs,
+        {new: _augment(encoder, new, config)},
+        {new: grid * encoder.sensors[new].patch_size, old_sensor: grid * base.sensors[old_sensor].patch_size},
+        config.seed,
+    )
+
+    def step_fn(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        dino_loss = _dino_term(student, teacher, dino, batch["views"][new], new, config.global_crops, step)
+        msad_loss = torch.zeros((), device=device)
+        if config.alpha > 0:
+            with torch.no_grad():
+                reference = frozen(batch["pairs"][old_sensor], old_sensor)
+            msad_loss = msad(student.encoder(batch["pairs"][new], new), reference, new, old_sensor)
+        return dino_loss + config.alpha * msad_loss, {"dino": float(dino_loss.detach()), "msad": float(msad_loss.detach())}
+
+    summary = train_loop(
+        modules,
+        [(teacher, student)],
+        step_fn,
+        _loader(views, config, device),
+        config,
+        out_dir,
+        resume=resume,
+        progress=progress,
+        device=device,
+        last_layer_params=list(student.head.last_layer.parameters()),
+    )
+    model = _finish(
+        teacher,
+        {
+            "recipe": "adapt",
+            "mode": mode,
+            "new_sensor": new,
+            "old_sensor": old_sensor,
+            "data": data_description,
+        },
+        config,
+        summary,
+    )
+    model.lineage = {"base_model": base.name_or_path, "base_revision": base.revision, "adapt_mode": mode}
+    return model

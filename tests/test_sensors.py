@@ -1,0 +1,69 @@
+"""SensorSpec: built-ins, validation with clear messages, views and serialisation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from xstars_models import Band, SensorSpec, get_sensor, list_sensors, register_sensor
+from xstars_models import sensors as sensors_module
+
+
+def test_builtins_cover_the_sensors_and_official_normalisation():
+    assert {"sentinel2", "sentinel2_rgb", "landsat8", "landsat8_rgb", "spot67", "spot67_rgb", "aerial_rgb", "aerial_rgbn"} <= set(list_sensors())
+    s2 = get_sensor("sentinel2")
+    assert s2.num_bands == 13 and s2.gsd_m == 10.0 and s2.dtype == "uint16" and s2.scale == 1e-4
+    assert s2.band_names[s2.band_index("B8A")] == "nir08" and s2.bands[s2.band_index("swir22")].center_um == pytest.approx(2.19)
+    rgb = get_sensor("sentinel2_rgb")
+    assert rgb.band_names == ("red", "green", "blue")
+    assert rgb.mean == (0.1432, 0.1452, 0.0923) and rgb.std == (0.1324, 0.1033, 0.0817)
+    assert get_sensor("landsat8_rgb").mean == (0.2706, 0.2784, 0.1806)
+    assert get_sensor("spot67_rgb").std == (0.1671, 0.1429, 0.1630)
+    assert get_sensor("landsat8").offset == -0.2 and get_sensor("spot67").gsd_m == 1.5
+    assert get_sensor("aerial_rgbn").band_names[-1] == "nir"
+
+
+def test_round_trip_and_views():
+    spec = get_sensor("sentinel2")
+    assert SensorSpec.from_dict(spec.to_dict()) == spec
+    view = spec.select(["B04", "green", "blue"], name="s2_rgb_reflectance")
+    assert view.band_names == ("red", "green", "blue") and view.scale == 1e-4 and view.name == "s2_rgb_reflectance"
+    assert get_sensor("aerial_rgb").with_gsd(0.2).gsd_m == 0.2
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(gsd_m=0), r"GSD 0 m must be > 0"),
+        (dict(dtype="int64"), r"dtype 'int64' is not one of"),
+        (dict(name="bad name"), r"Sensor name 'bad name'"),
+        (dict(bands=()), r"has no bands"),
+        (dict(scale=0), r"scale must be non-zero"),
+    ],
+)
+def test_invalid_specs(change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(get_sensor("sentinel2_rgb"), **change)
+
+
+def test_band_checks():
+    with pytest.raises(ValueError, match=r"665 is not in micrometres .*665 nm is 0.665"):
+        Band("red", 665, 0.03, 0.1, 0.1)
+    with pytest.raises(ValueError, match="std 0 must be > 0"):
+        Band("red", 0.665, 0.03, 0.1, 0)
+    bands = (Band("red", 0.665, 0.03, 0.1, 0.1), Band("red", 0.56, 0.03, 0.1, 0.1))
+    with pytest.raises(ValueError, match=r"band names repeated: \['red'\]"):
+        SensorSpec("dup", bands, 10.0)
+    with pytest.raises(ValueError, match=r"Sensor spec has unknown fields \['colour'\]"):
+        SensorSpec.from_dict({**get_sensor("sentinel2_rgb").to_dict(), "colour": 1})
+
+
+def test_registry_of_sensors(monkeypatch):
+    monkeypatch.setattr(sensors_module, "_BUILTINS", dict(sensors_module._BUILTINS))
+    with pytest.raises(ValueError, match=r"Unknown sensor 'sentinel-2'\. Did you mean \['sentinel2'"):
+        get_sensor("sentinel-2")
+    custom = get_sensor("aerial_rgb").with_gsd(0.2, name="my_drone")
+    assert register_sensor(custom) is custom and get_sensor("my_drone") == custom
+    with pytest.raises(ValueError, match="already registered"):
+        register_sensor(custom.with_gsd(0.1))

@@ -13,9 +13,9 @@ from xstars_models.evaluation import cross_sensor_retrieval, recall_at_k, retrie
 def test_recall_at_k_counts_the_rank_of_the_right_item():
     gallery = torch.eye(4)
     queries = torch.tensor([[1.0, 0, 0, 0], [0, 0, 1.0, 0.1], [0, 0, 0.2, 1.0], [0, 0.9, 0, 1.0]])
-    # queries 0, 2, 3 find their own row first; query 1's own row (similarity 0) ranks third,
-    # behind rows 2 and 3
-    assert recall_at_k(queries, gallery, ks=(1, 2, 3)) == {"r@1": 0.75, "r@2": 0.75, "r@3": 1.0}
+    # queries 0 and 3 find their own row first; query 2's own row ranks second (behind row 3);
+    # query 1's own row (similarity 0) ranks third, behind rows 2 and 3
+    assert recall_at_k(queries, gallery, ks=(1, 2, 3)) == {"r@1": 0.5, "r@2": 0.75, "r@3": 1.0}
     shuffled = recall_at_k(gallery, gallery[[1, 0, 3, 2]], ks=(1,))
     assert shuffled == {"r@1": 0.0}
 

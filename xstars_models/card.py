@@ -24,8 +24,11 @@ def _yaml_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def model_card(config: XStarsConfig, repo_id: str, license: str = "mit", description: str = "") -> str:
-    """Markdown model card with YAML front matter for ``repo_id``."""
+def model_card(
+    config: XStarsConfig, repo_id: str, license: str = "mit", description: str = "", notes: str = ""
+) -> str:
+    """Markdown model card with YAML front matter for ``repo_id``; ``notes`` (markdown: data
+    credits, limitations) goes before the citation."""
     base_model = config.lineage.get("base_model")
     tags = ["remote-sensing", "earth-observation", "x-stars", "self-supervised", "timm", *config.sensors]
     front = [
@@ -77,6 +80,7 @@ def model_card(config: XStarsConfig, repo_id: str, license: str = "mit", descrip
         f'trunk = timm.create_model("{config.arch}", pretrained=True, num_classes=0, dynamic_img_size=True,\n'
         f'    pretrained_cfg_overlay=dict(file="model.safetensors"), **{json.dumps(config.arch_kwargs)})\n'
         "```",
+        *([notes] if notes else []),
         "## Citation\n\n```bibtex\n" + CITATION + "\n```",
     ]
     return "\n\n".join(sections) + "\n"

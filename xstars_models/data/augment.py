@@ -1,27 +1,55 @@
-"""DINO multi-crop views of one sensor's image, in digital numbers of any band count."""
+"""View makers working on raw digital numbers of any band count: DINO multi-crop views of one
+sensor's image, and the un-augmented, geometrically matched views of a multi-sensor pair that
+MSAD aligns. Randomness comes only from a ``torch.Generator``, so views are reproducible."""
 
 from __future__ import annotations
 
 import math
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from ..sensors import SensorSpec
 
-__all__ = ["MultiCropAugment"]
+__all__ = ["MSADViews", "MultiCropAugment"]
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
     return low + (high - low) * float(torch.rand((), generator=generator))
 
 
+def _chance(generator: torch.Generator, p: float) -> bool:
+    return float(torch.rand((), generator=generator)) < p
+
+
+def _default_generator() -> torch.Generator:
+    # Drawn from the global RNG, so torch.manual_seed still makes unseeded calls reproducible.
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+
+
+def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == size:
+        return image
+    # Antialiasing makes down-sampling an area average rather than a sparse sampling of pixels.
+    return F.interpolate(image[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
 class MultiCropAugment:
-    """``n_global`` crops of ``global_size`` px and ``n_local`` of ``local_size`` px, each a random
-    resized crop (area fraction in ``*_scale``, aspect ratio 3/4-4/3) with flips, brightness and
-    contrast jitter relative to the image's own mean (safe for any band count and DN scale),
-    occasional Gaussian blur, and, for 3-band RGB sensors, occasional conversion to grey.
-    Values stay within the sensor's integer range. Randomness comes only from ``generator``."""
+    """DINO multi-crop views of one sensor's image, in digital numbers.
+
+    ``n_global`` crops of ``global_size`` px and ``n_local`` of ``local_size`` px, each a random
+    resized crop (area fraction in ``*_scale``, aspect ratio 3/4-4/3) with random flips, then
+    photometric changes that are safe for any band count and DN scale because they are relative
+    to the view's own per-band statistics: contrast and brightness jitter (multiplicative, up to
+    ``jitter``), Gaussian blur (probability ``blur_p``), band-wise Gaussian noise of
+    ``noise_std`` times each band's standard deviation (probability ``noise_p``) and, only for
+    sensors whose bands are exactly red, green and blue, conversion to grey (``grey_p``).
+    Values are clamped to the sensor's integer DN range.
+
+    Call with a ``C x H x W`` float tensor of DNs (``C`` = the spec's band count) and an optional
+    ``torch.Generator``; returns the list of views, global ones first.
+    """
 
     def __init__(
         self,
@@ -35,8 +63,16 @@ class MultiCropAugment:
         jitter: float = 0.3,
         blur_p: float = 0.3,
         grey_p: float = 0.2,
+        noise_p: float = 0.2,
+        noise_std: float = 0.05,
     ) -> None:
+        for label, scale in (("global_scale", global_scale), ("local_scale", local_scale)):
+            if not 0.0 < scale[0] <= scale[1] <= 1.0:
+                raise ValueError(f"{label} must be area fractions 0 < low <= high <= 1, got {scale}.")
+        if global_size < 1 or local_size < 1:
+            raise ValueError(f"Crop sizes must be >= 1 px, got global {global_size}, local {local_size}.")
         self.spec, self.jitter, self.blur_p = spec, jitter, blur_p
+        self.noise_p, self.noise_std = noise_p, noise_std
         self.grey_p = grey_p if set(spec.band_names) == {"red", "green", "blue"} else 0.0
         self.plan = [(global_size, global_scale)] * n_global + [(local_size, local_scale)] * n_local
 
@@ -46,7 +82,7 @@ class MultiCropAugment:
                 f"Sensor {self.spec.name!r}: augmentation expects C x H x W with C = {self.spec.num_bands}, "
                 f"got {tuple(image.shape)}."
             )
-        generator = generator or torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+        generator = generator or _default_generator()
         return [self._view(image.float(), size, scale, generator) for size, scale in self.plan]
 
     def _view(self, image: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
@@ -57,24 +93,84 @@ class MultiCropAugment:
         w = min(width, max(1, round(math.sqrt(area * ratio))))
         top = int(torch.randint(0, height - h + 1, (), generator=g))
         left = int(torch.randint(0, width - w + 1, (), generator=g))
-        view = F.interpolate(
-            image[None, :, top : top + h, left : left + w], size=(size, size), mode="bilinear",
-            antialias=True, align_corners=False,
-        )[0]
-        if float(torch.rand((), generator=g)) < 0.5:
+        view = _resize(image[:, top : top + h, left : left + w], (size, size))
+        if _chance(g, 0.5):
             view = view.flip(-1)
-        if float(torch.rand((), generator=g)) < 0.5:
+        if _chance(g, 0.5):
             view = view.flip(-2)
         mean = view.mean(dim=(1, 2), keepdim=True)
         contrast = _uniform(g, 1 - self.jitter, 1 + self.jitter)
         brightness = _uniform(g, 1 - self.jitter, 1 + self.jitter)
         view = (mean + (view - mean) * contrast) * brightness
-        if float(torch.rand((), generator=g)) < self.grey_p:
+        if _chance(g, self.grey_p):
             view = view.mean(dim=0, keepdim=True).expand_as(view).clone()
-        if float(torch.rand((), generator=g)) < self.blur_p:
+        if _chance(g, self.blur_p):
             view = _gaussian_blur(view, _uniform(g, 0.1, 1.5))
+        if _chance(g, self.noise_p):
+            std = view.std(dim=(1, 2), keepdim=True)
+            view = view + torch.randn(view.shape, generator=g) * std * self.noise_std
         limits = self.spec.value_range
         return view.clamp(*limits) if limits else view
+
+
+class MSADViews:
+    """The views MSAD aligns: the images of one multi-sensor item (the same footprint), each
+    resized to its sensor's size in pixels, under ONE random flip / 90-degree rotation shared by
+    all of them, and no photometric change, so that token ``i`` of every sensor still covers the
+    same ground.
+
+    Args:
+        sizes: sensor name -> output size in pixels, ``int`` (square) or ``(height, width)``;
+            e.g. ``{"sentinel2_rgb": 224, "aerial": 224}`` puts both on one 14 x 14 token grid
+            with 16 px patches.
+        flip: draw a horizontal and a vertical flip, each with probability 0.5.
+        rotate: draw a rotation by 0, 90, 180 or 270 degrees (applied before resizing, so give
+            square sizes or square footprints).
+
+    Call with ``{sensor: C x H x W DNs}`` and an optional ``torch.Generator``; returns a dict with
+    the same keys. Sensors not in ``sizes`` are an error, so a misnamed sensor cannot slip by.
+    """
+
+    def __init__(self, sizes: Mapping[str, int | tuple[int, int]], flip: bool = True, rotate: bool = True) -> None:
+        if not sizes:
+            raise ValueError("MSADViews needs an output size per sensor, e.g. {'sentinel2_rgb': 224}.")
+        self.sizes = {}
+        for name, size in sizes.items():
+            shape = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+            if len(shape) != 2 or min(shape) < 1:
+                raise ValueError(f"Sensor {name!r}: size must be a positive int or (height, width) in px, got {size!r}.")
+            self.sizes[name] = shape
+        self.flip, self.rotate = flip, rotate
+
+    def __call__(
+        self, images: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        unknown = sorted(set(images) - set(self.sizes))
+        missing = sorted(set(self.sizes) - set(images))
+        if unknown or missing:
+            raise ValueError(
+                f"MSADViews has sizes for sensors {sorted(self.sizes)} but got images for {sorted(images)} "
+                f"(unexpected: {unknown}, missing: {missing})."
+            )
+        for name, image in images.items():
+            if image.ndim != 3:
+                raise ValueError(f"Sensor {name!r}: expected a C x H x W image, got shape {tuple(image.shape)}.")
+        g = generator or _default_generator()
+        # One draw for the whole item: the geometry must be identical across sensors.
+        flip_x = self.flip and _chance(g, 0.5)
+        flip_y = self.flip and _chance(g, 0.5)
+        turns = int(torch.randint(0, 4, (), generator=g)) if self.rotate else 0
+        views = {}
+        for name, image in images.items():
+            view = image.float()
+            if flip_x:
+                view = view.flip(-1)
+            if flip_y:
+                view = view.flip(-2)
+            if turns:
+                view = torch.rot90(view, turns, dims=(-2, -1))
+            views[name] = _resize(view.contiguous(), self.sizes[name])
+        return views
 
 
 def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:

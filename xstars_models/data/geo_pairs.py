@@ -1,193 +1,487 @@
-"""Co-registered pairs cut from georeferenced rasters of several sensors.
+"""Co-registered multi-sensor tiles cut from georeferenced rasters, for MSAD pairs.
 
-Windows are laid in ground coordinates, so the images of one item cover exactly the same
-footprint whatever each sensor's GSD (640 m = 64 px of Sentinel-2 at 10 m = 128 px of 5 m
-aerial). Requires rasterio (the ``geo`` extra).
+Windows are laid in *ground* coordinates, so the tiles of one item cover exactly the same
+footprint whatever each sensor's ground sampling distance: 640 m is 64 px of Sentinel-2 (10 m),
+128 px of a 5 m aerial survey and about 21 px of Landsat (30 m). Items hold raw digital numbers
+(float32, C x H x W); normalisation is left to the model's sensor stems. Needs rasterio (the
+``geo`` extra).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["GeoPairDataset", "RasterSource"]
+try:
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.windows import Window, from_bounds
+except ImportError as error:  # rasterio is the optional "geo" extra
+    raise ImportError(
+        "xstars_models.data.geo_pairs reads rasters with rasterio, which is not installed: "
+        "pip install 'xstars-models[geo]'."
+    ) from error
 
+from .grid import Bounds, grid_windows, intersect_bounds, split_regions
 
-def _rasterio():
-    try:
-        import rasterio
-    except ImportError:
-        raise ImportError("GeoPairDataset needs rasterio: pip install 'xstars-models[geo]'.") from None
-    return rasterio
+__all__ = ["GeoPairDataset", "RasterSource", "SensorRead"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Tolerance in pixels for deciding that a window edge falls on a pixel edge (round-off only).
+_EPS_PX = 1e-6
 
 
 @dataclass(frozen=True)
 class RasterSource:
-    """One sensor's imagery: one or more rasters (e.g. an aerial survey in several files), the
-    1-based bands to read, the output size in pixels of one footprint, and the nodata value
-    (default: the file's own; a pixel is nodata when all its bands equal it)."""
+    """One sensor's imagery and how to read it.
 
+    Attributes:
+        paths: one raster, or several rasters of the same sensor (e.g. the sheets of an aerial
+            survey), mosaicked in this order: the first file with a valid pixel supplies it.
+        bands: 1-based band indexes to read (rasterio convention); ``None`` reads every band.
+        size_px: output tile size in pixels, ``int`` (square) or ``(height, width)``; ``None``
+            gives the footprint divided by the first file's pixel size, rounded.
+        nodata: digital number marking missing pixels, overriding the files' metadata; ``None``
+            uses each file's own nodata value (GDAL's resampling only knows the files' own).
+        zero_nodata: also count pixels that are 0 in every band as missing.
+        resampling: a :class:`rasterio.enums.Resampling` name; ``None`` picks ``average`` when
+            the tile's pixels are coarser than the file's and ``bilinear`` otherwise.
+    """
+
+    paths: PathLike | Sequence[PathLike]
+    bands: Sequence[int] | None = None
+    size_px: int | tuple[int, int] | None = None
+    nodata: float | None = None
+    zero_nodata: bool = False
+    resampling: str | None = None
+
+    def __post_init__(self) -> None:
+        paths = [self.paths] if isinstance(self.paths, (str, os.PathLike)) else list(self.paths)
+        object.__setattr__(self, "paths", tuple(os.fspath(p) for p in paths))
+        if self.bands is not None:
+            object.__setattr__(self, "bands", tuple(int(b) for b in self.bands))
+        if self.resampling is not None and self.resampling not in Resampling.__members__:
+            raise ValueError(
+                f"Unknown resampling {self.resampling!r} for {list(self.paths)}; "
+                f"expected one of {sorted(Resampling.__members__)}."
+            )
+
+
+@dataclass(frozen=True)
+class SensorRead:
+    """How one sensor's tiles are read, recorded so that no resampling is silent.
+
+    Attributes:
+        name: key of this sensor in the items' ``images``.
+        paths: its rasters, in mosaic order.
+        bands: 1-based band indexes read from every file.
+        out_shape: ``(height, width)`` of every tile in pixels.
+        native_res_m: ``(x, y)`` pixel size of the first file, in metres.
+        out_res_m: ``(x, y)`` pixel size of the tiles, in metres (footprint / ``out_shape``).
+        resampling: the rasterio method used where a window is not a whole-pixel copy.
+        pixel_aligned: ``True`` when every window falls on this sensor's pixel edges at its
+            native size: tiles are exact copies and ``resampling`` is never used.
+        nodata: the override value, or ``"file"`` when each file's metadata value is used.
+        zero_nodata: whether pixels that are 0 in every band count as missing.
+    """
+
+    name: str
     paths: tuple[str, ...]
     bands: tuple[int, ...]
-    size_px: int
-    nodata: float | None = None
+    out_shape: tuple[int, int]
+    native_res_m: tuple[float, float]
+    out_res_m: tuple[float, float]
+    resampling: str
+    pixel_aligned: bool
+    nodata: float | str
+    zero_nodata: bool
+
+
+@dataclass(frozen=True)
+class _RasterFile:
+    """What the data set needs to know of one file without keeping it open."""
+
+    path: str
+    crs: Any  # rasterio.crs.CRS or None
+    bounds: Bounds
+    res: tuple[float, float]
+    count: int
+    nodata: float | None
 
 
 class GeoPairDataset(Dataset):
-    """Items ``{"images": {sensor: float32 C x size x size digital numbers}, "bounds": (left,
-    bottom, right, top), "crs": str, "index": i}`` of footprints seen by every sensor.
+    """Tiles of the same ground footprint from co-registered rasters of several sensors.
+
+    A regular grid of square ``footprint_m``-metre windows is laid over the intersection of the
+    sensors' extents, snapped to the pixel grid of the ``reference`` sensor (read without
+    resampling when the footprint is a whole number of its pixels). Each sensor's window is read
+    with :func:`rasterio.windows.from_bounds` at its own output size; the resampling used is
+    recorded in :attr:`reads`. Windows where any sensor misses more than ``max_nodata`` of its
+    pixels are dropped. A pixel is missing when it lies outside all of the sensor's files, equals
+    the nodata value in every band, or (``zero_nodata``) is 0 in every band; missing pixels are
+    0 DN in the tiles. The grid is deterministic.
+
+    Items: ``{"images": {sensor: float32 C x H x W DNs}, "bounds": (left, bottom, right, top)
+    in metres, "crs": str, "index": i}``.
 
     Args:
-        sources: ``RasterSource`` per sensor name (the names the model uses).
-        footprint_m: side of each footprint in metres.
-        stride_m: distance between footprints (default ``footprint_m``: no overlap).
-        max_nodata: skip footprints where any sensor has a larger fraction of nodata pixels.
-        split: ``"all"``, or ``"train"`` / ``"val"`` for a spatial split: the common extent is
-            cut along ``split_axis`` (``"x"`` or ``"y"``) with the last ``val_fraction`` of it for
-            validation and a ``gap_m`` strip (default one footprint) belonging to neither, so no
-            training footprint touches a validation one.
+        sources: sensor name (as the model names it) -> :class:`RasterSource`, or a path or a
+            list of paths as shorthand for one with default options.
+        footprint_m: side of each square footprint in metres.
+        footprint_px: alternatively, the side in pixels of the ``reference`` sensor.
+        reference: the sensor whose pixel grid anchors the windows (default: the first).
+        stride_m: distance in metres between neighbouring windows (default ``footprint_m``: no
+            overlap; ``footprint_m / 2`` gives 50 % overlap).
+        max_nodata: largest fraction (0-1) of missing pixels allowed in any sensor's tile.
+        split: ``"all"``, ``"train"`` or ``"val"``: a spatial split by area (see
+            :func:`xstars_models.data.grid.split_regions`: validation is the high-coordinate
+            ``val_fraction`` of the extent along ``split_axis``). Windows are laid separately in
+            each region, so none crosses a region's edge.
+        val_fraction: fraction of the common extent's area given to validation.
+        split_axis: ``"x"`` (validation to the east) or ``"y"`` (validation to the north).
+        gap_m: buffer in metres between training and validation ground (default: one footprint,
+            so that neighbouring train and val tiles are not near-duplicates).
+        split_blocks: number of blocks the axis is cut into, each ending with a validation strip.
+        transform: called on each item's ``images`` dict; its result replaces it.
     """
 
     def __init__(
         self,
-        sources: dict[str, RasterSource],
-        footprint_m: float,
+        sources: Mapping[str, RasterSource | PathLike | Sequence[PathLike]],
+        footprint_m: float | None = None,
+        *,
+        footprint_px: int | None = None,
+        reference: str | None = None,
         stride_m: float | None = None,
         max_nodata: float = 0.05,
         split: str = "all",
         val_fraction: float = 0.2,
-        split_axis: str = "x",
+        split_axis: str = "y",
         gap_m: float | None = None,
+        split_blocks: int = 1,
+        transform: Callable[[dict[str, torch.Tensor]], Any] | None = None,
     ) -> None:
-        if split not in ("all", "train", "val"):
-            raise ValueError(f"split must be 'all', 'train' or 'val', got {split!r}.")
-        if split_axis not in ("x", "y"):
-            raise ValueError(f"split_axis must be 'x' or 'y', got {split_axis!r}.")
-        if footprint_m <= 0 or (stride_m is not None and stride_m <= 0):
-            raise ValueError(f"footprint_m ({footprint_m}) and stride_m ({stride_m}) must be > 0 metres.")
-        self.sources, self.footprint_m = sources, float(footprint_m)
-        self._handles: dict[str, Any] = {}
-        self._pid = os.getpid()
-        rio = _rasterio()
-        extents, crs = {}, None
-        self._rasters: dict[str, list[tuple[str, tuple[float, float, float, float], float | None]]] = {}
-        for name, source in sources.items():
-            self._rasters[name] = []
-            for path in source.paths:
-                with rio.open(path) as src:
-                    if crs is None:
-                        crs = src.crs
-                    elif src.crs != crs:
-                        raise ValueError(f"{path} ({name}) is in {src.crs}, other rasters in {crs}; reproject first.")
-                    bad = [b for b in source.bands if not 1 <= b <= src.count]
-                    if bad:
-                        raise ValueError(f"{path} ({name}) has {src.count} bands; cannot read bands {bad} (1-based).")
-                    nodata = source.nodata if source.nodata is not None else src.nodata
-                    self._rasters[name].append((str(path), tuple(src.bounds), nodata))
-            lefts, bottoms, rights, tops = zip(*(b for _, b, _ in self._rasters[name]))
-            extents[name] = (min(lefts), min(bottoms), max(rights), max(tops))
-        self.crs = str(crs)
-        left = max(e[0] for e in extents.values())
-        bottom = max(e[1] for e in extents.values())
-        right = min(e[2] for e in extents.values())
-        top = min(e[3] for e in extents.values())
-        if right - left < footprint_m or top - bottom < footprint_m:
-            raise ValueError(f"The rasters' common extent {(left, bottom, right, top)} is smaller than one {footprint_m} m footprint.")
-        # Snap the grid to the first sensor's pixel grid so its windows are read without resampling.
-        with rio.open(next(iter(sources.values())).paths[0]) as ref:
-            res_x, res_y = ref.res
-            left = ref.bounds.left + np.ceil((left - ref.bounds.left) / res_x - 1e-9) * res_x
-            top = ref.bounds.top - np.ceil((ref.bounds.top - top) / res_y - 1e-9) * res_y
-        self.extent = (float(left), bottom, right, float(top))
-        stride = float(stride_m or footprint_m)
+        if not sources:
+            raise ValueError("GeoPairDataset needs at least one sensor's rasters.")
+        if not 0.0 <= max_nodata <= 1.0:
+            raise ValueError(f"max_nodata is a fraction of pixels in [0, 1], got {max_nodata}.")
+        self.sources = {n: s if isinstance(s, RasterSource) else RasterSource(s) for n, s in sources.items()}
+        self._files = {name: _inspect(name, source) for name, source in self.sources.items()}
+        self.crs = _common_crs(self._files)
+        reference = reference or next(iter(self.sources))
+        if reference not in self.sources:
+            raise ValueError(f"reference sensor {reference!r} is not one of the sources {sorted(self.sources)}.")
+        ref_file = self._files[reference][0]
+        self.footprint_m = _footprint(footprint_m, footprint_px, reference, ref_file)
+        self.stride_m = float(stride_m) if stride_m is not None else self.footprint_m
+        self.split = split
+        self.transform = transform
+
+        extents = {name: _union([f.bounds for f in files]) for name, files in self._files.items()}
+        self.extent = intersect_bounds(extents.values())
+        if self.extent is None:
+            listing = "; ".join(f"{name}: {_fmt(b)}" for name, b in extents.items())
+            raise ValueError(f"The sensors' rasters do not overlap on the ground ({listing}).")
         gap = self.footprint_m if gap_m is None else float(gap_m)
-        lo, hi = (left, right) if split_axis == "x" else (bottom, top)
-        cut = hi - val_fraction * (hi - lo)
-        candidates = []
-        for y in np.arange(top, bottom + footprint_m - 1e-6, -stride):
-            for x in np.arange(left, right - footprint_m + 1e-6, stride):
-                bounds = (float(x), float(y - footprint_m), float(x + footprint_m), float(y))
-                start, end = (bounds[0], bounds[2]) if split_axis == "x" else (bounds[1], bounds[3])
-                if split == "train" and end > cut - gap:
-                    continue
-                if split == "val" and start < cut:
-                    continue
-                candidates.append(bounds)
-        self.windows: list[tuple[tuple[float, float, float, float], dict[str, int]]] = []
-        for bounds in candidates:
-            chosen = {}
-            for name, rasters in self._rasters.items():
-                index = next((i for i, (_, b, _) in enumerate(rasters) if _contains(b, bounds)), None)
-                if index is None:
-                    break
-                chosen[name] = index
-            if len(chosen) == len(sources) and all(
-                self._nodata_fraction(name, chosen[name], bounds) <= max_nodata for name in sources
-            ):
-                self.windows.append((bounds, chosen))
-        self._close()
+        self.regions = split_regions(self.extent, split, val_fraction, split_axis, gap, split_blocks)
+        self._plans = {name: self._plan(name) for name in self.sources}
+        self._handles: dict[str, list[Any]] | None = None
+        self._pid = os.getpid()
+
+        origin = (ref_file.bounds[0], ref_file.bounds[3])
+        candidates = [
+            window for region in self.regions
+            for window in grid_windows(region, self.footprint_m, self.stride_m, origin, ref_file.res)
+        ]
+        if not candidates:
+            raise ValueError(
+                f"No {self.footprint_m:g} m footprint fits in the {split!r} region(s) "
+                f"{[_fmt(r) for r in self.regions]} of the sensors' common extent {_fmt(self.extent)}; "
+                "use a smaller footprint_m."
+            )
+        self.windows: list[Bounds] = []
+        self.nodata_fractions: list[dict[str, float]] = []
+        least = {name: 1.0 for name in self.sources}
+        for window in candidates:
+            fractions = {name: 1.0 - float(self._read(name, window)[1].mean()) for name in self.sources}
+            least = {name: min(least[name], fractions[name]) for name in self.sources}
+            if max(fractions.values()) <= max_nodata:
+                self.windows.append(window)
+                self.nodata_fractions.append(fractions)
+        self.close()
+        if not self.windows:
+            raise ValueError(
+                f"All {len(candidates)} footprints of {self.footprint_m:g} m miss more than "
+                f"max_nodata={max_nodata} of their pixels in some sensor (least missing per sensor: "
+                f"{ {n: round(v, 3) for n, v in least.items()} }); raise max_nodata, check the nodata "
+                "values, or use a smaller footprint."
+            )
+        self.reads = {name: self._record(name) for name in self.sources}
+
+    # ---- set-up -------------------------------------------------------------------------
+
+    def _plan(self, name: str) -> dict[str, Any]:
+        source, files = self.sources[name], self._files[name]
+        first = files[0]
+        bands = source.bands
+        if bands is None:
+            counts = sorted({f.count for f in files})
+            if len(counts) > 1:
+                raise ValueError(f"Sensor {name!r}: its files have different band counts {counts}; give bands.")
+            bands = tuple(range(1, first.count + 1))
+        if not bands:
+            raise ValueError(f"Sensor {name!r}: bands is empty; give 1-based band indexes.")
+        for f in files:
+            bad = [b for b in bands if not 1 <= b <= f.count]
+            if bad:
+                raise ValueError(
+                    f"Sensor {name!r}: {f.path} has {f.count} bands; cannot read bands {bad} "
+                    f"(indexes are 1-based, rasterio convention: 1..{f.count})."
+                )
+        size = source.size_px
+        if size is None:
+            shape = (max(1, round(self.footprint_m / first.res[1])), max(1, round(self.footprint_m / first.res[0])))
+        elif isinstance(size, int):
+            shape = (size, size)
+        else:
+            shape = tuple(int(s) for s in size)
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(
+                f"Sensor {name!r}: size_px must be a positive int or (height, width) in pixels, got {size!r}."
+            )
+        out_res = (self.footprint_m / shape[1], self.footprint_m / shape[0])
+        method = source.resampling
+        if method is None:
+            # Area averaging avoids aliasing when the tile's pixels are coarser than the file's;
+            # otherwise (a sub-pixel shift at the same size, or up-sampling) interpolate.
+            coarser = any(out > native * (1 + 1e-6) for out, native in zip(out_res, first.res))
+            method = "average" if coarser else "bilinear"
+        return {"bands": tuple(bands), "shape": shape, "out_res": out_res, "method": method}
+
+    def _record(self, name: str) -> SensorRead:
+        plan, files, source = self._plans[name], self._files[name], self.sources[name]
+        aligned = all(
+            _whole_pixel_copy(f, window, plan["shape"])
+            for window in self.windows for f in files if _overlaps(f.bounds, window)
+        )
+        return SensorRead(
+            name=name,
+            paths=source.paths,
+            bands=plan["bands"],
+            out_shape=plan["shape"],
+            native_res_m=files[0].res,
+            out_res_m=plan["out_res"],
+            resampling=plan["method"],
+            pixel_aligned=aligned,
+            nodata=source.nodata if source.nodata is not None else "file",
+            zero_nodata=source.zero_nodata,
+        )
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def _open(self) -> dict[str, list[Any]]:
+        # GDAL handles must not be shared across processes: each DataLoader worker opens its own
+        # on first use (after fork the inherited ones are left alone).
+        if self._handles is None or self._pid != os.getpid():
+            self._handles = {name: [rasterio.open(f.path) for f in files] for name, files in self._files.items()}
+            self._pid = os.getpid()
+        return self._handles
+
+    def close(self) -> None:
+        """Close this process's raster handles (they reopen on the next read)."""
+        if self._handles is not None and self._pid == os.getpid():
+            for handles in self._handles.values():
+                for handle in handles:
+                    handle.close()
+        self._handles = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": None}
+
+    def _read(self, name: str, window: Bounds) -> tuple[np.ndarray, np.ndarray]:
+        """One sensor's tile: float32 DNs ``(C, H, W)`` and its ``(H, W)`` validity mask."""
+        plan = self._plans[name]
+        height, width = plan["shape"]
+        left, bottom, right, top = window
+        dx, dy = (right - left) / width, (top - bottom) / height
+        data = np.zeros((len(plan["bands"]), height, width), dtype=np.float32)
+        valid = np.zeros((height, width), dtype=bool)
+        for info, handle in zip(self._files[name], self._open()[name]):
+            # Only the output pixels lying wholly inside this file are read from it: the read
+            # window never leaves the file (a boundless read resamples through a VRT in the
+            # file's dtype, rounding averages) and half-covered edge pixels stay missing.
+            fl, fb, fr, ft = info.bounds
+            c0 = max(0, math.ceil((fl - left) / dx - _EPS_PX))
+            c1 = min(width, math.floor((fr - left) / dx + _EPS_PX))
+            r0 = max(0, math.ceil((top - ft) / dy - _EPS_PX))
+            r1 = min(height, math.floor((top - fb) / dy + _EPS_PX))
+            if c1 <= c0 or r1 <= r0:
+                continue
+            part = (left + c0 * dx, top - r1 * dy, left + c1 * dx, top - r0 * dy)
+            block = handle.read(
+                plan["bands"],
+                window=_inside(from_bounds(*part, transform=handle.transform), handle),
+                out_shape=(len(plan["bands"]), r1 - r0, c1 - c0),
+                resampling=Resampling[plan["method"]],
+                out_dtype="float32",
+            )
+            done = valid[r0:r1, c0:c1]
+            take = self._valid(name, info, block) & ~done
+            data[:, r0:r1, c0:c1][:, take] = block[:, take]
+            done |= take
+        return data, valid
+
+    def _valid(self, name: str, info: _RasterFile, block: np.ndarray) -> np.ndarray:
+        source = self.sources[name]
+        ok = np.ones(block.shape[1:], dtype=bool)
+        value = source.nodata if source.nodata is not None else info.nodata
+        if value is not None:
+            missing = np.isnan(block) if math.isnan(value) else block == value
+            ok &= ~missing.all(axis=0)
+        if source.zero_nodata:
+            ok &= ~(block == 0).all(axis=0)
+        return ok
+
+    # ---- Dataset ------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self.windows)
 
-    def _handle(self, path: str):
-        # Handles are opened lazily and per process, so DataLoader workers each get their own.
-        if os.getpid() != self._pid:
-            self._handles, self._pid = {}, os.getpid()
-        if path not in self._handles:
-            self._handles[path] = _rasterio().open(path)
-        return self._handles[path]
-
-    def _close(self) -> None:
-        for handle in self._handles.values():
-            handle.close()
-        self._handles = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handles": {}}
-
-    def _read(self, name: str, raster: int, bounds: tuple[float, float, float, float]) -> np.ndarray:
-        from rasterio.enums import Resampling
-        from rasterio.windows import from_bounds
-
-        source = self.sources[name]
-        src = self._handle(self._rasters[name][raster][0])
-        window = from_bounds(*bounds, transform=src.transform)
-        return src.read(
-            list(source.bands), window=window, out_shape=(len(source.bands), source.size_px, source.size_px),
-            resampling=Resampling.bilinear,
-        )
-
-    def _nodata_fraction(self, name: str, raster: int, bounds) -> float:
-        nodata = self._rasters[name][raster][2]
-        if nodata is None:
-            return 0.0
-        image = self._read(name, raster, bounds)
-        return float((image == nodata).all(axis=0).mean())
-
     def __getitem__(self, index: int) -> dict[str, Any]:
-        bounds, chosen = self.windows[index]
-        images = {name: torch.from_numpy(self._read(name, chosen[name], bounds).astype(np.float32)) for name in self.sources}
-        return {"images": images, "bounds": bounds, "crs": self.crs, "index": index}
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"Index {index} is out of range for {len(self)} footprints.")
+        index %= len(self)
+        window = self.windows[index]
+        images = {name: torch.from_numpy(self._read(name, window)[0]) for name in self.sources}
+        return {
+            "images": self.transform(images) if self.transform is not None else images,
+            "bounds": window,
+            "crs": self.crs,
+            "index": index,
+        }
 
-    def to_geojson(self) -> str:
-        """The footprints as a GeoJSON FeatureCollection (coordinates in the rasters' CRS)."""
+    # ---- inspection ---------------------------------------------------------------------
+
+    def to_geojson(self, path: PathLike | None = None) -> dict[str, Any]:
+        """The footprints as a GeoJSON FeatureCollection of polygons in the rasters' CRS (metres,
+        not WGS 84; the CRS is named in the legacy ``crs`` member), each with its index, split
+        and missing-pixel fraction per sensor. Also written to ``path`` when given."""
         features = [
             {
                 "type": "Feature",
-                "properties": {"index": i},
                 "geometry": {"type": "Polygon", "coordinates": [[[l, b], [r, b], [r, t], [l, t], [l, b]]]},
+                "properties": {"index": i, "split": self.split, "nodata_fraction": fractions},
             }
-            for i, ((l, b, r, t), _) in enumerate(self.windows)
+            for i, ((l, b, r, t), fractions) in enumerate(zip(self.windows, self.nodata_fractions))
         ]
-        return json.dumps({"type": "FeatureCollection", "crs_wkt": self.crs, "features": features})
+        collection = {
+            "type": "FeatureCollection",
+            "crs": {"type": "name", "properties": {"name": self.crs}},
+            "features": features,
+        }
+        if path is not None:
+            Path(path).write_text(json.dumps(collection))
+        return collection
+
+    def __repr__(self) -> str:
+        reads = "; ".join(
+            f"{r.name}: {r.out_shape[1]}x{r.out_shape[0]} px of {r.out_res_m[0]:g} m "
+            f"({'pixel copy' if r.pixel_aligned else r.resampling + ' from ' + format(r.native_res_m[0], 'g') + ' m'})"
+            for r in self.reads.values()
+        )
+        return f"GeoPairDataset({len(self)} footprints of {self.footprint_m:g} m, split={self.split!r}; {reads})"
 
 
-def _contains(outer: Sequence[float], inner: Sequence[float]) -> bool:
-    return outer[0] <= inner[0] + 1e-6 and outer[1] <= inner[1] + 1e-6 and outer[2] >= inner[2] - 1e-6 and outer[3] >= inner[3] - 1e-6
+def _inspect(name: str, source: RasterSource) -> list[_RasterFile]:
+    if not source.paths:
+        raise ValueError(f"Sensor {name!r}: no raster paths given.")
+    files = []
+    for path in source.paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Sensor {name!r}: raster {path} does not exist.")
+        with rasterio.open(path) as ds:
+            a, b, _, d, e, _ = tuple(ds.transform)[:6]
+            if b != 0 or d != 0 or a <= 0 or e >= 0:
+                raise ValueError(
+                    f"Sensor {name!r}: {path} has a rotated or flipped geotransform {tuple(ds.transform)[:6]}; "
+                    "expected north-up pixels (warp it first, e.g. with gdalwarp)."
+                )
+            files.append(_RasterFile(path, ds.crs, tuple(ds.bounds), (a, -e), ds.count, ds.nodata))
+    return files
+
+
+def _common_crs(files: Mapping[str, list[_RasterFile]]) -> str:
+    first_name, first_files = next(iter(files.items()))
+    first_path, crs = first_files[0].path, first_files[0].crs
+    if crs is None:
+        raise ValueError(f"Sensor {first_name!r}: {first_path} has no CRS, so it cannot be placed on the ground.")
+    if not crs.is_projected or crs.linear_units_factor[1] != 1.0:
+        raise ValueError(
+            f"Sensor {first_name!r}: {first_path} is in {crs.to_string()!r}, whose units are not metres; "
+            "footprints are in metres, so reproject to a projected CRS (e.g. UTM) first."
+        )
+    for name, sensor_files in files.items():
+        for f in sensor_files:
+            if f.crs != crs:
+                raise ValueError(
+                    f"Rasters must share one CRS: {f.path} (sensor {name!r}) is in "
+                    f"{f.crs.to_string() if f.crs else None!r} but {first_path} (sensor {first_name!r}) is in "
+                    f"{crs.to_string()!r}; reproject one of them first (e.g. gdalwarp -t_srs)."
+                )
+    return crs.to_string()
+
+
+def _footprint(footprint_m: float | None, footprint_px: int | None, reference: str, ref: _RasterFile) -> float:
+    if (footprint_m is None) == (footprint_px is None):
+        raise ValueError("Give the footprint either in metres (footprint_m) or in reference pixels (footprint_px).")
+    if footprint_m is not None:
+        if not footprint_m > 0:
+            raise ValueError(f"footprint_m must be > 0 metres, got {footprint_m}.")
+        return float(footprint_m)
+    if ref.res[0] != ref.res[1]:
+        raise ValueError(
+            f"footprint_px needs square pixels, but the reference sensor {reference!r} ({ref.path}) has "
+            f"{ref.res[0]} x {ref.res[1]} m pixels; give footprint_m instead."
+        )
+    if int(footprint_px) != footprint_px or footprint_px < 1:
+        raise ValueError(f"footprint_px must be a positive whole number of pixels, got {footprint_px}.")
+    return footprint_px * ref.res[0]
+
+
+def _union(boxes: list[Bounds]) -> Bounds:
+    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
+
+
+def _overlaps(a: Bounds, b: Bounds) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+def _whole_pixel_copy(info: _RasterFile, window: Bounds, shape: tuple[int, int]) -> bool:
+    col = (window[0] - info.bounds[0]) / info.res[0]
+    row = (info.bounds[3] - window[3]) / info.res[1]
+    cols = (window[2] - window[0]) / info.res[0]
+    rows = (window[3] - window[1]) / info.res[1]
+    return (
+        abs(col - round(col)) < _EPS_PX and abs(row - round(row)) < _EPS_PX
+        and abs(cols - shape[1]) < _EPS_PX and abs(rows - shape[0]) < _EPS_PX
+    )
+
+
+def _inside(window: Window, handle: Any) -> Window:
+    """``window`` trimmed of the round-off that could put it a hair outside the file."""
+    col = min(max(float(window.col_off), 0.0), handle.width)
+    row = min(max(float(window.row_off), 0.0), handle.height)
+    return Window(col, row, min(float(window.width), handle.width - col), min(float(window.height), handle.height - row))
+
+
+def _fmt(bounds: Bounds) -> str:
+    return "(" + ", ".join(f"{v:.1f}" for v in bounds) + ")"

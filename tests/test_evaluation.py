@@ -24,7 +24,9 @@ def test_retrieval_table_has_model_and_both_baselines():
     model = tiny_model(extra_sensors=("aerial",))
     table = retrieval_table(model, ToyPairs(6), "aerial", "sentinel2_rgb", features=("patch",))
     assert table["pairs"] == 6
-    assert set(table["rows"]) == {"model (patch)", "random init (patch)", "mean colour", "pixels 8x8"}
+    assert set(table["rows"]) == {
+        "model (patch)", "random init (patch)", "random init + stem transfer (patch)", "mean colour", "pixels 8x8",
+    }
     for row in table["rows"].values():
         assert set(row) == {"a->b r@1", "a->b r@5", "b->a r@1", "b->a r@5"}
         assert all(0 <= v <= 1 for v in row.values())

@@ -64,6 +64,21 @@ def cross_sensor_retrieval(
     }
 
 
+def _stem_transfer_baseline(random_init: XStars, sensor_a: str, sensor_b: str) -> XStars | None:
+    """The random-init model with ``sensor_a``'s stem rebuilt from ``sensor_b``'s by nearest
+    wavelength (as ``adapt`` initialises a new stem): separates what the stem initialisation
+    alone gives from what training adds. ``None`` when ``sensor_b`` is not the primary sensor."""
+    if sensor_b != random_init.primary_sensor or sensor_a == sensor_b:
+        return None
+    stem = random_init.sensors[sensor_a]
+    baseline = XStars.new(
+        random_init.arch, {sensor_b: random_init.sensors[sensor_b].spec}, **random_init.arch_kwargs
+    )
+    baseline.load_state_dict({k: v for k, v in random_init.state_dict().items() if k in baseline.state_dict()})
+    baseline.add_sensor(stem.spec, patch_size=stem.patch_size, init_from=sensor_b, name=sensor_a)
+    return baseline.eval()
+
+
 def retrieval_table(
     model: XStars,
     pairs: Dataset,
@@ -76,10 +91,15 @@ def retrieval_table(
     same pairs. Returns ``{"pairs": n, "rows": {name: {metric: value}}}``."""
     torch.manual_seed(seed)
     random_init = XStars(model.config).eval()
+    baselines = {"random init": random_init}
+    transferred = _stem_transfer_baseline(random_init, sensor_a, sensor_b)
+    if transferred is not None:
+        baselines["random init + stem transfer"] = transferred
     rows: dict[str, dict[str, float]] = {}
     for kind in features:
         rows[f"model ({kind})"] = cross_sensor_retrieval(model, pairs, sensor_a, sensor_b, kind)
-        rows[f"random init ({kind})"] = cross_sensor_retrieval(random_init, pairs, sensor_a, sensor_b, kind)
+        for name, baseline in baselines.items():
+            rows[f"{name} ({kind})"] = cross_sensor_retrieval(baseline, pairs, sensor_a, sensor_b, kind)
     images_a, images_b = _stack(pairs, sensor_a), _stack(pairs, sensor_b)
     grid = images_a.shape[-1] // model.sensors[sensor_a].patch_size
     pixels_a, pixels_b = _pixels(images_a, grid), _pixels(images_b, grid)

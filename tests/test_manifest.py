@@ -123,7 +123,7 @@ def test_folder_without_config_is_explained(tmp_path):
         XStars.from_pretrained(tmp_path)
 
 
-def test_wheel_ships_the_manifest(tmp_path):
+def test_wheel_ships_the_manifest_weights_and_samples(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO_ROOT)],
         check=True,
@@ -132,4 +132,12 @@ def test_wheel_ships_the_manifest(tmp_path):
     (wheel,) = tmp_path.glob("xstars_models-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         shipped = json.loads(archive.read("xstars_models/weights_manifest.json"))
+        names = set(archive.namelist())
+        for model_id, model in shipped["models"].items():
+            bundled = model["source"].get("bundled")
+            if bundled is not None:
+                for file_name, record in model["files"].items():
+                    assert len(archive.read(f"xstars_models/{bundled}/{file_name}")) == record["size"], (model_id, file_name)
     assert shipped == json.loads((REPO_ROOT / "weights_manifest.json").read_text())
+    assert "xstars-s2-aerial" in shipped["models"]
+    assert {"xstars_models/samples/sentinel2_rgb_coast.tif", "xstars_models/samples/SOURCES.md"} <= names

@@ -152,8 +152,37 @@ def _dino_parts(encoder: XStars, config: TrainConfig) -> tuple[_DINONet, _DINONe
     return student, teacher, loss
 
 
-def _finish(teacher: _DINONet, record: dict[str, Any], config: TrainConfig, summary: dict[str, Any]) -> XStars:
-    """The result is the teacher's encoder (the EMA model, as in DINO), in eval mode, on the CPU."""
+def _total(dino_loss: torch.Tensor, msad_loss: torch.Tensor, alpha: float) -> tuple[torch.Tensor, dict[str, float]]:
+    return dino_loss + alpha * msad_loss, {"dino": float(dino_loss.detach()), "msad": float(msad_loss.detach())}
+
+
+def _train(
+    parts: tuple[_DINONet, _DINONet, DINOLoss, MSADLoss],
+    step_fn: Any,
+    views: _TrainingViews,
+    config: TrainConfig,
+    out_dir: str | Path,
+    resume: bool,
+    progress: bool,
+    device: torch.device,
+    record: dict[str, Any],
+) -> XStars:
+    """Run the loop on the recipe's parts; the result is the teacher's encoder (the EMA model, as
+    in DINO), in eval mode, on the CPU, with the run recorded in its training record."""
+    student, teacher, dino, msad = parts
+    modules = nn.ModuleDict({"student": student, "teacher": teacher, "dino": dino, "msad": msad}).to(device)
+    summary = train_loop(
+        modules,
+        [(teacher, student)],
+        step_fn,
+        _loader(views, config, device),
+        config,
+        out_dir,
+        resume=resume,
+        progress=progress,
+        device=device,
+        last_layer_params=list(student.head.last_layer.parameters()),
+    )
     model = teacher.encoder.to("cpu").eval()
     model.training_record = {**record, "settings": config.to_dict(), **summary}
     return model
@@ -191,8 +220,7 @@ def pretrain(
     device = _device(device)
     sensors = list(model.sensors)
     student, teacher, dino = _dino_parts(model.train(), config)
-    msad = MSADLoss(model.embed_dim, sensors=sensors)
-    modules = nn.ModuleDict({"student": student, "teacher": teacher, "dino": dino, "msad": msad}).to(device)
+    msad = MSADLoss(model.embed_dim, sensors=sensors).to(device)
     grid = config.global_tokens
     views = _TrainingViews(
         pairs,
@@ -210,21 +238,10 @@ def pretrain(
             tokens = {s: student.encoder(batch["pairs"][s], s) for s in sensors}
             for a, b in itertools.combinations(sensors, 2):
                 msad_loss = msad_loss + msad(tokens[a], tokens[b], a, b)
-        return dino_loss + config.alpha * msad_loss, {"dino": float(dino_loss.detach()), "msad": float(msad_loss.detach())}
+        return _total(dino_loss, msad_loss, config.alpha)
 
-    summary = train_loop(
-        modules,
-        [(teacher, student)],
-        step_fn,
-        _loader(views, config, device),
-        config,
-        out_dir,
-        resume=resume,
-        progress=progress,
-        device=device,
-        last_layer_params=list(student.head.last_layer.parameters()),
-    )
-    return _finish(teacher, {"recipe": "pretrain", "sensors": sensors, "data": data_description}, config, summary)
+    record = {"recipe": "pretrain", "sensors": sensors, "data": data_description}
+    return _train((student, teacher, dino, msad), step_fn, views, config, out_dir, resume, progress, device, record)
 
 
 def adapt(
@@ -283,8 +300,7 @@ def adapt(
         apply_lora(encoder.trunk, rank=lora_rank)
     encoder.stems[new].requires_grad_(True)
     student, teacher, dino = _dino_parts(encoder.train(), config)
-    msad = MSADLoss(encoder.embed_dim, sensors=[new, old_sensor])
-    modules = nn.ModuleDict({"student": student, "teacher": teacher, "dino": dino, "msad": msad}).to(device)
+    msad = MSADLoss(encoder.embed_dim, sensors=[new, old_sensor]).to(device)
     frozen.to(device)
     grid = config.global_tokens
     views = _TrainingViews(
@@ -301,31 +317,9 @@ def adapt(
             with torch.no_grad():
                 reference = frozen(batch["pairs"][old_sensor], old_sensor)
             msad_loss = msad(student.encoder(batch["pairs"][new], new), reference, new, old_sensor)
-        return dino_loss + config.alpha * msad_loss, {"dino": float(dino_loss.detach()), "msad": float(msad_loss.detach())}
+        return _total(dino_loss, msad_loss, config.alpha)
 
-    summary = train_loop(
-        modules,
-        [(teacher, student)],
-        step_fn,
-        _loader(views, config, device),
-        config,
-        out_dir,
-        resume=resume,
-        progress=progress,
-        device=device,
-        last_layer_params=list(student.head.last_layer.parameters()),
-    )
-    model = _finish(
-        teacher,
-        {
-            "recipe": "adapt",
-            "mode": mode,
-            "new_sensor": new,
-            "old_sensor": old_sensor,
-            "data": data_description,
-        },
-        config,
-        summary,
-    )
+    record = {"recipe": "adapt", "mode": mode, "new_sensor": new, "old_sensor": old_sensor, "data": data_description}
+    model = _train((student, teacher, dino, msad), step_fn, views, config, out_dir, resume, progress, device, record)
     model.lineage = {"base_model": base.name_or_path, "base_revision": base.revision, "adapt_mode": mode}
     return model

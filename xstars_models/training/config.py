@@ -71,11 +71,3 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown training settings {unknown}; known: {sorted(known)}.")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

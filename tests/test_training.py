@@ -16,7 +16,7 @@ import torch
 
 from factories import tiny_model
 from toy_data import ToyPairs
-from xstars_models import get_sensor
+from xstars_models import XStars, get_sensor
 from xstars_models.training import TrainConfig, adapt, pretrain
 from xstars_models.training.checkpoint import load_checkpoint
 
@@ -123,7 +123,7 @@ def test_two_gloo_ranks_stay_in_sync(tmp_path):
     assert json.loads((single / "result-rank0.json").read_text())["digest"] != results[0]["digest"]
 
 
-@pytest.mark.parametrize("mode", ["stem", "full"])
+@pytest.mark.parametrize("mode", ["stem", "lora", "full"])
 def test_adapt_trains_what_the_mode_says(tmp_path, mode):
     base = tiny_model(extra_sensors=())
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
@@ -138,3 +138,5 @@ def test_adapt_trains_what_the_mode_says(tmp_path, mode):
     assert adapted.lineage["adapt_mode"] == mode
     out = adapted.embed(ToyPairs(2).aerial.numpy(), "aerial", output="map", layout="CHW")
     assert out.shape == (2, 32, 8, 8)
+    reloaded = XStars.from_pretrained(adapted.save_pretrained(tmp_path / "saved"))  # LoRA merged on save
+    assert torch.allclose(reloaded.embed(ToyPairs(2).aerial.numpy(), "aerial", output="map", layout="CHW"), out, atol=1e-4)

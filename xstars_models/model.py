@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from .config import CONFIG_NAME, WEIGHTS_NAME, XStarsConfig, stem_file_name
 from .encoder import StemConfig, XStarsEncoder
 from .hub import resolve_model
 from .inputs import ImageInput, to_batch
+from .lora import lora_config, merge_lora
 from .sensors import SensorSpec, get_sensor
 from .serialization import atomic_write_bytes, load_state_dict_strict, read_verified_safetensors, write_safetensors
 
@@ -85,8 +87,14 @@ class XStars(XStarsEncoder):
         )
 
     def weight_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """State dicts by file: the timm trunk in ``model.safetensors``, one file per extra stem."""
-        tensors = {WEIGHTS_NAME: self.trunk.state_dict()}
+        """State dicts by file: the timm trunk in ``model.safetensors``, one file per extra stem.
+        LoRA updates (from ``adapt(mode="lora")``) are merged into a copy of the trunk first, so
+        the file always has exactly timm's keys."""
+        trunk = self.trunk
+        if lora_config(trunk) is not None:
+            trunk = copy.deepcopy(trunk)
+            merge_lora(trunk)
+        tensors = {WEIGHTS_NAME: trunk.state_dict()}
         for name in list(self.sensors)[1:]:
             tensors[stem_file_name(name)] = self.stems[name].state_dict()
         return tensors
@@ -143,6 +151,21 @@ class XStars(XStarsEncoder):
         model.name_or_path = str(name_or_path)
         model.revision = resolved.revision
         return model.to(map_location).eval()
+
+    def save_adapter(self, sensor: str, path: str | Path, mode: str | None = None) -> Any:
+        """Save what adapting to ``sensor`` added (its stem, and LoRA updates in ``"lora"`` mode)
+        as one small file naming the base model; see :func:`xstars_models.adapters.save_adapter`."""
+        from .adapters import save_adapter
+
+        return save_adapter(self, sensor, path, mode)
+
+    @classmethod
+    def load_adapter(cls, path: str | Path, base: XStars | None = None, **kwargs: Any) -> XStars:
+        """A base model with an adapter file applied (the base is loaded from the id and revision
+        the adapter records unless given); see :func:`xstars_models.adapters.load_adapter`."""
+        from .adapters import load_adapter
+
+        return load_adapter(path, base, **kwargs)
 
     def push_to_hub(
         self,

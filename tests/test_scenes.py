@@ -1,0 +1,271 @@
+"""Whole-scene embedding: the real Sentinel-2 sample GeoTIFF in, georeferenced maps and tile
+vectors out, checked against model.embed() on the same tiles."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+rasterio = pytest.importorskip("rasterio")
+from affine import Affine  # noqa: E402
+
+from factories import tiny_model  # noqa: E402
+from xstars_models.samples import sample_path  # noqa: E402
+from xstars_models.scenes import embed_scene  # noqa: E402
+
+SENSOR = "sentinel2_rgb"  # 10 m, patch 8 px in the tiny model
+SAMPLE = sample_path("sentinel2_rgb_inland")  # 256 x 256 px, 3 x uint8, EPSG:32618, 10 m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def pixels() -> np.ndarray:
+    with rasterio.open(SAMPLE) as src:
+        return src.read()  # C x H x W
+
+
+def read_map(path: Path) -> tuple[np.ndarray, dict]:
+    with rasterio.open(path) as src:
+        return src.read(), src.profile
+
+
+def tile_maps(model, pixels: np.ndarray, starts: list[int], size: int) -> dict[tuple[int, int], np.ndarray]:
+    """embed(output="map") of every tile (token starts x starts, ``size`` tokens), D x size x size."""
+    p = 8
+    tiles = [pixels[:, r * p : (r + size) * p, c * p : (c + size) * p] for r in starts for c in starts]
+    maps = model.embed(np.stack(tiles), SENSOR, output="map", progress=False).numpy()
+    return {(r, c): maps[k] for k, (r, c) in enumerate((r, c) for r in starts for c in starts)}
+
+
+def copy_sample(tmp_path: Path, name: str, edit: Callable[[np.ndarray], None] | None = None, **profile) -> Path:
+    with rasterio.open(SAMPLE) as src:
+        meta, data = src.profile, src.read()
+    meta.update(profile)
+    if edit is not None:
+        edit(data)
+    path = tmp_path / name
+    with rasterio.open(path, "w", **meta) as dst:
+        dst.write(data)
+    return path
+
+
+def test_one_tile_scene_equals_embed_and_is_georeferenced(model, pixels, tmp_path):
+    result = embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "map.tif", tile=256, progress=False)
+    values, profile = read_map(result.path)
+    with rasterio.open(SAMPLE) as src:
+        assert profile["crs"] == src.crs
+        assert profile["transform"] == src.transform @ Affine.scale(8)
+    expected = model.embed(pixels, SENSOR, output="map", progress=False)[0].numpy()
+    assert values.shape == expected.shape == (model.embed_dim, 32, 32)
+    np.testing.assert_allclose(values, expected, atol=1e-4)
+    assert (result.tiles, result.embedded, result.skipped, result.resumed) == (1, 1, 0, 0)
+    assert result.shape == (model.embed_dim, 32, 32)
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_tiles_without_overlap_each_equal_embed_of_the_tile(model, pixels, tmp_path):
+    result = embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "map.tif", tile=64, progress=False)
+    values, _ = read_map(result.path)
+    assert result.tiles == 16
+    for (r, c), expected in tile_maps(model, pixels, [0, 8, 16, 24], 8).items():
+        np.testing.assert_allclose(values[:, r : r + 8, c : c + 8], expected, atol=1e-4)
+
+
+def crossfade(starts: list[int], size: int) -> list[np.ndarray]:
+    """Linear ramps across each neighbour overlap (the documented stitching weights)."""
+    out = []
+    for i, s in enumerate(starts):
+        k = np.arange(size) + 0.5
+        w = np.ones(size)
+        if i > 0:
+            w = np.minimum(w, k / (starts[i - 1] + size - s))
+        if i + 1 < len(starts):
+            w = np.minimum(w, (size - k) / (s + size - starts[i + 1]))
+        out.append(w)
+    return out
+
+
+def test_overlapping_tiles_are_blended_and_edge_tiles_shifted_inward(model, pixels, tmp_path):
+    # 96 px tiles every 64 px: token starts 0, 8, 16 and a last tile shifted in to 20 (32 tokens).
+    result = embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "map.tif", tile=96, overlap=32, progress=False)
+    values, _ = read_map(result.path)
+    starts, size = [0, 8, 16, 20], 12
+    assert result.tiles == 16
+    maps = tile_maps(model, pixels, starts, size)
+    ramps = crossfade(starts, size)
+    acc = np.zeros_like(values, dtype=np.float64)
+    wsum = np.zeros(values.shape[1:])
+    for i, r in enumerate(starts):
+        for j, c in enumerate(starts):
+            w = np.outer(ramps[i], ramps[j])
+            acc[:, r : r + size, c : c + size] += maps[r, c] * w
+            wsum[r : r + size, c : c + size] += w
+    assert np.isfinite(values).all()
+    np.testing.assert_allclose(values, acc / wsum, atol=1e-4)
+
+
+def test_nodata_tiles_are_skipped_and_nan(model, tmp_path):
+    def holes(data: np.ndarray) -> None:
+        data[:, 0:64, 0:64] = 0  # all of tile (0, 0)
+        data[:, 64:80, 128:192] = 0  # a quarter of tile (1, 2): two token rows
+
+    path = copy_sample(tmp_path, "holes.tif", holes, nodata=0)
+    result = embed_scene(model, path, SENSOR, out=tmp_path / "map.tif", tile=64, progress=False)
+    values, profile = read_map(result.path)
+    assert np.isnan(profile["nodata"])
+    assert (result.skipped, result.embedded) == (1, 15)
+    assert np.isnan(values[:, 0:8, 0:8]).all()
+    assert np.isnan(values[:, 8:10, 16:24]).all()  # missing tokens of an embedded tile
+    assert np.isfinite(values[:, 10:16, 16:24]).all()
+    finite = np.isfinite(values).all(axis=0)
+    assert finite.sum() == 32 * 32 - 64 - 16
+
+    strict = embed_scene(model, path, SENSOR, out=tmp_path / "strict.tif", tile=64, max_nodata=0.2, progress=False)
+    assert strict.skipped == 2
+    assert np.isnan(read_map(strict.path)[0][:, 8:16, 16:24]).all()
+
+
+def test_gsd_is_checked_against_the_sensor(model, tmp_path):
+    with rasterio.open(SAMPLE) as src:
+        t = src.transform
+    coarse = copy_sample(tmp_path, "20m.tif", transform=Affine(20.0, 0, t.c, 0, -20.0, t.f))
+    with pytest.raises(ValueError, match=r"20 m.*10 m.*resample=True"):
+        embed_scene(model, coarse, SENSOR, out=tmp_path / "bad.tif", progress=False)
+
+    near = copy_sample(tmp_path, "10.5m.tif", transform=Affine(10.5, 0, t.c, 0, -10.5, t.f))
+    with pytest.warns(UserWarning, match=r"10\.5 m.*10 m"):
+        result = embed_scene(model, near, SENSOR, out=tmp_path / "near.tif", tile=256, progress=False)
+    assert result.resample_scale is None
+
+    result = embed_scene(model, coarse, SENSOR, out=tmp_path / "up.tif", tile=256, resample=True, progress=False)
+    values, profile = read_map(result.path)
+    assert result.resample_scale == (0.5, 0.5)
+    assert values.shape == (model.embed_dim, 64, 64)  # 512 px at 10 m
+    assert profile["transform"] == Affine(20.0, 0, t.c, 0, -20.0, t.f) @ Affine.scale(0.5) @ Affine.scale(8)
+    assert np.isfinite(values).all()
+
+
+def test_interrupted_run_resumes_without_redoing_finished_strips(model, tmp_path, monkeypatch):
+    # 64 px tiles every 32 px: 7 strips of 7 tiles; one batch per strip.
+    options = dict(tile=64, overlap=32, batch_size=7, progress=False)
+    reference = read_map(embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "ref.tif", **options).path)[0]
+
+    forward = model.forward_tokens
+    calls: list[int] = []
+
+    def counting(fail_after: int | None):
+        def wrapped(x, *args, **kwargs):
+            if fail_after is not None and sum(calls) >= fail_after:
+                raise KeyboardInterrupt
+            calls.append(len(x))
+            return forward(x, *args, **kwargs)
+
+        return wrapped
+
+    out = tmp_path / "map.tif"
+    monkeypatch.setattr(model, "forward_tokens", counting(fail_after=21))
+    with pytest.raises(KeyboardInterrupt):
+        embed_scene(model, SAMPLE, SENSOR, out=out, **options)
+    assert not out.exists()
+    record = json.loads((tmp_path / "map.tif.partial.json").read_text())
+    assert record["strips_done"] == 3
+
+    with pytest.raises(ValueError, match=r"tile_px.*resume=False"):
+        embed_scene(model, SAMPLE, SENSOR, out=out, **{**options, "tile": 128})
+
+    calls.clear()
+    monkeypatch.setattr(model, "forward_tokens", counting(fail_after=None))
+    result = embed_scene(model, SAMPLE, SENSOR, out=out, **options)
+    assert sum(calls) == 28  # strips 4-7 only
+    assert (result.resumed, result.embedded) == (21, 28)
+    np.testing.assert_array_equal(read_map(out)[0], reference)
+    assert not list(tmp_path.glob("map.tif.partial*"))
+
+
+def test_resume_false_starts_over(model, tmp_path, monkeypatch):
+    forward = model.forward_tokens
+    calls: list[int] = []
+
+    def failing(x, *args, **kwargs):
+        if calls:
+            raise RuntimeError("stop")
+        calls.append(len(x))
+        return forward(x, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward_tokens", failing)
+    with pytest.raises(RuntimeError, match="stop"):
+        embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "m.tif", tile=64, batch_size=4, progress=False)
+    monkeypatch.undo()
+    result = embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "m.tif", tile=64, resume=False, progress=False)
+    assert (result.resumed, result.embedded) == (0, 16)
+
+
+def test_cls_output_writes_vectors_and_footprints(model, pixels, tmp_path):
+    result = embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "tiles.npz", tile=64, output="cls", progress=False)
+    assert result.footprints == tmp_path / "tiles.geojson"
+    data = np.load(result.path)
+    assert data["vectors"].shape == (16, model.embed_dim)
+    tiles = [pixels[:, r : r + 64, c : c + 64] for r in range(0, 256, 64) for c in range(0, 256, 64)]
+    expected = model.embed(np.stack(tiles), SENSOR, output="cls", progress=False).numpy()
+    np.testing.assert_allclose(data["vectors"], expected, atol=1e-4)
+    assert data["valid"].all()
+    with rasterio.open(SAMPLE) as src:
+        left, top = src.transform.c, src.transform.f
+        assert str(data["crs"]) == src.crs.to_wkt()
+    np.testing.assert_allclose(data["bounds"][5], [left + 640, top - 1280, left + 1280, top - 640])  # row 1, col 1
+    np.testing.assert_array_equal(data["windows"][5], [64, 64, 64, 64])
+
+    collection = json.loads(result.footprints.read_text())
+    assert collection["crs"]["properties"]["name"].endswith("EPSG::32618")
+    features = collection["features"]
+    assert [f["properties"]["tile"] for f in features] == list(range(16))
+    for feature, bounds in zip(features, data["bounds"]):
+        ring = np.array(feature["geometry"]["coordinates"][0])
+        assert ring.shape == (5, 2) and (ring[0] == ring[-1]).all()
+        np.testing.assert_allclose([*ring.min(0), *ring.max(0)], bounds)
+
+
+def test_array_source_matches_file_source(model, pixels, tmp_path):
+    with rasterio.open(SAMPLE) as src:
+        transform, crs = src.transform, src.crs
+    from_file = read_map(embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "f.tif", tile=128, progress=False).path)
+    result = embed_scene(
+        model, pixels, SENSOR, out=tmp_path / "a.tif", tile=128, transform=transform, crs=crs, progress=False
+    )
+    from_array = read_map(result.path)
+    np.testing.assert_array_equal(from_array[0], from_file[0])
+    assert from_array[1]["transform"] == from_file[1]["transform"]
+    assert from_array[1]["crs"] == from_file[1]["crs"]
+    with pytest.raises(ValueError, match="out= is required"):
+        embed_scene(model, pixels, SENSOR, progress=False)
+
+
+def test_clear_errors(model, tmp_path, monkeypatch):
+    out = tmp_path / "x.tif"
+    with pytest.raises(ValueError, match=r"tile=60 px.*'sentinel2_rgb'.*8 px"):
+        embed_scene(model, SAMPLE, SENSOR, out=out, tile=60, progress=False)
+    with pytest.raises(ValueError, match="overlap=64 px must be smaller than tile=64"):
+        embed_scene(model, SAMPLE, SENSOR, out=out, tile=64, overlap=64, progress=False)
+    with pytest.raises(ValueError, match=r"sentinel2_rgb_inland\.tif: 3 bands.*'sentinel2' has 13 bands"):
+        embed_scene(model, SAMPLE, "sentinel2", out=out, progress=False)
+    with pytest.raises(ValueError, match=r"writes a \.npz"):
+        embed_scene(model, SAMPLE, SENSOR, out=out, output="cls", progress=False)
+    monkeypatch.setitem(sys.modules, "rasterio", None)
+    with pytest.raises(ImportError, match=r"xstars-models\[geo\]"):
+        embed_scene(model, SAMPLE, SENSOR, out=out, progress=False)
+
+
+def test_defaults_pretraining_grid_tiles_and_output_beside_the_scene(model, tmp_path):
+    scene = copy_sample(tmp_path, "scene.tif")
+    result = embed_scene(model, scene, SENSOR, progress=False)
+    assert result.path == tmp_path / "scene.sentinel2_rgb.map.tif"
+    assert result.tiles == 16  # img_size 64 px / patch 8 -> 8 x 8 token tiles of 64 px

@@ -234,6 +234,27 @@ def test_cls_output_writes_vectors_and_footprints(model, pixels, tmp_path):
         np.testing.assert_allclose([*ring.min(0), *ring.max(0)], bounds)
 
 
+def test_cls_output_resumes_after_an_interruption(model, tmp_path, monkeypatch):
+    options = dict(tile=64, output="cls", batch_size=4, progress=False)
+    reference = np.load(embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "ref.npz", **options).path)["vectors"]
+    forward = model.forward_tokens
+    calls: list[int] = []
+
+    def wrapped(x, *args, **kwargs):
+        if len(calls) == 3:
+            raise RuntimeError("stop")
+        calls.append(len(x))
+        return forward(x, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward_tokens", wrapped)
+    with pytest.raises(RuntimeError, match="stop"):
+        embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "t.npz", **options)
+    monkeypatch.undo()
+    result = embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "t.npz", **options)
+    assert (result.resumed, result.embedded) == (12, 4)
+    np.testing.assert_array_equal(np.load(result.path)["vectors"], reference)
+
+
 def test_array_source_matches_file_source(model, pixels, tmp_path):
     with rasterio.open(SAMPLE) as src:
         transform, crs = src.transform, src.crs
@@ -257,6 +278,8 @@ def test_clear_errors(model, tmp_path, monkeypatch):
         embed_scene(model, SAMPLE, SENSOR, out=out, tile=64, overlap=64, progress=False)
     with pytest.raises(ValueError, match=r"sentinel2_rgb_inland\.tif: 3 bands.*'sentinel2' has 13 bands"):
         embed_scene(model, SAMPLE, "sentinel2", out=out, progress=False)
+    with pytest.raises(ValueError, match=r"geographic CRS.*reproject"):
+        embed_scene(model, copy_sample(tmp_path, "lonlat.tif", crs="EPSG:4326"), SENSOR, out=out, progress=False)
     with pytest.raises(ValueError, match=r"writes a \.npz"):
         embed_scene(model, SAMPLE, SENSOR, out=out, output="cls", progress=False)
     monkeypatch.setitem(sys.modules, "rasterio", None)

@@ -226,7 +226,9 @@ class _Scene:
             self.width = int(math.floor(width / self.scale[0] + 1e-9))
             self.transform = transform @ Affine.scale(*self.scale)
 
-    def _gsd_scale(self, transform: Affine, crs: Any, spec: SensorSpec, sensor: str, resample: bool) -> tuple[float, float] | None:
+    def _gsd_scale(
+        self, transform: Affine, crs: Any, spec: SensorSpec, sensor: str, resample: bool
+    ) -> tuple[float, float] | None:
         if crs is None and transform.is_identity:
             if self._array is None:  # a file; arrays without a transform are expected
                 warnings.warn(
@@ -438,11 +440,10 @@ class _Partial:
             self.discard()
             return None
         wanted = json.loads(json.dumps(settings))
-        changed = sorted(k for k in wanted.keys() | record["settings"].keys() if record["settings"].get(k) != wanted.get(k))
+        before = record["settings"]
+        changed = sorted(k for k in wanted.keys() | before.keys() if before.get(k) != wanted.get(k))
         if changed:
-            details = "; ".join(
-                f"{k}: {_short(record['settings'].get(k))} then, {_short(wanted.get(k))} now" for k in changed
-            )
+            details = "; ".join(f"{k}: {_short(before.get(k))} then, {_short(wanted.get(k))} now" for k in changed)
             raise ValueError(
                 f"{self.base} is a partial run with other settings ({details}). Rerun with the same "
                 "settings to resume it, or pass resume=False to discard it and start over."
@@ -473,14 +474,19 @@ class _MapWriter:
     """Accumulates weighted features of one strip of tiles and writes finished token rows into
     the partial GeoTIFF."""
 
-    def __init__(self, plan: _Plan, scene: _Scene, dim: int, device: torch.device, partial: _Partial, tags: dict[str, str]) -> None:
+    def __init__(
+        self, plan: _Plan, scene: _Scene, dim: int, prefix: int, device: torch.device, partial: _Partial,
+        tags: dict[str, str],
+    ) -> None:
         from affine import Affine
 
-        self.plan, self.partial, self.dim = plan, partial, dim
-        th, _ = plan.tile
-        rows_w, cols_w = _ramps(plan.rows, plan.tile[0]), _ramps(plan.cols, plan.tile[1])
-        self.row_w = [torch.from_numpy(w).to(device) for w in rows_w]
-        self.col_w = [torch.from_numpy(w).to(device) for w in cols_w]
+        self.plan, self.partial, self.dim, self.prefix = plan, partial, dim, prefix
+        self.token_missing = torch.zeros(plan.tile[0], plan.grid[1], device=device)
+        th, tw = plan.tile
+        self.row_w = [torch.from_numpy(w).to(device) for w in _ramps(plan.rows, th)]
+        self.col_w = torch.from_numpy(np.stack(_ramps(plan.cols, tw))).to(device)  # tiles x tw
+        # Scene token column of each token column of each tile in a tile-row: tiles x tw.
+        self.col_index = (torch.tensor(plan.cols)[:, None] + torch.arange(tw)).to(device)
         # Token rows [base, base + th) of the scene, full width: the only rows still changing.
         self.acc = torch.zeros(th, plan.grid[1], dim, device=device)
         self.wsum = torch.zeros(th, plan.grid[1], device=device)
@@ -501,23 +507,32 @@ class _MapWriter:
             with _quiet_georef(), rasterio.open(self.partial.base, "w", **self.profile) as dst:
                 dst.update_tags(**self.tags)
             return
-        self.base = self.plan.rows[record["strips_done"]] if record["strips_done"] < len(self.plan.rows) else self.plan.grid[0]
+        done = record["strips_done"]
+        self.base = self.plan.rows[done] if done < len(self.plan.rows) else self.plan.grid[0]
         if record["carry"] is not None:
             with np.load(self.partial.base.parent / record["carry"]) as carry:
                 rows = len(carry["wsum"])
                 self.acc[:rows] = torch.from_numpy(carry["acc"]).to(self.acc.device)
                 self.wsum[:rows] = torch.from_numpy(carry["wsum"]).to(self.wsum.device)
 
-    def add(self, strip: int, cols: list[int], tokens: torch.Tensor, grid: tuple[int, int], token_missing: torch.Tensor, prefix: int) -> None:
+    def begin_strip(self, token_missing: torch.Tensor, tile_missing: np.ndarray) -> None:
+        """Missing-pixel fractions of the strip's tokens (th x scene width) and tiles."""
+        self.token_missing = token_missing
+
+    def add(self, strip: int, cols: list[int], tokens: torch.Tensor) -> None:
         """Add the final tokens (B x (prefix + h*w) x D) of tiles ``cols`` of tile-row ``strip``."""
-        features = tokens[:, prefix:].reshape(len(cols), *grid, self.dim)
-        tw = self.plan.tile[1]
-        for feature, j in zip(features, cols):
-            c = self.plan.cols[j]
-            # Tokens whose pixels are all missing get no weight, so they end up NaN.
-            weight = self.row_w[strip][:, None] * self.col_w[j][None, :] * (token_missing[:, c : c + tw] < 1)
-            self.acc[:, c : c + tw] += feature * weight[..., None]
-            self.wsum[:, c : c + tw] += weight
+        th, tw = self.plan.tile
+        picked = torch.tensor(cols, device=self.col_w.device)
+        # The whole batch in one scatter-add over scene columns (overlapping tiles accumulate),
+        # rather than a handful of small tensor operations per tile.
+        index = self.col_index[picked].reshape(-1)  # B*tw
+        features = tokens[:, self.prefix :].reshape(len(cols), th, tw, self.dim)
+        features = features.permute(1, 0, 2, 3).reshape(th, -1, self.dim)  # th x B*tw x D
+        weight = self.row_w[strip][:, None] * self.col_w[picked].reshape(1, -1)  # th x B*tw
+        # Tokens whose pixels are all missing get no weight, so they end up NaN.
+        weight = weight * (self.token_missing[:, index] < 1)
+        self.acc.index_add_(1, index, features * weight[..., None])
+        self.wsum.index_add_(1, index, weight)
 
     def commit(self, strip: int) -> Path | None:
         """Write the token rows no later strip touches, keep the rest; returns the saved carry."""
@@ -567,11 +582,11 @@ class _ClsWriter:
             # Records past the last committed strip are from an interrupted strip: drop them.
             fh.truncate(done * len(self.plan.cols) * self.record * 4)
 
-    def begin_strip(self, fractions: np.ndarray) -> None:
+    def begin_strip(self, token_missing: torch.Tensor, tile_missing: np.ndarray) -> None:
         self._strip[:] = np.nan
-        self._strip[:, 0] = fractions
+        self._strip[:, 0] = tile_missing
 
-    def add(self, strip: int, cols: list[int], tokens: torch.Tensor, grid: tuple[int, int], token_missing: torch.Tensor, prefix: int) -> None:
+    def add(self, strip: int, cols: list[int], tokens: torch.Tensor) -> None:
         self._strip[cols, 1:] = tokens[:, 0].float().cpu().numpy()
 
     def commit(self, strip: int) -> None:
@@ -613,7 +628,7 @@ class _ClsWriter:
             "valid": ((n,), "bool", lambda: (np.isfinite(s[:, 1:]).all(1) for s in strips())),
             "bounds": ((n, 4), "float64", lambda: (self._tile_geometry(i)[0] for i in range(n_rows))),
             "windows": ((n, 4), "float64", lambda: (self._tile_geometry(i)[1] for i in range(n_rows))),
-            "tile_rc": ((n, 2), "int64", lambda: (np.stack([np.full(n_cols, i), np.arange(n_cols)], 1) for i in range(n_rows))),
+            "tile_rc": ((n, 2), "int64", lambda: ([(i, j) for j in range(n_cols)] for i in range(n_rows))),
         }
         _stream_npz(out, members, self.meta)
         footprints = out.with_suffix(".geojson")
@@ -677,8 +692,8 @@ def _stream_npz(
         with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name, (shape, dtype, chunks) in members.items():
                 with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
-                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
-                    np.lib.format.write_array_header_1_0(fh, header)
+                    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+                    np.lib.format.write_array_header_1_0(fh, {"descr": descr, "fortran_order": False, "shape": shape})
                     for chunk in chunks():
                         fh.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
             for name, value in scalars.items():
@@ -859,7 +874,8 @@ def embed_scene(
         if scene.scale is not None:
             tags["xstars_resample_scale"] = f"{scene.scale[0]:.6g} {scene.scale[1]:.6g}"
         if output == "map":
-            writer: _MapWriter | _ClsWriter = _MapWriter(plan, scene, model.embed_dim, target, partial, tags)
+            prefix = model.trunk.num_prefix_tokens
+            writer: _MapWriter | _ClsWriter = _MapWriter(plan, scene, model.embed_dim, prefix, target, partial, tags)
         else:
             meta = {
                 "crs": crs_wkt or "",
@@ -915,7 +931,6 @@ def _run_strips(
     """Embed tile-rows ``done``.. and commit each; returns the number of tiles embedded."""
     p, (th, tw) = plan.patch, plan.tile
     cuda = target.type == "cuda"
-    prefix = model.trunk.num_prefix_tokens
 
     def read(i: int) -> tuple[torch.Tensor, np.ndarray]:
         strip = scene.read(plan.rows[i] * p, th * p, plan.grid[1] * p)
@@ -930,10 +945,9 @@ def _run_strips(
         # Page-locked memory lets the copy to the GPU overlap with compute.
         return (pixels.pin_memory() if cuda else pixels), fraction
 
-    def encode(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def encode(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(target.type, dtype=torch.bfloat16, enabled=use_amp):
-            final, _, grid = model.forward_tokens(x, sensor, [])
-        return final, grid
+            return model.forward_tokens(x, sensor, [])[0]
 
     forward = torch.compile(encode) if compile else encode
     embedded = 0
@@ -951,16 +965,13 @@ def _run_strips(
                 pixels = pixels.to(target, non_blocking=True)
                 tile_missing = np.array([fraction[:, c : c + tw].mean() for c in plan.cols])
                 keep = [j for j, f in enumerate(tile_missing) if f <= max_nodata and f < 1]
-                token_missing = torch.from_numpy(fraction).to(target)
-                if isinstance(writer, _ClsWriter):
-                    writer.begin_strip(tile_missing)
+                writer.begin_strip(torch.from_numpy(fraction).to(target), tile_missing)
                 for b in range(0, len(keep), batch_size):
                     chunk = keep[b : b + batch_size]
                     x = torch.stack([pixels[:, :, plan.cols[j] * p : (plan.cols[j] + tw) * p] for j in chunk]).float()
                     if cuda:
                         x = x.contiguous(memory_format=torch.channels_last)
-                    tokens, grid = forward(x)
-                    writer.add(i, chunk, tokens.float(), grid, token_missing, prefix)
+                    writer.add(i, chunk, forward(x).float())
                     embedded += len(chunk)
                     bar.update(len(chunk))
                 counts["skipped"] += len(plan.cols) - len(keep)

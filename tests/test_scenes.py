@@ -3,6 +3,7 @@ vectors out, checked against model.embed() on the same tiles."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from affine import Affine  # noqa: E402
 
 from factories import tiny_model  # noqa: E402
 from xstars_models.samples import sample_path  # noqa: E402
-from xstars_models.scenes import embed_scene  # noqa: E402
+from xstars_models.scenes import add_cli_arguments, embed_scene, run_cli  # noqa: E402
 
 SENSOR = "sentinel2_rgb"  # 10 m, patch 8 px in the tiny model
 SAMPLE = sample_path("sentinel2_rgb_inland")  # 256 x 256 px, 3 x uint8, EPSG:32618, 10 m
@@ -292,3 +293,15 @@ def test_defaults_pretraining_grid_tiles_and_output_beside_the_scene(model, tmp_
     result = embed_scene(model, scene, SENSOR, progress=False)
     assert result.path == tmp_path / "scene.sentinel2_rgb.map.tif"
     assert result.tiles == 16  # img_size 64 px / patch 8 -> 8 x 8 token tiles of 64 px
+
+
+def test_cli_helpers_embed_a_scene(model, tmp_path, capsys):
+    folder = model.save_pretrained(tmp_path / "model")
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    out = tmp_path / "cli.tif"
+    args = parser.parse_args([str(folder), str(SAMPLE), "--sensor", SENSOR, "--out", str(out), "--tile", "128",
+                              "--no-progress", "--offline"])
+    assert run_cli(args) == 0
+    assert "4 tiles" in capsys.readouterr().out
+    assert read_map(out)[0].shape == (model.embed_dim, 32, 32)

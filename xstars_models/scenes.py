@@ -46,7 +46,9 @@ Memory
     tokens), and the rows of it that no later tile touches are written to the output window by
     window. Peak memory therefore depends on the scene's width, the tile size, the batch size and
     the feature dimension, never on the scene's height. GDAL's block cache is capped at 64 MiB
-    during the call so that it cannot grow with the scene either.
+    during the call so that it cannot grow with the scene either. ``cls`` outputs are streamed into
+    the ``.npz`` and ``.geojson`` strip by strip too. (An array source is, of course, in memory
+    already.)
 
 Resuming
     Outputs are written under temporary names beside ``out`` — ``<out>.partial`` (the map GeoTIFF,
@@ -90,7 +92,7 @@ if TYPE_CHECKING:
 
     from .model import XStars
 
-__all__ = ["SCENE_OUTPUTS", "SceneResult", "add_cli_arguments", "embed_scene", "run_cli"]
+__all__ = ["SCENE_OUTPUTS", "SceneResult", "add_cli_arguments", "default_tile", "embed_scene", "run_cli"]
 
 SCENE_OUTPUTS = ("map", "cls")
 

@@ -4,6 +4,7 @@ code runs unchanged with or without ``torchrun``."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -12,14 +13,17 @@ __all__ = ["all_gather_with_grad", "init_distributed", "is_distributed", "rank",
 
 
 def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is initialised."""
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
+    """This process's rank, 0 in a single process."""
     return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
+    """Number of processes, 1 in a single process."""
     return dist.get_world_size() if is_distributed() else 1
 
 
@@ -37,22 +41,31 @@ def init_distributed() -> bool:
 
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(tensor) for _ in range(world_size())]
         dist.all_gather(parts, tensor.contiguous())
         ctx.rows = tensor.shape[0]
         return torch.cat(parts)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        # Every rank's loss may depend on this rank's rows: sum their gradients, keep our slice.
-        grad = grad.contiguous()
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        # Every rank's loss may depend on this rank's rows: sum the ranks' gradients w.r.t. the
+        # gathered tensor, keep our slice. Cloned because the incoming gradient may be shared
+        # with other nodes of the graph and all_reduce works in place.
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad)
         start = rank() * ctx.rows
         return grad[start : start + ctx.rows]
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``tensor`` (same shape on every rank) from all ranks along dim 0, keeping the
-    gradient path back to each rank's own rows. Identity in a single process."""
+    """Concatenate ``tensor`` from all ranks along dim 0, keeping the gradient path back to each
+    rank's own rows. Identity in a single process.
+
+    ``tensor``: b x ... with the same shape on every rank -> (world_size * b) x ..., rank r's rows
+    at ``[r * b, (r + 1) * b)``. Every rank must run the backward pass (it all-reduces). The
+    gradient a rank receives is the sum over ranks of d(loss_r)/d(its rows), so averaging
+    parameter gradients over ranks (as DDP does) gives the gradient of the mean of the ranks'
+    losses.
+    """
     return _GatherWithGrad.apply(tensor) if is_distributed() else tensor

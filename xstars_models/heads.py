@@ -11,8 +11,19 @@ __all__ = ["DINOHead", "ProjectionHead"]
 
 
 class DINOHead(nn.Module):
-    """DINO's head: a 3-layer MLP to an L2-normalised bottleneck, then a weight-normalised linear
-    layer to ``out_dim`` prototypes whose norm is fixed to 1 (Caron et al. 2021)."""
+    """DINO's head (Caron et al. 2021): a 3-layer GELU MLP to an L2-normalised bottleneck, then a
+    weight-normalised linear layer to ``out_dim`` prototypes.
+
+    The weight-norm magnitude of the last layer is fixed to 1 (DINO's ``norm_last_layer``): the
+    prototypes stay unit vectors, so the logits are cosine similarities and the student
+    temperature alone sets their scale, which stabilises training.
+
+    Args:
+        in_dim: input width (the encoder's CLS width D).
+        out_dim: number of prototypes K (65536 in DINO).
+        hidden_dim: width of the two hidden layers.
+        bottleneck_dim: width of the normalised bottleneck.
+    """
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256) -> None:
         super().__init__()
@@ -26,17 +37,24 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(layer.weight, std=0.02)
                 nn.init.zeros_(layer.bias)
         self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        magnitude = self.last_layer.parametrizations.weight.original0
+        magnitude = self.last_layer.parametrizations.weight.original0  # out_dim x 1
         with torch.no_grad():
             magnitude.fill_(1.0)
         magnitude.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ... x in_dim -> logits ... x out_dim."""
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
 class ProjectionHead(nn.Module):
-    """``LayerNorm(p + Dropout(fc(GELU(p))))`` with ``p = Linear(x)``: the MSAD projection."""
+    """The MSAD projection: ``LayerNorm(p + Dropout(fc(GELU(p))))`` with ``p = proj(x)``.
+
+    Args:
+        in_dim: input width.
+        width: output width (1024 in the official code).
+        dropout: on the residual branch (0.2 in the official code).
+    """
 
     def __init__(self, in_dim: int, width: int = 256, dropout: float = 0.1) -> None:
         super().__init__()
@@ -46,5 +64,6 @@ class ProjectionHead(nn.Module):
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ... x in_dim -> ... x width (any leading shape, projected with one matmul)."""
         projected = self.proj(x)
         return self.norm(projected + self.dropout(self.fc(F.gelu(projected))))

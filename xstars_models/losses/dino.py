@@ -13,14 +13,23 @@ __all__ = ["DINOLoss"]
 
 
 class DINOLoss(nn.Module):
-    """Args:
+    """``loss = mean over (t, s), s != t of  mean_b  -sum_k P_t[b, k] log P_s[b, k]`` with
+    ``P_t = softmax((teacher_t - c) / tau_t)`` for the teacher's global views t and
+    ``P_s = softmax(student_s / tau_s)`` for every student view s (globals first).
+
+    The centre ``c`` (a buffer) is an EMA of the teacher's batch mean, averaged over ranks when
+    distributed; centring and sharpening together keep the teacher from collapsing to one
+    prototype (centring alone gives uniform outputs, sharpening alone one-hot ones). ``tau_t``
+    warms up linearly over the first steps, then stays constant.
+
+    Args:
         out_dim: prototypes K of the DINO head.
         n_global: global views per image (the teacher sees only these).
-        student_temp: student softmax temperature.
-        teacher_temp: teacher temperature after warm-up.
-        warmup_teacher_temp, warmup_teacher_temp_steps: linear warm-up of the teacher
-            temperature from this value over this many steps.
-        center_momentum: EMA momentum of the centre subtracted from teacher outputs.
+        student_temp: tau_s.
+        teacher_temp: tau_t after warm-up.
+        warmup_teacher_temp: tau_t at step 0.
+        warmup_teacher_temp_steps: length of the linear warm-up, in the caller's steps (or epochs).
+        center_momentum: EMA momentum of the centre.
     """
 
     def __init__(
@@ -34,41 +43,46 @@ class DINOLoss(nn.Module):
         center_momentum: float = 0.9,
     ) -> None:
         super().__init__()
+        if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0 or warmup_teacher_temp_steps < 0:
+            raise ValueError("DINOLoss temperatures must be > 0 and the warm-up length >= 0.")
         self.n_global, self.student_temp, self.center_momentum = n_global, student_temp, center_momentum
         self.teacher_temp, self.warmup_teacher_temp = teacher_temp, warmup_teacher_temp
         self.warmup_steps = warmup_teacher_temp_steps
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def teacher_temp_at(self, step: int) -> float:
+        """tau_t at ``step``: linear from ``warmup_teacher_temp`` to ``teacher_temp``, then flat."""
         if step >= self.warmup_steps:
             return self.teacher_temp
         return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * step / self.warmup_steps
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, step: int) -> torch.Tensor:
-        """``student_out``: (V * B) x K for V views (globals first); ``teacher_out``:
-        (n_global * B) x K. Updates the centre after computing the loss."""
+        """``student_out``: (V * B) x K logits of V views, view-major, the ``n_global`` global
+        views first; ``teacher_out``: (n_global * B) x K logits of the global views. Returns the
+        0-d loss and then updates the centre with ``teacher_out``."""
         batch = teacher_out.shape[0] // self.n_global
-        if batch * self.n_global != teacher_out.shape[0] or student_out.shape[0] % batch:
+        if batch == 0 or batch * self.n_global != teacher_out.shape[0] or student_out.shape[0] % batch:
             raise ValueError(
                 f"DINOLoss: teacher output {tuple(teacher_out.shape)} is not {self.n_global} global views "
                 f"of one batch, or student output {tuple(student_out.shape)} is not whole views of it."
             )
-        student = (student_out.float() / self.student_temp).log_softmax(dim=-1).chunk(student_out.shape[0] // batch)
-        teacher = ((teacher_out.float() - self.center) / self.teacher_temp_at(step)).softmax(dim=-1).detach()
-        teacher = teacher.chunk(self.n_global)
+        # float32: the teacher's temperature (0.04) would amplify half-precision rounding.
+        log_p_student = (student_out.float() / self.student_temp).log_softmax(dim=-1).split(batch)
+        p_teacher = ((teacher_out.float() - self.center) / self.teacher_temp_at(step)).softmax(dim=-1).detach()
         terms = [
-            -(t * s).sum(dim=-1).mean()
-            for ti, t in enumerate(teacher)
-            for si, s in enumerate(student)
-            if si != ti
+            -(p_t * log_p_s).sum(dim=-1).mean()
+            for t, p_t in enumerate(p_teacher.split(batch))
+            for s, log_p_s in enumerate(log_p_student)
+            if s != t
         ]
         self._update_center(teacher_out.detach().float())
         return torch.stack(terms).mean()
 
     @torch.no_grad()
     def _update_center(self, teacher_out: torch.Tensor) -> None:
-        batch_center = teacher_out.sum(dim=0, keepdim=True)
+        """EMA of the teacher's mean output over the global batch (all ranks)."""
+        batch_sum = teacher_out.sum(dim=0, keepdim=True)
         if is_distributed():
-            dist.all_reduce(batch_center)
-        batch_center /= teacher_out.shape[0] * world_size()
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+            dist.all_reduce(batch_sum)
+        batch_mean = batch_sum / (teacher_out.shape[0] * world_size())
+        self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1 - self.center_momentum)

@@ -140,3 +140,28 @@ def test_adapt_trains_what_the_mode_says(tmp_path, mode):
     assert out.shape == (2, 32, 8, 8)
     reloaded = XStars.from_pretrained(adapted.save_pretrained(tmp_path / "saved"))  # LoRA merged on save
     assert torch.allclose(reloaded.embed(ToyPairs(2).aerial.numpy(), "aerial", output="map", layout="CHW"), out, atol=1e-4)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_msad_view_shared_with_the_first_dino_global_view(tmp_path, monkeypatch, share):
+    """Shared: the student's first global views are the un-augmented aerial images themselves
+    and the student runs twice per step (global, local); separate: a third student forward."""
+    from xstars_models.encoder import XStarsEncoder
+
+    calls = []
+    original = XStarsEncoder.forward
+
+    def recording(self, x, sensor):
+        if torch.is_grad_enabled() and sensor == "aerial":
+            calls.append(x.detach().clone())
+        return original(self, x, sensor)
+
+    monkeypatch.setattr(XStarsEncoder, "forward", recording)
+    pairs = ToyPairs(8)
+    new = get_sensor("aerial_rgb").with_gsd(5.0, name="aerial")
+    config = small_config(steps=2, batch_size=4, share_msad_view=share)
+    adapt(tiny_model(extra_sensors=()), new, pairs, mode="stem", config=config, out_dir=tmp_path, device="cpu", progress=False)
+    assert len(calls) == 2 * (2 if share else 3)
+    first_globals = calls[0][: config.batch_size]
+    matches = [any(torch.equal(view, image) for image in pairs.aerial) for view in first_globals]
+    assert all(matches) if share else not any(matches)

@@ -31,6 +31,12 @@ class TrainConfig:
         grad_clip: maximum gradient norm, or 0 for none.
         freeze_last_layer_steps: DINO's trick of not updating the head's last layer at first.
         amp: bf16 autocast; ``None`` means "on CUDA, off on CPU".
+        share_msad_view: the un-augmented MSAD view of a sensor is also its first DINO global
+            view, so one student forward gives both the DINO output and the MSAD tokens instead
+            of a second forward of a global-sized view (MSAD then costs only the frozen
+            reference's forward and the projection heads). DINO keeps its other, augmented
+            global and local views. ``False`` runs the MSAD view separately, as the official
+            code does.
     """
 
     steps: int = 1000
@@ -59,6 +65,7 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     amp: bool | None = None
+    share_msad_view: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "global_crops"):

@@ -33,19 +33,23 @@ ADAPT_MODES = ("stem", "lora", "full")
 
 
 class _DINONet(nn.Module):
-    """An encoder plus its DINO head; ``forward`` gives head outputs of the CLS token."""
+    """An encoder plus its DINO head; ``forward`` gives head outputs of the CLS token and the
+    encoder's tokens (B x T x D), which MSAD reuses when its view is a DINO view."""
 
     def __init__(self, encoder: XStars, head: DINOHead) -> None:
         super().__init__()
         self.encoder, self.head = encoder, head
 
-    def forward(self, x: torch.Tensor, sensor: str) -> torch.Tensor:
-        return self.head(self.encoder(x, sensor)[:, 0])
+    def forward(self, x: torch.Tensor, sensor: str) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.encoder(x, sensor)
+        return self.head(tokens[:, 0]), tokens
 
 
 class _TrainingViews(Dataset):
     """Turns a paired data set into training samples: DINO multi-crop views of the ``dino``
     sensors and un-augmented MSAD views of the ``paired`` sensors, resized to one token grid.
+    With ``share``, a sensor's MSAD view also replaces its first DINO global view (both are
+    ``global_tokens`` per side).
 
     Items are addressed by ``(index, step)``; the augmentation is seeded from both, so a resumed
     run reproduces the uninterrupted one."""
@@ -56,8 +60,10 @@ class _TrainingViews(Dataset):
         augments: dict[str, MultiCropAugment],
         msad_sizes: dict[str, int],
         seed: int,
+        share: bool = False,
     ) -> None:
         self.pairs, self.augments, self.msad_sizes, self.seed = pairs, augments, msad_sizes, seed
+        self.share = share
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -74,6 +80,9 @@ class _TrainingViews(Dataset):
         generator = torch.Generator().manual_seed(hash((self.seed, step, index)) & 0x7FFF_FFFF_FFFF)
         views = {s: aug(images[s], generator=generator) for s, aug in self.augments.items()}
         paired = {s: _resize(images[s], size) for s, size in self.msad_sizes.items()}
+        if self.share:
+            for sensor in set(views) & set(paired):
+                views[sensor][0] = paired[sensor]
         return {"views": views, "pairs": paired}
 
 
@@ -98,16 +107,18 @@ def _augment(model: XStars, sensor: str, config: TrainConfig) -> MultiCropAugmen
 
 def _dino_term(
     student: _DINONet, teacher: _DINONet, loss: DINOLoss, views: Sequence[torch.Tensor], sensor: str, n_global: int, step: int
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DINO for one sensor: the teacher sees the global views, the student every view. Views of
-    one size go through the network in a single batch."""
+    one size go through the network in a single batch. Returns the loss and the student's
+    tokens of the first global view (B x T x D)."""
     global_views = torch.cat(list(views[:n_global]))
     with torch.no_grad():
-        teacher_out = teacher(global_views, sensor)
-    student_out = [student(global_views, sensor)]
+        teacher_out, _ = teacher(global_views, sensor)
+    student_global, tokens = student(global_views, sensor)
+    student_out = [student_global]
     if len(views) > n_global:
-        student_out.append(student(torch.cat(list(views[n_global:])), sensor))
-    return loss(torch.cat(student_out), teacher_out, step)
+        student_out.append(student(torch.cat(list(views[n_global:])), sensor)[0])
+    return loss(torch.cat(student_out), teacher_out, step), tokens[: len(views[0])]
 
 
 def _loader(views: _TrainingViews, config: TrainConfig, device: torch.device):
@@ -227,15 +238,17 @@ def pretrain(
         {s: _augment(model, s, config) for s in sensors},
         {s: grid * model.sensors[s].patch_size for s in sensors} if len(sensors) > 1 else {},
         config.seed,
+        share=config.share_msad_view and config.alpha > 0,
     )
 
     def step_fn(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        dino_loss = sum(
-            _dino_term(student, teacher, dino, batch["views"][s], s, config.global_crops, step) for s in sensors
-        ) / len(sensors)
+        terms = {s: _dino_term(student, teacher, dino, batch["views"][s], s, config.global_crops, step) for s in sensors}
+        dino_loss = sum(loss for loss, _ in terms.values()) / len(sensors)
         msad_loss = torch.zeros((), device=device)
         if config.alpha > 0 and len(sensors) > 1:
-            tokens = {s: student.encoder(batch["pairs"][s], s) for s in sensors}
+            tokens = {
+                s: terms[s][1] if views.share else student.encoder(batch["pairs"][s], s) for s in sensors
+            }
             for a, b in itertools.combinations(sensors, 2):
                 msad_loss = msad_loss + msad(tokens[a], tokens[b], a, b)
         return _total(dino_loss, msad_loss, config.alpha)
@@ -308,15 +321,18 @@ def adapt(
         {new: _augment(encoder, new, config)},
         {new: grid * encoder.sensors[new].patch_size, old_sensor: grid * base.sensors[old_sensor].patch_size},
         config.seed,
+        share=config.share_msad_view and config.alpha > 0,
     )
 
     def step_fn(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        dino_loss = _dino_term(student, teacher, dino, batch["views"][new], new, config.global_crops, step)
+        dino_loss, tokens = _dino_term(student, teacher, dino, batch["views"][new], new, config.global_crops, step)
         msad_loss = torch.zeros((), device=device)
         if config.alpha > 0:
             with torch.no_grad():
                 reference = frozen(batch["pairs"][old_sensor], old_sensor)
-            msad_loss = msad(student.encoder(batch["pairs"][new], new), reference, new, old_sensor)
+            if not views.share:
+                tokens = student.encoder(batch["pairs"][new], new)
+            msad_loss = msad(tokens, reference, new, old_sensor)
         return _total(dino_loss, msad_loss, config.alpha)
 
     record = {"recipe": "adapt", "mode": mode, "new_sensor": new, "old_sensor": old_sensor, "data": data_description}

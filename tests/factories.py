@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from xstars_models import XStars, get_sensor
+
+# Real co-registered aerial 5 m / Sentinel-2 10 m / Landsat-8 30 m rasters, beside the repository.
+HOMONIM = Path(__file__).resolve().parents[2] / "shared" / "data" / "homonim"
+HOMONIM_S2 = HOMONIM / "reference/sentinel2_b432_byte.tif"  # B4, B3, B2 as bands 1-3
+HOMONIM_AERIAL = [HOMONIM / f"source/ngi_rgb_byte_{i}.tif" for i in (1, 2, 3)]
 
 TINY = dict(patch_size=8, img_size=64, embed_dim=32, depth=2, num_heads=2)
 

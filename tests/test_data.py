@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from factories import HOMONIM
 from xstars_models import get_sensor
 from xstars_models.data import MSADViews, MSCFrancePairs, MultiCropAugment
 from xstars_models.data.grid import grid_windows, overlap_area, split_regions
@@ -23,7 +24,6 @@ from affine import Affine  # noqa: E402  (rasterio's dependency)
 
 from xstars_models.data import GeoPairDataset, RasterSource  # noqa: E402
 
-HOMONIM = Path(__file__).resolve().parents[2] / "shared" / "data" / "homonim"
 S2 = RasterSource(HOMONIM / "reference/sentinel2_b432_byte.tif", bands=(1, 2, 3))  # B4, B3, B2
 AERIAL = RasterSource([HOMONIM / f"source/ngi_rgb_byte_{i}.tif" for i in (1, 2, 3)], bands=(1, 2, 3))
 LANDSAT = RasterSource(HOMONIM / "reference/landsat8_byte.tif", bands=(4, 3, 2))  # SR_B4, SR_B3, SR_B2

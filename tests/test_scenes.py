@@ -3,7 +3,6 @@ vectors out, checked against model.embed() on the same tiles."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -11,13 +10,13 @@ from typing import Callable
 
 import numpy as np
 import pytest
+import rasterio
+from affine import Affine
 
-rasterio = pytest.importorskip("rasterio")
-from affine import Affine  # noqa: E402
-
-from factories import tiny_model  # noqa: E402
-from xstars_models.samples import sample_path  # noqa: E402
-from xstars_models.scenes import add_cli_arguments, embed_scene, run_cli  # noqa: E402
+from factories import tiny_model
+from xstars_models.cli import main
+from xstars_models.samples import sample_path
+from xstars_models.scenes import embed_scene
 
 SENSOR = "sentinel2_rgb"  # 10 m, patch 8 px in the tiny model
 SAMPLE = sample_path("sentinel2_rgb_inland")  # 256 x 256 px, 3 x uint8, EPSG:32618, 10 m
@@ -295,13 +294,23 @@ def test_defaults_pretraining_grid_tiles_and_output_beside_the_scene(model, tmp_
     assert result.tiles == 16  # img_size 64 px / patch 8 -> 8 x 8 token tiles of 64 px
 
 
-def test_cli_helpers_embed_a_scene(model, tmp_path, capsys):
+def test_method_and_cli_embed_a_scene_like_the_function(model, tmp_path, capsys):
+    expected = embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "fn.tif", tile=128, progress=False)
+    via_method = model.embed_scene(SAMPLE, SENSOR, out=tmp_path / "method.tif", tile=128, progress=False)
+    assert via_method.tiles == expected.tiles == 4
     folder = model.save_pretrained(tmp_path / "model")
-    parser = argparse.ArgumentParser()
-    add_cli_arguments(parser)
     out = tmp_path / "cli.tif"
-    args = parser.parse_args([str(folder), str(SAMPLE), "--sensor", SENSOR, "--out", str(out), "--tile", "128",
-                              "--no-progress", "--offline"])
-    assert run_cli(args) == 0
+    argv = ["embed-scene", str(folder), str(SAMPLE), "--sensor", SENSOR, "--out", str(out), "--tile", "128", "--no-progress", "--offline"]
+    assert main(argv) == 0
     assert "4 tiles" in capsys.readouterr().out
-    assert read_map(out)[0].shape == (model.embed_dim, 32, 32)
+    reference = read_map(expected.path)[0]
+    assert reference.shape == (model.embed_dim, 32, 32)
+    np.testing.assert_array_equal(read_map(via_method.path)[0], reference)
+    np.testing.assert_array_equal(read_map(out)[0], reference)
+
+
+def test_cli_scene_errors_are_one_line(model, tmp_path, capsys):
+    folder = model.save_pretrained(tmp_path / "model")
+    assert main(["embed-scene", str(folder), str(SAMPLE), "--sensor", SENSOR, "--tile", "100", "--out", str(tmp_path / "x.tif")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xstars embed-scene: error:") and "100" in err and err.count("\n") == 1

@@ -165,3 +165,14 @@ def test_msad_view_shared_with_the_first_dino_global_view(tmp_path, monkeypatch,
     first_globals = calls[0][: config.batch_size]
     matches = [any(torch.equal(view, image) for image in pairs.aerial) for view in first_globals]
     assert all(matches) if share else not any(matches)
+
+
+def test_short_run_warns_that_the_returned_teacher_barely_moved(tmp_path, recwarn):
+    from xstars_models.training.schedules import ema_initial_weight
+
+    assert ema_initial_weight(2, 0.5) == pytest.approx(0.5 * 0.75)  # momenta 0.5, then halfway to 1
+    with pytest.warns(UserWarning, match=r"teacher_momentum=0.996 over 2 steps: the returned EMA teacher keeps 99%"):
+        pretrain(tiny_model(extra_sensors=()), ToyPairs(4), small_config(steps=2), out_dir=tmp_path / "a", device="cpu", progress=False)
+    recwarn.clear()
+    pretrain(tiny_model(extra_sensors=()), ToyPairs(4), small_config(steps=2, teacher_momentum=0.5), out_dir=tmp_path / "b", device="cpu", progress=False)
+    assert not [w for w in recwarn if "teacher_momentum" in str(w.message)]

@@ -7,8 +7,9 @@ import copy
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -19,6 +20,9 @@ from .inputs import ImageInput, to_batch
 from .lora import lora_config, merge_lora
 from .sensors import SensorSpec, get_sensor
 from .serialization import atomic_write_bytes, load_state_dict_strict, read_verified_safetensors, write_safetensors
+
+if TYPE_CHECKING:
+    from .scenes import SceneResult
 
 __all__ = ["OUTPUTS", "XStars"]
 
@@ -189,6 +193,28 @@ class XStars(XStarsEncoder):
         from .training import adapt
 
         return adapt(self, new_sensor, pairs, **kwargs)
+
+    def embed_scene(
+        self,
+        source: str | Path | np.ndarray,
+        sensor: str,
+        out: str | Path | None = None,
+        tile: int | None = None,
+        overlap: int = 0,
+        output: str = "map",
+        batch_size: int = 16,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> SceneResult:
+        """Embed a whole scene (a GeoTIFF path or a C x H x W array of the sensor's digital
+        numbers) tile by tile with bounded memory, into a georeferenced feature-map GeoTIFF
+        (``output="map"``) or one vector per tile with its footprint (``"cls"``). ``tile`` and
+        ``overlap`` are in pixels at the sensor's GSD. See :func:`xstars_models.scenes.embed_scene`
+        for the GSD check, nodata, resuming and the other options (``resample``, ``max_nodata``,
+        ``progress``, ``resume``, ``amp``, ``compile``); needs the ``geo`` extra (rasterio)."""
+        from .scenes import embed_scene
+
+        return embed_scene(self, source, sensor, out, tile, overlap, output, batch_size, device, **kwargs)
 
     @torch.inference_mode()
     def embed(

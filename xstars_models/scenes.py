@@ -65,7 +65,6 @@ Resuming
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -92,7 +91,7 @@ if TYPE_CHECKING:
 
     from .model import XStars
 
-__all__ = ["SCENE_OUTPUTS", "SceneResult", "add_cli_arguments", "default_tile", "embed_scene", "run_cli"]
+__all__ = ["SCENE_OUTPUTS", "SceneResult", "default_tile", "embed_scene"]
 
 SCENE_OUTPUTS = ("map", "cls")
 
@@ -984,47 +983,3 @@ def _run_strips(
         bar.close()
         model.train(was_training)
     return embedded
-
-
-# --------------------------------------------------------------------------------------------
-# Command line (wired into ``xstars embed-scene`` by cli.py).
-
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``embed-scene`` arguments to ``parser``; :func:`run_cli` takes the result."""
-    parser.add_argument("model", help="registry id, Hub repo (org/name[@rev]) or folder")
-    parser.add_argument("source", help="GeoTIFF of the scene, bands in the sensor's order")
-    parser.add_argument("--sensor", required=True, help="the model's sensor name for this imagery")
-    parser.add_argument("--out", help="output .tif (map) or .npz (cls); default beside the source")
-    parser.add_argument("--output", default="map", choices=SCENE_OUTPUTS)
-    parser.add_argument("--tile", type=int, help="tile side in pixels (multiple of the patch size)")
-    parser.add_argument("--overlap", type=int, default=0, help="tile overlap in pixels")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", help="cpu, cuda, cuda:1... (default cpu)")
-    parser.add_argument("--resample", action="store_true", help="resample windows to the sensor's GSD")
-    parser.add_argument("--max-nodata", type=float, default=0.5, help="skip tiles with more nodata (0-1)")
-    parser.add_argument("--restart", action="store_true", help="discard a partial run instead of resuming it")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bfloat16 autocast (default: on for CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--offline", action="store_true", help="use only the local cache")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Load ``args.model`` and embed ``args.source`` as :func:`add_cli_arguments` described."""
-    from .model import XStars
-
-    model = XStars.from_pretrained(args.model, local_files_only=args.offline)
-    result = embed_scene(
-        model, args.source, args.sensor, out=args.out, tile=args.tile, overlap=args.overlap,
-        output=args.output, batch_size=args.batch_size, device=args.device, resample=args.resample,
-        max_nodata=args.max_nodata, progress=not args.no_progress, resume=not args.restart,
-        amp=args.amp, compile=args.compile,
-    )
-    print(
-        f"{args.source}: {result.tiles} tiles ({result.embedded} embedded now, {result.resumed} "
-        f"resumed, {result.skipped} skipped for nodata) in {result.seconds:.1f} s -> {result.path}"
-        + (f" and {result.footprints}" if result.footprints else "")
-    )
-    return 0

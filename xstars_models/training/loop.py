@@ -8,6 +8,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from ..distributed import is_distributed, rank, world_size
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .schedules import cosine, warmup_cosine
+from .schedules import cosine, ema_initial_weight, warmup_cosine
 
 __all__ = ["StepBatchSampler", "train_loop"]
 
@@ -98,6 +99,19 @@ def _ema(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
             t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
 
 
+def _warn_if_teacher_lags(config: TrainConfig, has_teacher: bool) -> None:
+    """The recipes return the EMA teacher, which DINO's momentum (0.996 -> 1, tuned for
+    hundreds of epochs) keeps close to its initial weights in a short run."""
+    kept = ema_initial_weight(config.steps, config.teacher_momentum)
+    if has_teacher and kept > 0.5:
+        warnings.warn(
+            f"teacher_momentum={config.teacher_momentum} over {config.steps} steps: the returned EMA teacher "
+            f"keeps {kept:.0%} of its initial weights. For a short run lower teacher_momentum "
+            "(e.g. 0.9 for a few hundred steps) or train for more steps.",
+            stacklevel=3,
+        )
+
+
 def train_loop(
     modules: nn.ModuleDict,
     ema_pairs: list[tuple[nn.Module, nn.Module]],
@@ -131,6 +145,7 @@ def train_loop(
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _warn_if_teacher_lags(config, bool(ema_pairs))
     optimizer = torch.optim.AdamW(_param_groups(modules, config.weight_decay), lr=config.lr)
     start = 0
     checkpoint = load_checkpoint(run_dir)

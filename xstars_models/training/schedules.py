@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["cosine", "warmup_cosine"]
+__all__ = ["cosine", "ema_initial_weight", "warmup_cosine"]
 
 
 def cosine(step: int, total: int, start: float, end: float) -> float:
@@ -18,3 +18,9 @@ def warmup_cosine(step: int, total: int, peak: float, end: float, warmup: int) -
     if step < warmup:
         return peak * (step + 1) / warmup
     return cosine(step - warmup, total - warmup, peak, end)
+
+
+def ema_initial_weight(total: int, start: float) -> float:
+    """Weight the EMA teacher still gives its initial parameters after ``total`` steps whose
+    momentum goes from ``start`` to 1 by :func:`cosine`: the product of the momenta."""
+    return math.prod(cosine(step, total, start, 1.0) for step in range(total))

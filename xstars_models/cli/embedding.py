@@ -1,0 +1,124 @@
+"""``xstars embed`` (image files to arrays) and ``xstars embed-scene`` (a whole GeoTIFF to a
+georeferenced feature map or per-tile vectors)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCENE_EPILOG = """\
+The scene is read window by window (memory does not grow with its size); its GSD (metres, from the
+file's transform) is checked against the sensor's: within 1% it is used as is, within 10% with a
+warning, beyond that an error unless --resample. An interrupted run resumes where it stopped.
+
+example:
+  xstars embed-scene xstars-s2-aerial --sensor sentinel2_rgb scene.tif --out scene.map.tif --overlap 16
+"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("embed", help="embed image files (GeoTIFF, PNG, JPEG, .npy) into .npy/.npz")
+    p.add_argument("model", help="registry id, Hub repo (org/name[@rev]) or folder")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--sensor", required=True, help="the model's sensor name for these images")
+    p.add_argument("--out", required=True, help="output .npz (one array per file) or .npy (one file)")
+    p.add_argument("--output", default="cls", choices=("cls", "mean", "patch", "map"))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--offline", action="store_true", help="use only the local cache")
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser(
+        "embed-scene",
+        help="embed a whole GeoTIFF scene tile by tile into a georeferenced feature map (.tif) or per-tile vectors (.npz + .geojson)",
+        epilog=SCENE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="registry id, Hub repo (org/name[@rev]) or folder")
+    p.add_argument("source", help="GeoTIFF of the scene, bands in the sensor's order")
+    p.add_argument("--sensor", required=True, help="the model's sensor name for this imagery")
+    p.add_argument("--out", help="output .tif (map) or .npz (cls); default beside the source")
+    p.add_argument("--output", default="map", choices=("map", "cls"))
+    p.add_argument("--tile", type=int, help="tile side in pixels (multiple of the patch size)")
+    p.add_argument("--overlap", type=int, default=0, help="tile overlap in pixels (multiple of the patch size)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", help="cpu, cuda, cuda:1... (default cpu)")
+    p.add_argument("--resample", action="store_true", help="resample windows to the sensor's GSD")
+    p.add_argument("--max-nodata", type=float, default=0.5, help="skip tiles with a larger nodata fraction (0-1)")
+    p.add_argument("--restart", action="store_true", help="discard a partial run instead of resuming it")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast (default: on for CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--offline", action="store_true", help="use only the local cache")
+    p.set_defaults(func=_embed_scene)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as an array: C x H x W for GeoTIFF/JP2, H x W x C for PNG/JPEG, as stored
+    for .npy."""
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path)
+    if suffix in (".tif", ".tiff", ".jp2"):
+        try:
+            import rasterio
+        except ImportError:
+            raise ValueError(f"{path}: reading GeoTIFF needs rasterio: pip install 'xstars-models[geo]'") from None
+        with rasterio.open(path) as src:
+            return src.read()
+    if suffix in (".png", ".jpg", ".jpeg"):
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return np.asarray(image)
+    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .tif, .png, .jpg or .npy")
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from ..model import XStars
+    from ..serialization import atomic_write_bytes
+
+    model = XStars.from_pretrained(args.model, local_files_only=args.offline)
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".npz"):
+        raise ValueError(f"--out {out}: use a .npy or .npz file name")
+    if out.suffix == ".npy" and len(args.files) != 1:
+        raise ValueError(f"--out {out}: .npy holds one array; use .npz for {len(args.files)} files")
+    results = {}
+    for file in tqdm(args.files, desc="embed", unit="file", disable=len(args.files) < 2):
+        image = read_image(Path(file))
+        emb = model.embed(image, sensor=args.sensor, output=args.output, batch_size=args.batch_size, progress=False)
+        results[Path(file).stem] = emb[0].numpy()
+        print(f"{file}: {args.output} {tuple(emb.shape[1:])}")
+    buffer = io.BytesIO()
+    if out.suffix == ".npy":
+        np.save(buffer, next(iter(results.values())))
+    else:
+        np.savez(buffer, **results)
+    atomic_write_bytes(out, buffer.getvalue())
+    print(f"wrote {out}")
+    return 0
+
+
+def _embed_scene(args: argparse.Namespace) -> int:
+    from ..model import XStars
+
+    model = XStars.from_pretrained(args.model, local_files_only=args.offline)
+    result = model.embed_scene(
+        args.source, sensor=args.sensor, out=args.out, tile=args.tile, overlap=args.overlap,
+        output=args.output, batch_size=args.batch_size, device=args.device, resample=args.resample,
+        max_nodata=args.max_nodata, progress=not args.no_progress, resume=not args.restart,
+        amp=args.amp, compile=args.compile,
+    )
+    print(
+        f"{args.source}: {result.tiles} tiles ({result.embedded} embedded now, {result.resumed} "
+        f"resumed, {result.skipped} skipped for nodata) in {result.seconds:.1f} s -> {result.path}"
+        + (f" and {result.footprints}" if result.footprints else "")
+    )
+    return 0

@@ -8,6 +8,7 @@
 from .config import XStarsConfig
 from .encoder import StemConfig, XStarsEncoder
 from .errors import (
+    CheckpointFormatError,
     ChecksumError,
     ManifestError,
     ModelNotFoundError,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Band",
+    "CheckpointFormatError",
     "ChecksumError",
     "ManifestError",
     "ModelEntry",

@@ -4,12 +4,18 @@ what to do about it."""
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointFormatError",
     "ChecksumError",
     "ManifestError",
     "ModelNotFoundError",
     "OfflineFilesMissingError",
     "StateDictMismatchError",
 ]
+
+
+class CheckpointFormatError(ValueError):
+    """A file is not an official X-STARS training checkpoint, is unreadable, or holds Python
+    objects that safe (``weights_only``) loading refuses."""
 
 
 class ChecksumError(RuntimeError):

@@ -55,5 +55,116 @@ rows, cols = (best // 32).tolist(), (best % 32).tolist()
 print("10 nearest tokens (row, col):", list(zip(rows, cols)))
 assert scores[best[0]] >= scores.median()"""),
 ]
-nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-nbf.write(nb, str(Path(__file__).resolve().parents[1] / "notebooks" / "01_embeddings.ipynb"))
+KERNEL = {"name": "python3", "display_name": "Python 3", "language": "python"}
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def write(nb: nbf.NotebookNode, name: str) -> None:
+    """Stable cell ids, so regenerating an unchanged notebook changes no byte."""
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i:02d}"
+    nb.metadata["kernelspec"] = KERNEL
+    nbf.write(nb, str(NOTEBOOKS / name))
+
+
+write(nb, "01_embeddings.ipynb")
+
+nb = nbf.v4.new_notebook()
+nb.cells = [
+md("""# Adapting `xstars-s2-aerial` to a new sensor: Landsat-8
+
+Continual pretraining (X-STARS, MSAD): a frozen copy of the model encodes Sentinel-2, a new input
+stem learns to put Landsat-8 tokens of the same place where the frozen Sentinel-2 tokens are.
+The pairs are real and co-registered: Sentinel-2 10 m and Landsat-8 30 m over Baviaanskloof, South
+Africa (the `homonim` rasters, see their NOTICE.md; set `HOMONIM_DIR` if they are elsewhere). The
+southern 75% of the area trains, the northern 25% is held out for retrieval.
+
+Tokens must cover the same ground for both sensors (80 m: 8 px of Sentinel-2). 80 m is not a whole
+number of 30 m pixels, so Landsat-8 is read resampled to 20 m and gets 4 px tokens. `STEPS` is small
+so that the notebook runs in about a minute on a laptop CPU; raise it for a real run."""),
+code("""import json
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from IPython.display import display
+from PIL import Image
+
+from xstars_models import XStars, get_sensor
+from xstars_models.data import GeoPairDataset, RasterSource
+from xstars_models.evaluation import cross_sensor_retrieval
+from xstars_models.training import TrainConfig
+from xstars_models.visualize import stretch_rgb
+
+HOMONIM = Path(os.environ.get("HOMONIM_DIR", "../../shared/data/homonim"))
+STEPS = int(os.environ.get("XSTARS_NOTEBOOK_STEPS", "60"))
+torch.manual_seed(0)
+
+base = XStars.from_pretrained("xstars-s2-aerial")
+landsat = get_sensor("landsat8_rgb").with_gsd(20.0, name="landsat8")"""),
+md("## Real pairs: 640 m footprints cut from both rasters by ground coordinates"),
+code("""def pairs(split: str) -> GeoPairDataset:
+    sources = {
+        "sentinel2_rgb": RasterSource(HOMONIM / "reference/sentinel2_b432_byte.tif", bands=(1, 2, 3), size_px=64),
+        "landsat8": RasterSource(HOMONIM / "reference/landsat8_byte.tif", bands=(4, 3, 2), size_px=32),
+    }
+    stride = 320 if split == "train" else 640  # overlapping windows for training only
+    return GeoPairDataset(sources, footprint_m=640, stride_m=stride, split=split, val_fraction=0.25, split_axis="y")
+
+train, held_out = pairs("train"), pairs("val")
+print(f"{len(train)} training pairs, {len(held_out)} held-out pairs")
+item = held_out[0]["images"]
+s2 = stretch_rgb(item["sentinel2_rgb"].permute(1, 2, 0).numpy())
+l8 = stretch_rgb(item["landsat8"].permute(1, 2, 0).numpy())
+display(Image.fromarray(np.concatenate([s2, np.asarray(Image.fromarray(l8).resize((64, 64), Image.NEAREST))], axis=1)).resize((256, 128), Image.NEAREST))"""),
+md("""## Before: the new stem initialised from the nearest-wavelength Sentinel-2 kernels, no training
+
+Recall@k: for each held-out Landsat-8 footprint, is the Sentinel-2 footprint of the same place among
+its k nearest neighbours (token-by-token features), and back."""),
+code("""before = XStars.from_pretrained("xstars-s2-aerial")
+before.add_sensor(landsat, init_from="sentinel2_rgb")
+recall_before = cross_sensor_retrieval(before, held_out, "landsat8", "sentinel2_rgb")
+recall_before"""),
+md("""## Continual pretraining: DINO on Landsat-8 views + MSAD against the frozen Sentinel-2 model
+
+Stem mode trains only the new stem (and the loss heads); the trunk stays the base model's. A short
+run needs a low teacher momentum, as the result is the EMA teacher."""),
+code("""run = Path(tempfile.mkdtemp(prefix="xstars-adapt-"))
+config = TrainConfig(
+    steps=STEPS, batch_size=16, lr=2e-3, warmup_steps=max(STEPS // 10, 1), alpha=1.0, teacher_momentum=0.8,
+    dino_out_dim=1024, local_crops=2, checkpoint_every=max(STEPS // 2, 1),
+)
+adapted = base.adapt(landsat, train, mode="stem", config=config, out_dir=run, progress=False,
+                     data_description="homonim Sentinel-2 10 m <-> Landsat-8 30 m (read at 20 m), 640 m pairs, training area")
+metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+fig, ax = plt.subplots(figsize=(6, 3))
+for key in ("loss", "msad", "dino"):
+    ax.plot([m["step"] for m in metrics], [m[key] for m in metrics], label=key)
+ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.legend(); plt.show()"""),
+md("## After"),
+code("""recall_after = cross_sensor_retrieval(adapted, held_out, "landsat8", "sentinel2_rgb")
+print("           " + "  ".join(f"{k:>10}" for k in recall_before))
+print("before     " + "  ".join(f"{v:10.3f}" for v in recall_before.values()))
+print("after      " + "  ".join(f"{v:10.3f}" for v in recall_after.values()))"""),
+md("""## Share it, and load it back
+
+With `HF_ENDPOINT` set (a Hub server: the test suite runs a local one) the model is pushed as one
+commit with a generated model card; otherwise it is saved to a folder. Either way it is reloaded
+and gives the same embeddings."""),
+code("""if os.environ.get("HF_ENDPOINT"):
+    commit = adapted.push_to_hub("demo/xstars-s2-landsat8", commit_message="Adapted to Landsat-8 (notebook 02)")
+    reloaded = XStars.from_pretrained(f"demo/xstars-s2-landsat8@{commit}")
+    print(f"pushed demo/xstars-s2-landsat8@{commit}")
+else:
+    folder = adapted.save_pretrained("xstars-s2-landsat8")
+    reloaded = XStars.from_pretrained(folder)
+    print(f"saved {folder}")
+images = torch.stack([held_out[i]["images"]["landsat8"] for i in range(4)])
+assert torch.equal(reloaded.embed(images, "landsat8", output="map", progress=False),
+                   adapted.embed(images, "landsat8", output="map", progress=False))
+print(reloaded.lineage)"""),
+]
+write(nb, "02_adapt_new_sensor.ipynb")

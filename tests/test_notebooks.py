@@ -8,18 +8,26 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from factories import HOMONIM
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS][:1] == ["01_embeddings.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_embeddings.ipynb", "02_adapt_new_sensor.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_and_is_stored_stripped(path, tmp_path):
+def test_notebook_runs_and_is_stored_stripped(path, tmp_path, monkeypatch, hub_server, hf_cache):
+    # The kernel inherits the environment: the real data, a short training run, the loopback Hub.
+    monkeypatch.setenv("HOMONIM_DIR", str(HOMONIM))
+    monkeypatch.setenv("XSTARS_NOTEBOOK_STEPS", "6")
     notebook = nbformat.read(path, as_version=4)
     assert all(not cell.get("outputs") and not cell.get("execution_count") for cell in notebook.cells if cell.cell_type == "code")
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any(o.output_type == "display_data" and "image/png" in o.data for o in outputs)
+    if path.name.startswith("02"):
+        commit = hub_server.head("demo/xstars-s2-landsat8")
+        assert commit is not None and any(f"pushed demo/xstars-s2-landsat8@{commit}" in o.get("text", "") for o in outputs)

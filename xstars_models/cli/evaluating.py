@@ -46,7 +46,11 @@ def register(sub: Any) -> None:
     r.add_argument("--split", default="val", choices=("val", "train", "all"), help="which part of the area (default val)")
     r.add_argument("--val-fraction", type=float, default=0.2)
     r.add_argument("--split-axis", choices=("x", "y"), default="y")
-    r.add_argument("--features", nargs="+", default=["patch", "mean"], choices=("patch", "mean", "cls"))
+    p.add_argument("--features", nargs="+", choices=("patch", "mean", "cls"),
+                   help="features compared (default: patch mean for retrieval, cls mean for landcover)")
+    lc = p.add_argument_group("landcover")
+    lc.add_argument("--chips", help="an .npz of labelled chips in the bundled file's format (default: the bundled chips)")
+    lc.add_argument("--sensor", default="sentinel2_rgb", help="the model's sensor of the chips (default sentinel2_rgb)")
     p.set_defaults(func=_eval)
 
 
@@ -77,17 +81,19 @@ def _retrieval(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     }
     pairs, description = raster_pairs(inputs, footprint, args.stride_m, args.split, args.val_fraction, args.split_axis)
     print(description)
-    table = retrieval_table(model, pairs, args.sensor_a, args.sensor_b, features=args.features, seed=args.seed)
+    features = args.features or ("patch", "mean")
+    table = retrieval_table(model, pairs, args.sensor_a, args.sensor_b, features=features, seed=args.seed)
     rows = [{"": name, **values} for name, values in table["rows"].items()]
     print_table(rows, f"a = {args.sensor_a}, b = {args.sensor_b}, {table['pairs']} pairs")
     return {**table, "data": description}
 
 
 def _landcover(model: Any, args: argparse.Namespace) -> dict[str, Any]:
-    from ..evaluation import landcover_table
+    from ..evaluation import landcover_table, load_landcover_chips
 
-    rows = landcover_table(model, seed=args.seed)
-    print_table(rows, "land cover, bundled Sentinel-2 chips, spatial split")
+    chips = load_landcover_chips(args.chips)
+    rows = landcover_table(model, chips, sensor=args.sensor, features=args.features or ("cls", "mean"), seed=args.seed)
+    print_table(rows, f"land cover, {args.chips or 'bundled Sentinel-2 chips'}: {len(chips.chips)} chips, spatial split")
     return {"rows": rows}
 
 

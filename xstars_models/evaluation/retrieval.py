@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .model import XStars
+from ..model import XStars
 
 __all__ = ["cross_sensor_retrieval", "recall_at_k", "retrieval_table"]
 

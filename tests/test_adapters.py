@@ -153,8 +153,8 @@ def test_load_lora_state_dict_is_strict():
     broken["blocks.9.attn.qkv.lora_A"] = tensors["blocks.0.attn.qkv.lora_A"]
     with pytest.raises(StateDictMismatchError) as err:
         load_lora_state_dict(target.trunk, broken)
-    assert "missing (1): blocks.1.attn.proj.lora_B" in str(err.value)
-    assert "unexpected (1): blocks.9.attn.qkv.lora_A" in str(err.value)
+    assert "missing (1):\n    blocks.1.attn.proj.lora_B" in str(err.value)
+    assert "unexpected (1):\n    blocks.9.attn.qkv.lora_A" in str(err.value)
     with pytest.raises(StateDictMismatchError, match="no LoRA layers"):
         load_lora_state_dict(tiny_model(extra_sensors=()).trunk, tensors)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import StateDictMismatchError
+from .serialization import state_dict_mismatch
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -201,18 +202,9 @@ def load_lora_state_dict(trunk: nn.Module, tensors: Mapping[str, torch.Tensor]) 
         StateDictMismatchError: listing missing, unexpected and mis-shaped keys; nothing is copied.
     """
     expected = lora_state_dict(trunk)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mis_shaped = sorted(
-        f"{key}: given {tuple(tensors[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in set(expected) & set(tensors)
-        if tensors[key].shape != expected[key].shape
-    )
-    if missing or unexpected or mis_shaped:
-        lines = ["LoRA tensors do not match the trunk's LoRA layers:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mis_shaped)):
-            if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+    report = state_dict_mismatch(expected, tensors, "given")
+    if report:
+        lines = ["LoRA tensors do not match the trunk's LoRA layers:", *report]
         if not expected:
             lines.append("The trunk has no LoRA layers: call apply_lora() with the same rank and targets first.")
         raise StateDictMismatchError("\n".join(lines))

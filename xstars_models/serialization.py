@@ -95,24 +95,33 @@ def read_verified_safetensors(
     return {k: v.to(map_location) for k, v in tensors.items()}
 
 
+def state_dict_mismatch(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], given_label: str = "file"
+) -> list[str]:
+    """Report lines listing the keys of ``given`` missing from, unexpected by, or shaped unlike
+    ``expected`` (at most 20 of each); empty when the two match."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    mis_shaped = sorted(
+        f"{key}: {given_label} {tuple(given[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in set(expected) & set(given)
+        if given[key].shape != expected[key].shape
+    )
+    lines = []
+    for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mis_shaped)):
+        if keys:
+            shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
+            lines.append(f"  {title} ({len(keys)}):")
+            lines.extend(f"    {k}" for k in shown)
+    return lines
+
+
 def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
     """``module.load_state_dict(state_dict, strict=True)`` with a readable error listing missing,
     unexpected and mis-shaped keys before anything is copied."""
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mis_shaped = sorted(
-        f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in set(expected) & set(state_dict)
-        if state_dict[key].shape != expected[key].shape
-    )
-    if missing or unexpected or mis_shaped:
-        lines = [f"Weights of {what} do not match the architecture:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mis_shaped)):
-            if keys:
-                shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
-                lines.append(f"  {title} ({len(keys)}):")
-                lines.extend(f"    {k}" for k in shown)
+    report = state_dict_mismatch(module.state_dict(), state_dict)
+    if report:
+        lines = [f"Weights of {what} do not match the architecture:", *report]
         lines.append("Check that config.json's arch and arch_kwargs match the weights.")
         raise StateDictMismatchError("\n".join(lines))
     module.load_state_dict(state_dict, strict=True)

@@ -28,10 +28,6 @@ examples:
       --new-folder SPOT --old-folder Sentinel --mode lora --config train.json --out ./xstars-s2-spot
 """
 
-# TrainConfig fields set only from a --config file: tuples do not map onto one flag.
-_CONFIG_FILE_ONLY = ("global_scale", "local_scale")
-
-
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "adapt",
@@ -76,7 +72,7 @@ def _add_train_config_flags(group: argparse._ArgumentGroup) -> None:
     from ..training import TrainConfig
 
     for field in dataclasses.fields(TrainConfig):
-        if field.name in _CONFIG_FILE_ONLY:
+        if isinstance(field.default, tuple):  # ranges like global_scale: set in --config only
             continue
         flag = "--" + field.name.replace("_", "-")
         if field.default is None or isinstance(field.default, bool):

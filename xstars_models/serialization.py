@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Mapping
 
@@ -39,20 +39,41 @@ def file_record(path: str | Path) -> FileRecord:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> FileRecord:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place, so readers see
-    the old file or the whole new one, never a partial one."""
+    the old file or the whole new one, never a partial one.
+
+    The file gets the permissions a plain ``open(path, "wb")`` would give it (0o666 less the
+    umask). A failed write (a full disk, a file size limit) removes the temporary file, leaves
+    ``path`` as it was and raises an ``OSError`` that names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp, fd = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        # The OS error names the temporary file, or nothing (ENOSPC), not the file the caller asked for.
+        message = f"{path}: {err.strerror or err}; nothing was written (a previous version, if any, is unchanged)"
+        raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return FileRecord(sha256_bytes(data), len(data))
+
+
+def _create_beside(path: Path) -> tuple[Path, int]:
+    """A new, empty ``.NAME.<random>.tmp`` beside ``path`` and its open descriptor. Created with
+    mode 0o666 so the kernel applies the umask (``tempfile.mkstemp`` forces 0o600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return tmp, os.open(tmp, flags, 0o666)
+        except FileExistsError:  # 48 random bits: a clash is a leftover of a killed writer at most
+            continue
 
 
 def write_safetensors(

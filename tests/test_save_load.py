@@ -183,3 +183,29 @@ def test_trunk_weights_load_in_plain_timm(saved):
     with torch.inference_mode():
         expected = plain.forward_features(normed)[:, 0]
     assert torch.allclose(model.embed(x, "sentinel2_rgb"), expected, atol=1e-5)
+
+
+def test_saved_folder_loads_in_timm_local_dir_with_no_arguments(saved):
+    model, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["architecture"], config["num_classes"]) == ("vit_tiny_patch16_224", 0)
+    assert config["model_args"]["in_chans"] == 3 and config["pretrained_cfg"]["input_size"] == [3, 64, 64]
+    trunk = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    assert trunk.num_classes == 0
+    x = rgb_images(2, 64)
+    spec = model.sensors["sentinel2_rgb"].spec
+    normed = (torch.from_numpy(x).permute(0, 3, 1, 2).float() * spec.scale - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        assert torch.allclose(trunk.forward_features(normed)[:, 0], model.embed(x, "sentinel2_rgb"), atol=1e-5)
+
+
+def test_config_without_timm_keys_still_loads(saved):
+    # Models saved before config.json carried timm's keys.
+    model, folder = saved
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    for key in ("architecture", "num_classes", "model_args", "pretrained_cfg"):
+        del config[key]
+    path.write_text(json.dumps(config))
+    x = rgb_images(1, 64)
+    assert torch.equal(XStars.from_pretrained(folder).embed(x, "aerial"), model.embed(x, "aerial"))

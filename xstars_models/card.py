@@ -11,7 +11,17 @@ from .config import XStarsConfig
 
 __all__ = ["CITATION", "model_card"]
 
-CITATION = """@article{marsocci2024xstars,
+CITATION = """@article{marsocci2025xstars,
+  title   = {Cross-sensor self-supervised training and alignment for remote sensing},
+  author  = {Marsocci, Valerio and Audebert, Nicolas},
+  journal = {IEEE Journal of Selected Topics in Applied Earth Observations and Remote Sensing},
+  volume  = {18},
+  pages   = {12278--12289},
+  year    = {2025},
+  doi     = {10.1109/JSTARS.2025.3566457}
+}
+
+@article{marsocci2024xstars,
   title   = {Cross-sensor self-supervised training and alignment for remote sensing},
   author  = {Marsocci, Valerio and Audebert, Nicolas},
   journal = {arXiv preprint arXiv:2405.09922},
@@ -75,15 +85,33 @@ def model_card(
         "from xstars_models import XStars\n"
         f'model = XStars.from_pretrained("{repo_id}")\n'
         f'features = model.embed(images, sensor="{primary}", output="map")  # B x D x h x w\n'
-        "```\n\nPlain timm (trunk only; normalise inputs with the sensor's mean/std yourself):\n\n```python\n"
-        "import timm\n"
-        f'trunk = timm.create_model("{config.arch}", pretrained=True, num_classes=0, dynamic_img_size=True,\n'
-        f'    pretrained_cfg_overlay=dict(file="model.safetensors"), **{json.dumps(config.arch_kwargs)})\n'
-        "```",
+        "```\n\n" + _timm_usage(config, repo_id),
         *([notes] if notes else []),
         "## Citation\n\n```bibtex\n" + CITATION + "\n```",
     ]
     return "\n\n".join(sections) + "\n"
+
+
+def _timm_usage(config: XStarsConfig, repo_id: str) -> str:
+    """The plain-timm snippet: ``config.json`` carries timm's keys, so ``hf-hub:`` needs no
+    arguments; what timm cannot know is how the sensor's digital numbers become its inputs."""
+    primary = config.primary_sensor
+    spec = config.sensors[primary].spec
+    c = spec.num_bands
+    return (
+        f"Plain timm (the trunk with the `{primary}` stem, {c} input bands, no classifier):\n\n```python\n"
+        "import timm, torch\n"
+        f'trunk = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()\n'
+        f"# dn: {c} x H x W digital numbers of `{primary}` ({spec.dtype}); inputs are\n"
+        "# (dn * scale + offset - mean) / std with mean/std from the trunk's pretrained_cfg\n"
+        f"scale, offset = {spec.scale!r}, {spec.offset!r}\n"
+        "mean = torch.tensor(trunk.pretrained_cfg[\"mean\"]).view(-1, 1, 1)\n"
+        "std = torch.tensor(trunk.pretrained_cfg[\"std\"]).view(-1, 1, 1)\n"
+        "x = (torch.as_tensor(dn, dtype=torch.float32) * scale + offset - mean) / std\n"
+        "tokens = trunk.forward_features(x[None])  # 1 x (1 + h*w) x D, CLS first\n"
+        "```\n\n"
+        "A downloaded folder loads the same way with `timm.create_model(\"local-dir:<folder>\", pretrained=True)`."
+    )
 
 
 def _json_block(data: dict[str, Any]) -> str:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
+
 from .encoder import StemConfig
 from .sensors import SensorSpec
 
@@ -88,6 +90,38 @@ class XStarsConfig:
             "lineage": self.lineage,
             "training": self.training,
             "metrics": self.metrics,
+            **self.timm_keys(),
+        }
+
+    def timm_keys(self) -> dict[str, Any]:
+        """The keys ``timm.create_model("hf-hub:org/name" or "local-dir:folder", pretrained=True)``
+        reads: the trunk without classifier, built for the primary sensor's bands, and its input
+        statistics (mean/std of ``value * scale + offset``). They are derived from the fields
+        above on every save and ignored when reading."""
+        spec = self.sensors[self.primary_sensor].spec
+        size = self.arch_kwargs.get("img_size")
+        if size is None:
+            default = timm.models.get_pretrained_cfg(self.arch)
+            size = tuple(default.input_size[1:]) if default is not None else 224
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return {
+            "architecture": self.arch,
+            "num_classes": 0,
+            "model_args": {**self.arch_kwargs, "in_chans": spec.num_bands, "dynamic_img_size": True},
+            "pretrained_cfg": {
+                "input_size": [spec.num_bands, height, width],
+                "fixed_input_size": False,
+                "interpolation": "bicubic",
+                "crop_pct": 1.0,
+                "crop_mode": "center",
+                "mean": list(spec.mean),
+                "std": list(spec.std),
+                "num_classes": 0,
+                "first_conv": "patch_embed.proj",
+                "classifier": "head",
+                "custom_load": False,
+                "paper_ids": ["arXiv:2405.09922", "doi:10.1109/JSTARS.2025.3566457"],
+            },
         }
 
     def to_json(self) -> str:

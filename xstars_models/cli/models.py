@@ -15,10 +15,13 @@ def register(sub: Any) -> None:
     p = sub.add_parser("info", help="architecture, sensors (bands, wavelengths, GSD), lineage, metrics")
     p.add_argument("model", help="registry id, Hub repo (org/name[@rev]) or folder")
     p.add_argument("--offline", action="store_true", help="use only the local cache")
+    p.add_argument("--json", action="store_true", help="print everything as one JSON object instead")
     p.set_defaults(func=_info)
     p = sub.add_parser("download", help="download and verify a model into the Hub cache")
     p.add_argument("model")
     p.add_argument("--to", help="also save a copy into this folder")
+    p.add_argument("--force-download", action="store_true",
+                   help="download every file again, replacing the cached copies (repairs a corrupted cache)")
     p.set_defaults(func=_download)
     p = sub.add_parser("verify", help="check every file's sha256 against the manifest or config (offline)")
     p.add_argument("model", help="registry id, Hub repo or folder")
@@ -40,8 +43,18 @@ def _list(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from ..model import XStars
+    from .tables import render_metrics
 
     model = XStars.from_pretrained(args.model, local_files_only=args.offline)
+    if args.json:
+        info = {
+            "model": args.model, "revision": model.revision, "arch": model.arch, "arch_kwargs": model.arch_kwargs,
+            "embed_dim": model.embed_dim, "depth": model.depth,
+            "sensors": {name: {"patch_size": s.patch_size, "spec": s.spec.to_dict()} for name, s in model.sensors.items()},
+            "lineage": model.lineage, "metrics": model.metrics,
+        }
+        print(json.dumps(info, indent=2))
+        return 0
     print(f"model: {args.model}  arch: {model.arch} {model.arch_kwargs}  revision: {model.revision}")
     print(f"embedding dim: {model.embed_dim}  depth: {model.depth}")
     for name, stem in model.sensors.items():
@@ -54,14 +67,14 @@ def _info(args: argparse.Namespace) -> int:
     if model.lineage:
         print(f"lineage: {json.dumps(model.lineage)}")
     if model.metrics:
-        print(f"metrics: {json.dumps(model.metrics)}")
+        print("\n".join(render_metrics(model.metrics)))
     return 0
 
 
 def _download(args: argparse.Namespace) -> int:
     from ..model import XStars
 
-    model = XStars.from_pretrained(args.model)
+    model = XStars.from_pretrained(args.model, force_download=args.force_download)
     print(f"{args.model}: downloaded and verified (revision {model.revision})")
     if args.to:
         model.save_pretrained(args.to)

@@ -4,6 +4,10 @@ The tests drive the unmodified ``huggingface_hub`` client against it (``HF_ENDPO
 speaks the wire protocol the client uses: resolve/HEAD downloads, repo info and tree listings,
 repo creation, preupload, the LFS "basic" transfer and the ndjson commit endpoint
 (see docs/hub-protocol.md in the shared docs). Xet must be disabled on the client side.
+
+Faults can be injected to test how the package copes with a failing Hub: an error status, a
+stall (client timeout), a dropped connection, flipped bytes, or a callback after a request (a push
+landing mid-download); see :class:`Fault`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 # Files the Hub stores in LFS: the default .gitattributes patterns that matter here, plus any
@@ -73,6 +78,33 @@ class Repo:
         return self.branches.get(rev) or (rev if rev in self.commits else None)
 
 
+@dataclass
+class Fault:
+    """A misbehaviour of the server for the requests it matches (``HubServer.inject``).
+
+    Attributes:
+        path: ``fnmatch`` pattern of the request path, e.g. ``"/org/*/resolve/*/model.safetensors"``.
+        method: only requests with this HTTP method; ``None`` for any.
+        status: answer with this HTTP status instead of serving the request.
+        stall_s: wait this many seconds before doing anything (a shorter client timeout gives up).
+        drop: close the connection without sending any answer.
+        flip_byte: serve the file with the byte at this offset inverted (downloads only).
+        after: called once the request has been handled (e.g. to push a commit mid-download).
+        times: how many matching requests it applies to; ``None`` for all of them.
+        hits: how many requests it has applied to so far.
+    """
+
+    path: str
+    method: str | None = None
+    status: int | None = None
+    stall_s: float = 0.0
+    drop: bool = False
+    flip_byte: int | None = None
+    after: Callable[[], object] | None = None
+    times: int | None = None
+    hits: int = 0
+
+
 class HubError(Exception):
     """An error answer: HTTP status, the `X-Error-Code` the client maps to an exception, extra headers."""
 
@@ -93,6 +125,7 @@ class HubServer:
         self._lfs_pending: dict[str, tuple[Repo, str, int]] = {}  # upload id -> (repo, oid, size)
         self._lock = threading.RLock()
         self._log: list[tuple[str, str]] = []
+        self._faults: list[Fault] = []
         self._counter = itertools.count()
         self._httpd: ThreadingHTTPServer | None = None
         self.url = ""
@@ -121,6 +154,25 @@ class HubServer:
     def clear_log(self) -> None:
         with self._lock:
             self._log.clear()
+
+    # ---- fault injection -----------------------------------------------------------------
+    def inject(self, *faults: Fault) -> None:
+        """Apply ``faults`` to the requests they match from now on (the first match wins)."""
+        with self._lock:
+            self._faults.extend(faults)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def _fault_for(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if (fault.method in (None, method) and fnmatch.fnmatchcase(path, fault.path)
+                        and (fault.times is None or fault.hits < fault.times)):
+                    fault.hits += 1
+                    return fault
+        return None
 
     # ---- server-side repo manipulation (no client involved) ------------------------------
     def create_repo(self, repo_id: str, repo_type: str = "model", private: bool = False) -> str:
@@ -209,15 +261,36 @@ class _Handler(BaseHTTPRequestHandler):
         self.token = auth[7:] if auth.startswith("Bearer ") else None
         # Splitting before unquoting keeps quoted revisions such as refs%2Fpr%2F1 in one segment.
         parts = [unquote(p) for p in raw_path.strip("/").split("/")]
+        self.fault = self.hub._fault_for(self.command, raw_path)
         try:
-            with self.hub._lock:
-                self._route(parts)
-        except HubError as e:
-            headers = {"X-Error-Code": e.code} if e.code else {}
-            self._json({"error": str(e)}, e.status, {**headers, **e.headers})
-        except (KeyError, IndexError, TypeError, ValueError) as e:
-            # 400, not 500: the client retries 5xx with backoff, which would only slow a failing test down.
-            self._json({"error": f"Malformed request: {e!r}"}, 400)
+            if self.fault is not None and self._misbehave(self.fault):
+                return
+            try:
+                with self.hub._lock:
+                    self._route(parts)
+            except HubError as e:
+                headers = {"X-Error-Code": e.code} if e.code else {}
+                self._json({"error": str(e)}, e.status, {**headers, **e.headers})
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                # 400, not 500: the client retries 5xx with backoff, which would only slow a failing test down.
+                self._json({"error": f"Malformed request: {e!r}"}, 400)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (a stall outlasted its timeout)
+            self.close_connection = True
+        finally:
+            if self.fault is not None and self.fault.after is not None:
+                self.fault.after()
+
+    def _misbehave(self, fault: Fault) -> bool:
+        """Apply the parts of ``fault`` that replace the answer; True when the request is done."""
+        if fault.stall_s:
+            threading.Event().wait(fault.stall_s)
+        if fault.drop:
+            self.close_connection = True  # the client sees the connection end with no answer
+            return True
+        if fault.status is not None:
+            self._json({"error": f"Injected fault: HTTP {fault.status}"}, fault.status)
+            return True
+        return False
 
     do_HEAD = do_GET = do_POST = do_PUT = do_DELETE = _dispatch
 
@@ -290,6 +363,10 @@ class _Handler(BaseHTTPRequestHandler):
             # Served in place rather than via a 302 to a CDN; the linked headers are what the client keys on.
             headers.update({"X-Linked-Etag": f'"{blob.sha256}"', "X-Linked-Size": str(len(blob.data))})
         data, status = blob.data, 200
+        if self.fault is not None and self.fault.flip_byte is not None:
+            data = bytearray(data)
+            data[self.fault.flip_byte] ^= 0xFF
+            data = bytes(data)
         if (rng := self.headers.get("Range", "")).startswith("bytes="):  # resumed downloads
             start = int(rng[6:].split("-")[0] or 0)
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointFormatError",
     "ChecksumError",
+    "HubServerError",
     "ManifestError",
     "ModelNotFoundError",
     "OfflineFilesMissingError",
@@ -20,6 +21,11 @@ class CheckpointFormatError(ValueError):
 
 class ChecksumError(RuntimeError):
     """A file's sha256 or size differs from the one recorded in the manifest or config."""
+
+
+class HubServerError(ConnectionError):
+    """The Hub (``HF_ENDPOINT``) failed to serve a request: an HTTP error status after the client's
+    retries, a timeout or a dropped connection. Says which file and what the server did."""
 
 
 class ManifestError(ValueError):

@@ -11,16 +11,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    FileMetadataError,
+    HfHubHTTPError,
     LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 
+try:  # the HTTP library huggingface_hub is built on: httpx2 from 2.0, httpx before
+    import httpx2 as _http
+except ImportError:  # pragma: no cover - huggingface_hub 1.x
+    import httpx as _http
+
 from .config import CONFIG_NAME, FileRecord, XStarsConfig
-from .errors import ChecksumError, ManifestError, ModelNotFoundError, OfflineFilesMissingError
+from .errors import ChecksumError, HubServerError, ManifestError, ModelNotFoundError, OfflineFilesMissingError
 from .manifest import ModelEntry, get_model_entry, is_registered
 from .serialization import read_verified
 
@@ -40,6 +48,8 @@ class ResolvedModel:
         records: sha256/size each weight file must have.
         source: how the model was named (``registry:ID``, ``hub:REPO``, ``local:PATH``).
         revision: the Hub commit the files come from, when they come from the Hub.
+        repair: what to do when a file fails its sha256 check, for this kind of source (pass
+            it to :func:`~.serialization.read_verified`).
     """
 
     config: XStarsConfig
@@ -47,6 +57,18 @@ class ResolvedModel:
     records: Mapping[str, FileRecord]
     source: str
     revision: str | None = None
+    repair: str | None = None
+
+
+def _hub_repair(name: str) -> str:
+    # The cache path is a link to a blob named after the *expected* hash: deleting the link and
+    # downloading again re-links the same bad blob. Only a forced download replaces the blob.
+    return (
+        f"Download it again, replacing the cached copy: `xstars download {name} --force-download` or "
+        f"XStars.from_pretrained({name!r}, force_download=True) (deleting the cached path is not enough: "
+        "it links to the same stored blob). If that fails the same way, the file on the Hub itself "
+        "differs from the recorded sha256."
+    )
 
 
 def _parse_config_bytes(data: bytes, where: str) -> XStarsConfig:
@@ -65,15 +87,17 @@ def _from_folder(folder: Path) -> ResolvedModel:
     missing = [name for name, path in paths.items() if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"{folder}: config.json lists weight files {missing} that are not in the folder.")
-    return ResolvedModel(config, paths, {n: config.files[n] for n in paths}, f"local:{folder}")
+    repair = f"Replace it with a good copy: save or download the model into {folder} again."
+    return ResolvedModel(config, paths, {n: config.files[n] for n in paths}, f"local:{folder}", repair=repair)
 
 
 class _HubFiles:
     """Downloads files of one repo at one revision, collecting those missing from an offline cache
-    so the error can name all of them at once."""
+    so the error can name all of them at once. A failing server stops at the first file."""
 
     def __init__(self, repo_id: str, revision: str | None, cache_dir, local_files_only: bool, token, force_download: bool):
         self.repo_id, self.revision = repo_id, revision
+        self.local_files_only = local_files_only
         self.kwargs = dict(
             cache_dir=cache_dir, local_files_only=local_files_only, token=token, force_download=force_download,
             library_name="xstars-models",
@@ -83,9 +107,14 @@ class _HubFiles:
     def get(self, filename: str) -> Path | None:
         try:
             path = Path(hf_hub_download(self.repo_id, filename, revision=self.revision, **self.kwargs))
-        except LocalEntryNotFoundError:
-            self.missing.append(filename)
-            return None
+        except LocalEntryNotFoundError as err:
+            cause = err.__cause__
+            if self.local_files_only or constants.is_offline_mode() or isinstance(cause, OfflineModeIsEnabled):
+                self.missing.append(filename)
+                return None
+            # The client reports a server that failed (5xx, timeout) as a file missing from the
+            # cache; say what actually happened.
+            raise self._server_error(filename, cause or err) from None
         except RepositoryNotFoundError:
             raise ModelNotFoundError(
                 f"Hub repo {self.repo_id!r} not found (or private: pass token=...)."
@@ -97,11 +126,36 @@ class _HubFiles:
                 f"Hub repo {self.repo_id!r} at revision {self.revision or 'main'} has no file {filename!r}; "
                 "is it an X-STARS model?"
             ) from None
-        if self.revision is None and _COMMIT.match(path.parent.name):
+        except (HfHubHTTPError, _http.HTTPError, FileMetadataError) as err:
+            raise self._server_error(filename, err) from None
+        except ValueError as err:
+            # force_download=True turns every failed metadata request into this ValueError.
+            if isinstance(err.__cause__, (HfHubHTTPError, _http.HTTPError, FileMetadataError)):
+                raise self._server_error(filename, err.__cause__) from None
+            raise
+        if not _COMMIT.match(self.revision or "") and _COMMIT.match(path.parent.name):
             # Pin the rest of the files to the commit the first one came from, so a push that lands
-            # between two downloads cannot mix files of two commits.
+            # between two downloads (of ``main`` or any branch) cannot mix files of two commits.
             self.revision = path.parent.name
         return path
+
+    def _server_error(self, filename: str, err: BaseException) -> HubServerError:
+        if isinstance(err, HfHubHTTPError) and getattr(err, "response", None) is not None:
+            what = f"the server answered HTTP {err.response.status_code}"
+        elif isinstance(err, _http.TimeoutException):
+            what = f"the server did not answer in time ({type(err).__name__})"
+        elif isinstance(err, _http.ConnectError):
+            what = f"could not connect ({err})"
+        elif isinstance(err, _http.HTTPError):
+            what = f"the connection failed ({type(err).__name__}: {err})"
+        else:
+            what = f"{type(err).__name__}: {err}"
+        return HubServerError(
+            f"Downloading {filename!r} of Hub repo {self.repo_id!r} (revision {self.revision or 'main'}) from "
+            f"{constants.ENDPOINT} failed: {what}. Nothing was loaded and no further file was requested; "
+            "files already downloaded stay in the cache. This is the server or the network, not your "
+            "cache or settings: try again later."
+        )
 
     def raise_if_missing(self, name: str) -> None:
         if self.missing:
@@ -121,6 +175,7 @@ def _from_registry(entry: ModelEntry, revision: str | None, cache_dir, local_fil
         )
     if entry.bundled_path is not None:
         folder = entry.bundled_path
+        repair = "The installation is damaged: reinstall xstars-models."
         paths = {name: folder / name for name in entry.files}
         absent = [name for name, path in paths.items() if not path.is_file()]
         if absent:
@@ -132,8 +187,9 @@ def _from_registry(entry: ModelEntry, revision: str | None, cache_dir, local_fil
         hub = _HubFiles(entry.repo_id, entry.revision, cache_dir, local_files_only, token, force_download)
         paths = {name: hub.get(name) for name in entry.files}
         hub.raise_if_missing(entry.model_id)
+        repair = _hub_repair(entry.model_id)
     config = _parse_config_bytes(
-        read_verified(paths[CONFIG_NAME], entry.files[CONFIG_NAME], f"{entry.model_id}/{CONFIG_NAME}"),
+        read_verified(paths[CONFIG_NAME], entry.files[CONFIG_NAME], f"{entry.model_id}/{CONFIG_NAME}", repair),
         f"{entry.model_id}/{CONFIG_NAME}",
     )
     for name in config.weight_files:
@@ -146,7 +202,7 @@ def _from_registry(entry: ModelEntry, revision: str | None, cache_dir, local_fil
             )
     weights = {name: paths[name] for name in config.weight_files}
     return ResolvedModel(
-        config, weights, {n: entry.files[n] for n in weights}, f"registry:{entry.model_id}", entry.revision
+        config, weights, {n: entry.files[n] for n in weights}, f"registry:{entry.model_id}", entry.revision, repair
     )
 
 
@@ -158,7 +214,9 @@ def _from_hub(repo_id: str, revision: str | None, cache_dir, local_files_only, t
     config = XStarsConfig.from_file(config_path)
     paths = {file: hub.get(file) for file in config.weight_files}
     hub.raise_if_missing(name)
-    return ResolvedModel(config, paths, {n: config.files[n] for n in paths}, f"hub:{repo_id}", hub.revision)
+    return ResolvedModel(
+        config, paths, {n: config.files[n] for n in paths}, f"hub:{repo_id}", hub.revision, _hub_repair(name)
+    )
 
 
 def resolve_model(

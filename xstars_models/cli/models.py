@@ -88,6 +88,6 @@ def _verify(args: argparse.Namespace) -> int:
 
     resolved = resolve_model(args.model, local_files_only=True)
     for name, path in resolved.paths.items():
-        read_verified(path, resolved.records[name], name)
+        read_verified(path, resolved.records[name], name, resolved.repair)
         print(f"ok  {name}  sha256 {resolved.records[name].sha256}")
     return 0

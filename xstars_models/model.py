@@ -144,7 +144,7 @@ class XStars(XStarsEncoder):
         """
         resolved = resolve_model(name_or_path, revision, cache_dir, local_files_only, token, force_download)
         tensors = {
-            name: read_verified_safetensors(path, resolved.records[name], "cpu", name)
+            name: read_verified_safetensors(path, resolved.records[name], "cpu", name, resolved.repair)
             for name, path in resolved.paths.items()
         }
         model = cls(resolved.config)

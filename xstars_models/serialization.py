@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
@@ -89,8 +90,9 @@ def write_safetensors(
     return atomic_write_bytes(path, data)
 
 
-def read_verified(path: str | Path, expected: FileRecord, name: str | None = None) -> bytes:
-    """The bytes of ``path`` after checking them against ``expected``.
+def read_verified(path: str | Path, expected: FileRecord, name: str | None = None, repair: str | None = None) -> bytes:
+    """The bytes of ``path`` after checking them against ``expected``. ``repair`` is the advice
+    the error gives for this file's source (see ``ResolvedModel.repair``).
 
     Raises:
         ChecksumError: naming the file, the expected and actual sha256 and sizes.
@@ -103,16 +105,23 @@ def read_verified(path: str | Path, expected: FileRecord, name: str | None = Non
         raise ChecksumError(
             f"{name or path.name} at {path} is corrupted{truncated}: sha256 {actual} "
             f"({len(data)} bytes), expected sha256 {expected.sha256} ({expected.size} bytes). "
-            "Nothing was loaded. Delete the file and download it again "
-            "(from_pretrained(..., force_download=True) or `xstars download`)."
+            "Nothing was loaded. " + (repair or "Replace the file with a good copy.")
         )
     return data
 
 
 def read_verified_safetensors(
-    path: str | Path, expected: FileRecord, map_location: str | torch.device = "cpu", name: str | None = None
+    path: str | Path,
+    expected: FileRecord,
+    map_location: str | torch.device = "cpu",
+    name: str | None = None,
+    repair: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    tensors = load_safetensors_bytes(read_verified(path, expected, name))
+    data = read_verified(path, expected, name, repair)
+    try:
+        tensors = load_safetensors_bytes(data)
+    except SafetensorError as err:  # the recorded sha256 is of a file that was never valid
+        raise ValueError(f"{name or Path(path).name} at {path} is not a readable safetensors file ({err}).") from None
     return {k: v.to(map_location) for k, v in tensors.items()}
 
 

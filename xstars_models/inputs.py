@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from .sensors import SensorSpec
+from .units import check_value_range
 
 __all__ = ["ImageInput", "to_batch"]
 
@@ -189,6 +190,7 @@ def to_batch(
 def _single_chw(image: Any, spec: SensorSpec, layout: str | None, index: int) -> torch.Tensor:
     array, origin = _as_array(image, spec.name)
     _check_dtype(_dtype_name(array), spec)
+    check_value_range(array, spec, f"image {index}")
     if array.ndim == 2:
         if spec.num_bands != 1:
             raise ValueError(

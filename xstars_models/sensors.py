@@ -13,6 +13,8 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .units import check_units_token
+
 __all__ = [
     "Band",
     "SensorSpec",
@@ -77,6 +79,9 @@ class SensorSpec:
             (``1/255`` for 8-bit imagery, ``1e-4`` for Sentinel-2 L1C reflectance).
         offset: added after ``scale`` (Landsat Collection-2 surface reflectance uses -0.2).
         nodata: digital number marking missing pixels, or ``None``.
+        units: what ``value * scale + offset`` measures, one of :data:`xstars_models.units.UNITS`
+            (``display``, ``toa_reflectance``, ``surface_reflectance``, ``radiance``,
+            ``unspecified``). Left empty: ``display`` for ``uint8``, else ``unspecified``.
         description: free text shown by ``xstars info`` and in model cards.
         normalisation_source: where the mean/std come from.
     """
@@ -90,6 +95,7 @@ class SensorSpec:
     nodata: float | None = None
     description: str = ""
     normalisation_source: str = ""
+    units: str = ""
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
@@ -112,6 +118,10 @@ class SensorSpec:
             )
         if self.scale == 0:
             raise ValueError(f"Sensor {self.name!r}: scale must be non-zero.")
+        if not self.units:
+            # Specs saved before units were recorded: 8-bit imagery is display brightness.
+            object.__setattr__(self, "units", "display" if self.dtype == "uint8" else "unspecified")
+        check_units_token(self.units, self.name)
 
     @property
     def band_names(self) -> tuple[str, ...]:
@@ -272,6 +282,7 @@ register_sensor(
         dtype="uint16",
         scale=1e-4,
         nodata=0,
+        units="toa_reflectance",
         description="Sentinel-2 MSI L1C, all 13 bands resampled to 10 m, DN = reflectance x 1e4.",
         normalisation_source="global L1C statistics, rounded (order of SSL4EO-S12)",
     )
@@ -300,6 +311,7 @@ register_sensor(
         scale=2.75e-5,
         offset=-0.2,
         nodata=0,
+        units="surface_reflectance",
         description="Landsat-8/9 OLI Collection-2 Level-2 surface reflectance, bands 1-7, 30 m.",
         normalisation_source="global surface reflectance statistics, rounded",
     )

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import pickle
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
@@ -320,6 +322,52 @@ def test_unsafe_pickled_content_is_refused_not_run(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+class _ShellExploit:
+    """Runs a shell command when unpickled: torch blocks the whole ``posix`` module, which it words
+    differently from other unsupported globals."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_blocked_module_is_refused_whatever_torch_calls_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    marker = tmp_path / "was-executed"
+    ckpt = _official_checkpoint()
+    ckpt["args"] = _ShellExploit(marker)
+    path = _save(ckpt, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointFormatError, match=r"refused to load: it contains the Python objects \['posix.system'\]"):
+        convert_official_checkpoint(path)
+    assert main(["convert", str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing in it was run" in err and "weights_only=False" not in err and err.count("\n") == 1
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_refusal_is_detected_from_the_exception_type(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = _official_checkpoint()
+    ckpt["args"] = _Exploit(tmp_path / "was-executed")
+    path = _save(ckpt, tmp_path / "unsafe.pth")
+
+    def reworded(*args: Any, **kwargs: Any) -> None:  # a future torch with other words for the same refusal
+        raise pickle.UnpicklingError("Weights-only unpickling stopped at an object it does not know.")
+
+    monkeypatch.setattr(torch, "load", reworded)
+    with pytest.raises(CheckpointFormatError, match=r"refused to load: it contains the Python objects \['test_convert._touch'\]"):
+        convert_official_checkpoint(path)
+
+
+@pytest.mark.parametrize("field, values", [("mean", [0.3, float("nan"), 0.2]), ("std", [0.1, 0.1, float("inf")]),
+                                           ("std", [0.1, 0.0, 0.1])])
+def test_non_finite_or_zero_normalisation_is_refused(tmp_path: Path, field: str, values: list[float]) -> None:
+    path = _save(_official_checkpoint(**{field: values}), tmp_path / "bad-stats.pth")
+    with pytest.raises(CheckpointFormatError, match=rf"args.{field} should be 3 finite numbers"):
+        convert_official_checkpoint(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_files_that_are_not_official_checkpoints(tmp_path: Path) -> None:
     bare = _save({"model": _official_backbone(0), "epoch": 3}, tmp_path / "bare.pth")
     with pytest.raises(CheckpointFormatError, match="'student' or 'teacher'") as info:
@@ -342,7 +390,7 @@ def test_files_that_are_not_official_checkpoints(tmp_path: Path) -> None:
 
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
-    with pytest.raises(CheckpointFormatError, match="not a readable torch.save file"):
+    with pytest.raises(CheckpointFormatError, match="not a readable torch.save file|is damaged"):
         convert_official_checkpoint(text)
 
     with pytest.raises(FileNotFoundError):

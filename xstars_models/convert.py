@@ -176,20 +176,21 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (OSError, MemoryError):
         raise
-    except pickle.UnpicklingError as err:
-        message = str(err)
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    except pickle.UnpicklingError:
+        # torch raises this type for every refusal of safe loading and rewords the message between
+        # releases, so the objects at fault are found by disassembling the pickle, not by parsing text.
+        unsafe = _unsafe_globals(path)
         if unsafe:
             raise CheckpointFormatError(
-                f"{path}: refused to load: it contains the Python object {unsafe[1]!r}, which safe "
-                "loading (torch.load(weights_only=True)) does not allow besides tensors, plain "
-                "containers and argparse.Namespace; nothing in it was run. An official X-STARS "
-                "checkpoint holds no such object."
+                f"{path}: refused to load: it contains the Python objects {unsafe}, which safe loading "
+                "(torch.load(weights_only=True)) does not allow besides tensors, plain containers and "
+                "argparse.Namespace; nothing in it was run. An official X-STARS checkpoint holds no such object."
             ) from None
-        # torch wraps every refusal in the same advice; the reason follows this marker.
-        reason = message.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
-        reason = " ".join(reason.split()) or message.splitlines()[0]
-        raise CheckpointFormatError(f"{path} is not a readable torch.save file ({reason}).") from None
+        raise CheckpointFormatError(
+            f"{path}: safe loading (torch.load(weights_only=True)) refused it (pickle.UnpicklingError); nothing "
+            "in it was run. The file is damaged, is not a torch.save file, or holds Python objects besides "
+            "tensors, plain containers and argparse.Namespace."
+        ) from None
     except Exception as err:  # torch reports a damaged or foreign file with many exception types
         raise CheckpointFormatError(
             f"{path} is not a readable torch.save file ({type(err).__name__}: {err})."
@@ -200,6 +201,17 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
             "('student', 'teacher', 'optimizer', 'epoch', 'args', 'dino_loss')."
         )
     return loaded
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The Python objects (``module.name``) the checkpoint's pickle refers to that safe loading
+    refuses; empty when there are none or the file cannot be disassembled (damaged, pre-1.6
+    format)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except (ValueError, RuntimeError, KeyError, OSError, pickle.UnpicklingError):  # damaged, or pre-1.6 format
+        return []
 
 
 def _network_state(loaded: dict[str, Any], key: str, path: Path) -> Mapping[str, torch.Tensor]:
@@ -389,10 +401,13 @@ def _with_checkpoint_normalisation(spec: SensorSpec, args: Mapping[str, Any], pa
         if (
             not isinstance(stats, (list, tuple))
             or len(stats) != spec.num_bands
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in stats)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in stats)
+            or (label == "std" and not all(v > 0 for v in stats))
         ):
             raise CheckpointFormatError(
-                f"{path}: args.{label} should be {spec.num_bands} numbers (R, G, B on a 0-1 scale), got {stats!r}."
+                f"{path}: args.{label} should be {spec.num_bands} finite numbers (R, G, B on a 0-1 scale"
+                f"{', each > 0' if label == 'std' else ''}), got {stats!r}: the inputs the weights were trained "
+                "on cannot be reproduced from it. Nothing was written."
             )
         values.append(tuple(float(v) for v in stats))
     mean_t, std_t = values

@@ -126,7 +126,8 @@ def worker(args: argparse.Namespace) -> None:
     baseline = peak_rss_mib()
     result = embed_scene(
         model, args.scene, SENSOR, out=args.out, tile=args.tile, batch_size=args.batch_size,
-        device=args.device, progress=False, resume=False, amp=args.amp, compile=args.compile,
+        device=args.device, progress=False, resume=False, compile=args.compile,
+        precision="auto" if args.amp is None else ("bf16" if args.amp else "fp32"),
     )
     print(json.dumps({
         "tiles": result.tiles,

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import warnings
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -18,6 +20,7 @@ from .encoder import StemConfig, XStarsEncoder
 from .hub import resolve_model
 from .inputs import ImageInput, to_batch
 from .lora import lora_config, merge_lora
+from .precision import Precision, quantize_int8, resolve_precision
 from .sensors import SensorSpec, get_sensor
 from .serialization import atomic_write_bytes, load_state_dict_strict, read_verified_safetensors, write_safetensors
 
@@ -27,6 +30,11 @@ if TYPE_CHECKING:
 __all__ = ["OUTPUTS", "XStars"]
 
 OUTPUTS = ("cls", "mean", "patch", "map")
+
+logger = logging.getLogger(__name__)
+
+# Each model's int8 copy, with the weight versions it was made from (see XStars.int8_copy).
+_INT8_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class XStars(XStarsEncoder):
@@ -211,7 +219,9 @@ class XStars(XStarsEncoder):
         (``output="map"``) or one vector per tile with its footprint (``"cls"``). ``tile`` and
         ``overlap`` are in pixels at the sensor's GSD. See :func:`xstars_models.scenes.embed_scene`
         for the GSD check, nodata, resuming and the other options (``resample``, ``max_nodata``,
-        ``progress``, ``resume``, ``amp``, ``compile``); needs the ``geo`` extra (rasterio)."""
+        ``progress``, ``resume``, ``precision``, ``compile``); needs the ``geo`` extra (rasterio).
+        ``precision="auto"`` runs bf16 where the hardware is faster at it; ``"fp32"`` forces full
+        precision, ``"int8"`` quantised Linear layers (CPU); see :mod:`xstars_models.precision`."""
         from .scenes import embed_scene
 
         return embed_scene(self, source, sensor, out, tile, overlap, output, batch_size, device, **kwargs)
@@ -228,6 +238,7 @@ class XStars(XStarsEncoder):
         progress: bool = True,
         bands: Sequence[str] | None = None,
         layout: str | None = None,
+        precision: str = "auto",
     ) -> torch.Tensor | list[torch.Tensor]:
         """Embed imagery of one sensor.
 
@@ -249,9 +260,12 @@ class XStars(XStarsEncoder):
             progress: show a progress bar when there is more than one batch.
             bands: band names of the input channels when they are not in the sensor's order.
             layout: ``"HWC"`` or ``"CHW"`` when the band count cannot tell (e.g. 3 x W x 3).
+            precision: ``"auto"`` (bf16 autocast on CUDA and on CPUs with bf16 matrix units, fp32
+                elsewhere; logged at INFO level), ``"fp32"``, ``"bf16"`` or ``"int8"`` (CPU:
+                the trunk's Linear layers quantised, see :mod:`xstars_models.precision`).
 
         Returns:
-            float32 CPU tensor(s) in the ``output`` layout.
+            float32 CPU tensor(s) in the ``output`` layout, whatever the precision.
         """
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
@@ -262,19 +276,40 @@ class XStars(XStarsEncoder):
         if device is not None:
             self.to(device)
         target = self.trunk.cls_token.device
+        resolved = resolve_precision(precision, target)
+        logger.info("embed %s: precision %s", sensor, resolved)
         was_training = self.training
         self.eval()
         try:
+            encoder = self.int8_copy() if resolved.name == "int8" else self
             chunks = [batch[i : i + batch_size] for i in range(0, len(batch), batch_size)]
-            results = [
-                self._embed_chunk(chunk.to(target, non_blocking=True), sensor, output, layers)
-                for chunk in tqdm(chunks, desc=f"embed {sensor}", unit="batch", disable=not progress or len(chunks) < 2)
-            ]
+            with resolved.autocast():
+                results = [
+                    encoder._embed_chunk(chunk.to(target, non_blocking=True), sensor, output, layers)
+                    for chunk in tqdm(chunks, desc=f"embed {sensor}", unit="batch", disable=not progress or len(chunks) < 2)
+                ]
         finally:
             self.train(was_training)
         if layers is None:
             return torch.cat(results)
         return [torch.cat(per_layer) for per_layer in zip(*results)]
+
+    def int8_copy(self) -> XStars:
+        """An inference copy of this model whose trunk Linear layers are int8 (CPU), made once
+        and reused until any weight of this model changes (in place, by loading or by moving)."""
+        key = tuple((t.data_ptr(), t._version) for t in [*self.parameters(), *self.buffers()])
+        cached = _INT8_COPIES.get(self)
+        if cached is None or cached[0] != key:
+            quantized = copy.deepcopy(self).cpu().eval()
+            quantize_int8(quantized.trunk, inplace=True)
+            cached = (key, quantized)
+            _INT8_COPIES[self] = cached
+        return cached[1]
+
+    def resolve_precision(self, precision: str = "auto", device: str | torch.device | None = None) -> Precision:
+        """What ``precision`` means for this model on ``device`` (default: where it is), with the
+        reason: see :func:`xstars_models.precision.resolve_precision`."""
+        return resolve_precision(precision, self.trunk.cls_token.device if device is None else device)
 
     def _embed_chunk(self, x: torch.Tensor, sensor: str, output: str, layers) -> Any:
         final, intermediates, grid = self.forward_tokens(x, sensor, [] if layers is None else layers)

@@ -28,6 +28,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output .npz (one array per file) or .npy (one file)")
     p.add_argument("--output", default="cls", choices=("cls", "mean", "patch", "map"))
     p.add_argument("--batch-size", type=int, default=32)
+    _add_precision_flag(p)
     p.add_argument("--offline", action="store_true", help="use only the local cache")
     p.set_defaults(func=_embed)
 
@@ -49,12 +50,20 @@ def register(sub: Any) -> None:
     p.add_argument("--resample", action="store_true", help="resample windows to the sensor's GSD")
     p.add_argument("--max-nodata", type=float, default=0.5, help="skip tiles with a larger nodata fraction (0-1)")
     p.add_argument("--restart", action="store_true", help="discard a partial run instead of resuming it")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bfloat16 autocast (default: on for CUDA)")
+    _add_precision_flag(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--offline", action="store_true", help="use only the local cache")
     p.set_defaults(func=_embed_scene)
+
+
+def _add_precision_flag(p: argparse.ArgumentParser) -> None:
+    from ..precision import PRECISIONS
+
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="auto (default): bf16 on CUDA and on CPUs with bf16 matrix units (AMX), else fp32; "
+                        "fp32: full precision; bf16: bf16 autocast; int8: int8 Linear layers (CPU). "
+                        "Outputs are float32 either way; the precision used is printed.")
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -90,10 +99,12 @@ def _embed(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out}: use a .npy or .npz file name")
     if out.suffix == ".npy" and len(args.files) != 1:
         raise ValueError(f"--out {out}: .npy holds one array; use .npz for {len(args.files)} files")
+    print(f"precision: {model.resolve_precision(args.precision)}")
     results = {}
     for file in tqdm(args.files, desc="embed", unit="file", disable=len(args.files) < 2):
         image = read_image(Path(file))
-        emb = model.embed(image, sensor=args.sensor, output=args.output, batch_size=args.batch_size, progress=False)
+        emb = model.embed(image, sensor=args.sensor, output=args.output, batch_size=args.batch_size, progress=False,
+                          precision=args.precision)
         results[Path(file).stem] = emb[0].numpy()
         print(f"{file}: {args.output} {tuple(emb.shape[1:])}")
     buffer = io.BytesIO()
@@ -114,11 +125,12 @@ def _embed_scene(args: argparse.Namespace) -> int:
         args.source, sensor=args.sensor, out=args.out, tile=args.tile, overlap=args.overlap,
         output=args.output, batch_size=args.batch_size, device=args.device, resample=args.resample,
         max_nodata=args.max_nodata, progress=not args.no_progress, resume=not args.restart,
-        amp=args.amp, compile=args.compile,
+        precision=args.precision, compile=args.compile,
     )
     print(
         f"{args.source}: {result.tiles} tiles ({result.embedded} embedded now, {result.resumed} "
         f"resumed, {result.skipped} skipped for nodata) in {result.seconds:.1f} s -> {result.path}"
         + (f" and {result.footprints}" if result.footprints else "")
+        + f"\nprecision: {result.precision}"
     )
     return 0

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..precision import resolve_precision
 from .reading import GDAL_CACHE_BYTES, Scene, import_rasterio, open_scene, pixel_missing
 from .tiling import Plan, default_tile
 from .writers import ClsWriter, MapWriter, Partial
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from ..model import XStars
 
 SCENE_OUTPUTS = ("map", "cls")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class SceneResult:
         resample_scale: (x, y) input pixels per sensor pixel when windows were resampled, else
             ``None``.
         seconds: wall-clock time of this call.
+        precision: what ran (``"fp32"``, ``"bf16"`` or ``"int8"``) and why, as
+            ``str(xstars_models.precision.Precision)``.
     """
 
     path: Path
@@ -60,6 +66,7 @@ class SceneResult:
     crs: str | None
     resample_scale: tuple[float, float] | None
     seconds: float
+    precision: str = ""
 
 
 
@@ -111,7 +118,7 @@ def embed_scene(
     *,
     transform: Affine | None = None,
     crs: Any = None,
-    amp: bool | None = None,
+    precision: str = "auto",
     compile: bool = False,
 ) -> SceneResult:
     """Embed a whole scene tile by tile with bounded memory and write georeferenced embeddings.
@@ -147,7 +154,9 @@ def embed_scene(
         resume: continue a partial run of the same settings into ``out``; ``False`` starts over.
         transform: for an array source, the affine transform of its pixels (CRS units).
         crs: for an array source, its CRS (anything ``rasterio.crs.CRS.from_user_input`` takes).
-        amp: bfloat16 autocast; ``None``: on for CUDA, off otherwise.
+        precision: ``"auto"`` (bf16 autocast on CUDA and on CPUs with bf16 matrix units, fp32
+            elsewhere), ``"fp32"``, ``"bf16"`` or ``"int8"`` (CPU: the trunk's Linear layers
+            quantised); see :mod:`xstars_models.precision`. The map is float32 either way.
         compile: ``torch.compile`` the encoder first (pays off on long GPU runs).
 
     Returns:
@@ -170,7 +179,8 @@ def embed_scene(
     if device is not None:
         model.to(device)
     target = model.trunk.cls_token.device
-    use_amp = target.type == "cuda" if amp is None else bool(amp)
+    resolved = resolve_precision(precision, target)
+    logger.info("embed_scene %s: precision %s", sensor, resolved)
     out_path = _output_path(out, source, sensor, output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -189,7 +199,7 @@ def embed_scene(
             "resample_scale": list(scene.scale) if scene.scale else None,
             "nodata": None if scene.nodata is None else repr(float(scene.nodata)),
             "max_nodata": float(max_nodata),
-            "amp_bfloat16": use_amp,
+            "precision": resolved.name,
             "model": _model_fingerprint(model),
         }
         partial = Partial(out_path)
@@ -221,8 +231,9 @@ def embed_scene(
         writer.start(record)
         done = 0 if record is None else record["strips_done"]
         counts = {"skipped": 0 if record is None else record["skipped"]}
-        embedded = _run_strips(model, sensor, scene, plan, writer, partial, settings, counts, done, target,
-                               batch_size, max_nodata, use_amp, compile, progress)
+        encoder = model.int8_copy() if resolved.name == "int8" else model
+        embedded = _run_strips(encoder, sensor, scene, plan, writer, partial, settings, counts, done, target,
+                               batch_size, max_nodata, resolved.autocast, compile, progress)
         path, footprints = writer.finish(out_path)
         partial.discard()
 
@@ -240,6 +251,7 @@ def embed_scene(
         crs=crs_wkt,
         resample_scale=scene.scale,
         seconds=time.perf_counter() - started,
+        precision=str(resolved),
     )
 
 
@@ -256,7 +268,7 @@ def _run_strips(
     target: torch.device,
     batch_size: int,
     max_nodata: float,
-    use_amp: bool,
+    autocast: Callable[[], contextlib.AbstractContextManager],
     compile: bool,
     progress: bool,
 ) -> int:
@@ -278,7 +290,7 @@ def _run_strips(
         return (pixels.pin_memory() if cuda else pixels), fraction
 
     def encode(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(target.type, dtype=torch.bfloat16, enabled=use_amp):
+        with autocast():
             return model.forward_tokens(x, sensor, [])[0]
 
     forward = torch.compile(encode) if compile else encode

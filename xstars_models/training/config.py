@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..precision import TRAINING_PRECISIONS
+
 __all__ = ["TrainConfig"]
 
 
@@ -30,7 +32,9 @@ class TrainConfig:
         checkpoint_every: write ``last.pt`` every this many steps (and at the end).
         grad_clip: maximum gradient norm, or 0 for none.
         freeze_last_layer_steps: DINO's trick of not updating the head's last layer at first.
-        amp: bf16 autocast; ``None`` means "on CUDA, off on CPU".
+        precision: ``"auto"`` (bf16 autocast on CUDA and on CPUs with bf16 matrix units, fp32
+            elsewhere), ``"bf16"`` or ``"fp32"``; ``"int8"`` is inference only. The DINO teacher
+            softmax and the MSAD targets are computed in fp32 under any precision.
         share_msad_view: the un-augmented MSAD view of a sensor is also its first DINO global
             view, so one student forward gives both the DINO output and the MSAD tokens instead
             of a second forward of a global-sized view (MSAD then costs only the frozen
@@ -64,7 +68,7 @@ class TrainConfig:
     freeze_last_layer_steps: int = 0
     num_workers: int = 0
     seed: int = 0
-    amp: bool | None = None
+    precision: str = "auto"
     share_msad_view: bool = True
 
     def __post_init__(self) -> None:
@@ -73,6 +77,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.alpha < 0:
             raise ValueError(f"TrainConfig.alpha must be >= 0, got {self.alpha}.")
+        if self.precision not in TRAINING_PRECISIONS:
+            hint = " (int8 is for inference only)" if self.precision == "int8" else ""
+            raise ValueError(f"TrainConfig.precision must be one of {TRAINING_PRECISIONS}{hint}, got {self.precision!r}.")
         if not 0 <= self.teacher_momentum <= 1:
             raise ValueError(f"TrainConfig.teacher_momentum must be in [0, 1], got {self.teacher_momentum}.")
 

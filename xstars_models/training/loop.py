@@ -4,7 +4,6 @@ non-finite loss. What a step computes is the recipe's business (:mod:`.recipes`)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -18,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..distributed import is_distributed, rank, world_size
+from ..precision import resolve_precision
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .schedules import cosine, ema_initial_weight, warmup_cosine
@@ -162,7 +162,7 @@ def train_loop(
     if is_distributed():
         _broadcast_state(modules)
     params = [p for p in modules.parameters() if p.requires_grad]
-    use_amp = device.type == "cuda" if config.amp is None else config.amp
+    precision = resolve_precision(config.precision, device, training=True)
     is_main = rank() == 0
     metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if is_main else None
     logged: dict[str, float] = {}
@@ -173,8 +173,7 @@ def train_loop(
             lr = warmup_cosine(step, config.steps, config.lr, config.min_lr, config.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
-            with autocast:
+            with precision.autocast():
                 loss, scalars = step_fn(batch, step)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
@@ -225,4 +224,5 @@ def train_loop(
         "resumed_from": start,
         "final": logged,
         "wall_time_s": round(time.perf_counter() - began, 1),
+        "precision": str(precision),
     }

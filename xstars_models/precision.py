@@ -1,0 +1,239 @@
+"""Numeric precision of inference and training: one setting, ``"auto"``, ``"fp32"``, ``"bf16"`` or
+``"int8"``, resolved per device into what actually runs.
+
+- ``"fp32"``: full precision everywhere.
+- ``"bf16"``: bfloat16 autocast (matrix products and attention in bf16, reductions and norms in
+  fp32, as torch's autocast lists decide).
+- ``"int8"``: inference only, CPU only. The trunk's ``nn.Linear`` layers (attention qkv and
+  projection, MLP: nearly all of a ViT's arithmetic) run as int8 x int8 -> int32 products with
+  per-output-channel weight scales and activations quantised dynamically, per batch; the patch
+  embedding, norms, attention softmax and everything else stay fp32.
+- ``"auto"`` (the default): bf16 where bf16 is faster than fp32 (CUDA; CPUs with a bf16 matrix
+  unit), fp32 elsewhere. :func:`resolve_precision` says which and why.
+
+Whatever runs inside, results are returned as float32.
+
+Which CPUs count as bf16-native
+-------------------------------
+Only those where a bf16 matrix product beats fp32: x86 with AMX-BF16 (Sapphire Rapids and
+later, when the OS / hypervisor exposes AMX) and Arm with the BF16 extension (BFMMLA). AVX512-BF16
+alone does *not* count: its ``vdpbf16ps`` does 32 multiply-adds per instruction, the same as
+two fp32 FMA units, so there is no compute gain, and on this project's machine (2-core Xeon,
+AVX512-BF16 and AVX512-FP16 without AMX, torch 2.14.1 / oneDNN 3.12) a bf16 GEMM of ViT-Tiny's
+shapes ran at ~85 GFLOP/s against ~145 GFLOP/s in fp32, and a bf16-autocast forward of the bundled
+model was slower than fp32 (BENCHMARKS.md, "Precision").
+
+Why int8 uses torch's fbgemm kernels and not torchao
+----------------------------------------------------
+``torchao`` 0.18.0 installs with torch 2.14.1 and its ``quantize_(...,
+Int8DynamicActivationInt8WeightConfig())`` runs, but in eager mode on this CPU it was *slower*
+than fp32 (a batch of 64 tiles of 64 px on the bundled model: 260 ms vs 200 ms): its CPU speed
+comes from ``torch.compile``, which would add a compilation per input shape to every ``embed``
+call. torch's own dynamic-quantised linear kernels (fbgemm, VNNI ``vpdpbusd``) ran the same batch
+in 121 ms. They are used here directly (``torch.ops.quantized.linear_prepack`` /
+``linear_dynamic``) rather than through ``torch.ao.quantization.quantize_dynamic``, which torch
+2.14 marks deprecated. Creating the int8 weight tensor (``torch.quantize_per_channel``) also
+emits a deprecation notice of torch's quantised tensor type; it is silenced at that one call
+because it concerns torch's internals, not anything the caller does. If a future torch drops
+these kernels, ``"int8"`` raises an error naming the missing piece (there is no silent
+fallback to another precision).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import platform
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+__all__ = [
+    "PRECISIONS",
+    "TRAINING_PRECISIONS",
+    "Int8Linear",
+    "Precision",
+    "cpu_bf16_native",
+    "quantize_int8",
+    "resolve_precision",
+]
+
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+TRAINING_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What a requested precision resolved to on one device.
+
+    Attributes:
+        name: ``"fp32"``, ``"bf16"`` or ``"int8"``: what runs.
+        requested: what was asked for (``"auto"`` or one of the above).
+        device_type: ``"cpu"``, ``"cuda"``...
+        reason: one sentence on why (for ``"auto"``: which hardware feature decided).
+    """
+
+    name: str
+    requested: str
+    device_type: str
+    reason: str
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context for this precision: bf16 autocast for ``"bf16"``, nothing
+        otherwise (int8 layers are swapped in by :func:`quantize_int8`, not by a context)."""
+        if self.name == "bf16":
+            return torch.autocast(self.device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def __str__(self) -> str:
+        asked = "" if self.requested == self.name else f" (precision={self.requested!r})"
+        return f"{self.name}{asked}: {self.reason}"
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU feature flags of the first processor in ``/proc/cpuinfo`` (``flags`` on x86,
+    ``Features`` on Arm); empty where there is no such file (macOS, Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def cpu_bf16_native(flags: set[str] | None = None, machine: str | None = None) -> tuple[bool, str]:
+    """Whether this CPU multiplies bf16 matrices faster than fp32, and why (see the module
+    documentation for which features count).
+
+    Args:
+        flags: CPU feature flags; default: read from ``/proc/cpuinfo``.
+        machine: ``platform.machine()`` value; default: this machine's.
+
+    Returns:
+        ``(native, reason)`` with a one-sentence reason naming the deciding feature.
+    """
+    flags = _cpu_flags() if flags is None else flags
+    machine = (platform.machine() if machine is None else machine).lower()
+    if machine in ("x86_64", "amd64", "i686", "x86"):
+        if "amx_bf16" in flags:
+            return True, "the CPU has AMX-BF16 matrix units"
+        if "avx512_bf16" in flags:
+            return False, ("the CPU has AVX512-BF16 but no AMX-BF16 (none exposed to this OS): "
+                           "bf16 matrix products are no faster than fp32 there")
+        return False, "the CPU has no bf16 matrix instructions (no AMX-BF16)"
+    if machine in ("aarch64", "arm64"):
+        if "bf16" in flags:
+            return True, "the Arm CPU has the BF16 extension (BFMMLA)"
+        if not flags:
+            return False, "the Arm CPU's features could not be read (no /proc/cpuinfo)"
+        return False, "the Arm CPU has no BF16 extension"
+    return False, f"bf16 support is not detected on {machine or 'this'} CPUs"
+
+
+@functools.lru_cache(maxsize=None)
+def _this_cpu_bf16() -> tuple[bool, str]:
+    return cpu_bf16_native()
+
+
+def resolve_precision(precision: str, device: torch.device | str, training: bool = False) -> Precision:
+    """Resolve ``precision`` for ``device``.
+
+    Args:
+        precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"int8"``.
+        device: where the computation runs.
+        training: ``True`` for training, where ``"int8"`` is refused.
+
+    Raises:
+        ValueError: an unknown precision, ``"int8"`` for training or on a non-CPU device.
+    """
+    device_type = torch.device(device).type
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if precision == "int8":
+        if training:
+            raise ValueError(
+                "precision='int8' is for inference only (int8 layers have no gradients); "
+                "train with precision='auto', 'bf16' or 'fp32'."
+            )
+        if device_type != "cpu":
+            raise ValueError(
+                f"precision='int8' runs on CPU only (torch's fbgemm/qnnpack kernels), not on {device_type!r}; "
+                "use precision='bf16' (or 'auto') there."
+            )
+        return Precision("int8", precision, device_type, "int8 Linear layers, fp32 elsewhere")
+    if precision == "fp32":
+        return Precision("fp32", precision, device_type, "full precision, as requested")
+    if precision == "bf16":
+        return Precision("bf16", precision, device_type, "bf16 autocast, as requested")
+    if device_type == "cuda":
+        return Precision("bf16", precision, device_type, "CUDA runs bf16 matrix products on tensor cores")
+    if device_type == "cpu":
+        native, reason = _this_cpu_bf16()
+        return Precision("bf16" if native else "fp32", precision, device_type, reason)
+    return Precision("fp32", precision, device_type, f"no bf16 default for {device_type!r} devices")
+
+
+class Int8Linear(nn.Module):
+    """An ``nn.Linear`` for inference with int8 weights (symmetric, one scale per output
+    channel) and activations quantised per batch (asymmetric uint8, 7-bit range so that no
+    CPU's int16 intermediate can saturate). Input and output are float32.
+
+    Args:
+        linear: the layer to quantise (its weights are copied, not shared).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        engines = torch.backends.quantized.supported_engines
+        if not hasattr(torch.ops.quantized, "linear_dynamic") or all(e == "none" for e in engines):
+            raise RuntimeError(
+                f"precision='int8' needs torch's quantised linear kernels, which this torch "
+                f"({torch.__version__}, engines {engines}) does not have; use precision='fp32' or 'bf16'."
+            )
+        weight = linear.weight.detach().float().cpu()
+        scales = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
+        with warnings.catch_warnings():
+            # torch announces the retirement of its quantised tensor type here; see the module
+            # documentation for why these kernels are still the ones to use.
+            warnings.filterwarnings("ignore", message=".*quantize_per_tensor, torch.quantize_per_channel.*")
+            qweight = torch.quantize_per_channel(
+                weight, scales, torch.zeros(len(scales), dtype=torch.long), 0, torch.qint8
+            )
+        bias = None if linear.bias is None else linear.bias.detach().float().cpu()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._packed, True)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def quantize_int8(module: nn.Module, inplace: bool = False) -> nn.Module:
+    """``module`` with its ``nn.Linear`` layers replaced by :class:`Int8Linear`, on CPU and in
+    eval mode: a copy (``module`` left unchanged) unless ``inplace``.
+
+    Raises:
+        RuntimeError: this torch lacks the quantised linear kernels.
+    """
+    quantized = (module if inplace else copy.deepcopy(module)).cpu().eval()
+    for name, child in list(_linears(quantized)):
+        parent_name, _, attribute = name.rpartition(".")
+        parent = quantized.get_submodule(parent_name) if parent_name else quantized
+        setattr(parent, attribute, Int8Linear(child))
+    return quantized
+
+
+def _linears(module: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    for name, child in module.named_modules():
+        if type(child) is nn.Linear:
+            yield name, child

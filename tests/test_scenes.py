@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import geopandas
 import numpy as np
+import pyarrow.parquet
 import pytest
 import rasterio
 from affine import Affine
@@ -209,34 +211,58 @@ def test_resume_false_starts_over(model, tmp_path, monkeypatch):
     assert (result.resumed, result.embedded) == (0, 16)
 
 
-def test_cls_output_writes_vectors_and_footprints(model, pixels, tmp_path):
-    result = embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "tiles.npz", tile=64, output="cls", progress=False)
-    assert result.footprints == tmp_path / "tiles.geojson"
-    data = np.load(result.path)
-    assert data["vectors"].shape == (16, model.embed_dim)
+def read_tiles(path: Path):
+    """The GeoParquet of tile vectors, read by geopandas, with the embeddings as an n x D array."""
+    frame = geopandas.read_parquet(path)
+    return frame, np.stack(frame["embedding"].to_numpy())
+
+
+def test_cls_output_is_geoparquet_that_geopandas_reads(model, pixels, tmp_path):
+    model.revision = "0123abcd" * 5
+    try:
+        result = embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "tiles.parquet", tile=64, output="cls", progress=False)
+    finally:
+        model.revision = None
+    frame, vectors = read_tiles(result.path)
+    assert vectors.shape == (16, model.embed_dim) and vectors.dtype == np.float32
     tiles = [pixels[:, r : r + 64, c : c + 64] for r in range(0, 256, 64) for c in range(0, 256, 64)]
     expected = model.embed(np.stack(tiles), SENSOR, output="cls", progress=False).numpy()
-    np.testing.assert_allclose(data["vectors"], expected, atol=1e-4)
-    assert data["valid"].all()
+    np.testing.assert_allclose(vectors, expected, atol=1e-4)
+    assert frame["valid"].all() and list(frame["tile"]) == list(range(16))
+    assert list(frame["row"])[:5] == [0, 0, 0, 0, 1] and list(frame["col"])[:5] == [0, 1, 2, 3, 0]
     with rasterio.open(SAMPLE) as src:
         left, top = src.transform.c, src.transform.f
-        assert str(data["crs"]) == src.crs.to_wkt()
-    np.testing.assert_allclose(data["bounds"][5], [left + 640, top - 1280, left + 1280, top - 640])  # row 1, col 1
-    np.testing.assert_array_equal(data["windows"][5], [64, 64, 64, 64])
+        assert frame.crs.to_epsg() == src.crs.to_epsg() == 32618
+    assert frame.geometry.iloc[5].bounds == (left + 640, top - 1280, left + 1280, top - 640)  # row 1, col 1
+    assert all(polygon.exterior.is_ccw for polygon in frame.geometry)
+    np.testing.assert_array_equal(frame["window"].iloc[5], [64, 64, 64, 64])
+    geo = json.loads(pyarrow.parquet.read_schema(result.path).metadata[b"geo"])
+    assert geo["version"] == "1.1.0" and geo["columns"]["geometry"]["encoding"] == "WKB"
+    assert geo["columns"]["geometry"]["bbox"] == [left, top - 2560, left + 2560, top]
+    meta = json.loads(pyarrow.parquet.read_schema(result.path).metadata[b"xstars"])
+    assert (meta["sensor"], meta["revision"], meta["model"]) == (SENSOR, "0123abcd" * 5, "vit_tiny_patch16_224")
+    assert (meta["tile_px"], meta["patch_px"]) == ("64", "8")
 
-    collection = json.loads(result.footprints.read_text())
-    assert collection["crs"]["properties"]["name"].endswith("EPSG::32618")
-    features = collection["features"]
-    assert [f["properties"]["tile"] for f in features] == list(range(16))
-    for feature, bounds in zip(features, data["bounds"]):
-        ring = np.array(feature["geometry"]["coordinates"][0])
-        assert ring.shape == (5, 2) and (ring[0] == ring[-1]).all()
-        np.testing.assert_allclose([*ring.min(0), *ring.max(0)], bounds)
+
+def test_map_output_is_a_compressed_tiled_cog(model, tmp_path):
+    plain = embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "map.tif", tile=64, progress=False)
+    with rasterio.open(plain.path) as src:
+        assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert src.profile["tiled"] and src.compression.name.lower() == "deflate"
+        assert src.overviews(1) == [] and src.tags()["xstars_sensor"] == SENSOR
+        values = src.read()
+    with_overviews = embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "ov.tif", tile=64, overviews=True, progress=False)
+    with rasterio.open(with_overviews.path) as src:
+        assert src.overviews(1) == [2]
+        np.testing.assert_array_equal(src.read(), values)
+        # The overview is the average of 2 x 2 tokens.
+        half = src.read(1, out_shape=(16, 16))
+    np.testing.assert_allclose(half, values[0].reshape(16, 2, 16, 2).mean(axis=(1, 3)), atol=1e-5)
 
 
 def test_cls_output_resumes_after_an_interruption(model, tmp_path, monkeypatch):
     options = dict(tile=64, output="cls", batch_size=4, progress=False)
-    reference = np.load(embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "ref.npz", **options).path)["vectors"]
+    reference = read_tiles(embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "ref.parquet", **options).path)[1]
     forward = model.forward_tokens
     calls: list[int] = []
 
@@ -248,11 +274,12 @@ def test_cls_output_resumes_after_an_interruption(model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(model, "forward_tokens", wrapped)
     with pytest.raises(RuntimeError, match="stop"):
-        embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "t.npz", **options)
+        embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "t.parquet", **options)
+    assert not (tmp_path / "t.parquet").exists()
     monkeypatch.undo()
-    result = embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "t.npz", **options)
+    result = embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "t.parquet", **options)
     assert (result.resumed, result.embedded) == (12, 4)
-    np.testing.assert_array_equal(np.load(result.path)["vectors"], reference)
+    np.testing.assert_array_equal(read_tiles(result.path)[1], reference)
 
 
 def test_array_source_matches_file_source(model, pixels, tmp_path):
@@ -280,7 +307,7 @@ def test_clear_errors(model, tmp_path, monkeypatch):
         embed_scene(model, SAMPLE, "sentinel2", out=out, progress=False)
     with pytest.raises(ValueError, match=r"geographic CRS.*reproject"):
         embed_scene(model, copy_sample(tmp_path, "lonlat.tif", crs="EPSG:4326"), SENSOR, out=out, progress=False)
-    with pytest.raises(ValueError, match=r"writes a \.npz"):
+    with pytest.raises(ValueError, match=r"writes a \.parquet"):
         embed_scene(model, SAMPLE, SENSOR, out=out, output="cls", progress=False)
     monkeypatch.setitem(sys.modules, "rasterio", None)
     with pytest.raises(ImportError, match=r"xstars-models\[geo\]"):

@@ -1,5 +1,5 @@
-"""``xstars embed`` (image files to arrays) and ``xstars embed-scene`` (a whole GeoTIFF to a
-georeferenced feature map or per-tile vectors)."""
+"""``xstars embed`` (image files to arrays) and ``xstars embed-scene`` (a whole scene: GeoTIFF,
+COG URL or STAC Item, to a feature-map COG or per-tile vectors in GeoParquet)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ SCENE_EPILOG = """\
 The scene is read window by window (memory does not grow with its size); its GSD (metres, from the
 file's transform) is checked against the sensor's: within 1% it is used as is, within 10% with a
 warning, beyond that an error unless --resample. An interrupted run resumes where it stopped.
+A COG URL is read with HTTP range requests; a STAC Item's assets are picked by the sensor's band
+names; --bounds or --window limits the run to an area of interest.
 
-example:
+examples:
   xstars embed-scene xstars-s2-aerial --sensor sentinel2_rgb scene.tif --out scene.map.tif --overlap 16
+  xstars embed-scene xstars-s2-aerial --sensor sentinel2_rgb https://example.com/item.json \\
+      --output cls --out tiles.parquet --bounds 437730 4174000 440000 4176460
 """
 
 
@@ -34,14 +38,19 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "embed-scene",
-        help="embed a whole GeoTIFF scene tile by tile into a georeferenced feature map (.tif) or per-tile vectors (.npz + .geojson)",
+        help="embed a whole scene (GeoTIFF, COG URL or STAC Item) tile by tile into a feature-map COG (.tif) or per-tile vectors (GeoParquet)",
         epilog=SCENE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="registry id, Hub repo (org/name[@rev]) or folder")
-    p.add_argument("source", help="GeoTIFF of the scene, bands in the sensor's order")
+    p.add_argument("source", help="GeoTIFF of the scene (bands in the sensor's order), http(s):// URL of a COG, or STAC Item JSON (path or URL)")
     p.add_argument("--sensor", required=True, help="the model's sensor name for this imagery")
-    p.add_argument("--out", help="output .tif (map) or .npz (cls); default beside the source")
+    p.add_argument("--out", help="output .tif (map) or .parquet (cls); default beside a local source")
+    p.add_argument("--bounds", type=float, nargs=4, metavar=("LEFT", "BOTTOM", "RIGHT", "TOP"),
+                   help="embed only this area, in the scene's CRS units")
+    p.add_argument("--window", type=int, nargs=4, metavar=("ROW", "COL", "HEIGHT", "WIDTH"),
+                   help="embed only this area, in input pixels")
+    p.add_argument("--overviews", action="store_true", help="add overviews to the map COG")
     p.add_argument("--output", default="map", choices=("map", "cls"))
     p.add_argument("--tile", type=int, help="tile side in pixels (multiple of the patch size)")
     p.add_argument("--overlap", type=int, default=0, help="tile overlap in pixels (multiple of the patch size)")
@@ -124,13 +133,13 @@ def _embed_scene(args: argparse.Namespace) -> int:
     result = model.embed_scene(
         args.source, sensor=args.sensor, out=args.out, tile=args.tile, overlap=args.overlap,
         output=args.output, batch_size=args.batch_size, device=args.device, resample=args.resample,
+        bounds=args.bounds, window=args.window, overviews=args.overviews,
         max_nodata=args.max_nodata, progress=not args.no_progress, resume=not args.restart,
         precision=args.precision, compile=args.compile,
     )
     print(
         f"{args.source}: {result.tiles} tiles ({result.embedded} embedded now, {result.resumed} "
         f"resumed, {result.skipped} skipped for nodata) in {result.seconds:.1f} s -> {result.path}"
-        + (f" and {result.footprints}" if result.footprints else "")
         + f"\nprecision: {result.precision}"
     )
     return 0

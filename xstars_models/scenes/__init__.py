@@ -1,8 +1,22 @@
-"""Whole scenes: a GeoTIFF (or a large C x H x W array) in, georeferenced embeddings out.
+"""Whole scenes: a GeoTIFF, a cloud-optimised GeoTIFF behind ``http(s)://``, a STAC Item (or a
+large C x H x W array) in, georeferenced embeddings out.
 
 :func:`embed_scene` cuts a scene into tiles, embeds them in batches and writes either a dense
-feature map — a float32 GeoTIFF with one band per feature dimension and one pixel per token — or
-one vector per tile with its footprint (``.npz`` plus a ``.geojson``).
+feature map — a float32 Cloud-Optimised GeoTIFF with one band per feature dimension and one pixel
+per token — or one vector per tile with its footprint, as GeoParquet (geopandas, TorchGeo and
+TerraTorch read it).
+
+Sources
+    A URL is opened by GDAL, which reads the file's header and then only the byte ranges of the
+    windows asked for (HTTP range requests); nothing is downloaded whole. A STAC Item's assets are
+    chosen by the sensor's band names (see :mod:`.stac`) and stacked into a virtual raster that is
+    read the same way. ``bounds=`` (in the scene's CRS) or ``window=`` (input pixels) restricts
+    everything below to an area of interest, whose corner becomes the outputs' origin.
+
+Units
+    Float imagery whose values cannot be the sensor's digital numbers (values of another bit
+    depth, or already scaled to 0-1) is refused strip by strip, naming the expected units (see
+    :mod:`xstars_models.units`); integer imagery must have the sensor's data type.
 
 Ground sampling distance (GSD)
     The pixel size in the scene's metadata (its affine transform, in the CRS's linear unit,
@@ -47,20 +61,22 @@ Memory
     window. Peak memory therefore depends on the scene's width, the tile size, the batch size and
     the feature dimension, never on the scene's height. GDAL's block cache is capped at 64 MiB
     during the call so that it cannot grow with the scene either. ``cls`` outputs are streamed into
-    the ``.npz`` and ``.geojson`` strip by strip too. (An array source is, of course, in memory
-    already.)
+    the GeoParquet file one row group per strip, and the map is copied into its COG layout block
+    by block at the end. (An array source is, of course, in memory already.)
 
 Resuming
-    Outputs are written under temporary names beside ``out`` — ``<out>.partial`` (the map GeoTIFF,
-    or the raw tile vectors for ``cls``) and ``<out>.partial.json`` — and renamed into place at the
-    end. After each strip the partial output is flushed to disk, the accumulator rows that the next
-    strip still adds to are saved (``<out>.partial.carry-<strip>.npz``, only with overlapping
+    Outputs are written under temporary names beside ``out`` — ``<out>.partial`` (an uncompressed
+    GeoTIFF of the map, or the raw tile vectors for ``cls``) and ``<out>.partial.json`` — and
+    turned into the final file under a temporary name that is renamed into place at the end. After
+    each strip the partial output is flushed to disk, the accumulator rows that the next strip
+    still adds to are saved (``<out>.partial.carry-<strip>.npz``, only with overlapping
     tiles), and the JSON records the number of finished strips together with the settings and a
-    fingerprint of the input (path, size and modification time of a file, or a hash of an array)
+    fingerprint of the input (path, size and modification time of a file, the URL or STAC Item
+    and its assets, the raster's shape and transform, the area of interest, or a hash of an array)
     and of the model's weights. A later call with ``resume=True`` continues after the last finished
     strip and refuses, naming the differing settings, if any of them changed; ``resume=False``
-    discards a partial run and starts over. ``batch_size``, ``device`` and ``compile`` may change
-    between runs.
+    discards a partial run and starts over. ``batch_size``, ``device``, ``compile`` and
+    ``overviews`` may change between runs.
 """
 
 from .embed import SCENE_OUTPUTS, SceneResult, embed_scene

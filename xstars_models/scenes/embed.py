@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..precision import resolve_precision
-from .reading import GDAL_CACHE_BYTES, Scene, import_rasterio, open_scene, pixel_missing
+from .reading import GDAL_CACHE_BYTES, Scene, import_rasterio, pixel_missing
+from .sources import is_remote, open_scene
 from .tiling import Plan, default_tile
 from .writers import ClsWriter, MapWriter, Partial
 
@@ -36,8 +37,8 @@ class SceneResult:
     """What :func:`embed_scene` wrote.
 
     Attributes:
-        path: the feature-map GeoTIFF (``map``) or the ``.npz`` of tile vectors (``cls``).
-        footprints: the ``.geojson`` of tile footprints (``cls``), else ``None``.
+        path: the feature-map Cloud-Optimised GeoTIFF (``map``) or the GeoParquet file of tile
+            vectors and footprints (``cls``).
         output: ``"map"`` or ``"cls"``.
         shape: ``map``: (feature bands, token rows, token columns); ``cls``: (tiles, feature dim).
         tiles: number of tiles in the scene.
@@ -55,7 +56,6 @@ class SceneResult:
     """
 
     path: Path
-    footprints: Path | None
     output: str
     shape: tuple[int, int, int] | tuple[int, int]
     tiles: int
@@ -87,10 +87,12 @@ def _model_fingerprint(model: XStars) -> str:
 
 
 def _output_path(out: str | os.PathLike | None, source: Any, sensor: str, output: str) -> Path:
-    suffixes = {"map": (".tif", ".tiff"), "cls": (".npz",)}[output]
+    suffixes = {"map": (".tif", ".tiff"), "cls": (".parquet", ".geoparquet")}[output]
     if out is None:
         if isinstance(source, np.ndarray):
             raise ValueError("out= is required when the scene is an array.")
+        if is_remote(source):
+            raise ValueError("out= is required when the scene is a URL or a STAC Item.")
         path = Path(source)
         return path.with_name(f"{path.stem}.{sensor}.{output}{suffixes[0]}")
     out = Path(out)
@@ -103,7 +105,7 @@ def _output_path(out: str | os.PathLike | None, source: Any, sensor: str, output
 
 def embed_scene(
     model: XStars,
-    source: str | os.PathLike | np.ndarray,
+    source: str | os.PathLike | np.ndarray | Any,
     sensor: str,
     out: str | os.PathLike | None = None,
     tile: int | None = None,
@@ -118,6 +120,9 @@ def embed_scene(
     *,
     transform: Affine | None = None,
     crs: Any = None,
+    bounds: tuple[float, float, float, float] | None = None,
+    window: Any = None,
+    overviews: bool = False,
     precision: str = "auto",
     compile: bool = False,
 ) -> SceneResult:
@@ -128,23 +133,28 @@ def embed_scene(
 
     Args:
         model: the encoder (``XStars``).
-        source: a GeoTIFF (or any file rasterio reads) of the sensor's digital numbers, bands in
-            the sensor's order; or a C x H x W numpy array of them.
+        source: the sensor's digital numbers, bands in the sensor's order: a GeoTIFF (or any file
+            rasterio reads); an ``http(s)://`` URL of a cloud-optimised GeoTIFF (read with HTTP
+            range requests, window by window, never downloaded whole); a STAC Item (``pystac.Item``,
+            or the path or URL of its JSON) whose assets are picked by the sensor's band names
+            (see :mod:`xstars_models.scenes.stac`); or a C x H x W numpy array.
         sensor: which of ``model.sensors`` the imagery comes from.
-        out: output file: a ``.tif`` for ``map``, a ``.npz`` for ``cls`` (the footprints go beside
-            it as ``.geojson``). Default for a file ``scene.tif``: ``scene.<sensor>.map.tif`` or
-            ``scene.<sensor>.cls.npz`` beside it; required for arrays.
+        out: output file: a ``.tif`` for ``map``, a ``.parquet`` for ``cls``. Default for a file
+            ``scene.tif``: ``scene.<sensor>.map.tif`` or ``scene.<sensor>.cls.parquet`` beside it;
+            required for arrays, URLs and STAC Items.
         tile: tile side in pixels at the sensor's GSD, a multiple of the sensor's patch size.
             Default: :func:`default_tile` (the trunk's pretraining token grid).
         overlap: overlap between neighbouring tiles in pixels, a multiple of the patch size,
             smaller than ``tile``.
-        output: ``"map"``: a float32 GeoTIFF, one band per feature dimension and one pixel per
-            token (``patch_size`` sensor pixels), same CRS, transform = the scene's transform at
-            the sensor's GSD scaled by the patch size, NaN as nodata. ``"cls"``: one CLS vector per
-            tile in a ``.npz`` (``vectors`` tiles x D, ``valid``, ``nodata_fraction``, ``bounds``
-            left/bottom/right/top in CRS units, ``windows`` row/col/height/width in input pixels,
-            ``tile_rc``, ``crs`` WKT, ``transform``, ``sensor``, ``tile_px``, ``overlap_px``,
-            ``patch_px``) and a ``.geojson`` of footprints with the tile index as ``tile``.
+        output: ``"map"``: a float32 Cloud-Optimised GeoTIFF (DEFLATE, 128 x 128 tiles, all
+            features of a token together), one band per feature dimension and one pixel per token
+            (``patch_size`` sensor pixels), same CRS, transform = the scene's transform at the
+            sensor's GSD scaled by the patch size, NaN as nodata. ``"cls"``: GeoParquet, one row
+            per tile: ``tile`` index, ``row``/``col`` in the tiling, ``valid``,
+            ``nodata_fraction``, ``window`` (row, col, height, width in input pixels),
+            ``embedding`` (the CLS vector, a float32 list) and ``geometry`` (the footprint
+            polygon in the scene's CRS); the file's ``xstars`` metadata records the model, its
+            revision, the sensor and the tiling.
         batch_size: tiles per forward pass.
         device: where to compute (the model is moved there); default: where the model is.
         resample: read windows resampled to the sensor's GSD when the scene's pixel size differs
@@ -154,6 +164,11 @@ def embed_scene(
         resume: continue a partial run of the same settings into ``out``; ``False`` starts over.
         transform: for an array source, the affine transform of its pixels (CRS units).
         crs: for an array source, its CRS (anything ``rasterio.crs.CRS.from_user_input`` takes).
+        bounds: embed only this area of interest, (left, bottom, right, top) in the scene's CRS
+            units; every input pixel it touches is included.
+        window: embed only this area of interest, (row, col, height, width) in input pixels or a
+            ``rasterio.windows.Window``. Outputs are georeferenced to the area, not the scene.
+        overviews: add average-resampled overviews to the ``map`` COG.
         precision: ``"auto"`` (bf16 autocast on CUDA and on CPUs with bf16 matrix units, fp32
             elsewhere), ``"fp32"``, ``"bf16"`` or ``"int8"`` (CPU: the trunk's Linear layers
             quantised); see :mod:`xstars_models.precision`. The map is float32 either way.
@@ -186,7 +201,7 @@ def embed_scene(
 
     with contextlib.ExitStack() as stack:
         stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
-        scene = open_scene(source, stem.spec, sensor, resample, transform, crs, stack)
+        scene = open_scene(source, stem.spec, sensor, resample, transform, crs, stack, bounds, window)
         tile_px = default_tile(model, sensor) if tile is None else tile
         plan = Plan.build(scene, stem.patch_size, tile_px, overlap, sensor)
         settings = {
@@ -213,19 +228,21 @@ def embed_scene(
             "xstars_overlap_px": str(overlap),
             "xstars_source": Path(scene.what).name if not isinstance(source, np.ndarray) else scene.what,
         }
+        if getattr(model, "revision", None):
+            tags["xstars_revision"] = str(model.revision)
         if scene.scale is not None:
             tags["xstars_resample_scale"] = f"{scene.scale[0]:.6g} {scene.scale[1]:.6g}"
         if output == "map":
             prefix = model.trunk.num_prefix_tokens
-            writer: MapWriter | ClsWriter = MapWriter(plan, scene, model.embed_dim, prefix, target, partial, tags)
+            writer: MapWriter | ClsWriter = MapWriter(
+                plan, scene, model.embed_dim, prefix, target, partial, tags, overviews
+            )
         else:
             meta = {
-                "crs": crs_wkt or "",
-                "transform": np.asarray(tuple(scene.transform)[:6], np.float64),
-                "sensor": sensor,
-                "tile_px": int(tile_px),
-                "overlap_px": int(overlap),
-                "patch_px": stem.patch_size,
+                **{key.removeprefix("xstars_"): value for key, value in tags.items()},
+                "revision": getattr(model, "revision", None),
+                "crs": crs_wkt,
+                "transform": list(tuple(scene.transform)[:6]),
             }
             writer = ClsWriter(plan, scene, model.embed_dim, partial, meta)
         writer.start(record)
@@ -234,13 +251,12 @@ def embed_scene(
         encoder = model.int8_copy() if resolved.name == "int8" else model
         embedded = _run_strips(encoder, sensor, scene, plan, writer, partial, settings, counts, done, target,
                                batch_size, max_nodata, resolved.autocast, compile, progress)
-        path, footprints = writer.finish(out_path)
+        path = writer.finish(out_path)
         partial.discard()
 
     shape = (model.embed_dim, *plan.grid) if output == "map" else (plan.tiles, model.embed_dim)
     return SceneResult(
         path=path,
-        footprints=footprints,
         output=output,
         shape=shape,
         tiles=plan.tiles,

@@ -1,25 +1,20 @@
-"""Reading a scene: windows of digital numbers at the sensor's GSD, the GSD check, and which
-pixels are missing."""
+"""Reading a scene: windows of digital numbers of its area of interest at the sensor's GSD, the
+GSD and unit checks, and which pixels are missing. Opening one is :mod:`.sources`' job."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
-import os
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
 from ..sensors import SensorSpec
+from ..units import check_value_range, expected_input
 
 if TYPE_CHECKING:
     from affine import Affine
-
-
-
 
 GSD_SAME = 0.01  # relative GSD difference used without comment
 GSD_WARN = 0.10  # ... used with a warning when resample=False; beyond it, an error
@@ -28,6 +23,12 @@ GSD_WARN = 0.10  # ... used with a warning when resample=False; beyond it, an er
 # the cache grow with the scene.
 GDAL_CACHE_BYTES = 64 * 2**20
 
+# Remote reads: no directory listing on open (one request fewer, and none for sidecar files), and
+# neighbouring byte ranges fetched in one request.
+REMOTE_GDAL_OPTIONS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES"}
+
+# A window of input pixels: row offset, column offset, height, width.
+PixelWindow = tuple[int, int, int, int]
 
 
 def import_rasterio() -> Any:
@@ -86,6 +87,7 @@ class Scene:
         sensor: str,
         resample: bool,
         fingerprint: dict[str, Any],
+        aoi: PixelWindow | None = None,
     ) -> None:
         from affine import Affine
 
@@ -93,6 +95,7 @@ class Scene:
         self.fingerprint = fingerprint
         self.crs = crs
         self.nodata = nodata
+        self.spec = spec
         self._dataset = dataset
         self._array = array
         count, height, width = array.shape if array is not None else (dataset.count, dataset.height, dataset.width)
@@ -104,11 +107,16 @@ class Scene:
             )
         if dtype.kind != "f" and dtype.name != spec.dtype:
             raise ValueError(
-                f"{what}: {dtype.name} pixels, but sensor {sensor!r} expects {spec.dtype} digital "
-                "numbers (or floats in the same units)."
+                f"{what}: {dtype.name} pixels, but sensor {sensor!r} expects {expected_input(spec)} "
+                "(or floats in the same units)."
             )
         self.dtype = dtype
         self.scale = self._gsd_scale(transform, crs, spec, sensor, resample)
+        # The area of interest, in input pixels; reads are offset by its corner.
+        self._row0, self._col0 = (aoi[0], aoi[1]) if aoi is not None else (0, 0)
+        if aoi is not None:
+            height, width = aoi[2], aoi[3]
+            transform = transform @ Affine.translation(self._col0, self._row0)
         if self.scale is None:
             self.height, self.width = height, width
             self.transform = transform
@@ -117,6 +125,11 @@ class Scene:
             self.height = int(math.floor(height / self.scale[1] + 1e-9))
             self.width = int(math.floor(width / self.scale[0] + 1e-9))
             self.transform = transform @ Affine.scale(*self.scale)
+
+    @property
+    def origin(self) -> tuple[int, int]:
+        """(row, col) of the area of interest's corner in the input's pixels."""
+        return self._row0, self._col0
 
     def _gsd_scale(
         self, transform: Affine, crs: Any, spec: SensorSpec, sensor: str, resample: bool
@@ -144,80 +157,37 @@ class Scene:
         return _check_gsd(pixel_m, spec.gsd_m, sensor, self.what, resample)
 
     def read(self, row: int, height: int, width: int) -> np.ndarray:
-        """Pixels [row, row + height) x [0, width) at the sensor's GSD, C x height x width, in the
-        input's data type (a fresh array)."""
+        """Pixels [row, row + height) x [0, width) of the area of interest at the sensor's GSD,
+        C x height x width, in the input's data type (a fresh array).
+
+        Raises:
+            ValueError: float values that cannot be the sensor's digital numbers (see
+                :func:`xstars_models.units.check_value_range`), nodata pixels aside.
+        """
+        strip = self._read(row, height, width)
+        if strip.dtype.kind == "f":
+            valid = None
+            if self.nodata is not None and not math.isnan(self.nodata):
+                valid = ~(strip == self.nodata).all(axis=0)
+            check_value_range(strip, self.spec, f"{self.what}, rows {row}-{row + height} at the sensor's GSD", valid)
+        return strip
+
+    def _read(self, row: int, height: int, width: int) -> np.ndarray:
+        r0, c0 = self._row0, self._col0
         if self._array is not None:
-            return np.array(self._array[:, row : row + height, :width])
+            return np.array(self._array[:, r0 + row : r0 + row + height, c0 : c0 + width])
         from rasterio.enums import Resampling
         from rasterio.windows import Window
 
         if self.scale is None:
-            return self._dataset.read(window=Window(0, row, width, height))
+            return self._dataset.read(window=Window(c0, r0 + row, width, height))
         sx, sy = self.scale
         return self._dataset.read(
-            window=Window(0, row * sy, width * sx, height * sy),
+            window=Window(c0, r0 + row * sy, width * sx, height * sy),
             out_shape=(self._dataset.count, height, width),
             # Averaging when shrinking keeps every input pixel's contribution; bilinear when enlarging.
             resampling=Resampling.average if min(sx, sy) > 1 else Resampling.bilinear,
         )
-
-
-def open_scene(
-    source: str | os.PathLike | np.ndarray,
-    spec: SensorSpec,
-    sensor: str,
-    resample: bool,
-    transform: Affine | None,
-    crs: Any,
-    stack: contextlib.ExitStack,
-) -> Scene:
-    rasterio = import_rasterio()
-    from affine import Affine
-
-    if isinstance(source, np.ndarray):
-        if source.ndim != 3:
-            raise ValueError(
-                f"Scene arrays must be C x H x W; got shape {source.shape} for sensor {sensor!r}."
-            )
-        crs = rasterio.crs.CRS.from_user_input(crs) if crs is not None else None
-        transform = transform if transform is not None else Affine.identity()
-        data = np.ascontiguousarray(source)
-        fingerprint = {
-            "array_sha256": hashlib.sha256(memoryview(data).cast("B")).hexdigest(),
-            "shape": list(data.shape),
-            "dtype": data.dtype.name,
-        }
-        what = f"array {tuple(data.shape)}"
-        nodata = spec.nodata
-        scene = Scene(what, None, data, transform, crs, nodata, spec, sensor, resample, fingerprint)
-        if scene.scale is not None:
-            # Resampled reads go through GDAL, so the array becomes an in-memory dataset.
-            memfile = stack.enter_context(rasterio.io.MemoryFile())
-            dataset = stack.enter_context(
-                memfile.open(
-                    driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-                    dtype=data.dtype.name, transform=transform, crs=crs,
-                )
-            )
-            dataset.write(data)
-            scene._dataset, scene._array = dataset, None
-        return scene
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(
-            f"source must be a GeoTIFF path or a C x H x W numpy array, got {type(source).__name__}."
-        )
-    if transform is not None or crs is not None:
-        raise ValueError(f"{source}: transform= and crs= are for array sources; a file has its own.")
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"Scene {path} does not exist.")
-    dataset = stack.enter_context(rasterio.open(path))
-    stat = path.stat()
-    fingerprint = {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    nodata = dataset.nodata if dataset.nodata is not None else spec.nodata
-    return Scene(str(path), dataset, None, dataset.transform, dataset.crs, nodata, spec, sensor, resample, fingerprint)
-
-
 
 
 @contextlib.contextmanager

@@ -1,28 +1,29 @@
 """Writers: the partial output of an unfinished run, its carried-over accumulator rows, and the
-final GeoTIFF / .npz + .geojson files, streamed strip by strip."""
+final files, streamed strip by strip: a Cloud-Optimised GeoTIFF for maps, GeoParquet for per-tile
+vectors."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
-import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from ..serialization import atomic_write_bytes
+from .geoparquet import TileStrip, import_pyarrow, write_geoparquet
 from .reading import Scene, import_rasterio, quiet_georef
 from .tiling import Plan, ramps
 
-if TYPE_CHECKING:
-
-    pass
-
 _PARTIAL_FORMAT = "xstars-scene-partial/1"
 
+# COG tiles of the feature map, in tokens (the smallest GDAL accepts). All feature bands of a tile
+# are stored together (pixel interleaving, what reading the vectors of a place wants).
+COG_BLOCK = 128
 
 
 class Partial:
@@ -91,11 +92,12 @@ def _short(value: Any) -> str:
 
 class MapWriter:
     """Accumulates weighted features of one strip of tiles and writes finished token rows into
-    the partial GeoTIFF."""
+    the partial GeoTIFF; at the end copies it into a DEFLATE-compressed, tiled Cloud-Optimised
+    GeoTIFF (with average-resampled overviews when ``overviews``)."""
 
     def __init__(
         self, plan: Plan, scene: Scene, dim: int, prefix: int, device: torch.device, partial: Partial,
-        tags: dict[str, str],
+        tags: dict[str, str], overviews: bool = False,
     ) -> None:
         from affine import Affine
 
@@ -117,6 +119,7 @@ class MapWriter:
             BIGTIFF="IF_SAFER",
         )
         self.tags = tags
+        self.overviews = overviews
 
     def start(self, record: dict[str, Any] | None) -> None:
         rasterio = import_rasterio()
@@ -180,16 +183,31 @@ class MapWriter:
         atomic_write_bytes(path, buffer.getvalue())
         return path
 
-    def finish(self, out: Path) -> tuple[Path, None]:
-        os.replace(self.partial.base, out)
-        return out, None
+    def finish(self, out: Path) -> Path:
+        """Copy the partial GeoTIFF into the COG ``out`` (through a temporary name) and remove it.
+        GDAL copies block by block, within its capped cache."""
+        from rasterio.shutil import copy as gdal_copy
+
+        options = dict(
+            driver="COG", COMPRESS="DEFLATE", PREDICTOR="YES", BLOCKSIZE=COG_BLOCK, BIGTIFF="IF_SAFER",
+            OVERVIEWS="NONE",
+        )
+        if self.overviews:
+            # Halve until the coarsest level fits in one tile (at least one level).
+            levels = max(1, math.ceil(math.log2(max(self.plan.grid) / COG_BLOCK)))
+            options.update(OVERVIEWS="IGNORE_EXISTING", OVERVIEW_COUNT=levels, OVERVIEW_RESAMPLING="AVERAGE")
+        with quiet_georef():
+            _atomic_file(out, lambda tmp: gdal_copy(self.partial.base, tmp, **options))
+        self.partial.base.unlink()
+        return out
 
 
 class ClsWriter:
     """Appends each strip's tile records (nodata fraction, CLS vector) to a raw float32 file;
-    at the end streams them into the ``.npz`` and writes the footprints."""
+    at the end streams them into GeoParquet with each tile's footprint and input-pixel window."""
 
     def __init__(self, plan: Plan, scene: Scene, dim: int, partial: Partial, meta: dict[str, Any]) -> None:
+        import_pyarrow()  # fail before embedding anything, not at the end
         self.plan, self.scene, self.dim, self.partial, self.meta = plan, scene, dim, partial, meta
         self.record = 1 + dim
         self.transform = scene.transform
@@ -214,76 +232,52 @@ class ClsWriter:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def _tile_geometry(self, i: int) -> tuple[np.ndarray, np.ndarray, list[list[list[float]]]]:
-        """Bounds (left, bottom, right, top), input-pixel windows (row, col, height, width) and
-        footprint rings of the tiles of tile-row ``i``."""
+    def _tile_geometry(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Input-pixel windows (row, col, height, width; in the whole input, area of interest
+        included) and footprint rings (closed, counter-clockwise on a north-up map) of the tiles
+        of tile-row ``i``."""
         p, (th, tw) = self.plan.patch, self.plan.tile
         sx, sy = self.scene.scale or (1.0, 1.0)
+        row0, col0 = self.scene.origin
         t = self.transform
-        bounds, windows, rings = [], [], []
+        windows, rings = [], []
         for c in self.plan.cols:
             r0, c0, h, w = self.plan.rows[i] * p, c * p, th * p, tw * p
-            # Counter-clockwise on a north-up map, as RFC 7946 wants exterior rings.
             corners = [t @ (c0, r0), t @ (c0, r0 + h), t @ (c0 + w, r0 + h), t @ (c0 + w, r0)]
-            xs, ys = [x for x, _ in corners], [y for _, y in corners]
-            bounds.append((min(xs), min(ys), max(xs), max(ys)))
-            windows.append((r0 * sy, c0 * sx, h * sy, w * sx))
-            rings.append([[float(x), float(y)] for x, y in corners + corners[:1]])
-        return np.asarray(bounds, np.float64), np.asarray(windows, np.float64), rings
+            windows.append((row0 + r0 * sy, col0 + c0 * sx, h * sy, w * sx))
+            rings.append(corners + corners[:1])
+        return np.asarray(windows, np.float64), np.asarray(rings, np.float64)
 
-    def finish(self, out: Path) -> tuple[Path, Path]:
+    def finish(self, out: Path) -> Path:
         n_rows, n_cols = len(self.plan.rows), len(self.plan.cols)
-        n = self.plan.tiles
         strip_bytes = n_cols * self.record * 4
 
-        def strips() -> Iterator[np.ndarray]:
+        def strips() -> Iterator[TileStrip]:
             with open(self.partial.base, "rb") as fh:
-                for _ in range(n_rows):
-                    yield np.frombuffer(fh.read(strip_bytes), np.float32).reshape(n_cols, self.record)
+                for i in range(n_rows):
+                    records = np.frombuffer(fh.read(strip_bytes), np.float32).reshape(n_cols, self.record)
+                    windows, rings = self._tile_geometry(i)
+                    yield (
+                        np.arange(i * n_cols, (i + 1) * n_cols), np.full(n_cols, i), np.arange(n_cols),
+                        np.isfinite(records[:, 1:]).all(1), records[:, 0], windows, records[:, 1:], rings,
+                    )
 
-        members: dict[str, tuple[tuple[int, ...], str, Callable[[], Iterator[np.ndarray]]]] = {
-            "vectors": ((n, self.dim), "float32", lambda: (s[:, 1:] for s in strips())),
-            "nodata_fraction": ((n,), "float32", lambda: (s[:, 0] for s in strips())),
-            "valid": ((n,), "bool", lambda: (np.isfinite(s[:, 1:]).all(1) for s in strips())),
-            "bounds": ((n, 4), "float64", lambda: (self._tile_geometry(i)[0] for i in range(n_rows))),
-            "windows": ((n, 4), "float64", lambda: (self._tile_geometry(i)[1] for i in range(n_rows))),
-            "tile_rc": ((n, 2), "int64", lambda: ([(i, j) for j in range(n_cols)] for i in range(n_rows))),
-        }
-        _stream_npz(out, members, self.meta)
-        footprints = out.with_suffix(".geojson")
-        self._write_geojson(footprints, strips())
+        corners = np.concatenate([self._tile_geometry(i)[1] for i in (0, n_rows - 1)])
+        bbox = [float(v) for v in (*corners.reshape(-1, 2).min(0), *corners.reshape(-1, 2).max(0))]
+        _atomic_stream(out, lambda fh: write_geoparquet(fh, strips(), self.dim, self.scene.crs, bbox, self.meta))
         self.partial.base.unlink()
-        return out, footprints
+        return out
 
-    def _write_geojson(self, path: Path, strips: Iterator[np.ndarray]) -> None:
-        """Tile footprints in the scene's CRS (named in the pre-RFC 7946 ``crs`` member, which
-        GDAL and QGIS read), so they match the ``.npz`` bounds exactly."""
-        header: dict[str, Any] = {"type": "FeatureCollection"}
-        epsg = self.scene.crs.to_epsg() if self.scene.crs is not None else None
-        if epsg is not None:
-            header["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{epsg}"}}
-        n_cols = len(self.plan.cols)
 
-        def write(fh: Any) -> None:
-            fh.write((json.dumps(header)[:-1] + ', "features": [\n').encode())
-            for i, strip in enumerate(strips):
-                _, _, rings = self._tile_geometry(i)
-                for j in range(n_cols):
-                    index = i * n_cols + j
-                    feature = {
-                        "type": "Feature",
-                        "id": index,
-                        "properties": {
-                            "tile": index, "row": i, "col": j,
-                            "valid": bool(np.isfinite(strip[j, 1:]).all()),
-                            "nodata_fraction": round(float(strip[j, 0]), 6),
-                        },
-                        "geometry": {"type": "Polygon", "coordinates": [rings[j]]},
-                    }
-                    fh.write((("" if index == 0 else ",\n") + json.dumps(feature)).encode())
-            fh.write(b"\n]}\n")
-
-        _atomic_stream(path, write)
+def _atomic_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Have ``write`` create a temporary file beside ``path``, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _atomic_stream(path: Path, write: Callable[[Any], None]) -> None:
@@ -298,25 +292,3 @@ def _atomic_stream(path: Path, write: Callable[[Any], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def _stream_npz(
-    path: Path,
-    members: dict[str, tuple[tuple[int, ...], str, Callable[[], Iterator[np.ndarray]]]],
-    scalars: dict[str, Any],
-) -> None:
-    """An ``.npz`` whose large arrays are written chunk by chunk (never whole in memory)."""
-
-    def write(raw: Any) -> None:
-        with zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, (shape, dtype, chunks) in members.items():
-                with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
-                    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
-                    np.lib.format.write_array_header_1_0(fh, {"descr": descr, "fortran_order": False, "shape": shape})
-                    for chunk in chunks():
-                        fh.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
-            for name, value in scalars.items():
-                with zf.open(f"{name}.npy", "w") as fh:
-                    np.lib.format.write_array(fh, np.asarray(value), allow_pickle=False)
-
-    _atomic_stream(path, write)

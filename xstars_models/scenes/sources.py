@@ -1,0 +1,176 @@
+"""Opening a scene: a C x H x W array, a local raster file, an ``http(s)://`` URL of a
+cloud-optimised GeoTIFF (read by GDAL with HTTP range requests, never downloaded whole), or a STAC
+Item (a ``pystac.Item``, or the path or URL of its JSON); then its area of interest."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from ..sensors import SensorSpec
+from .reading import REMOTE_GDAL_OPTIONS, PixelWindow, Scene, import_rasterio
+from .stac import open_stac_item
+
+if TYPE_CHECKING:
+    from affine import Affine
+
+_URL = re.compile(r"^https?://", re.IGNORECASE)
+
+
+def is_remote(source: Any) -> bool:
+    """Whether ``source`` is read over the network (a URL or a STAC Item): outputs then need an
+    explicit ``out=``."""
+    return (isinstance(source, str) and bool(_URL.match(source))) or type(source).__module__.startswith("pystac")
+
+
+def _is_stac(source: Any) -> bool:
+    if type(source).__module__.startswith("pystac"):
+        return True
+    if isinstance(source, (str, os.PathLike)):
+        path = str(source).split("?", 1)[0].split("#", 1)[0]
+        return path.lower().endswith(".json")
+    return False
+
+
+def resolve_aoi(
+    bounds: Sequence[float] | None,
+    window: Any,
+    transform: Affine,
+    height: int,
+    width: int,
+    what: str,
+) -> PixelWindow | None:
+    """The area of interest as a whole-pixel window (row, col, height, width) of the input.
+
+    ``bounds`` (left, bottom, right, top in the scene's CRS units) become every pixel they touch;
+    ``window`` is (row, col, height, width) in input pixels or a ``rasterio.windows.Window``.
+    """
+    if bounds is not None and window is not None:
+        raise ValueError(f"{what}: pass bounds= or window=, not both.")
+    if window is not None:
+        if hasattr(window, "col_off"):  # rasterio.windows.Window
+            window = (window.row_off, window.col_off, window.height, window.width)
+        values = tuple(window)
+        if len(values) != 4 or not all(float(v).is_integer() for v in values):
+            raise ValueError(f"{what}: window={window!r} must be 4 whole numbers of pixels (row, col, height, width).")
+        row, col, h, w = (int(v) for v in values)
+        if row < 0 or col < 0 or h < 1 or w < 1 or row + h > height or col + w > width:
+            raise ValueError(
+                f"{what}: window (row {row}, col {col}, height {h}, width {w}) is not inside the scene's "
+                f"{height} x {width} pixels."
+            )
+        return row, col, h, w
+    if bounds is None:
+        return None
+    from rasterio.transform import array_bounds
+    from rasterio.windows import from_bounds
+
+    if len(bounds) != 4 or not (bounds[0] < bounds[2] and bounds[1] < bounds[3]):
+        raise ValueError(f"{what}: bounds={tuple(bounds)!r} must be (left, bottom, right, top) with left < right, bottom < top.")
+    area = from_bounds(*bounds, transform=transform)
+    row0 = max(0, math.floor(area.row_off + 1e-9))
+    col0 = max(0, math.floor(area.col_off + 1e-9))
+    row1 = min(height, math.ceil(area.row_off + area.height - 1e-9))
+    col1 = min(width, math.ceil(area.col_off + area.width - 1e-9))
+    if row1 <= row0 or col1 <= col0:
+        south, west, north, east = array_bounds(height, width, transform)
+        raise ValueError(
+            f"{what}: bounds {tuple(bounds)} do not overlap the scene, which spans "
+            f"({west:g}, {south:g}, {east:g}, {north:g}) (left, bottom, right, top) in its CRS."
+        )
+    return row0, col0, row1 - row0, col1 - col0
+
+
+def open_scene(
+    source: str | os.PathLike | np.ndarray | Any,
+    spec: SensorSpec,
+    sensor: str,
+    resample: bool,
+    transform: Affine | None,
+    crs: Any,
+    stack: contextlib.ExitStack,
+    bounds: Sequence[float] | None = None,
+    window: Any = None,
+) -> Scene:
+    """A :class:`Scene` reading ``source``; datasets it opens are closed with ``stack``."""
+    rasterio = import_rasterio()
+    from affine import Affine
+
+    if isinstance(source, np.ndarray):
+        if source.ndim != 3:
+            raise ValueError(
+                f"Scene arrays must be C x H x W; got shape {source.shape} for sensor {sensor!r}."
+            )
+        crs = rasterio.crs.CRS.from_user_input(crs) if crs is not None else None
+        transform = transform if transform is not None else Affine.identity()
+        data = np.ascontiguousarray(source)
+        what = f"array {tuple(data.shape)}"
+        aoi = resolve_aoi(bounds, window, transform, data.shape[1], data.shape[2], what)
+        fingerprint = {
+            "array_sha256": hashlib.sha256(memoryview(data).cast("B")).hexdigest(),
+            "shape": list(data.shape),
+            "dtype": data.dtype.name,
+            "aoi": aoi,
+        }
+        scene = Scene(what, None, data, transform, crs, spec.nodata, spec, sensor, resample, fingerprint, aoi)
+        if scene.scale is not None:
+            # Resampled reads go through GDAL, so the array becomes an in-memory dataset.
+            memfile = stack.enter_context(rasterio.io.MemoryFile())
+            dataset = stack.enter_context(
+                memfile.open(
+                    driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                    dtype=data.dtype.name, transform=transform, crs=crs,
+                )
+            )
+            dataset.write(data)
+            scene._dataset, scene._array = dataset, None
+        return scene
+    if not isinstance(source, (str, os.PathLike)) and not _is_stac(source):
+        raise TypeError(
+            "source must be a C x H x W numpy array, a raster file, an http(s):// URL of a GeoTIFF, "
+            f"or a STAC Item (pystac.Item, or the path or URL of its JSON); got {type(source).__name__}."
+        )
+    if transform is not None or crs is not None:
+        raise ValueError(f"{source}: transform= and crs= are for array sources; a file has its own.")
+    if is_remote(source) or _is_stac(source):
+        stack.enter_context(rasterio.Env(**REMOTE_GDAL_OPTIONS))
+    if _is_stac(source):
+        dataset, what, fingerprint = open_stac_item(source, spec, sensor, stack)
+    elif is_remote(source):
+        dataset = stack.enter_context(_open_url(rasterio, str(source)))
+        what = str(source)
+        fingerprint = {"url": what}
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"Scene {path} does not exist.")
+        dataset = stack.enter_context(rasterio.open(path))
+        stat = path.stat()
+        what = str(path)
+        fingerprint = {"path": str(path.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    # What the scene is, as far as a resumed run can tell without reading it all.
+    fingerprint.update(
+        shape=[dataset.count, dataset.height, dataset.width], dtype=dataset.dtypes[0],
+        transform=list(dataset.transform)[:6],
+    )
+    aoi = resolve_aoi(bounds, window, dataset.transform, dataset.height, dataset.width, what)
+    fingerprint["aoi"] = aoi
+    nodata = dataset.nodata if dataset.nodata is not None else spec.nodata
+    return Scene(what, dataset, None, dataset.transform, dataset.crs, nodata, spec, sensor, resample, fingerprint, aoi)
+
+
+def _open_url(rasterio: Any, url: str) -> Any:
+    try:
+        return rasterio.open(url)
+    except rasterio.errors.RasterioIOError as err:
+        raise FileNotFoundError(
+            f"Cannot open {url} as a raster over HTTP ({err}). Check the URL; GDAL reads it with "
+            "range requests, so the server must answer HEAD and Range requests."
+        ) from None

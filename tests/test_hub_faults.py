@@ -5,14 +5,13 @@ real huggingface_hub client, from the API and from the CLI."""
 from __future__ import annotations
 
 import hashlib
-import time
-import types
 import uuid
 
 import pytest
 import torch
 
 from factories import rgb_images, tiny_model
+from fault_fixtures import fast_client, faults  # noqa: F401 (fixtures)
 from hub_server import Fault
 from xstars_models import ChecksumError, XStars, register_model
 from xstars_models import manifest as manifest_module
@@ -23,30 +22,6 @@ from xstars_models.errors import HubServerError
 @pytest.fixture(autouse=True)
 def clean_registry(monkeypatch):
     monkeypatch.setattr(manifest_module, "_registered", {})
-
-
-@pytest.fixture()
-def faults(hub_server):
-    """The loopback Hub, its faults removed after the test."""
-    yield hub_server
-    hub_server.clear_faults()
-
-
-@pytest.fixture()
-def fast_client(monkeypatch):
-    """The client's retry back-off without the waiting (the sleeps are recorded), and 0.5 s
-    timeouts instead of 10 s and 60 s, so a failing server fails a test in seconds."""
-    from huggingface_hub import constants, file_download
-    from huggingface_hub.utils import _http
-
-    sleeps: list[float] = []
-    fake_time = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
-    fake_time.sleep = sleeps.append
-    monkeypatch.setattr(_http, "time", fake_time)
-    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 0.5)
-    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.5)
-    monkeypatch.setattr(file_download, "_ETAG_RETRY_TIMEOUT", 0.5)
-    return sleeps
 
 
 @pytest.fixture()

@@ -12,8 +12,12 @@ import torch
 from huggingface_hub import hf_hub_download
 
 from factories import TINY, rgb_images, tiny_model
+from fault_fixtures import fast_client, faults  # noqa: F401 (fixtures)
+from hub_server import Fault
 from xstars_models import XStars, get_model_entry
 from xstars_models import manifest as manifest_module
+from xstars_models.cli import main
+from xstars_models.errors import ManifestError, PushIncompleteError
 from xstars_models.manifest import MANIFEST_ENV
 
 
@@ -85,9 +89,9 @@ def test_missing_token_is_clear(hub_server, hf_cache, monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
     repo_id = new_repo()
-    with pytest.raises(PermissionError, match="needs a Hub token|rejected the token"):
+    with pytest.raises(PermissionError, match="needs a Hub token with write access, and none was found"):
         tiny_model().push_to_hub(repo_id)
-    assert hub_server.head(repo_id) is None
+    assert hub_server.head(repo_id) is None and hub_server.requests == []
 
 
 def test_manifest_entry_makes_a_registry_id(tmp_path, hub_server, hf_cache, monkeypatch):
@@ -116,3 +120,65 @@ def test_pushed_trunk_loads_in_plain_timm(hub_server, hf_cache):
     )
     for key, value in plain.state_dict().items():
         assert torch.equal(value, model.trunk.state_dict()[key])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(model_id="Not A Valid Id"), ManifestError, r"'Not A Valid Id': ids use lowercase letters"),
+        (dict(manifest_path="garbage"), ManifestError, r"garbage.json is not valid JSON"),
+        (dict(repo_id="no-namespace"), ValueError, r"Hub repo id 'no-namespace' is not 'org/name'"),
+        (dict(repo_id="org/name@v2"), ValueError, r"is not 'org/name'"),
+        (dict(revision="a" * 40), ValueError, r"must be a branch name"),
+    ],
+)
+def test_push_checks_everything_before_uploading(tmp_path, hub_server, hf_cache, kwargs, error, message):
+    repo_id = kwargs.pop("repo_id", new_repo())
+    manifest = tmp_path / "models.json"
+    if kwargs.get("manifest_path") == "garbage":
+        manifest = tmp_path / "garbage.json"
+        manifest.write_text("{not json")
+        kwargs.pop("manifest_path")
+    with pytest.raises(error, match=message):
+        tiny_model().push_to_hub(repo_id, manifest_path=manifest, **kwargs)
+    assert hub_server.requests == []  # not even the repo was created
+
+
+def test_cli_push_with_a_bad_model_id_commits_nothing(tmp_path, hub_server, hf_cache, capsys):
+    folder = tiny_model().save_pretrained(tmp_path / "model")
+    repo_id = new_repo()
+    argv = ["push", str(folder), repo_id, "--manifest", str(tmp_path / "m.json"), "--model-id", "Bad_ID"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xstars push: error:") and "'Bad_ID'" in err and err.count("\n") == 1
+    assert hub_server.head(repo_id) is None and not (tmp_path / "m.json").exists()
+
+
+def test_failure_after_the_commit_names_the_commit_that_landed(tmp_path, hub_server, hf_cache, monkeypatch, capsys):
+    from xstars_models import publish
+
+    folder = tiny_model().save_pretrained(tmp_path / "model")
+    repo_id = new_repo()
+
+    def disk_full(path, data):
+        raise OSError(28, f"{path}: No space left on device")
+
+    monkeypatch.setattr(publish, "atomic_write_bytes", disk_full)
+    with pytest.raises(PushIncompleteError) as err:
+        XStars.from_pretrained(folder).push_to_hub(repo_id, manifest_path=tmp_path / "m.json")
+    commit = hub_server.head(repo_id)
+    assert commit is not None and f"Pushed {repo_id}@{commit}, but writing its entry" in str(err.value)
+    assert "No space left on device" in str(err.value)
+    assert main(["push", str(folder), repo_id, "--manifest", str(tmp_path / "m.json")]) == 2
+    assert f"{repo_id}@{commit}" in capsys.readouterr().err  # unchanged files: the same commit, named again
+
+
+def test_server_failure_during_push_is_one_line(tmp_path, faults, hf_cache, fast_client, capsys):
+    folder = tiny_model().save_pretrained(tmp_path / "model")
+    repo_id = new_repo()
+    faults.inject(Fault("/api/models/*/commit/*", status=500))
+    assert main(["push", str(folder), repo_id]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"xstars push: error: Pushing to {repo_id!r}") and "HTTP 500" in err
+    assert err.count("\n") == 1 and "Nothing was committed" in err
+    assert faults.files(repo_id) == {".gitattributes": faults.files(repo_id)[".gitattributes"]}

@@ -10,6 +10,7 @@ __all__ = [
     "ManifestError",
     "ModelNotFoundError",
     "OfflineFilesMissingError",
+    "PushIncompleteError",
     "StateDictMismatchError",
 ]
 
@@ -38,6 +39,11 @@ class ModelNotFoundError(ValueError):
 
 class OfflineFilesMissingError(FileNotFoundError):
     """Files needed to load a model are not in the local cache and downloading is not allowed."""
+
+
+class PushIncompleteError(RuntimeError):
+    """A push committed to the Hub but a later step (writing the manifest entry) failed; the
+    message names the commit that landed."""
 
 
 class StateDictMismatchError(RuntimeError):

@@ -32,7 +32,7 @@ from .errors import ChecksumError, HubServerError, ManifestError, ModelNotFoundE
 from .manifest import ModelEntry, get_model_entry, is_registered
 from .serialization import read_verified
 
-__all__ = ["ResolvedModel", "resolve_model"]
+__all__ = ["NETWORK_ERRORS", "ResolvedModel", "describe_network_failure", "resolve_model"]
 
 _REPO_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(@(?P<rev>[A-Za-z0-9._/-]+))?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -91,6 +91,24 @@ def _from_folder(folder: Path) -> ResolvedModel:
     return ResolvedModel(config, paths, {n: config.files[n] for n in paths}, f"local:{folder}", repair=repair)
 
 
+NETWORK_ERRORS = (HfHubHTTPError, _http.HTTPError, FileMetadataError)
+"""What the Hub client raises when the server or the network fails (after its own retries)."""
+
+
+def describe_network_failure(err: BaseException) -> str:
+    """What went wrong in a failed Hub request, in words: the HTTP status, a timeout, a refused or
+    dropped connection."""
+    if isinstance(err, HfHubHTTPError) and getattr(err, "response", None) is not None:
+        return f"the server answered HTTP {err.response.status_code}"
+    if isinstance(err, _http.TimeoutException):
+        return f"the server did not answer in time ({type(err).__name__})"
+    if isinstance(err, _http.ConnectError):
+        return f"could not connect ({err})"
+    if isinstance(err, _http.HTTPError):
+        return f"the connection failed ({type(err).__name__}: {err})"
+    return f"{type(err).__name__}: {err}"
+
+
 class _HubFiles:
     """Downloads files of one repo at one revision, collecting those missing from an offline cache
     so the error can name all of them at once. A failing server stops at the first file."""
@@ -126,11 +144,11 @@ class _HubFiles:
                 f"Hub repo {self.repo_id!r} at revision {self.revision or 'main'} has no file {filename!r}; "
                 "is it an X-STARS model?"
             ) from None
-        except (HfHubHTTPError, _http.HTTPError, FileMetadataError) as err:
+        except NETWORK_ERRORS as err:
             raise self._server_error(filename, err) from None
         except ValueError as err:
             # force_download=True turns every failed metadata request into this ValueError.
-            if isinstance(err.__cause__, (HfHubHTTPError, _http.HTTPError, FileMetadataError)):
+            if isinstance(err.__cause__, NETWORK_ERRORS):
                 raise self._server_error(filename, err.__cause__) from None
             raise
         if not _COMMIT.match(self.revision or "") and _COMMIT.match(path.parent.name):
@@ -140,21 +158,11 @@ class _HubFiles:
         return path
 
     def _server_error(self, filename: str, err: BaseException) -> HubServerError:
-        if isinstance(err, HfHubHTTPError) and getattr(err, "response", None) is not None:
-            what = f"the server answered HTTP {err.response.status_code}"
-        elif isinstance(err, _http.TimeoutException):
-            what = f"the server did not answer in time ({type(err).__name__})"
-        elif isinstance(err, _http.ConnectError):
-            what = f"could not connect ({err})"
-        elif isinstance(err, _http.HTTPError):
-            what = f"the connection failed ({type(err).__name__}: {err})"
-        else:
-            what = f"{type(err).__name__}: {err}"
         return HubServerError(
             f"Downloading {filename!r} of Hub repo {self.repo_id!r} (revision {self.revision or 'main'}) from "
-            f"{constants.ENDPOINT} failed: {what}. Nothing was loaded and no further file was requested; "
-            "files already downloaded stay in the cache. This is the server or the network, not your "
-            "cache or settings: try again later."
+            f"{constants.ENDPOINT} failed: {describe_network_failure(err)}. Nothing was loaded and no further "
+            "file was requested; files already downloaded stay in the cache. This is the server or the "
+            "network, not your cache or settings: try again later."
         )
 
     def raise_if_missing(self, name: str) -> None:

@@ -32,8 +32,8 @@ MANIFEST_NAME = "weights_manifest.json"
 MANIFEST_ENV = "XSTARS_MANIFEST"
 _FORMAT_VERSION = 1
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -104,9 +104,9 @@ def _parse_entry(model_id: str, data: Any, origin: str) -> ModelEntry:
     if not isinstance(source, dict) or not (set(source) in ({"bundled"}, {"repo_id", "revision"})):
         raise fail("'source' must be {'bundled': path} or {'repo_id': 'org/name', 'revision': '<40 hex>'}.")
     if "repo_id" in source:
-        if not isinstance(source["repo_id"], str) or not _REPO_ID.match(source["repo_id"]):
+        if not isinstance(source["repo_id"], str) or not REPO_ID_RE.match(source["repo_id"]):
             raise fail(f"repo_id {source['repo_id']!r} is not 'org/name'.")
-        if not isinstance(source["revision"], str) or not _COMMIT.match(source["revision"]):
+        if not isinstance(source["revision"], str) or not COMMIT_RE.match(source["revision"]):
             raise fail(
                 f"revision {source['revision']!r} must be a full 40-hex commit id, not a branch or "
                 "tag, so that the files cannot change under the recorded sha256."

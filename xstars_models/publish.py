@@ -5,22 +5,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
 from .card import CITATION, model_card
 from .config import CONFIG_NAME, XStarsConfig
-from .manifest import load_manifest
+from .errors import HubServerError, PushIncompleteError
+from .hub import NETWORK_ERRORS, describe_network_failure
+from .manifest import COMMIT_RE, REPO_ID_RE, load_manifest
 from .serialization import atomic_write_bytes
 
 if TYPE_CHECKING:
     from .model import XStars
 
 __all__ = ["manifest_entry", "push_to_hub", "write_manifest_entry"]
+
+_BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 
 
 def manifest_entry(model: XStars, repo_id: str, revision: str, folder: str | Path, license: str = "mit") -> dict[str, Any]:
@@ -44,15 +49,38 @@ def manifest_entry(model: XStars, repo_id: str, revision: str, folder: str | Pat
 def write_manifest_entry(path: str | Path, model_id: str, entry: dict[str, Any]) -> None:
     """Add or replace ``model_id`` in the manifest file ``path`` (created if absent), atomically,
     after checking the result parses. Point ``XSTARS_MANIFEST`` at the file to use it."""
-    path = Path(path)
-    data = json.loads(path.read_text()) if path.exists() else {"format_version": 1, "models": {}}
+    atomic_write_bytes(path, _manifest_with(Path(path), model_id, entry).encode())
+
+
+def _manifest_with(path: Path, model_id: str, entry: dict[str, Any]) -> str:
+    """The text of manifest ``path`` with ``model_id`` added or replaced, checked to parse."""
+    if path.exists():
+        load_manifest(path)  # a malformed manifest is reported as such, naming the file
+        data = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        data = {"format_version": 1, "models": {}}
     data["models"][model_id] = entry
     text = json.dumps(data, indent=2) + "\n"
     with tempfile.TemporaryDirectory() as tmp:
         check = Path(tmp) / "manifest.json"
-        check.write_text(text)
+        check.write_text(text, encoding="utf-8")
         load_manifest(check)
-    atomic_write_bytes(path, text.encode())
+    return text
+
+
+def _check_push_arguments(repo_id: str, revision: str | None, token: str | bool | None) -> None:
+    if not isinstance(repo_id, str) or not REPO_ID_RE.match(repo_id):
+        raise ValueError(
+            f"Hub repo id {repo_id!r} is not 'org/name' (letters, digits, '.', '_', '-'; no revision: "
+            "pass revision= for a branch)."
+        )
+    if revision is not None and (not _BRANCH.match(revision) or COMMIT_RE.match(revision)):
+        raise ValueError(f"revision {revision!r} must be a branch name to commit to (e.g. 'main' or 'v2').")
+    if token is False or (token is None and get_token() is None):
+        raise PermissionError(
+            f"Pushing to {repo_id!r} needs a Hub token with write access, and none was found: pass token=..., "
+            "set HF_TOKEN, or run `hf auth login`. Nothing was uploaded."
+        )
 
 
 def push_to_hub(
@@ -72,16 +100,28 @@ def push_to_hub(
 
     Uploading unchanged files makes no new commit (the current commit id is returned). With
     ``manifest_path``, the registry entry (repo, commit, sha256 per file) is written to that
-    manifest under ``model_id`` (default: the repo name).
+    manifest under ``model_id`` (default: the repo name). Every argument, the manifest and its
+    entry are checked before anything is uploaded.
 
     Raises:
+        ValueError, ManifestError: a bad repo id, branch, model id or manifest; nothing uploaded.
         PermissionError: no token, or the Hub rejected it; the token never appears in the message.
+        HubServerError: the Hub failed (HTTP error status, timeout, dropped connection).
+        PushIncompleteError: the commit landed but writing the manifest failed; names the commit.
     """
+    _check_push_arguments(repo_id, revision, token)
+    model_id = model_id or repo_id.split("/")[-1].lower()
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="xstars-push-") as tmp:
         folder = model.save_pretrained(Path(tmp) / "model")
         card = model_card(XStarsConfig.from_file(folder / CONFIG_NAME), repo_id, license=license, description=description)
         (folder / "README.md").write_text(card, encoding="utf-8")
+        if manifest_path is not None:
+            # The entry with a stand-in commit id: a bad model id or manifest fails here, not after the commit.
+            _manifest_with(Path(manifest_path), model_id, manifest_entry(model, repo_id, "0" * 40, folder, license))
+            parent = Path(manifest_path).parent
+            if parent.exists() and not parent.is_dir():
+                raise ValueError(f"manifest_path {manifest_path}: {parent} is not a folder.")
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision not in (None, "main"):
@@ -101,9 +141,25 @@ def push_to_hub(
                     f"The Hub rejected the token for {repo_id!r} (HTTP {status}); nothing was committed. "
                     "Check that the token has write access to this namespace."
                 ) from None
-            raise
+            raise _push_failed(repo_id, err) from None
+        except NETWORK_ERRORS as err:
+            raise _push_failed(repo_id, err) from None
         commit = info.oid
         if manifest_path is not None:
-            entry = manifest_entry(model, repo_id, commit, folder, license)
-            write_manifest_entry(manifest_path, model_id or repo_id.split("/")[-1].lower(), entry)
+            try:
+                write_manifest_entry(manifest_path, model_id, manifest_entry(model, repo_id, commit, folder, license))
+            except (OSError, ValueError) as err:
+                raise PushIncompleteError(
+                    f"Pushed {repo_id}@{commit}, but writing its entry {model_id!r} into the manifest "
+                    f"{manifest_path} failed: {err}. The commit is on the Hub; add the entry once the "
+                    f"problem is fixed: write_manifest_entry(path, {model_id!r}, manifest_entry(model, "
+                    f"{repo_id!r}, {commit!r}, folder))."
+                ) from err
     return commit
+
+
+def _push_failed(repo_id: str, err: BaseException) -> HubServerError:
+    return HubServerError(
+        f"Pushing to {repo_id!r} at {constants.ENDPOINT} failed: {describe_network_failure(err)}. Nothing "
+        "was committed (a commit is all or nothing); try again later."
+    )

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -77,45 +78,82 @@ def _add_precision_flag(p: argparse.ArgumentParser) -> None:
 
 def read_image(path: Path) -> np.ndarray:
     """An image file as an array: C x H x W for GeoTIFF/JP2, H x W x C for PNG/JPEG, as stored
-    for .npy."""
+    for .npy (4-D: a batch of images)."""
     suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(path)
+    if suffix not in (".npy", ".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg"):
+        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .tif, .png, .jpg or .npy")
     if suffix in (".tif", ".tiff", ".jp2"):
         try:
             import rasterio
         except ImportError:
             raise ValueError(f"{path}: reading GeoTIFF needs rasterio: pip install 'xstars-models[geo]'") from None
+    try:
+        if suffix == ".npy":
+            return np.load(path)
+        if suffix in (".png", ".jpg", ".jpeg"):
+            from PIL import Image
+
+            with Image.open(path) as image:
+                return np.asarray(image)
         with rasterio.open(path) as src:
             return src.read()
-    if suffix in (".png", ".jpg", ".jpeg"):
-        from PIL import Image
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError) as err:
+        # Readers report a truncated or damaged file without naming it ("Read failed.").
+        raise OSError(f"{path}: cannot read it ({type(err).__name__}: {err}); is the file truncated or damaged?") from err
 
-        with Image.open(path) as image:
-            return np.asarray(image)
-    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .tif, .png, .jpg or .npy")
+
+def result_keys(files: Sequence[Path]) -> list[str]:
+    """The name of each file's array in the ``.npz``: its stem, or, for files whose stems repeat,
+    the path relative to their common folder (without the suffix if that is enough to tell them
+    apart). The same file given twice is an error."""
+    resolved = [f.resolve() for f in files]
+    seen: dict[Path, Path] = {}
+    for file, real in zip(files, resolved):
+        if real in seen:
+            raise ValueError(f"{file} and {seen[real]} are the same file; give each input once.")
+        seen[real] = file
+    keys = [f.stem for f in files]
+    clashing = [i for i, key in enumerate(keys) if keys.count(key) > 1]
+    if clashing:
+        common = Path(os.path.commonpath([resolved[i].parent for i in clashing]))
+        relative = {i: resolved[i].relative_to(common) for i in clashing}
+        bare = {i: rel.with_suffix("").as_posix() for i, rel in relative.items()}
+        whole = len(set(bare.values())) < len(bare)
+        for i in clashing:
+            keys[i] = relative[i].as_posix() if whole else bare[i]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"input files {[str(f) for f in files]} give repeated array names {keys}; rename them.")
+    return keys
 
 
 def _embed(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..model import XStars
+    from ..outputs import refuse_input_as_output
     from ..serialization import atomic_write_bytes
 
-    model = XStars.from_pretrained(args.model, local_files_only=args.offline)
     out = Path(args.out)
+    files = [Path(f) for f in args.files]
     if out.suffix not in (".npy", ".npz"):
         raise ValueError(f"--out {out}: use a .npy or .npz file name")
-    if out.suffix == ".npy" and len(args.files) != 1:
-        raise ValueError(f"--out {out}: .npy holds one array; use .npz for {len(args.files)} files")
+    if out.suffix == ".npy" and len(files) != 1:
+        raise ValueError(f"--out {out}: .npy holds one array; use .npz for {len(files)} files")
+    refuse_input_as_output(out, files, "--out")
+    keys = result_keys(files)
+    model = XStars.from_pretrained(args.model, local_files_only=args.offline)
     print(f"precision: {model.resolve_precision(args.precision)}")
     results = {}
-    for file in tqdm(args.files, desc="embed", unit="file", disable=len(args.files) < 2):
-        image = read_image(Path(file))
+    for file, key in tqdm(list(zip(files, keys)), desc="embed", unit="file", disable=len(files) < 2):
+        image = read_image(file)
         emb = model.embed(image, sensor=args.sensor, output=args.output, batch_size=args.batch_size, progress=False,
                           precision=args.precision)
-        results[Path(file).stem] = emb[0].numpy()
-        print(f"{file}: {args.output} {tuple(emb.shape[1:])}")
+        # A 4-D array is a batch: all of its images are kept (first axis); one image has no batch axis.
+        results[key] = (emb if image.ndim == 4 else emb[0]).numpy()
+        batch = f", {len(emb)} images" if image.ndim == 4 else ""
+        print(f"{file}: {args.output} {tuple(results[key].shape)}{batch}" + (f" -> {key!r}" if key != file.stem else ""))
     buffer = io.BytesIO()
     if out.suffix == ".npy":
         np.save(buffer, next(iter(results.values())))
@@ -128,7 +166,10 @@ def _embed(args: argparse.Namespace) -> int:
 
 def _embed_scene(args: argparse.Namespace) -> int:
     from ..model import XStars
+    from ..outputs import refuse_input_as_output
 
+    if args.out is not None and Path(args.source).exists():
+        refuse_input_as_output(args.out, [args.source], "--out")
     model = XStars.from_pretrained(args.model, local_files_only=args.offline)
     result = model.embed_scene(
         args.source, sensor=args.sensor, out=args.out, tile=args.tile, overlap=args.overlap,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..outputs import refuse_input_as_output
 from ..precision import resolve_precision
 from .reading import GDAL_CACHE_BYTES, Scene, import_rasterio, pixel_missing
 from .sources import is_remote, open_scene
@@ -197,6 +198,8 @@ def embed_scene(
     resolved = resolve_precision(precision, target)
     logger.info("embed_scene %s: precision %s", sensor, resolved)
     out_path = _output_path(out, source, sensor, output)
+    if isinstance(source, (str, os.PathLike)) and not is_remote(source):
+        refuse_input_as_output(out_path, [source])
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
     with contextlib.ExitStack() as stack:

@@ -164,7 +164,11 @@ class Scene:
             ValueError: float values that cannot be the sensor's digital numbers (see
                 :func:`xstars_models.units.check_value_range`), nodata pixels aside.
         """
-        strip = self._read(row, height, width)
+        try:
+            strip = self._read(row, height, width)
+        except OSError as err:  # GDAL's message ("Read failed. See previous exception") names no file
+            raise OSError(f"{self.what}: reading rows {row}-{row + height} failed ({err}); is the file "
+                          "truncated or damaged?") from err
         if strip.dtype.kind == "f":
             valid = None
             if self.nodata is not None and not math.isnan(self.nodata):

@@ -105,8 +105,10 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     result = json.loads((run / "result-rank0.json").read_text())
     assert result["resumed_from"] == killed_at and result["steps"] == target
     assert load_checkpoint(run)["step"] == target
-    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["step"] == target and torch.isfinite(torch.tensor(last["loss"]))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, target + 1))  # steps past the checkpoint not repeated
+    assert torch.isfinite(torch.tensor(lines[-1]["loss"]))
+    assert not list(run.glob(".last.pt.*.tmp"))
 
 
 def test_two_gloo_ranks_stay_in_sync(tmp_path):

@@ -18,7 +18,15 @@ from tqdm.auto import tqdm
 
 from ..distributed import is_distributed, rank, world_size
 from ..precision import resolve_precision
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..serialization import atomic_write_bytes, state_dict_mismatch
+from .checkpoint import (
+    ResumeMismatchError,
+    check_resume_config,
+    checkpoint_path,
+    load_checkpoint,
+    remove_partial_saves,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .schedules import cosine, ema_initial_weight, warmup_cosine
 
@@ -112,6 +120,63 @@ def _warn_if_teacher_lags(config: TrainConfig, has_teacher: bool) -> None:
         )
 
 
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random streams a step draws from (dropout, drop-path): the CPU's, and the device's
+    when training on CUDA."""
+    state = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(checkpoint: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(checkpoint["rng"])
+    # A CUDA run resumed on the CPU (or the reverse) cannot repeat its random draws anyway.
+    if device.type == "cuda" and "cuda_rng" in checkpoint:
+        torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
+
+
+def _resume_state(modules: nn.Module, optimizer: torch.optim.Optimizer, checkpoint: dict[str, Any], path: Path) -> None:
+    """Load the checkpoint's weights and optimizer state, or say why they do not fit."""
+    report = state_dict_mismatch(modules.state_dict(), checkpoint["modules"], given_label="checkpoint")
+    if report:
+        raise ResumeMismatchError(
+            "\n".join([
+                f"Cannot resume from {path}: it holds the weights of another model:",
+                *report,
+                "Resume with the model (architecture, sensors, adapt mode) the run started with, "
+                "or start a new run in another folder.",
+            ])
+        )
+    modules.load_state_dict(checkpoint["modules"])
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as err:  # torch's words for parameter groups of other sizes
+        raise ResumeMismatchError(
+            f"Cannot resume from {path}: its optimizer state covers other trainable parameters than "
+            f"this run's ({err}). Resume with the settings (e.g. adapt mode) the run started with, "
+            "or start a new run in another folder."
+        ) from err
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the lines of ``metrics.jsonl`` past ``step``: the steps after the last checkpoint
+    are about to run again. A line cut short by a kill is dropped too."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    if len(kept) < len(lines):
+        atomic_write_bytes(path, "".join(kept).encode("utf-8"))
+
+
 def train_loop(
     modules: nn.ModuleDict,
     ema_pairs: list[tuple[nn.Module, nn.Module]],
@@ -134,7 +199,10 @@ def train_loop(
         batches: ``start_step -> iterable of batches`` for steps ``start_step .. steps - 1``.
         run_dir: where ``last.pt`` and ``metrics.jsonl`` live.
         resume: continue from ``run_dir/last.pt`` if it exists. Without it, an existing
-            checkpoint is an error rather than being silently overwritten.
+            checkpoint is an error rather than being silently overwritten. Only the settings in
+            :data:`~.checkpoint.RESUMABLE_CHANGES` may differ from the checkpoint's (``steps``
+            only upward). Steps logged past the checkpoint are dropped from ``metrics.jsonl``,
+            and temporary files of a save that never finished are deleted.
         last_layer_params: parameters frozen for ``config.freeze_last_layer_steps`` steps.
 
     Returns:
@@ -142,12 +210,17 @@ def train_loop(
 
     Raises:
         FloatingPointError: the loss became NaN or infinite (the last checkpoint is kept).
+        FileExistsError: ``run_dir`` holds a checkpoint and ``resume`` is off.
+        ResumeMismatchError: the checkpoint was written with other settings or another model.
+        CheckpointUnreadableError: ``last.pt`` is truncated, corrupt or not a checkpoint.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _warn_if_teacher_lags(config, bool(ema_pairs))
     optimizer = torch.optim.AdamW(_param_groups(modules, config.weight_decay), lr=config.lr)
+    is_main = rank() == 0
     start = 0
+    path = checkpoint_path(run_dir)
     checkpoint = load_checkpoint(run_dir)
     if checkpoint is not None and not resume:
         raise FileExistsError(
@@ -155,16 +228,20 @@ def train_loop(
             "to continue it, or choose a new output folder."
         )
     if checkpoint is not None:
-        modules.load_state_dict(checkpoint["modules"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
         start = int(checkpoint["step"])
-        torch.set_rng_state(checkpoint["rng"])
+        check_resume_config(checkpoint["config"], config.to_dict(), start, path)
+        _resume_state(modules, optimizer, checkpoint, path)
+        _restore_rng(checkpoint, device)
+    saved_at = start if checkpoint is not None else None
     if is_distributed():
         _broadcast_state(modules)
     params = [p for p in modules.parameters() if p.requires_grad]
     precision = resolve_precision(config.precision, device, training=True)
-    is_main = rank() == 0
-    metrics_file = (run_dir / "metrics.jsonl").open("a", encoding="utf-8") if is_main else None
+    metrics_path = run_dir / "metrics.jsonl"
+    if is_main:
+        remove_partial_saves(run_dir)
+        _keep_metrics_until(metrics_path, start)
+    metrics_file = metrics_path.open("a", encoding="utf-8") if is_main else None
     logged: dict[str, float] = {}
     began = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main))
@@ -177,10 +254,14 @@ def train_loop(
                 loss, scalars = step_fn(batch, step)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
+                kept = (
+                    f"The last good checkpoint (step {saved_at}) is {path}."
+                    if saved_at is not None
+                    else f"There is no checkpoint to resume from (none was written in {run_dir} before this step)."
+                )
                 raise FloatingPointError(
-                    f"The training loss became {loss_value} at step {step} ({scalars}); stopping. "
-                    f"The last good checkpoint is in {run_dir}. Lower the learning rate "
-                    f"(now {lr:.2e}) or check the inputs for extreme values."
+                    f"The training loss became {loss_value} at step {step} ({scalars}); stopping. {kept} "
+                    f"Lower the learning rate (now {lr:.2e}) or check the inputs for extreme values."
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -209,10 +290,11 @@ def train_loop(
                             "step": step + 1,
                             "modules": modules.state_dict(),
                             "optimizer": optimizer.state_dict(),
-                            "rng": torch.get_rng_state(),
+                            **_rng_state(device),
                             "config": config.to_dict(),
                         },
                     )
+                saved_at = step + 1
                 if is_distributed():
                     dist.barrier()
     finally:

@@ -124,7 +124,13 @@ def _dino_term(
 def _loader(views: _TrainingViews, config: TrainConfig, device: torch.device):
     def batches(start: int):
         sampler = StepBatchSampler(len(views), config.batch_size, config.steps, start, config.seed)
-        loader = DataLoader(views, batch_sampler=sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda")
+        # Each loader iterator draws a base seed (for its workers) from this generator; from the
+        # global RNG it would shift the dropout stream right after a resume restored it. Seeded
+        # from the run's seed alone, it gives a resumed run the uninterrupted run's worker seeds.
+        generator = torch.Generator().manual_seed(config.seed)
+        loader = DataLoader(
+            views, batch_sampler=sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda", generator=generator
+        )
         for batch in loader:
             yield _to_device(batch, device)
 

@@ -5,6 +5,7 @@ teacher follows the student by the documented EMA."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -68,8 +69,12 @@ def assert_identical(a: Any, b: Any, where: str = "checkpoint") -> None:
         assert a == b, f"{where}: {a!r} vs {b!r}"
 
 
+def metric_lines(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def metric_steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line["step"] for line in metric_lines(run_dir)]
 
 
 def test_run_killed_after_its_step_2_checkpoint_resumes_bit_identical(tmp_path):
@@ -93,9 +98,9 @@ def test_run_killed_after_its_step_2_checkpoint_resumes_bit_identical(tmp_path):
     assert_identical(final["optimizer"], reference["optimizer"], "optimizer")
     assert_identical(final, reference)
     assert metric_steps(killed) == [1, 2, 3, 4]
-    lines = lambda run: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert [line["loss"] for line in lines(killed)] == [line["loss"] for line in lines(whole)]
-    assert json.loads((killed / "result-rank0.json").read_text())["digest"] == json.loads((whole / "result-rank0.json").read_text())["digest"]
+    assert [line["loss"] for line in metric_lines(killed)] == [line["loss"] for line in metric_lines(whole)]
+    digest = lambda run: json.loads((run / "result-rank0.json").read_text())["digest"]  # noqa: E731
+    assert digest(killed) == digest(whole)  # the returned model (the teacher's encoder)
 
 
 def test_sigkill_mid_save_keeps_the_previous_checkpoint_and_the_leftover_is_cleaned(tmp_path):
@@ -122,8 +127,6 @@ def _failing_half_way(real_save, fail_on_call: int):
         calls += 1
         if calls != fail_on_call:
             return real_save(obj, f, *args, **kwargs)
-        import io
-
         buffer = io.BytesIO()
         real_save(obj, buffer, *args, **kwargs)
         half = buffer.getvalue()[: len(buffer.getvalue()) // 2]

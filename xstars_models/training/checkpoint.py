@@ -98,9 +98,16 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
     return state
 
 
+_ABSENT = object()
+
+
 def _comparable(value: Any) -> Any:
     # A config that went through JSON has lists where the dataclass has tuples.
     return tuple(_comparable(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _shown(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else repr(_comparable(value))
 
 
 def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], step: int, path: Path) -> None:
@@ -111,13 +118,10 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], st
         ResumeMismatchError: listing every differing setting, both values.
     """
     problems = []
-    missing = object()
     for name in sorted(set(saved) | set(current)):
-        old, new = saved.get(name, missing), current.get(name, missing)
-        if name in RESUMABLE_CHANGES or _comparable(old) == _comparable(new):
-            continue
-        describe = lambda value: "(absent)" if value is missing else repr(_comparable(value))  # noqa: E731
-        problems.append(f"  {name}: {describe(old)} in the checkpoint, {describe(new)} now")
+        old, new = saved.get(name, _ABSENT), current.get(name, _ABSENT)
+        if name not in RESUMABLE_CHANGES and _comparable(old) != _comparable(new):
+            problems.append(f"  {name}: {_shown(old)} in the checkpoint, {_shown(new)} now")
     if current.get("steps", step) < step:
         problems.append(f"  steps={current['steps']} is below the checkpoint's step {step}")
     if problems:

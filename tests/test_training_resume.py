@@ -20,7 +20,8 @@ from torch import nn
 
 from factories import tiny_model
 from toy_data import ToyPairs
-from xstars_models.training import TrainConfig, pretrain
+from xstars_models import get_sensor
+from xstars_models.training import TrainConfig, adapt, pretrain
 from xstars_models.training.checkpoint import (
     CheckpointUnreadableError,
     ResumeMismatchError,
@@ -209,6 +210,21 @@ def test_resume_of_another_model_names_the_checkpoint_and_the_keys(tmp_path):
     message = str(caught.value)
     assert str(tmp_path / "last.pt") in message
     assert "student.encoder.stems.aerial" in message and "unexpected" in message
+
+
+@pytest.mark.parametrize(("mode", "shown"), [("full", "other trainable parameters"), ("lora", "unexpected")])
+def test_resume_of_an_adapt_run_in_another_mode_names_the_checkpoint(tmp_path, mode, shown):
+    """Stem and full mode hold the same tensors but train different ones (the optimizer state
+    does not fit); LoRA adds tensors."""
+    new = get_sensor("aerial_rgb").with_gsd(5.0, name="aerial")
+    run = lambda mode, steps, resume: adapt(  # noqa: E731
+        tiny_model(extra_sensors=()), new, ToyPairs(8), mode=mode, config=small_config(steps=steps), out_dir=tmp_path,
+        resume=resume, device="cpu", progress=False,
+    )
+    run("stem", 2, False)
+    with pytest.raises(ResumeMismatchError) as caught:
+        run(mode, 4, True)
+    assert str(tmp_path / "last.pt") in str(caught.value) and shown in str(caught.value)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "not_a_checkpoint"])

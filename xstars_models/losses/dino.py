@@ -30,6 +30,9 @@ class DINOLoss(nn.Module):
         warmup_teacher_temp: tau_t at step 0.
         warmup_teacher_temp_steps: length of the linear warm-up, in the caller's steps (or epochs).
         center_momentum: EMA momentum of the centre.
+        skip_same_view: DINO's rule that a student view is not compared with the teacher's
+            output of the same view. ``False`` for a cross-sensor term, where student view ``i``
+            and teacher view ``i`` are two sensors' images of one footprint.
     """
 
     def __init__(
@@ -41,14 +44,19 @@ class DINOLoss(nn.Module):
         warmup_teacher_temp: float = 0.04,
         warmup_teacher_temp_steps: int = 0,
         center_momentum: float = 0.9,
+        skip_same_view: bool = True,
     ) -> None:
         super().__init__()
         if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0 or warmup_teacher_temp_steps < 0:
             raise ValueError("DINOLoss temperatures must be > 0 and the warm-up length >= 0.")
         self.n_global, self.student_temp, self.center_momentum = n_global, student_temp, center_momentum
+        self.skip_same_view = skip_same_view
         self.teacher_temp, self.warmup_teacher_temp = teacher_temp, warmup_teacher_temp
         self.warmup_steps = warmup_teacher_temp_steps
         self.register_buffer("center", torch.zeros(1, out_dim))
+        # Entropies (nats) of the last call's teacher distributions: per image (mean) and of the
+        # batch-mean distribution; ln K is the ceiling of both.
+        self.stats: dict[str, float] = {}
 
     def teacher_temp_at(self, step: int) -> float:
         """tau_t at ``step``: linear from ``warmup_teacher_temp`` to ``teacher_temp``, then flat."""
@@ -73,9 +81,14 @@ class DINOLoss(nn.Module):
             -(p_t * log_p_s).sum(dim=-1).mean()
             for t, p_t in enumerate(p_teacher.split(batch))
             for s, log_p_s in enumerate(log_p_student)
-            if s != t
+            if s != t or not self.skip_same_view
         ]
         self._update_center(teacher_out.detach().float())
+        with torch.no_grad():  # collapse monitors (see xstars_models.training.monitors)
+            self.stats = {
+                "teacher_entropy": float(_entropy(p_teacher).mean()),
+                "teacher_marginal_entropy": float(_entropy(p_teacher.mean(dim=0))),
+            }
         return torch.stack(terms).mean()
 
     @torch.no_grad()
@@ -86,3 +99,7 @@ class DINOLoss(nn.Module):
             dist.all_reduce(batch_sum)
         batch_mean = batch_sum / (teacher_out.shape[0] * world_size())
         self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1 - self.center_momentum)
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * p.clamp_min(1e-12).log()).sum(dim=-1)

@@ -41,6 +41,18 @@ class TrainConfig:
             reference's forward and the projection heads). DINO keeps its other, augmented
             global and local views. ``False`` runs the MSAD view separately, as the official
             code does.
+        koleo_weight: weight of DINOv2's KoLeo term on the student's CLS embeddings of the
+            global views (spreads the batch; 0.1 in DINOv2).
+        contrast_weight: weight of a CLS-level InfoNCE (temperature ``contrast_temp``): between
+            the student's two global views of a sensor in :func:`pretrain` (and between the
+            sensors' MSAD views when there are several), between the student's new-sensor view
+            and the frozen model's old-sensor view of the same footprint in :func:`adapt`.
+        cross_sensor_dino: in :func:`adapt`, the teacher also sees the old sensor's view of each
+            footprint and the student's new-sensor view of it must match that distribution (a
+            DINO term across sensors, with its own centre), which aligns the global embedding.
+        monitor_every: compute the effective rank of the teacher's CLS embeddings of a fixed
+            batch every this many steps (collapse monitor, see ``training.monitors``).
+        monitor_images: size of that fixed batch (the first items of the data set, un-augmented).
     """
 
     steps: int = 1000
@@ -70,13 +82,22 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"
     share_msad_view: bool = True
+    koleo_weight: float = 0.0
+    contrast_weight: float = 0.0
+    contrast_temp: float = 0.1
+    cross_sensor_dino: bool = False
+    monitor_every: int = 50
+    monitor_images: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "global_crops"):
+        for name in ("steps", "batch_size", "checkpoint_every", "global_crops", "monitor_every", "monitor_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        if self.alpha < 0:
-            raise ValueError(f"TrainConfig.alpha must be >= 0, got {self.alpha}.")
+        for name in ("alpha", "koleo_weight", "contrast_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.contrast_temp <= 0:
+            raise ValueError(f"TrainConfig.contrast_temp must be > 0, got {self.contrast_temp}.")
         if self.precision not in TRAINING_PRECISIONS:
             hint = " (int8 is for inference only)" if self.precision == "int8" else ""
             raise ValueError(f"TrainConfig.precision must be one of {TRAINING_PRECISIONS}{hint}, got {self.precision!r}.")

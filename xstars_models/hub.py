@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+import timm
 from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -21,6 +22,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from timm.models import model_entrypoint
 
 try:  # the HTTP library huggingface_hub is built on: httpx2 from 2.0, httpx before
     import httpx2 as _http
@@ -78,11 +80,37 @@ def _parse_config_bytes(data: bytes, where: str) -> XStarsConfig:
         raise ValueError(f"{where}: not valid JSON ({err}).") from None
 
 
+# timm modules whose models are VisionTransformer (or subclasses), the only trunks X-STARS builds on.
+_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+_POSITIVE_INT_KWARGS = ("patch_size", "embed_dim", "depth", "num_heads")
+
+
+def _check_arch(config: XStarsConfig, where: str) -> XStarsConfig:
+    """Refuse a config whose trunk timm cannot build as an X-STARS ViT, naming the field, before
+    any weights are read (timm would fail later with a TypeError from deep inside)."""
+    arch = config.arch
+    if not timm.is_model(arch):
+        raise ValueError(f"{where}: field 'arch' {arch!r} is not a timm architecture; X-STARS models use a "
+                         "timm ViT such as 'vit_small_patch16_224'.")
+    if model_entrypoint(arch).__module__ not in _VIT_MODULES:
+        raise ValueError(f"{where}: field 'arch' {arch!r} is not a timm VisionTransformer; X-STARS models use a "
+                         "timm ViT such as 'vit_small_patch16_224'.")
+    for key in _POSITIVE_INT_KWARGS:
+        value = config.arch_kwargs.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{where}: field 'arch_kwargs.{key}' must be a positive whole number, got {value!r}.")
+    size = config.arch_kwargs.get("img_size")
+    sides = size if isinstance(size, list) and len(size) == 2 else [size]
+    if size is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+        raise ValueError(f"{where}: field 'arch_kwargs.img_size' must be a positive whole number (or two), got {size!r}.")
+    return config
+
+
 def _from_folder(folder: Path) -> ResolvedModel:
     config_path = folder / CONFIG_NAME
     if not config_path.is_file():
         raise ModelNotFoundError(f"{folder} is a folder but has no {CONFIG_NAME}; is it a saved X-STARS model?")
-    config = XStarsConfig.from_file(config_path)
+    config = _check_arch(XStarsConfig.from_file(config_path), str(config_path))
     paths = {name: folder / name for name in config.weight_files}
     missing = [name for name, path in paths.items() if not path.is_file()]
     if missing:
@@ -196,10 +224,8 @@ def _from_registry(entry: ModelEntry, revision: str | None, cache_dir, local_fil
         paths = {name: hub.get(name) for name in entry.files}
         hub.raise_if_missing(entry.model_id)
         repair = _hub_repair(entry.model_id)
-    config = _parse_config_bytes(
-        read_verified(paths[CONFIG_NAME], entry.files[CONFIG_NAME], f"{entry.model_id}/{CONFIG_NAME}", repair),
-        f"{entry.model_id}/{CONFIG_NAME}",
-    )
+    where = f"{entry.model_id}/{CONFIG_NAME}"
+    config = _check_arch(_parse_config_bytes(read_verified(paths[CONFIG_NAME], entry.files[CONFIG_NAME], where, repair), where), where)
     for name in config.weight_files:
         if name not in entry.files:
             raise ManifestError(f"{entry.origin}: model {entry.model_id!r} lists no sha256 for {name!r}.")
@@ -219,7 +245,7 @@ def _from_hub(repo_id: str, revision: str | None, cache_dir, local_files_only, t
     name = repo_id if revision is None else f"{repo_id}@{revision}"
     config_path = hub.get(CONFIG_NAME)
     hub.raise_if_missing(name)
-    config = XStarsConfig.from_file(config_path)
+    config = _check_arch(XStarsConfig.from_file(config_path), f"{name}/{CONFIG_NAME}")
     paths = {file: hub.get(file) for file in config.weight_files}
     hub.raise_if_missing(name)
     return ResolvedModel(

@@ -32,9 +32,9 @@ examples:
 Run `xstars COMMAND --help` for each command's options.
 """
 
-# What the API raises for bad input or an unusable environment; anything else is a bug and keeps
-# its traceback.
-USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError, ImportError)
+# What the API raises for bad input, bad data (FloatingPointError: training on NaN pixels) or an
+# unusable environment; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError, ImportError, FloatingPointError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,8 +54,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except USER_ERRORS as err:
-        text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        message = text.splitlines()[0] if text else type(err).__name__
+    except Exception as err:
+        # Messages name the API's keyword arguments; say the flags this command has instead.
+        flags = dict(getattr(args, "api_flags", {}))
+        if hasattr(args, "offline"):
+            flags["local_files_only=True"] = "--offline"
+        message = _user_message(err, flags)
+        if message is None:
+            raise
         print(f"xstars {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _user_message(err: Exception, api_flags: dict[str, str]) -> str | None:
+    """The whole message of a user-facing error, with the API's keyword arguments it mentions
+    replaced by this command's flags; ``None`` for a bug."""
+    from ..hub import NETWORK_ERRORS, describe_network_failure
+
+    if isinstance(err, NETWORK_ERRORS) and not isinstance(err, USER_ERRORS):
+        # A network failure the API did not turn into HubServerError: still one line, no traceback.
+        return f"the Hub request failed: {describe_network_failure(err)}"
+    if not isinstance(err, USER_ERRORS):
+        return None
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    for keyword, flag in api_flags.items():
+        text = text.replace(keyword, flag)
+    return text or type(err).__name__

@@ -64,7 +64,7 @@ def register(sub: Any) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--offline", action="store_true", help="use only the local cache")
-    p.set_defaults(func=_embed_scene)
+    p.set_defaults(func=_embed_scene, api_flags={"resume=False": "--restart", "resample=True": "--resample"})
 
 
 def _add_precision_flag(p: argparse.ArgumentParser) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def register(sub: Any) -> None:
     run.add_argument("--out", required=True, help="save the adapted model into this folder")
     run.add_argument("--adapter", help="also save the small adapter file (stem, LoRA) here")
     _add_train_config_flags(p.add_argument_group("TrainConfig fields"))
-    p.set_defaults(func=_adapt)
+    p.set_defaults(func=_adapt, api_flags={"resume=True": "--resume"})
 
 
 def _add_train_config_flags(group: argparse._ArgumentGroup) -> None:
@@ -84,28 +85,64 @@ def _add_train_config_flags(group: argparse._ArgumentGroup) -> None:
 
 
 def train_config(args: argparse.Namespace) -> Any:
-    """The TrainConfig of ``--config`` (if any) with the flags that were given on top."""
+    """The TrainConfig of ``--config`` (if any) with the flags that were given on top, each value
+    checked against its field (type, and range: numbers >= 0, crop scales fractions)."""
     from ..training import TrainConfig
 
     settings: dict[str, Any] = {}
     if args.config:
-        settings = json.loads(Path(args.config).read_text())
+        settings = _read_json(args.config, "--config")
         if not isinstance(settings, dict):
             raise ValueError(f"--config {args.config}: expected a JSON object of TrainConfig fields")
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise ValueError(f"--config {args.config}: unknown TrainConfig fields {unknown}; known: {sorted(known)}")
-        settings = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
     flags = {k.removeprefix("train_"): v for k, v in vars(args).items() if k.startswith("train_") and v is not None}
-    return TrainConfig(**{**settings, **flags})
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    checked = {name: _checked(value, defaults[name], f"--config {args.config}: field {name!r}") for name, value in settings.items()}
+    checked.update({name: _checked(value, defaults[name], "--" + name.replace("_", "-")) for name, value in flags.items()})
+    return TrainConfig(**checked)
+
+
+def _checked(value: Any, default: Any, where: str) -> Any:
+    """``value`` for a TrainConfig field whose default is ``default``, or a ValueError naming
+    ``where``. Every numeric field is a count, rate, weight or temperature: none is negative."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}.")
+    elif isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{where}: expected a whole number >= 0, got {value!r}.")
+    elif isinstance(default, float):
+        if not number(value) or value < 0:
+            raise ValueError(f"{where}: expected a finite number >= 0, got {value!r}.")
+        value = float(value)
+    elif isinstance(default, tuple):
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(number, value))
+                and 0 < value[0] <= value[1] <= 1):
+            raise ValueError(f"{where}: expected [low, high] area fractions with 0 < low <= high <= 1, got {value!r}.")
+        value = (float(value[0]), float(value[1]))
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {value!r}.")
+    return value
+
+
+def _read_json(path: str, flag: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} {path}: not valid JSON ({err}).") from None
 
 
 def new_sensor_spec(args: argparse.Namespace) -> Any:
     from ..sensors import SensorSpec, get_sensor
 
     if args.sensor.endswith(".json"):
-        spec = SensorSpec.from_dict(json.loads(Path(args.sensor).read_text()))
+        spec = SensorSpec.from_dict(_read_json(args.sensor, "--sensor"))
     else:
         spec = get_sensor(args.sensor)
     if args.gsd is not None or args.name:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -55,12 +58,68 @@ def test_band_names_reorder_channels(model):
     assert not torch.allclose(model.embed(bgr, "sentinel2_rgb"), ref)
 
 
+# Sentinel-2 L1C statistics (reflectance) in band order B01..B12, written out here rather than read
+# from the spec, so that the test checks the normalisation the model applies against the published
+# numbers (test_sensors pins them in the spec too).
+S2_MEAN = [0.1613, 0.1398, 0.1322, 0.1373, 0.1561, 0.2108, 0.2391, 0.2319, 0.2581, 0.0838, 0.0022, 0.2195, 0.1537]
+S2_STD = [0.0791, 0.0854, 0.0879, 0.1145, 0.1128, 0.1164, 0.1276, 0.1250, 0.1346, 0.0578, 0.0051, 0.1340, 0.1143]
+
+
+def _without_normalisation(model, sensor):
+    """A copy of ``model`` whose ``sensor`` stem takes already-normalised float inputs (identity
+    normalisation), the same patch embedding and trunk."""
+    from xstars_models.encoder import SensorNorm, StemConfig
+
+    spec = model.sensors[sensor].spec
+    identity = dataclasses.replace(
+        spec, bands=tuple(dataclasses.replace(b, mean=0.0, std=1.0) for b in spec.bands),
+        scale=1.0, offset=0.0, dtype="float32", units="unspecified",
+    )
+    plain = copy.deepcopy(model)
+    plain.sensors[sensor] = StemConfig(identity, model.sensors[sensor].patch_size)
+    plain.norms[sensor] = SensorNorm(identity)
+    return plain
+
+
 def test_uint16_sensor_and_reflectance_scale(model):
     rng = np.random.default_rng(1)
-    x = rng.integers(0, 6000, size=(2, 13, 32, 32), dtype=np.uint16)
+    x = rng.integers(1, 6000, size=(2, 13, 32, 32), dtype=np.uint16)
     out = model.embed(x, "sentinel2", output="map")
     assert out.shape == (2, model.embed_dim, 4, 4)
-    assert torch.isfinite(out).all()
+    # uint16 digital numbers are reflectance x 1e4, normalised per band with the published statistics.
+    reflectance = x.astype(np.float64) * 1e-4
+    normalised = (reflectance - np.array(S2_MEAN)[:, None, None]) / np.array(S2_STD)[:, None, None]
+    by_hand = _without_normalisation(model, "sentinel2").embed(normalised.astype(np.float32), "sentinel2", output="map")
+    assert torch.allclose(out, by_hand, atol=1e-4)
+    # Floats in the same units (digital numbers) give the same embedding as the uint16 values.
+    assert torch.allclose(model.embed(x.astype(np.float32), "sentinel2", output="map"), out, atol=1e-5)
+    # Two bands swapped (here B11 and B12 given in each other's place) change it: the stem is per band.
+    swapped = x[:, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 11]]
+    assert not torch.allclose(model.embed(swapped, "sentinel2", output="map"), out, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "image, layout",
+    [
+        (np.zeros((64, 64, 4), np.uint8), "HWC"),
+        (np.zeros((4, 64, 64), np.uint8), "CHW"),
+        (np.zeros((64, 64, 3), np.uint8), "CHW"),  # HWC data declared CHW: 64 "channels"
+        (torch.zeros(2, 64, 64, dtype=torch.uint8), "CHW"),
+        (np.zeros((2, 64, 64, 5), np.uint8), "HWC"),  # a batch
+    ],
+)
+def test_wrong_band_count_with_explicit_layout_is_a_clear_error(model, image, layout):
+    with pytest.raises(ValueError, match=rf"sentinel2_rgb' expects 3 bands .*given as {layout} has shape"):
+        model.embed(image, "sentinel2_rgb", layout=layout)
+
+
+def test_huge_single_images_point_to_embed_scene(model):
+    with pytest.raises(ValueError, match=r"1040 x 1040 px is 130 x 130 = 16900 tokens, more than max_tokens=16384.*embed_scene"):
+        model.embed(np.zeros((1040, 1040, 3), np.uint8), "sentinel2_rgb")
+    x = rgb_images(1, 64)  # 8 x 8 = 64 tokens
+    with pytest.raises(ValueError, match=r"more than max_tokens=63"):
+        model.embed(x, "sentinel2_rgb", max_tokens=63)
+    assert torch.equal(model.embed(x, "sentinel2_rgb", max_tokens=64), model.embed(x, "sentinel2_rgb", max_tokens=None))
 
 
 def test_batching_and_progress_do_not_change_results(model):

@@ -67,3 +67,26 @@ def test_registry_of_sensors(monkeypatch):
     assert register_sensor(custom) is custom and get_sensor("my_drone") == custom
     with pytest.raises(ValueError, match="already registered"):
         register_sensor(custom.with_gsd(0.1))
+
+
+# The built-in statistics, pinned: a model normalises with them, so a silent edit (two bands swapped,
+# a rounding change) would change every embedding of these sensors. (band, mean, std) in the
+# sensor's order, reflectance scale.
+SENTINEL2_STATS = [
+    ("coastal", 0.1613, 0.0791), ("blue", 0.1398, 0.0854), ("green", 0.1322, 0.0879), ("red", 0.1373, 0.1145),
+    ("rededge071", 0.1561, 0.1128), ("rededge075", 0.2108, 0.1164), ("rededge078", 0.2391, 0.1276),
+    ("nir", 0.2319, 0.1250), ("nir08", 0.2581, 0.1346), ("nir09", 0.0838, 0.0578), ("cirrus", 0.0022, 0.0051),
+    ("swir16", 0.2195, 0.1340), ("swir22", 0.1537, 0.1143),
+]
+LANDSAT8_STATS = [
+    ("coastal", 0.060, 0.060), ("blue", 0.075, 0.065), ("green", 0.105, 0.070), ("red", 0.120, 0.090),
+    ("nir08", 0.260, 0.110), ("swir16", 0.230, 0.120), ("swir22", 0.160, 0.110),
+]
+
+
+@pytest.mark.parametrize("name, stats, scale, offset", [("sentinel2", SENTINEL2_STATS, 1e-4, 0.0),
+                                                        ("landsat8", LANDSAT8_STATS, 2.75e-5, -0.2)])
+def test_builtin_multispectral_statistics_are_pinned(name, stats, scale, offset):
+    spec = get_sensor(name)
+    assert [(b.name, b.mean, b.std) for b in spec.bands] == stats
+    assert spec.scale == scale and spec.offset == offset

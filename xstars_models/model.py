@@ -31,6 +31,11 @@ __all__ = ["OUTPUTS", "XStars"]
 
 OUTPUTS = ("cls", "mean", "patch", "map")
 
+# Default limit of tokens per image in embed(): a 128 x 128 token grid (1024 px at patch 8, 2048 px
+# at patch 16) is far beyond the pretraining grids and still takes seconds; an 8000 x 8000 px
+# scene at patch 8 (a million tokens) ran to 5 GB.
+MAX_TOKENS = 16384
+
 logger = logging.getLogger(__name__)
 
 # Each model's int8 copy, with the weight versions it was made from (see XStars.int8_copy).
@@ -239,6 +244,7 @@ class XStars(XStarsEncoder):
         bands: Sequence[str] | None = None,
         layout: str | None = None,
         precision: str = "auto",
+        max_tokens: int | None = MAX_TOKENS,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Embed imagery of one sensor.
 
@@ -263,6 +269,10 @@ class XStars(XStarsEncoder):
             precision: ``"auto"`` (bf16 autocast on CUDA and on CPUs with bf16 matrix units, fp32
                 elsewhere; logged at INFO level), ``"fp32"``, ``"bf16"`` or ``"int8"`` (CPU:
                 the trunk's Linear layers quantised, see :mod:`xstars_models.precision`).
+            max_tokens: the most tokens (patches) one image may have; a larger one is refused
+                with a pointer to :meth:`embed_scene`, which embeds a scene tile by tile in bounded
+                memory. ``None`` embeds any size in one pass (memory and time grow with the
+                square of the token count).
 
         Returns:
             float32 CPU tensor(s) in the ``output`` layout, whatever the precision.
@@ -273,6 +283,7 @@ class XStars(XStarsEncoder):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         stem = self.check_sensor(sensor)
         batch = _trim_to_patches(to_batch(images, stem.spec, stem.patch_size, bands, layout), stem, sensor)
+        _check_tokens(batch, stem, sensor, max_tokens)
         if device is not None:
             self.to(device)
         target = self.trunk.cls_token.device
@@ -330,6 +341,19 @@ def _format(tokens: torch.Tensor, output: str, grid: tuple[int, int], prefix: in
     else:
         out = patches.reshape(len(tokens), *grid, -1).permute(0, 3, 1, 2)
     return out.float().cpu()
+
+
+def _check_tokens(batch: torch.Tensor, stem: StemConfig, sensor: str, max_tokens: int | None) -> None:
+    rows, cols = (side // stem.patch_size for side in batch.shape[-2:])
+    if max_tokens is not None and rows * cols > max_tokens:
+        height, width = batch.shape[-2:]
+        raise ValueError(
+            f"Sensor {sensor!r}: an image of {height} x {width} px is {rows} x {cols} = {rows * cols} tokens, more "
+            f"than max_tokens={max_tokens}; one pass over it needs memory and time that grow with the square of "
+            f"the token count. Embed a whole scene tile by tile with bounded memory: "
+            f"model.embed_scene(image_or_geotiff, {sensor!r}, out=...) or `xstars embed-scene`; or pass "
+            "max_tokens=None to embed it in one pass anyway."
+        )
 
 
 def _trim_to_patches(batch: torch.Tensor, stem: StemConfig, sensor: str) -> torch.Tensor:

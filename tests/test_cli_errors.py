@@ -85,6 +85,8 @@ CASES = [
     ([*ADAPT, "--config", "BAD_JSON"], "bad_json.json: not valid JSON"),
     ([*ADAPT, "--lr", "-1"], "--lr: expected a finite number >= 0, got -1.0"),
     ([*ADAPT[:3], "TMP/spec.json", *ADAPT[4:]], "spec.json"),
+    (["adapt", "MODEL", "--sensor", "aerial_rgb", "--gsd", "1", "--new", "SCENE", "--old", "SCENE", "--out", "TMP/o"],
+     "pixel size 10 m but sensor 'aerial_rgb' has a GSD of 1 m (900% apart). Give the sensor's real GSD"),
     (["push", "MODEL", "not a repo"], "Hub repo id 'not a repo' is not 'org/name'"),
     (["convert", "PTH", "TMP/c"], "notes.pth"),
     (["convert", "TMP/absent.pth", "TMP/c"], "No checkpoint file at"),

@@ -46,6 +46,8 @@ def register(sub: Any) -> None:
     r.add_argument("--split", default="val", choices=("val", "train", "all"), help="which part of the area (default val)")
     r.add_argument("--val-fraction", type=float, default=0.2)
     r.add_argument("--split-axis", choices=("x", "y"), default="y")
+    r.add_argument("--resample", action="store_true",
+                   help="accept rasters whose pixel size is more than 10%% off the sensor's GSD (windows resampled)")
     p.add_argument("--features", nargs="+", choices=("patch", "mean", "cls"),
                    help="features compared (default: patch mean for retrieval, cls mean for landcover)")
     lc = p.add_argument_group("landcover")
@@ -79,7 +81,9 @@ def _retrieval(model: Any, args: argparse.Namespace) -> dict[str, Any]:
         args.sensor_a: (specs[args.sensor_a], args.a, args.a_bands),
         args.sensor_b: (specs[args.sensor_b], args.b, args.b_bands),
     }
-    pairs, description = raster_pairs(inputs, footprint, args.stride_m, args.split, args.val_fraction, args.split_axis)
+    pairs, description = raster_pairs(
+        inputs, footprint, args.stride_m, args.split, args.val_fraction, args.split_axis, args.resample
+    )
     print(description)
     features = args.features or ("patch", "mean")
     table = retrieval_table(model, pairs, args.sensor_a, args.sensor_b, features=features, seed=args.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,13 +14,20 @@ def raster_pairs(
     split: str,
     val_fraction: float,
     split_axis: str,
+    resample: bool = False,
 ) -> tuple[Any, str]:
     """A :class:`~xstars_models.data.GeoPairDataset` of windows ``footprint_m`` metres wide,
     each sensor's read at its spec's GSD, and a one-line description of it.
 
-    ``inputs`` maps sensor name -> (its SensorSpec, raster files, 1-based bands or None)."""
+    ``inputs`` maps sensor name -> (its SensorSpec, raster files, 1-based bands or None). A raster
+    whose pixel size is more than 10% off its sensor's GSD is refused unless ``resample`` (the
+    windows are then resampled to the GSD), as ``embed_scene`` does."""
     from ..data import GeoPairDataset, RasterSource
 
+    if not resample:
+        for name, (spec, files, _) in inputs.items():
+            for file in files:
+                check_raster_gsd(file, spec.gsd_m, name)
     sources = {
         name: RasterSource(files, bands, round(footprint_m / spec.gsd_m)) for name, (spec, files, bands) in inputs.items()
     }
@@ -32,3 +40,24 @@ def raster_pairs(
         f"{files}: {len(pairs)} pairs of {footprint_m:g} m ({area}; {val_fraction:g} of it held out along {split_axis})"
     )
     return pairs, description
+
+
+def check_raster_gsd(path: str | Path, gsd_m: float, sensor: str) -> None:
+    """Refuse a raster whose pixel size (metres) is more than 10% off ``gsd_m``: its windows would
+    be resampled silently to a scale the model never saw at that size."""
+    from ..scenes.reading import GSD_WARN, import_rasterio
+
+    with import_rasterio().open(path) as src:
+        if src.crs is None or src.crs.is_geographic:  # no metric pixel size to compare
+            return
+        to_metres = 1.0
+        with contextlib.suppress(Exception):  # CRSs without a linear unit: assume metres, as embed_scene does
+            to_metres = float(src.crs.linear_units_factor[1])
+        pixel_m = tuple(abs(v) * to_metres for v in src.res)
+    worst = max(abs(size / gsd_m - 1.0) for size in pixel_m)
+    if worst > GSD_WARN:
+        raise ValueError(
+            f"{path}: pixel size {pixel_m[0]:g} m but sensor {sensor!r} has a GSD of {gsd_m:g} m ({worst:.0%} apart). "
+            f"Give the sensor's real GSD (for the new sensor of `xstars adapt`: --gsd {pixel_m[0]:g}), or pass "
+            f"--resample to read windows resampled to {gsd_m:g} m."
+        )

@@ -50,6 +50,8 @@ def register(sub: Any) -> None:
     data.add_argument("--stride-m", type=float, help="distance between pair windows in metres (default: the footprint)")
     data.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction of the area (default 0.2)")
     data.add_argument("--split-axis", choices=("x", "y"), default="y", help="axis of the spatial split")
+    data.add_argument("--resample", action="store_true",
+                      help="accept rasters whose pixel size is more than 10%% off the sensor's GSD (windows resampled)")
     msc = p.add_argument_group("pairs from an MSC-France style folder")
     msc.add_argument("--msc-root", help="ROOT of ROOT/FOLDER/CITY/TILE")
     msc.add_argument("--new-folder", help="the new sensor's folder under ROOT (e.g. SPOT)")
@@ -168,7 +170,7 @@ def _pairs(args: argparse.Namespace, base: Any, new: Any, old_sensor: str, confi
         raise ValueError("raster pairs need both --new FILE... and --old FILE...")
     footprint = args.footprint_m or config.global_tokens * base.sensors[old_sensor].token_ground_m
     inputs = {new.name: (new, args.new, args.new_bands), old_sensor: (base.sensors[old_sensor].spec, args.old, args.old_bands)}
-    return raster_pairs(inputs, footprint, args.stride_m, "train", args.val_fraction, args.split_axis)
+    return raster_pairs(inputs, footprint, args.stride_m, "train", args.val_fraction, args.split_axis, args.resample)
 
 
 def _adapt(args: argparse.Namespace) -> int:

@@ -133,6 +133,14 @@ def test_arbitrary_sizes_interpolate_positions(model):
     x = rgb_images(1, 128)[:, :96]  # 96 x 128, not the 64 x 64 the trunk was built for
     fmap = model.embed(x, "sentinel2_rgb", output="map")
     assert fmap.shape == (1, model.embed_dim, 12, 16)
+    # timm's own forward with dynamic_img_size interpolates the 8 x 8 position grid to 12 x 16.
+    pixels = torch.from_numpy(x).permute(0, 3, 1, 2).float()
+    with torch.inference_mode():
+        tokens = model.trunk.forward_features(model.norms["sentinel2_rgb"](pixels))
+    expected = tokens[:, model.trunk.num_prefix_tokens:].reshape(1, 12, 16, -1).permute(0, 3, 1, 2)
+    assert torch.allclose(fmap, expected, atol=1e-5)
+    same_grid = model.trunk.pos_embed.shape[1] - model.trunk.num_prefix_tokens
+    assert same_grid == 64  # the trunk was built for 8 x 8 tokens: 12 x 16 needs interpolation
 
 
 def test_sizes_not_multiple_of_patch_are_trimmed_with_a_warning(model):

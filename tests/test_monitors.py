@@ -133,3 +133,42 @@ def test_cross_sensor_dino_term_compares_the_same_index():
     assert float(loss(student, teacher, 0)) == pytest.approx(float(expected), rel=1e-6)
     with pytest.raises(RuntimeError):  # DINO's own rule leaves no pair to compare
         DINOLoss(5, n_global=1)(student, teacher, 0)
+
+
+def test_xstars_adapt_says_when_the_run_collapsed(tmp_path, capsys):
+    from factories import HOMONIM_AERIAL, HOMONIM_S2, require_shared_data
+    from xstars_models.cli import main
+
+    require_shared_data()
+    base = tiny_model(extra_sensors=()).save_pretrained(tmp_path / "base")
+    config = tmp_path / "collapse.json"
+    config.write_text(json.dumps({"teacher_temp": 100.0, "warmup_teacher_temp": 100.0, "student_temp": 100.0}))
+    argv = [
+        "adapt", str(base), "--sensor", "aerial_rgb", "--gsd", "5", "--name", "aerial",
+        "--new", *map(str, HOMONIM_AERIAL), "--old", str(HOMONIM_S2), "--old-bands", "1", "2", "3",
+        "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--device", "cpu", "--config", str(config),
+        "--steps", "2", "--batch-size", "4", "--dino-out-dim", "64", "--local-crops", "2", "--warmup-steps", "1",
+    ]
+    with pytest.warns(CollapseWarning):
+        assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "COLLAPSED: teacher entropy" in err and "is not a useful encoder" in err
+    from xstars_models import XStars
+    from xstars_models.card import model_card
+
+    saved = XStars.from_pretrained(tmp_path / "out")
+    assert saved.training_record["monitors"]["collapsed"] is True
+    card = model_card(saved.config, "org/collapsed")
+    assert "| training |" in card and "COLLAPSED: teacher entropy" in card
+
+
+def test_model_card_shows_each_stage_monitors():
+    from xstars_models.card import model_card
+
+    model = tiny_model(extra_sensors=())
+    healthy = collapse_verdict({"teacher_entropy": 3.0, "cls_spread": 0.5, "rank": 20.0}, math.log(4096))
+    model.training_record = {"stage1": {"monitors": healthy}, "stage2": {"monitors": {**healthy, "rank": 1.2}}}
+    model.training_record["stage2"]["monitors"] = collapse_verdict(model.training_record["stage2"]["monitors"], math.log(4096))
+    card = model_card(model.config, "org/name")
+    assert "| stage1 | 3.000 / 8.318 | 0.500 | 20.0 | no collapse |" in card
+    assert "| stage2 | 3.000 / 8.318 | 0.500 | 1.2 | COLLAPSED: effective rank 1.20" in card

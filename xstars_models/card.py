@@ -79,7 +79,7 @@ def model_card(
         f"trunk with timm's own keys (its patch embedding is the `{primary}` stem); each other sensor's patch "
         "embedding is in `stem-<sensor>.safetensors`.",
         "## Lineage\n\n" + (_json_block(config.lineage) if config.lineage else "Trained from scratch."),
-        "## Training\n\n" + (_json_block(config.training) if config.training else "Not recorded."),
+        "## Training\n\n" + _monitors_table(config.training) + (_json_block(config.training) if config.training else "Not recorded."),
         "## Metrics\n\n" + (_json_block(config.metrics) if config.metrics else "Not evaluated."),
         "## Usage\n\n```python\n"
         "from xstars_models import XStars\n"
@@ -112,6 +112,30 @@ def _timm_usage(config: XStarsConfig, repo_id: str) -> str:
         "```\n\n"
         "A downloaded folder loads the same way with `timm.create_model(\"local-dir:<folder>\", pretrained=True)`."
     )
+
+
+def _monitors_table(training: dict[str, Any]) -> str:
+    """The collapse monitors of each recorded stage at its last step, as a table ("" when the
+    record has none): a collapsed stage must be visible on the card, not only in the JSON."""
+    stages = {name: part for name, part in training.items() if isinstance(part, dict) and "monitors" in part}
+    if "monitors" in training:
+        stages = {"training": training}
+    if not stages:
+        return ""
+    rows = [
+        "Collapse monitors at the last step (teacher entropy against its ceiling ln K; CLS spread: 0 = one "
+        "embedding for every image, ~1 = spread over the sphere; effective rank of a fixed batch):\n",
+        "| stage | teacher entropy / ln K | CLS spread | effective rank | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for name, part in stages.items():
+        m = part["monitors"]
+        entropy = f"{m['teacher_entropy']:.3f} / {m['ln_k']:.3f}" if "teacher_entropy" in m and m.get("ln_k") else "n/a"
+        spread = f"{m['cls_spread']:.3f}" if "cls_spread" in m else "n/a"
+        rank = f"{m['rank']:.1f}" if "rank" in m else "n/a"
+        verdict = "COLLAPSED: " + "; ".join(m["reasons"]) if m.get("collapsed") else "no collapse"
+        rows.append(f"| {name} | {entropy} | {spread} | {rank} | {verdict} |")
+    return "\n".join(rows) + "\n\n"
 
 
 def _json_block(data: dict[str, Any]) -> str:

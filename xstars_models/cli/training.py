@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -192,4 +193,12 @@ def _adapt(args: argparse.Namespace) -> int:
     if args.adapter:
         adapted.save_adapter(new.name, args.adapter, mode=args.mode)
         print(f"saved adapter {args.adapter}")
+    monitors = adapted.training_record["monitors"]
+    if monitors["collapsed"]:
+        # Saved for inspection (its config and card carry the verdict), never passed off as trained.
+        print(
+            f"COLLAPSED: {'; '.join(monitors['reasons'])}. {args.out} is not a useful encoder; "
+            f"see {args.run_dir}/metrics.jsonl.",
+            file=sys.stderr,
+        )
     return 0

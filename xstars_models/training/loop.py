@@ -98,6 +98,13 @@ def _broadcast_state(module: nn.Module) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
+def _monitor_postfix(scalars: dict[str, float]) -> dict[str, str]:
+    """The collapse monitors the recipes log, for the progress bar (the rank only on the steps
+    that compute it)."""
+    names = {"teacher_entropy": "H_t", "cls_spread": "spread", "rank": "rank"}
+    return {short: f"{scalars[key]:.3g}" for key, short in names.items() if key in scalars}
+
+
 @torch.no_grad()
 def _ema(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     # Frozen parameters are skipped: t * m + t * (1 - m) is not bit-exact, and frozen weights
@@ -281,7 +288,7 @@ def train_loop(
                 metrics_file.write(json.dumps({**logged, "time_s": round(time.perf_counter() - began, 3)}) + "\n")
                 metrics_file.flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", **_monitor_postfix(scalars))
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 if is_main:
                     save_checkpoint(

@@ -131,8 +131,9 @@ def bench_scene(model: XStars, args: argparse.Namespace, device: torch.device, f
     return lines
 
 
-def train_once(args: argparse.Namespace, device: torch.device, precision: str, steps: int) -> tuple[float, str]:
-    """Steps/s of adapt(mode="full") (the setting of bench_train.py), first 2 steps excluded."""
+def train_once(args: argparse.Namespace, device: torch.device, precision: str, steps: int) -> tuple[list[float], str]:
+    """adapt(mode="full") (the setting of bench_train.py): the time at the end of each step, and
+    the precision its training record says ran."""
     torch.manual_seed(0)
     base = XStars.new("vit_tiny_patch16_224", [SENSOR], patch_size=8, img_size=64)
     config = TrainConfig(steps=steps, batch_size=args.train_batch, alpha=0.1, dino_out_dim=4096, local_crops=4,
@@ -141,8 +142,7 @@ def train_once(args: argparse.Namespace, device: torch.device, precision: str, s
         trained = adapt(base, get_sensor("aerial_rgb").with_gsd(5.0, name="aerial"), SyntheticPairs(), mode="full",
                         config=config, out_dir=run, device=device, progress=False)
         times = [json.loads(line)["time_s"] for line in Path(run, "metrics.jsonl").read_text().splitlines()]
-    skip = min(2, len(times) - 2)
-    return (len(times) - 1 - skip) / (times[-1] - times[skip]), trained.training_record["precision"]
+    return times, trained.training_record["precision"]
 
 
 def train_step_flops(args: argparse.Namespace, device: torch.device) -> int:
@@ -157,8 +157,9 @@ def bench_train(args: argparse.Namespace, device: torch.device) -> list[str]:
 
     def run(precision: str) -> Callable[[], float]:
         def once() -> float:
-            rate, used[precision] = train_once(args, device, precision, args.train_steps)
-            return 1 / rate  # seconds per step: smaller is better, as interleaved_best expects
+            times, used[precision] = train_once(args, device, precision, args.train_steps)
+            skip = 2  # warm-up steps
+            return (times[-1] - times[skip]) / (len(times) - 1 - skip)  # seconds per step
         return once
 
     best = interleaved_best({p: run(p) for p in variants(device, TRAINING)}, args.train_repeats)
@@ -183,13 +184,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--scene", type=int, default=2000, help="scene side in pixels")
     parser.add_argument("--scene-repeats", type=int, default=3)
-    parser.add_argument("--train-steps", type=int, default=12)
+    parser.add_argument("--train-steps", type=int, default=12, help="steps per run (at least 4; the first 2 are not timed)")
     parser.add_argument("--train-batch", type=int, default=16)
     parser.add_argument("--train-repeats", type=int, default=2)
     parser.add_argument("--skip-scene", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.train_steps < 4:
+        parser.error(f"--train-steps must be at least 4 (2 warm-up steps are not timed), got {args.train_steps}")
     model = XStars.from_pretrained(args.model).to(device).eval()
     load_before = os.getloadavg()
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, device "

@@ -18,19 +18,20 @@ Which CPUs count as bf16-native
 Only those where a bf16 matrix product beats fp32: x86 with AMX-BF16 (Sapphire Rapids and
 later, when the OS / hypervisor exposes AMX) and Arm with the BF16 extension (BFMMLA). AVX512-BF16
 alone does *not* count: its ``vdpbf16ps`` does 32 multiply-adds per instruction, the same as
-two fp32 FMA units, so there is no compute gain, and on this project's machine (2-core Xeon,
+two fp32 FMA units, so there is no compute gain. On this project's machine (2-core Xeon,
 AVX512-BF16 and AVX512-FP16 without AMX, torch 2.14.1 / oneDNN 3.12) a bf16 GEMM of ViT-Tiny's
-shapes ran at ~85 GFLOP/s against ~145 GFLOP/s in fp32, and a bf16-autocast forward of the bundled
-model was slower than fp32 (BENCHMARKS.md, "Precision").
+shapes ran at ~85 GFLOP/s against ~145 GFLOP/s in fp32 (one thread), and bf16 autocast made the
+bundled model's forward 0.63x as fast and a training step 0.43x (BENCHMARKS.md, "Precision").
 
 Why int8 uses torch's fbgemm kernels and not torchao
 ----------------------------------------------------
 ``torchao`` 0.18.0 installs with torch 2.14.1 and its ``quantize_(...,
-Int8DynamicActivationInt8WeightConfig())`` runs, but in eager mode on this CPU it was *slower*
-than fp32 (a batch of 64 tiles of 64 px on the bundled model: 260 ms vs 200 ms): its CPU speed
-comes from ``torch.compile``, which would add a compilation per input shape to every ``embed``
-call. torch's own dynamic-quantised linear kernels (fbgemm, VNNI ``vpdpbusd``) ran the same batch
-in 121 ms. They are used here directly (``torch.ops.quantized.linear_prepack`` /
+Int8DynamicActivationInt8WeightConfig())`` runs (cosine 0.99998 to fp32), but in eager mode on
+this CPU it is twice as *slow* as fp32 (a batch of 64 tiles of 64 px on the bundled model, one
+thread, best of 10: 832 ms vs 416 ms): its CPU speed comes from ``torch.compile``, which would add
+a compilation per input shape to every ``embed`` call. torch's own dynamic-quantised linear
+kernels (fbgemm) ran the same batch in 254 ms (cosine 0.99994), so they are what ``"int8"`` uses,
+called directly (``torch.ops.quantized.linear_prepack`` /
 ``linear_dynamic``) rather than through ``torch.ao.quantization.quantize_dynamic``, which torch
 2.14 marks deprecated. Creating the int8 weight tensor (``torch.quantize_per_channel``) also
 emits a deprecation notice of torch's quantised tensor type; it is silenced at that one call
@@ -183,8 +184,9 @@ def resolve_precision(precision: str, device: torch.device | str, training: bool
 
 class Int8Linear(nn.Module):
     """An ``nn.Linear`` for inference with int8 weights (symmetric, one scale per output
-    channel) and activations quantised per batch (asymmetric uint8, 7-bit range so that no
-    CPU's int16 intermediate can saturate). Input and output are float32.
+    channel) and activations quantised per call (asymmetric uint8 over the whole input, 7-bit
+    range: fbgemm's AVX2/AVX512 kernels add pairs of u8 x s8 products in int16, which full 8-bit
+    values could saturate). Input and output are float32.
 
     Args:
         linear: the layer to quantise (its weights are copied, not shared).

@@ -4,6 +4,7 @@ pystac.Item) whose assets are picked by band name, and areas of interest (bounds
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -12,13 +13,14 @@ import pystac
 import pytest
 import rasterio
 from affine import Affine
+from rasterio.windows import Window
 
 from factories import tiny_model
 from range_server import RangeServer
 from xstars_models.cli import main
 from xstars_models.samples import sample_path
 from xstars_models.scenes import embed_scene
-from xstars_models.scenes.stac import pick_assets
+from xstars_models.scenes.stac import open_stac_item, pick_assets
 from xstars_models.sensors import get_sensor
 
 SENSOR = "sentinel2_rgb"  # 10 m, patch 8 px in the tiny model
@@ -191,3 +193,34 @@ def test_units_are_checked_on_scenes_too(model, tmp_path):
     with pytest.raises(ValueError, match=r"scaled\.tif, rows 0-64 .*look already scaled.*uint8 digital numbers 0-255"):
         embed_scene(model, path, SENSOR, out=tmp_path / "x.tif", tile=64, progress=False)
     shutil.rmtree(tmp_path)
+
+
+def test_stac_bands_at_another_resolution_are_resampled_onto_the_finest_grid(model, served, tmp_path):
+    root, pixels, _, base = served
+    with rasterio.open(root / "blue.tif") as src:
+        profile = src.profile
+    coarse = pixels[2].reshape(1024, 2, 1024, 2).mean(axis=(1, 3)).round().astype(np.uint8)[None]
+    t = profile["transform"]
+    with rasterio.open(root / "blue20.tif", "w", **{**profile, "width": 1024, "height": 1024,
+                                                    "transform": Affine(t.a * 2, 0, t.c, 0, t.e * 2, t.f)}) as dst:
+        dst.write(coarse)
+    write_item(root, base, {
+        "red": ("red.tif", [{"name": "B04", "common_name": "red"}]),
+        "green": ("green.tif", [{"name": "B03", "common_name": "green"}]),
+        "blue": ("blue20.tif", [{"name": "B02", "common_name": "blue"}]),
+    })
+    result = embed_scene(model, f"{base}/item.json", SENSOR, out=tmp_path / "mixed.tif", window=WINDOW, tile=64, progress=False)
+    values, profile_out = read_map(result.path)
+    reference = read_map(embed_scene(model, root / "scene.tif", SENSOR, out=tmp_path / "ref.tif", window=WINDOW, tile=64, progress=False).path)
+    assert values.shape == reference[0].shape and profile_out["transform"] == reference[1]["transform"]
+    # The 20 m blue band, upsampled onto the 10 m grid, gives features close to the 10 m scene's.
+    similarity = (values * reference[0]).sum(0) / np.linalg.norm(values, axis=0) / np.linalg.norm(reference[0], axis=0)
+    assert np.median(similarity) > 0.9 and not np.array_equal(values, reference[0])
+    # The band itself lands where it belongs: close to the 20 m values repeated 2 x 2.
+    with contextlib.ExitStack() as stack:
+        dataset, _, _ = open_stac_item(root / "item.json", get_sensor(SENSOR), SENSOR, stack)
+        row, col, h, w = WINDOW
+        blue = dataset.read(3, window=Window(col, row, w, h)).astype(float)
+    nearest = np.repeat(np.repeat(coarse[0], 2, axis=0), 2, axis=1)[row : row + h, col : col + w]
+    error = np.abs(blue - nearest).mean()
+    assert error < 1.0 and error < 0.5 * np.abs(blue - np.roll(nearest, 8, axis=1)).mean()

@@ -139,12 +139,10 @@ def open_scene(
         )
     if transform is not None or crs is not None:
         raise ValueError(f"{source}: transform= and crs= are for array sources; a file has its own.")
-    if is_remote(source) or _is_stac(source):
-        stack.enter_context(rasterio.Env(**REMOTE_GDAL_OPTIONS))
     if _is_stac(source):
         dataset, what, fingerprint = open_stac_item(source, spec, sensor, stack)
     elif is_remote(source):
-        dataset = stack.enter_context(_open_url(rasterio, str(source)))
+        dataset = _open_url(rasterio, str(source), stack)
         what = str(source)
         fingerprint = {"url": what}
     else:
@@ -166,9 +164,11 @@ def open_scene(
     return Scene(what, dataset, None, dataset.transform, dataset.crs, nodata, spec, sensor, resample, fingerprint, aoi)
 
 
-def _open_url(rasterio: Any, url: str) -> Any:
+def _open_url(rasterio: Any, url: str, stack: contextlib.ExitStack) -> Any:
+    # The options stay set (with the stack) for the reads, not only for opening.
+    stack.enter_context(rasterio.Env(**REMOTE_GDAL_OPTIONS))
     try:
-        return rasterio.open(url)
+        return stack.enter_context(rasterio.open(url))
     except rasterio.errors.RasterioIOError as err:
         raise FileNotFoundError(
             f"Cannot open {url} as a raster over HTTP ({err}). Check the URL; GDAL reads it with "

@@ -19,7 +19,7 @@ from typing import Any
 from xml.sax.saxutils import escape
 
 from ..sensors import Band, SensorSpec
-from .reading import import_rasterio
+from .reading import REMOTE_GDAL_OPTIONS, import_rasterio
 
 __all__ = ["open_stac_item", "pick_assets"]
 
@@ -109,6 +109,8 @@ def _gdal_path(href: str) -> str:
 def open_stac_item(source: Any, spec: SensorSpec, sensor: str, stack: contextlib.ExitStack) -> tuple[Any, str, dict[str, Any]]:
     """The item's bands for ``spec`` as one open dataset, a name for messages, and a fingerprint."""
     rasterio = import_rasterio()
+    # The options stay set (with the stack) while the assets are read, not only while opened.
+    stack.enter_context(rasterio.Env(**REMOTE_GDAL_OPTIONS))
     item = _load_item(source)
     what = f"STAC item {item.id!r}"
     picks = pick_assets(item, spec)

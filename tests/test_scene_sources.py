@@ -171,7 +171,7 @@ def test_asset_choice_follows_band_names_and_data_types():
     # 16-bit reflectance: the visual asset's uint8 does not fit; per-band COGs before JPEG 2000.
     reflectance = get_sensor("sentinel2").select(["B04", "B03", "B02", "B08"])
     assert pick_assets(item, reflectance) == [("red", 1), ("green", 1), ("blue", 1), ("nir", 1)]
-    with pytest.raises(ValueError, match=r"no asset with band 'coastal' \(B01\) of sensor 'sentinel2'\. Assets with eo:bands: blue: \['b02'\]"):
+    with pytest.raises(ValueError, match=r"no asset with band 'coastal' \(B01\) of sensor 'sentinel2'\. Assets with eo:bands: blue: \['b02'\].*Passed over for a data type other than uint16: \['visual'\]"):
         pick_assets(item, get_sensor("sentinel2"))
 
 

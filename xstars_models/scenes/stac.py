@@ -88,11 +88,13 @@ def pick_assets(item: Any, spec: SensorSpec) -> list[tuple[str, int]]:
             ((key, i + 1) for key in ranked for i, e in enumerate(assets[key]) if _matches(band, e)), None
         )
         if found is None:
-            listing = "; ".join(f"{k}: {[n or c for n, c in v]}" for k, v in assets.items() if v) or "none name their bands"
+            listing = "; ".join(f"{k}: {[n or c for n, c in v]}" for k, v in assets.items() if v) or "none"
+            passed_over = sorted(set(item.assets) - set(assets))
             raise ValueError(
                 f"STAC item {item.id!r} has no asset with band {band.name!r}"
                 + (f" ({band.alias})" if band.alias else "")
                 + f" of sensor {spec.name!r}. Assets with eo:bands: {listing}."
+                + (f" Passed over for a data type other than {spec.dtype}: {passed_over}." if passed_over else "")
             )
         picked.append(found)
     return picked

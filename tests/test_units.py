@@ -45,6 +45,8 @@ def test_zero_one_floats_where_digital_numbers_are_expected(model):
     s2 = np.random.default_rng(0).uniform(0.0, 0.6, (13, 32, 32)).astype(np.float32)
     with pytest.raises(ValueError, match=r"uint16 digital numbers 0-65535 \(DN x 0\.0001 = top-of-atmosphere reflectance.*multiply scaled values by 10000"):
         model.embed(torch.from_numpy(s2), "sentinel2")
+    with pytest.raises(ValueError, match=r"look already scaled"):
+        model.embed(torch.from_numpy(s2).to(torch.bfloat16), "sentinel2")
 
 
 def test_already_normalised_inputs_are_refused(model):

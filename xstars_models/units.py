@@ -61,7 +61,8 @@ def check_value_range(
     """
     if spec.value_range is None or not _is_float(values):
         return
-    array = values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    # bfloat16 has no NumPy type; float32 holds every value of the narrower float types exactly.
+    array = values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
     if valid is not None:
         array = array[np.broadcast_to(valid, array.shape)]
     array = array[np.isfinite(array)]

@@ -3,8 +3,9 @@ large C x H x W array) in, georeferenced embeddings out.
 
 :func:`embed_scene` cuts a scene into tiles, embeds them in batches and writes either a dense
 feature map — a float32 Cloud-Optimised GeoTIFF with one band per feature dimension and one pixel
-per token — or one vector per tile with its footprint, as GeoParquet (geopandas, TorchGeo and
-TerraTorch read it).
+per token — or one vector per tile with its footprint, as GeoParquet (read by geopandas; a
+geometry column plus an ``embedding`` list column, the layout of the GeoParquet embedding datasets
+TorchGeo and TerraTorch use, though not tested against those libraries here).
 
 Sources
     A URL is opened by GDAL, which reads the file's header and then only the byte ranges of the

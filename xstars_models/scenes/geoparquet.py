@@ -1,7 +1,8 @@
 """Per-tile vectors as GeoParquet (https://geoparquet.org, version 1.1.0): one row per tile with
-its footprint polygon (WKB, in the scene's CRS) and its ``embedding`` as a list column, the
-layout TorchGeo's and TerraTorch's embedding datasets read. Written one row group per strip of
-tiles, so memory does not grow with the scene."""
+its footprint polygon (WKB, in the scene's CRS) and its ``embedding`` as a list column (the
+layout of TorchGeo's and TerraTorch's GeoParquet embedding datasets; the tests read it with
+geopandas and pyarrow only). Written one row group per strip of tiles, so memory does not grow
+with the scene."""
 
 from __future__ import annotations
 

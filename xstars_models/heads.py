@@ -42,9 +42,13 @@ class DINOHead(nn.Module):
             magnitude.fill_(1.0)
         magnitude.requires_grad_(False)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ... x in_dim -> the L2-normalised bottleneck ... x bottleneck_dim."""
+        return F.normalize(self.mlp(x), dim=-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ... x in_dim -> logits ... x out_dim."""
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+        return self.last_layer(self.project(x))
 
 
 class ProjectionHead(nn.Module):

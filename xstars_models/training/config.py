@@ -41,12 +41,13 @@ class TrainConfig:
             reference's forward and the projection heads). DINO keeps its other, augmented
             global and local views. ``False`` runs the MSAD view separately, as the official
             code does.
-        koleo_weight: weight of DINOv2's KoLeo term on the student's CLS embeddings of the
-            global views (spreads the batch; 0.1 in DINOv2).
-        contrast_weight: weight of a CLS-level InfoNCE (temperature ``contrast_temp``): between
-            the student's two global views of a sensor in :func:`pretrain` (and between the
-            sensors' MSAD views when there are several), between the student's new-sensor view
-            and the frozen model's old-sensor view of the same footprint in :func:`adapt`.
+        koleo_weight: weight of DINOv2's KoLeo term on the DINO head's normalised bottleneck of
+            the student's global views (spreads the batch; 0.1 in DINOv2).
+        contrast_weight: weight of an InfoNCE (temperature ``contrast_temp``): between the DINO
+            head bottlenecks of the student's two global views of a sensor in :func:`pretrain`
+            (plus one between the sensors' CLS tokens when there are several), between the
+            student's new-sensor CLS and the frozen model's old-sensor CLS of the same
+            footprint in :func:`adapt`.
         cross_sensor_dino: in :func:`adapt`, the teacher also sees the old sensor's view of each
             footprint and the student's new-sensor view of it must match that distribution (a
             DINO term across sensors, with its own centre), which aligns the global embedding.

@@ -46,6 +46,12 @@ class _DINONet(nn.Module):
         tokens = self.encoder(x, sensor)
         return self.head(tokens[:, 0]), tokens
 
+    def forward_with_bottleneck(self, x: torch.Tensor, sensor: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Head logits, tokens, and the head's normalised bottleneck of the CLS token."""
+        tokens = self.encoder(x, sensor)
+        bottleneck = self.head.project(tokens[:, 0])
+        return self.head.last_layer(bottleneck), tokens, bottleneck
+
 
 class _TrainingViews(Dataset):
     """Turns a paired data set into training samples: DINO multi-crop views of the ``dino``
@@ -111,6 +117,7 @@ class _DINOTerm(NamedTuple):
     loss: torch.Tensor  # DINO loss of one sensor
     tokens: torch.Tensor  # student tokens of the first global view, B x T x D
     cls: torch.Tensor  # student CLS of every global view, n_global x B x D
+    bottleneck: torch.Tensor  # the DINO head's normalised bottleneck of those, n_global x B x bottleneck
     head_out: torch.Tensor  # student head logits of the first global view, B x K
 
 
@@ -123,22 +130,26 @@ def _dino_term(
     batch = len(views[0])
     with torch.no_grad():
         teacher_out, _ = teacher(global_views, sensor)
-    student_global, tokens = student(global_views, sensor)
+    student_global, tokens, bottleneck = student.forward_with_bottleneck(global_views, sensor)
     student_out = [student_global]
     if len(views) > n_global:
         student_out.append(student(torch.cat(list(views[n_global:])), sensor)[0])
     cls = tokens[:, 0].unflatten(0, (n_global, batch))
-    return _DINOTerm(loss(torch.cat(student_out), teacher_out, step), tokens[:batch], cls, student_global[:batch])
+    return _DINOTerm(
+        loss(torch.cat(student_out), teacher_out, step), tokens[:batch], cls,
+        bottleneck.unflatten(0, (n_global, batch)), student_global[:batch],
+    )
 
 
-def _spread_terms(cls: torch.Tensor, config: TrainConfig) -> dict[str, torch.Tensor]:
-    """KoLeo on each global view's CLS batch, and InfoNCE between the first two global views
-    (``cls``: n_global x B x D); only the terms whose weight is > 0."""
+def _spread_terms(embeddings: torch.Tensor, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """KoLeo on each global view's batch, and InfoNCE between the first two global views
+    (``embeddings``: n_global x B x E, the DINO head's bottleneck, where spreading the batch
+    also spreads the teacher's prototype scores); only the terms whose weight is > 0."""
     terms = {}
     if config.koleo_weight > 0:
-        terms["koleo"] = torch.stack([koleo(view) for view in cls]).mean()
-    if config.contrast_weight > 0 and len(cls) > 1:
-        terms["contrast"] = info_nce(cls[0], cls[1], config.contrast_temp)
+        terms["koleo"] = torch.stack([koleo(view) for view in embeddings]).mean()
+    if config.contrast_weight > 0 and len(embeddings) > 1:
+        terms["contrast"] = info_nce(embeddings[0], embeddings[1], config.contrast_temp)
     return terms
 
 
@@ -312,7 +323,7 @@ def pretrain(
     def step_fn(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         terms = {s: _dino_term(student, teacher, dino[s], batch["views"][s], s, config.global_crops, step) for s in sensors}
         dino_loss = sum(term.loss for term in terms.values()) / len(sensors)
-        spread = _mean_terms([_spread_terms(term.cls, config) for term in terms.values()])
+        spread = _mean_terms([_spread_terms(term.bottleneck, config) for term in terms.values()])
         msad_loss = torch.zeros((), device=device)
         pair_tokens = {}
         if len(sensors) > 1 and (config.alpha > 0 or config.contrast_weight > 0):
@@ -409,7 +420,7 @@ def adapt(
     def step_fn(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         term = _dino_term(student, teacher, dino[new], batch["views"][new], new, config.global_crops, step)
         dino_loss, tokens, head_out = term.loss, term.tokens, term.head_out
-        spread = _spread_terms(term.cls, config)
+        spread = _spread_terms(term.bottleneck, config)
         spread.pop("contrast", None)  # across sensors below, not between two views of one
         if not views.share and (config.alpha > 0 or config.contrast_weight > 0 or config.cross_sensor_dino):
             head_out, tokens = student(batch["pairs"][new], new)

@@ -70,7 +70,7 @@ def test_bad_inputs_are_named():
 def test_bundled_chips_are_real_labelled_and_split_in_space():
     chips = load_landcover_chips()
     assert isinstance(chips, LandcoverChips)
-    assert chips.chips.dtype == torch.uint8 and chips.chips.shape[1:] == (3, 64, 64) and len(chips.chips) > 500
+    assert chips.chips.dtype == torch.uint8 and chips.chips.shape[1:] == (3, 64, 64) and len(chips.chips) > 350
     assert chips.chips.float().std() > 5  # imagery, not a constant
     train_classes, test_classes = set(chips.train[1].tolist()), set(chips.test[1].tolist())
     assert test_classes <= train_classes and len(train_classes) >= 3
@@ -80,6 +80,21 @@ def test_bundled_chips_are_real_labelled_and_split_in_space():
     widths = chips.bounds[:, 2] - chips.bounds[:, 0]
     np.testing.assert_allclose(widths, 640.0)
     assert "landcover_chips_s2.npz" in SOURCES.read_text() and "cars==1.3.0" in SOURCES.read_text()
+
+
+def test_default_chips_are_the_area_pretraining_never_sees():
+    """The bundled default is the tile's northern chip rows; the default model's stage 1 trains only on
+    pixel rows from PRETRAIN_FIRST_ROW_PX on, so no chip overlaps its training crops."""
+    from xstars_models.evaluation.landcover import PRETRAIN_FIRST_ROW_PX
+
+    unseen, every = load_landcover_chips(), load_landcover_chips(area="all")
+    assert len(every.chips) == 833 and 350 < len(unseen.chips) < len(every.chips)
+    tile_top = every.bounds[:, 3].max()  # metres, EPSG:32618; 10 m pixels
+    lowest_unseen_row_px = (tile_top - unseen.bounds[:, 1].min()) / 10.0
+    assert lowest_unseen_row_px <= PRETRAIN_FIRST_ROW_PX - 64  # at least one chip of gap
+    assert set(unseen.labels.tolist()) == set(range(len(unseen.class_codes)))  # all classes present
+    with pytest.raises(ValueError, match="area must be one of"):
+        load_landcover_chips(area="north")
 
 
 def quarter_of_the_chips() -> LandcoverChips:

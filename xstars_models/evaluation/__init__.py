@@ -2,7 +2,9 @@
 architecture at random initialisation, and raw pixels).
 
 - ``retrieval``: cross-sensor retrieval of co-registered pairs (recall@k).
-- ``landcover``: kNN and linear-probe land-cover accuracy on the bundled labelled chips."""
+- ``landcover``: kNN and linear-probe land-cover accuracy on the bundled labelled chips.
+- ``common``: the features both compare and their baselines (raw pixels; random initialisation
+  drawn from its own seed, leaving the caller's random state untouched)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import XStars
-from .retrieval import FEATURES, _features, _pixels
+from .common import FEATURES, embedding_features, pixel_features, random_init_like
 
 __all__ = [
     "LandcoverChips",
@@ -304,7 +304,8 @@ def landcover_table(
     seed: int = 0,
 ) -> list[dict[str, float | str | int]]:
     """kNN and linear-probe land-cover accuracy (and balanced accuracy) on the test side of the
-    spatial split, for the model, the same architecture at random init (seeded), mean colour,
+    spatial split, for the model, the same architecture at random init (drawn from ``seed``; the
+    global random state is left as it was), mean colour,
     the chips area-averaged to the token grid (``pixels GxG``, per-chip standardised) and the
     majority class of the training side. One dict per row: ``name``, ``dims`` and the four
     scores. ``chips`` defaults to the bundled ones, whose digital numbers are ``sensor``'s.
@@ -322,17 +323,16 @@ def landcover_table(
     if len(train_images) == 0 or len(test_images) == 0:
         raise ValueError(f"Both splits must be non-empty, got {len(train_images)} train and {len(test_images)} test chips.")
     groups = chips.blocks[~chips.is_test]
-    torch.manual_seed(seed)
-    encoders = {"model": model, "random init": XStars(model.config).eval()}
+    encoders = {"model": model, "random init": random_init_like(model, seed)}
     rows: list[dict[str, float | str | int]] = []
     for kind in features:
         for name, encoder in encoders.items():
-            train_x = _features(encoder, train_images, sensor, kind)
-            test_x = _features(encoder, test_images, sensor, kind)
+            train_x = embedding_features(encoder, train_images, sensor, kind)
+            test_x = embedding_features(encoder, test_images, sensor, kind)
             scores = _scores(train_x, train_y, test_x, test_y, k, groups, seed)
             rows.append({"name": f"{name} ({kind})", "dims": train_x.shape[1], **scores})
     grid = chips.chips.shape[-1] // model.sensors[sensor].patch_size
-    train_pixels, test_pixels = _pixels(train_images, grid), _pixels(test_images, grid)
+    train_pixels, test_pixels = pixel_features(train_images, grid), pixel_features(test_images, grid)
     for name in train_pixels:
         scores = _scores(train_pixels[name], train_y, test_pixels[name], test_y, k, groups, seed)
         rows.append({"name": name, "dims": train_pixels[name].shape[1], **scores})

@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..model import XStars
+from .common import FEATURES, embedding_features, pixel_features, random_init_like
 
 __all__ = ["cross_sensor_retrieval", "recall_at_k", "retrieval_table"]
-
-FEATURES = ("cls", "mean", "patch")
 
 
 def recall_at_k(queries: torch.Tensor, gallery: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -28,24 +27,8 @@ def recall_at_k(queries: torch.Tensor, gallery: torch.Tensor, ks: Sequence[int] 
     return {f"r@{k}": float((rank < k).double().mean()) for k in ks}
 
 
-def _features(model: XStars, images: torch.Tensor, sensor: str, kind: str) -> torch.Tensor:
-    if kind == "patch":
-        # Per-token L2 normalisation, then the token grid flattened: compares footprints token
-        # by token, which is what MSAD aligns.
-        patches = model.embed(images, sensor, output="patch", progress=False)
-        return F.normalize(patches, dim=-1).flatten(1)
-    return model.embed(images, sensor, output=kind, progress=False)
-
-
 def _stack(pairs: Dataset, sensor: str) -> torch.Tensor:
     return torch.stack([pairs[i]["images"][sensor] for i in range(len(pairs))])
-
-
-def _pixels(images: torch.Tensor, grid: int) -> dict[str, torch.Tensor]:
-    small = F.adaptive_avg_pool2d(images.double(), grid)
-    flat = small.flatten(1)
-    standardised = (flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True).clamp_min(1e-9)
-    return {"mean colour": images.double().mean(dim=(2, 3)), f"pixels {grid}x{grid}": standardised}
 
 
 def cross_sensor_retrieval(
@@ -56,8 +39,8 @@ def cross_sensor_retrieval(
         raise ValueError(f"features must be one of {FEATURES}, got {features!r}.")
     if len(pairs) < 2:
         raise ValueError(f"Retrieval needs at least 2 pairs, got {len(pairs)}.")
-    a = _features(model, _stack(pairs, sensor_a), sensor_a, features)
-    b = _features(model, _stack(pairs, sensor_b), sensor_b, features)
+    a = embedding_features(model, _stack(pairs, sensor_a), sensor_a, features)
+    b = embedding_features(model, _stack(pairs, sensor_b), sensor_b, features)
     return {
         **{f"a->b {k}": v for k, v in recall_at_k(a, b, ks).items()},
         **{f"b->a {k}": v for k, v in recall_at_k(b, a, ks).items()},
@@ -71,11 +54,14 @@ def _stem_transfer_baseline(random_init: XStars, sensor_a: str, sensor_b: str) -
     if sensor_b != random_init.primary_sensor or sensor_a == sensor_b:
         return None
     stem = random_init.sensors[sensor_a]
-    baseline = XStars.new(
-        random_init.arch, {sensor_b: random_init.sensors[sensor_b].spec}, **random_init.arch_kwargs
-    )
-    baseline.load_state_dict({k: v for k, v in random_init.state_dict().items() if k in baseline.state_dict()})
-    baseline.add_sensor(stem.spec, patch_size=stem.patch_size, init_from=sensor_b, name=sensor_a)
+    # Every weight drawn here is overwritten (trunk loaded, stem copied), but the draws would
+    # still advance the caller's random sequence.
+    with torch.random.fork_rng(devices=[]):
+        baseline = type(random_init).new(
+            random_init.arch, {sensor_b: random_init.sensors[sensor_b].spec}, **random_init.arch_kwargs
+        )
+        baseline.load_state_dict({k: v for k, v in random_init.state_dict().items() if k in baseline.state_dict()})
+        baseline.add_sensor(stem.spec, patch_size=stem.patch_size, init_from=sensor_b, name=sensor_a)
     return baseline.eval()
 
 
@@ -87,10 +73,10 @@ def retrieval_table(
     features: Sequence[str] = ("patch", "mean"),
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The model, the same architecture at random init (seeded), and raw-pixel baselines on the
-    same pairs. Returns ``{"pairs": n, "rows": {name: {metric: value}}}``."""
-    torch.manual_seed(seed)
-    random_init = XStars(model.config).eval()
+    """The model, the same architecture at random init (drawn from ``seed``; the global random
+    state is left as it was), and raw-pixel baselines on the same pairs. Returns
+    ``{"pairs": n, "rows": {name: {metric: value}}}``."""
+    random_init = random_init_like(model, seed)
     baselines = {"random init": random_init}
     transferred = _stem_transfer_baseline(random_init, sensor_a, sensor_b)
     if transferred is not None:
@@ -102,7 +88,7 @@ def retrieval_table(
             rows[f"{name} ({kind})"] = cross_sensor_retrieval(baseline, pairs, sensor_a, sensor_b, kind)
     images_a, images_b = _stack(pairs, sensor_a), _stack(pairs, sensor_b)
     grid = images_a.shape[-1] // model.sensors[sensor_a].patch_size
-    pixels_a, pixels_b = _pixels(images_a, grid), _pixels(images_b, grid)
+    pixels_a, pixels_b = pixel_features(images_a, grid), pixel_features(images_b, grid)
     for name in pixels_a:
         rows[name] = {
             **{f"a->b {k}": v for k, v in recall_at_k(pixels_a[name], pixels_b[name]).items()},

@@ -1,0 +1,45 @@
+"""What the retrieval and land-cover evaluations share: the embedding features they compare, the
+raw-pixel baselines, and the random-initialisation baseline built without touching the global
+random state."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..model import XStars
+
+__all__ = ["FEATURES", "embedding_features", "pixel_features", "random_init_like"]
+
+FEATURES = ("cls", "mean", "patch")
+
+
+def embedding_features(model: XStars, images: torch.Tensor, sensor: str, kind: str) -> torch.Tensor:
+    """N x D features of ``images`` (N x C x H x W digital numbers of ``sensor``): the ``cls``
+    token, the ``mean`` patch token, or the ``patch`` tokens L2-normalised one by one and
+    flattened (N x tokens*D), which compares footprints token by token as MSAD aligns them."""
+    if kind not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {kind!r}.")
+    if kind == "patch":
+        patches = model.embed(images, sensor, output="patch", progress=False)
+        return F.normalize(patches, dim=-1).flatten(1)
+    return model.embed(images, sensor, output=kind, progress=False)
+
+
+def pixel_features(images: torch.Tensor, grid: int) -> dict[str, torch.Tensor]:
+    """Raw-pixel baselines of ``images`` (N x C x H x W): the mean colour (N x C, digital
+    numbers) and the image area-averaged to ``grid`` x ``grid`` cells, standardised per image
+    (N x C*grid*grid), by name."""
+    small = F.adaptive_avg_pool2d(images.double(), grid)
+    flat = small.flatten(1)
+    standardised = (flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True).clamp_min(1e-9)
+    return {"mean colour": images.double().mean(dim=(2, 3)), f"pixels {grid}x{grid}": standardised}
+
+
+def random_init_like(model: XStars, seed: int) -> XStars:
+    """A model of ``model``'s configuration with fresh random weights drawn from ``seed``, in
+    eval mode on the CPU. The draw happens inside a fork of the CPU random state, so the caller's
+    random sequence is the same as if this had never run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return type(model)(model.config).eval()

@@ -224,6 +224,7 @@ def _from_registry(entry: ModelEntry, revision: str | None, cache_dir, local_fil
         repair = _hub_repair(entry.model_id)
     where = f"{entry.model_id}/{CONFIG_NAME}"
     config = _check_arch(_parse_config_bytes(read_verified(paths[CONFIG_NAME], entry.files[CONFIG_NAME], where, repair), where), where)
+    _check_entry_matches_config(entry, config, where)
     for name in config.weight_files:
         if name not in entry.files:
             raise ManifestError(f"{entry.origin}: model {entry.model_id!r} lists no sha256 for {name!r}.")
@@ -236,6 +237,17 @@ def _from_registry(entry: ModelEntry, revision: str | None, cache_dir, local_fil
     return ResolvedModel(
         config, weights, {n: entry.files[n] for n in weights}, f"registry:{entry.model_id}", entry.revision, repair
     )
+
+
+def _check_entry_matches_config(entry: ModelEntry, config: XStarsConfig, where: str) -> None:
+    """The manifest's ``arch`` and ``sensors`` (shown by ``xstars list``/``info`` before anything
+    is downloaded) must describe the model its config.json builds."""
+    if entry.arch != config.arch or list(entry.sensors) != list(config.sensors):
+        raise ManifestError(
+            f"{entry.origin}: model {entry.model_id!r} is listed with arch {entry.arch!r} and sensors "
+            f"{list(entry.sensors)}, but its {where} has arch {config.arch!r} and sensors "
+            f"{list(config.sensors)}. Correct the manifest entry (publish.manifest_entry writes it from the model)."
+        )
 
 
 def _from_hub(repo_id: str, revision: str | None, cache_dir, local_files_only, token, force_download) -> ResolvedModel:

@@ -169,11 +169,39 @@ def packaged_manifest_path() -> Path:
 
 
 _registered: dict[str, ModelEntry] = {}
+# The entries of the manifest files, and the key they were read under (see _files_key).
+_file_cache: tuple[tuple, dict[str, ModelEntry]] | None = None
 
 
-def _all_entries() -> dict[str, ModelEntry]:
-    entries = dict(load_manifest(packaged_manifest_path()))
-    for extra in filter(None, os.environ.get(MANIFEST_ENV, "").split(os.pathsep)):
+def _manifest_paths() -> list[Path]:
+    extras = filter(None, os.environ.get(MANIFEST_ENV, "").split(os.pathsep))
+    return [packaged_manifest_path(), *map(Path, extras)]
+
+
+def _files_key(paths: list[Path]) -> tuple:
+    """What identifies the manifests' contents without reading them: each path with its inode,
+    size, modification and change times in ns (an edit or an atomic replace changes them)."""
+    key = []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            key.append((str(path), None))  # load_manifest will name the missing file
+        else:
+            key.append((str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns))
+    return tuple(key)
+
+
+def _file_entries() -> dict[str, ModelEntry]:
+    """The entries of the packaged manifest and of those ``XSTARS_MANIFEST`` names, parsed once
+    and parsed again only when that variable or one of the files changes."""
+    global _file_cache
+    paths = _manifest_paths()
+    key = _files_key(paths)
+    if _file_cache is not None and _file_cache[0] == key:
+        return _file_cache[1]
+    entries = dict(load_manifest(paths[0]))
+    for extra in paths[1:]:
         for model_id, entry in load_manifest(extra).items():
             if model_id in entries and entries[model_id] != entry:
                 raise ManifestError(
@@ -181,8 +209,14 @@ def _all_entries() -> dict[str, ModelEntry]:
                     "choose another id."
                 )
             entries[model_id] = entry
-    entries.update(_registered)
+    _file_cache = (key, entries)
     return entries
+
+
+def _all_entries() -> dict[str, ModelEntry]:
+    # Models registered at run time are laid over the files' entries on every look-up, so
+    # register_model() takes effect at once without re-reading any file.
+    return {**_file_entries(), **_registered}
 
 
 def register_model(model_id: str, entry: Mapping[str, Any] | ModelEntry, overwrite: bool = False) -> ModelEntry:

@@ -13,7 +13,7 @@ import copy
 import itertools
 import math
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,36 +21,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.augment import MultiCropAugment
-from ..heads import DINOHead
-from ..losses import DINOLoss, MSADLoss, info_nce, koleo
+from ..losses import MSADLoss, info_nce
 from ..model import XStars
 from ..sensors import SensorSpec
 from .config import TrainConfig
 from .loop import StepBatchSampler, train_loop
-from .monitors import cls_spread, collapse_verdict, effective_rank, warn_if_collapsed
+from .monitors import collapse_verdict, effective_rank, warn_if_collapsed
+from .terms import DINONet, dino_loss, dino_parts, dino_term, mean_terms, monitor_scalars, spread_terms, total_loss
 
 __all__ = ["adapt", "pretrain"]
 
 ADAPT_MODES = ("stem", "lora", "full")
-
-
-class _DINONet(nn.Module):
-    """An encoder plus its DINO head; ``forward`` gives head outputs of the CLS token and the
-    encoder's tokens (B x T x D), which MSAD reuses when its view is a DINO view."""
-
-    def __init__(self, encoder: XStars, head: DINOHead) -> None:
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def forward(self, x: torch.Tensor, sensor: str) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.encoder(x, sensor)
-        return self.head(tokens[:, 0]), tokens
-
-    def forward_with_bottleneck(self, x: torch.Tensor, sensor: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Head logits, tokens, and the head's normalised bottleneck of the CLS token."""
-        tokens = self.encoder(x, sensor)
-        bottleneck = self.head.project(tokens[:, 0])
-        return self.head.last_layer(bottleneck), tokens, bottleneck
 
 
 class _TrainingViews(Dataset):
@@ -113,46 +94,6 @@ def _augment(model: XStars, sensor: str, config: TrainConfig) -> MultiCropAugmen
     )
 
 
-class _DINOTerm(NamedTuple):
-    loss: torch.Tensor  # DINO loss of one sensor
-    tokens: torch.Tensor  # student tokens of the first global view, B x T x D
-    cls: torch.Tensor  # student CLS of every global view, n_global x B x D
-    bottleneck: torch.Tensor  # the DINO head's normalised bottleneck of those, n_global x B x bottleneck
-    head_out: torch.Tensor  # student head logits of the first global view, B x K
-
-
-def _dino_term(
-    student: _DINONet, teacher: _DINONet, loss: DINOLoss, views: Sequence[torch.Tensor], sensor: str, n_global: int, step: int
-) -> _DINOTerm:
-    """DINO for one sensor: the teacher sees the global views, the student every view. Views of
-    one size go through the network in a single batch."""
-    global_views = torch.cat(list(views[:n_global]))
-    batch = len(views[0])
-    with torch.no_grad():
-        teacher_out, _ = teacher(global_views, sensor)
-    student_global, tokens, bottleneck = student.forward_with_bottleneck(global_views, sensor)
-    student_out = [student_global]
-    if len(views) > n_global:
-        student_out.append(student(torch.cat(list(views[n_global:])), sensor)[0])
-    cls = tokens[:, 0].unflatten(0, (n_global, batch))
-    return _DINOTerm(
-        loss(torch.cat(student_out), teacher_out, step), tokens[:batch], cls,
-        bottleneck.unflatten(0, (n_global, batch)), student_global[:batch],
-    )
-
-
-def _spread_terms(embeddings: torch.Tensor, config: TrainConfig) -> dict[str, torch.Tensor]:
-    """KoLeo on each global view's batch, and InfoNCE between the first two global views
-    (``embeddings``: n_global x B x E, the DINO head's bottleneck, where spreading the batch
-    also spreads the teacher's prototype scores); only the terms whose weight is > 0."""
-    terms = {}
-    if config.koleo_weight > 0:
-        terms["koleo"] = torch.stack([koleo(view) for view in embeddings]).mean()
-    if config.contrast_weight > 0 and len(embeddings) > 1:
-        terms["contrast"] = info_nce(embeddings[0], embeddings[1], config.contrast_temp)
-    return terms
-
-
 def _loader(views: _TrainingViews, config: TrainConfig, device: torch.device):
     def batches(start: int):
         sampler = StepBatchSampler(len(views), config.batch_size, config.steps, start, config.seed)
@@ -185,46 +126,6 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def _dino_parts(encoder: XStars, config: TrainConfig, sensors: Sequence[str]) -> tuple[_DINONet, _DINONet, nn.ModuleDict]:
-    """Student, teacher and one DINO loss per entry of ``sensors``: each keeps its own centre, as
-    each sensor's teacher outputs have their own mean (a shared centre would be moved by one
-    sensor's batch before centring the next one's)."""
-    head = DINOHead(encoder.embed_dim, config.dino_out_dim, bottleneck_dim=config.dino_bottleneck)
-    student = _DINONet(encoder, head)
-    teacher = copy.deepcopy(student)
-    teacher.requires_grad_(False)
-    losses = nn.ModuleDict({s: _dino_loss(config, config.global_crops) for s in sensors})
-    return student, teacher, losses
-
-
-def _dino_loss(config: TrainConfig, n_global: int, skip_same_view: bool = True) -> DINOLoss:
-    return DINOLoss(
-        skip_same_view=skip_same_view,
-        out_dim=config.dino_out_dim,
-        n_global=n_global,
-        student_temp=config.student_temp,
-        teacher_temp=config.teacher_temp,
-        warmup_teacher_temp=config.warmup_teacher_temp,
-        warmup_teacher_temp_steps=config.warmup_teacher_temp_steps,
-    )
-
-
-def _total(
-    dino_loss: torch.Tensor, msad_loss: torch.Tensor, spread: dict[str, torch.Tensor], config: TrainConfig
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """``DINO + alpha * MSAD + koleo_weight * KoLeo + contrast_weight * InfoNCE`` and the terms."""
-    weights = {"koleo": config.koleo_weight, "contrast": config.contrast_weight}
-    total = dino_loss + config.alpha * msad_loss + sum(weights[k] * v for k, v in spread.items())
-    scalars = {"dino": float(dino_loss.detach()), "msad": float(msad_loss.detach())}
-    return total, {**scalars, **{k: float(v.detach()) for k, v in spread.items()}}
-
-
-def _monitor_scalars(dino: DINOLoss, cls: torch.Tensor) -> dict[str, float]:
-    """The per-step collapse monitors: teacher entropies of ``dino``'s last call and the spread
-    of the student's CLS embeddings ``cls`` (B x D)."""
-    return {**dino.stats, "cls_spread": cls_spread(cls)}
-
-
 def _monitor_images(views: _TrainingViews, sensor: str, size: int, count: int) -> torch.Tensor:
     """A fixed batch for the effective-rank monitor: the first ``count`` items' images of
     ``sensor``, un-augmented, resized to the global view size."""
@@ -232,7 +133,7 @@ def _monitor_images(views: _TrainingViews, sensor: str, size: int, count: int) -
 
 
 def _train(
-    parts: tuple[_DINONet, _DINONet, DINOLoss, MSADLoss],
+    parts: tuple[DINONet, DINONet, nn.ModuleDict, MSADLoss],
     step_fn: Any,
     views: _TrainingViews,
     config: TrainConfig,
@@ -309,7 +210,7 @@ def pretrain(
     config = config or TrainConfig()
     device = _device(device)
     sensors = list(model.sensors)
-    student, teacher, dino = _dino_parts(model.train(), config, sensors)
+    student, teacher, dino = dino_parts(model.train(), config, sensors)
     msad = MSADLoss(model.embed_dim, sensors=sensors).to(device)
     grid = config.global_tokens
     views = _TrainingViews(
@@ -321,9 +222,9 @@ def pretrain(
     )
 
     def step_fn(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        terms = {s: _dino_term(student, teacher, dino[s], batch["views"][s], s, config.global_crops, step) for s in sensors}
+        terms = {s: dino_term(student, teacher, dino[s], batch["views"][s], s, config.global_crops, step) for s in sensors}
         dino_loss = sum(term.loss for term in terms.values()) / len(sensors)
-        spread = _mean_terms([_spread_terms(term.bottleneck, config) for term in terms.values()])
+        spread = mean_terms([spread_terms(term.bottleneck, config) for term in terms.values()])
         msad_loss = torch.zeros((), device=device)
         pair_tokens = {}
         if len(sensors) > 1 and (config.alpha > 0 or config.contrast_weight > 0):
@@ -334,16 +235,12 @@ def pretrain(
             if config.contrast_weight > 0:
                 spread["contrast"] = spread["contrast"] + info_nce(pair_tokens[a][:, 0], pair_tokens[b][:, 0], config.contrast_temp)
         first = sensors[0]
-        total, scalars = _total(dino_loss, msad_loss, spread, config)
-        return total, {**scalars, **_monitor_scalars(dino[first], terms[first].cls[0])}
+        total, scalars = total_loss(dino_loss, msad_loss, spread, config)
+        return total, {**scalars, **monitor_scalars(dino[first], terms[first].cls[0])}
 
     record = {"recipe": "pretrain", "sensors": sensors, "data": data_description}
     monitor = (sensors[0], _monitor_images(views, sensors[0], grid * model.sensors[sensors[0]].patch_size, config.monitor_images))
     return _train((student, teacher, dino, msad), step_fn, views, config, out_dir, resume, progress, device, record, monitor)
-
-
-def _mean_terms(per_sensor: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    return {k: torch.stack([terms[k] for terms in per_sensor]).mean() for k in per_sensor[0]}
 
 
 def adapt(
@@ -401,11 +298,11 @@ def adapt(
 
         apply_lora(encoder.trunk, rank=lora_rank)
     encoder.stems[new].requires_grad_(True)
-    student, teacher, dino = _dino_parts(encoder.train(), config, [new])
+    student, teacher, dino = dino_parts(encoder.train(), config, [new])
     if config.cross_sensor_dino:
         # The teacher's distribution for the old sensor's view of a footprint, as the target of
         # the student's new-sensor view of it: one teacher view, its own centre.
-        dino["cross"] = _dino_loss(config, n_global=1, skip_same_view=False)
+        dino["cross"] = dino_loss(config, n_global=1, skip_same_view=False)
     msad = MSADLoss(encoder.embed_dim, sensors=[new, old_sensor]).to(device)
     frozen.to(device)
     grid = config.global_tokens
@@ -418,9 +315,9 @@ def adapt(
     )
 
     def step_fn(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        term = _dino_term(student, teacher, dino[new], batch["views"][new], new, config.global_crops, step)
+        term = dino_term(student, teacher, dino[new], batch["views"][new], new, config.global_crops, step)
         dino_loss, tokens, head_out = term.loss, term.tokens, term.head_out
-        spread = _spread_terms(term.bottleneck, config)
+        spread = spread_terms(term.bottleneck, config)
         spread.pop("contrast", None)  # across sensors below, not between two views of one
         if not views.share and (config.alpha > 0 or config.contrast_weight > 0 or config.cross_sensor_dino):
             head_out, tokens = student(batch["pairs"][new], new)
@@ -436,8 +333,8 @@ def adapt(
                 msad_loss = msad(tokens, reference, new, old_sensor)
             if config.contrast_weight > 0:
                 spread["contrast"] = info_nce(tokens[:, 0], reference[:, 0], config.contrast_temp)
-        total, scalars = _total(dino_loss, msad_loss, spread, config)
-        return total, {**scalars, **_monitor_scalars(dino[new], term.cls[0])}
+        total, scalars = total_loss(dino_loss, msad_loss, spread, config)
+        return total, {**scalars, **monitor_scalars(dino[new], term.cls[0])}
 
     record = {"recipe": "adapt", "mode": mode, "new_sensor": new, "old_sensor": old_sensor, "data": data_description}
     monitor = (new, _monitor_images(views, new, grid * encoder.sensors[new].patch_size, config.monitor_images))

@@ -14,6 +14,7 @@ from .errors import (
     ModelNotFoundError,
     OfflineFilesMissingError,
     StateDictMismatchError,
+    XStarsError,
 )
 from .manifest import ModelEntry, get_model_entry, list_models, register_model
 from .model import XStars
@@ -35,6 +36,7 @@ __all__ = [
     "XStars",
     "XStarsConfig",
     "XStarsEncoder",
+    "XStarsError",
     "get_model_entry",
     "get_sensor",
     "list_models",

@@ -1,50 +1,72 @@
 """Exceptions users can catch by kind. Each message names the file, sensor or key at fault and
-what to do about it."""
+what to do about it.
+
+Every error the package raises on purpose for bad input, bad files or an unusable environment
+derives from :class:`XStarsError` *and* from the builtin that says what went wrong, so
+``except XStarsError`` catches all of them and ``except ValueError`` keeps catching the ones that
+are bad values. The ``xstars`` command prints these as one-line messages; anything else is a bug
+and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 __all__ = [
+    "BackendUnavailableError",
     "CheckpointFormatError",
     "ChecksumError",
     "HubServerError",
     "ManifestError",
+    "MissingExtraError",
     "ModelNotFoundError",
     "OfflineFilesMissingError",
     "PushIncompleteError",
     "StateDictMismatchError",
+    "XStarsError",
 ]
 
 
-class CheckpointFormatError(ValueError):
+class XStarsError(Exception):
+    """Base of every error the package raises deliberately; its message says what to do."""
+
+
+class BackendUnavailableError(XStarsError, RuntimeError):
+    """This installation of torch lacks a kernel or backend a requested option needs."""
+
+
+class CheckpointFormatError(XStarsError, ValueError):
     """A file is not an official X-STARS training checkpoint, is unreadable, or holds Python
     objects that safe (``weights_only``) loading refuses."""
 
 
-class ChecksumError(RuntimeError):
+class ChecksumError(XStarsError, RuntimeError):
     """A file's sha256 or size differs from the one recorded in the manifest or config."""
 
 
-class HubServerError(ConnectionError):
+class HubServerError(XStarsError, ConnectionError):
     """The Hub (``HF_ENDPOINT``) failed to serve a request: an HTTP error status after the client's
     retries, a timeout or a dropped connection. Says which file and what the server did."""
 
 
-class ManifestError(ValueError):
+class ManifestError(XStarsError, ValueError):
     """A weights manifest (or one entry of it) is malformed."""
 
 
-class ModelNotFoundError(ValueError):
+class MissingExtraError(XStarsError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
+
+
+class ModelNotFoundError(XStarsError, ValueError):
     """An id is neither a registered model, a local folder, nor a Hub repo id."""
 
 
-class OfflineFilesMissingError(FileNotFoundError):
+class OfflineFilesMissingError(XStarsError, FileNotFoundError):
     """Files needed to load a model are not in the local cache and downloading is not allowed."""
 
 
-class PushIncompleteError(RuntimeError):
+class PushIncompleteError(XStarsError, RuntimeError):
     """A push committed to the Hub but a later step (writing the manifest entry) failed; the
     message names the commit that landed."""
 
 
-class StateDictMismatchError(RuntimeError):
+class StateDictMismatchError(XStarsError, RuntimeError):
     """Weights do not match the architecture: missing, unexpected or mis-shaped tensors."""

@@ -54,6 +54,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .errors import BackendUnavailableError
+
 __all__ = [
     "PRECISIONS",
     "TRAINING_PRECISIONS",
@@ -196,7 +198,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         engines = torch.backends.quantized.supported_engines
         if not hasattr(torch.ops.quantized, "linear_dynamic") or all(e == "none" for e in engines):
-            raise RuntimeError(
+            raise BackendUnavailableError(
                 f"precision='int8' needs torch's quantised linear kernels, which this torch "
                 f"({torch.__version__}, engines {engines}) does not have; use precision='fp32' or 'bf16'."
             )

@@ -8,6 +8,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from ..errors import XStarsError
 from . import embedding, evaluating, models, publishing, training
 
 __all__ = ["build_parser", "main"]
@@ -32,9 +33,11 @@ examples:
 Run `xstars COMMAND --help` for each command's options.
 """
 
-# What the API raises for bad input, bad data (FloatingPointError: training on NaN pixels) or an
-# unusable environment; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError, ImportError, FloatingPointError)
+# What the API raises on purpose (XStarsError), and the builtins that mean bad input or an unusable
+# environment rather than a bug: a bad value, a file that cannot be read or written, training on NaN
+# pixels. Anything else (a torch RuntimeError, a stray KeyError or TypeError) is a bug and keeps its
+# traceback.
+USER_ERRORS = (XStarsError, ValueError, OSError, FloatingPointError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +77,17 @@ def _user_message(err: Exception, api_flags: dict[str, str]) -> str | None:
     if isinstance(err, NETWORK_ERRORS) and not isinstance(err, USER_ERRORS):
         # A network failure the API did not turn into HubServerError: still one line, no traceback.
         return f"the Hub request failed: {describe_network_failure(err)}"
-    if not isinstance(err, USER_ERRORS):
+    if not (isinstance(err, USER_ERRORS) or _missing_dependency(err)):
         return None
-    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = str(err)
     for keyword, flag in api_flags.items():
         text = text.replace(keyword, flag)
     return text or type(err).__name__
+
+
+def _missing_dependency(err: Exception) -> bool:
+    """An optional third-party package that is not installed (the user's environment), as opposed
+    to an import inside this package that fails (a bug)."""
+    if not isinstance(err, ModuleNotFoundError) or not err.name:
+        return False
+    return err.name.split(".")[0] != __name__.split(".")[0]

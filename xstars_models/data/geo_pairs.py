@@ -20,12 +20,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import MissingExtraError
+
 try:
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.windows import Window, from_bounds
 except ImportError as error:  # rasterio is the optional "geo" extra
-    raise ImportError(
+    raise MissingExtraError(
         "xstars_models.data.geo_pairs reads rasters with rasterio, which is not installed: "
         "pip install 'xstars-models[geo]'."
     ) from error

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MissingExtraError
+
 __all__ = ["list_samples", "load_sample", "sample_path"]
 
 _DIR = Path(__file__).resolve().parent
@@ -28,6 +30,6 @@ def load_sample(name: str) -> np.ndarray:
     try:
         import rasterio
     except ImportError:
-        raise ImportError("Reading samples needs rasterio: pip install 'xstars-models[geo]'.") from None
+        raise MissingExtraError("Reading samples needs rasterio: pip install 'xstars-models[geo]'.") from None
     with rasterio.open(sample_path(name)) as src:
         return np.moveaxis(src.read(), 0, -1)

@@ -12,6 +12,8 @@ from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
+from ..errors import MissingExtraError
+
 __all__ = ["GEOPARQUET_VERSION", "TileStrip", "import_pyarrow", "polygon_wkb", "write_geoparquet"]
 
 GEOPARQUET_VERSION = "1.1.0"
@@ -27,7 +29,7 @@ def import_pyarrow() -> tuple[Any, Any]:
         import pyarrow
         import pyarrow.parquet
     except ImportError:
-        raise ImportError(
+        raise MissingExtraError(
             "Per-tile vectors are written as GeoParquet with pyarrow, which is not installed: "
             "pip install 'xstars-models[geo]'."
         ) from None

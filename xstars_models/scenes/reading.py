@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
+from ..errors import MissingExtraError
 from ..sensors import SensorSpec
 from ..units import check_value_range, expected_input
 
@@ -35,7 +36,7 @@ def import_rasterio() -> Any:
     try:
         import rasterio
     except ImportError:
-        raise ImportError(
+        raise MissingExtraError(
             "Embedding scenes reads and writes GeoTIFFs with rasterio, which is not installed: "
             "pip install 'xstars-models[geo]'."
         ) from None

@@ -18,6 +18,7 @@ import os
 from typing import Any
 from xml.sax.saxutils import escape
 
+from ..errors import MissingExtraError
 from ..sensors import Band, SensorSpec
 from .reading import REMOTE_GDAL_OPTIONS, import_rasterio
 
@@ -31,7 +32,7 @@ def _load_item(source: Any) -> Any:
     try:
         import pystac
     except ImportError:
-        raise ImportError("Reading STAC Items needs pystac: pip install 'xstars-models[geo]'.") from None
+        raise MissingExtraError("Reading STAC Items needs pystac: pip install 'xstars-models[geo]'.") from None
     if isinstance(source, pystac.Item):
         return source
     try:

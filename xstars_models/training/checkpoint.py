@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..errors import XStarsError
 from ..serialization import atomic_write_bytes
 
 __all__ = [
@@ -36,11 +37,11 @@ RESUMABLE_CHANGES = frozenset({"steps", "amp", "precision", "num_workers", "chec
 _REQUIRED_KEYS = ("step", "modules", "optimizer", "rng", "config")
 
 
-class CheckpointUnreadableError(ValueError):
+class CheckpointUnreadableError(XStarsError, ValueError):
     """A run's ``last.pt`` cannot be read back (truncated, corrupt, or not a training checkpoint)."""
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(XStarsError, ValueError):
     """A run's ``last.pt`` was written with other settings or for another model than the ones
     given to resume it."""
 

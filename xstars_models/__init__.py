@@ -19,6 +19,7 @@ from .errors import (
 from .manifest import ModelEntry, get_model_entry, list_models, register_model
 from .model import XStars
 from .sensors import Band, SensorSpec, get_sensor, list_sensors, register_sensor
+from . import workflows  # noqa: F401  fills in XStars.adapt, embed_scene, push_to_hub, *_adapter
 
 __version__ = "0.1.0"
 

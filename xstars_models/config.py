@@ -11,10 +11,9 @@ from typing import Any
 
 import timm
 
-from .encoder import StemConfig
 from .sensors import SensorSpec
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FileRecord", "XStarsConfig", "stem_file_name"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FileRecord", "StemConfig", "XStarsConfig", "stem_file_name"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -25,6 +24,19 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 def stem_file_name(sensor: str) -> str:
     """File holding the patch embedding of a non-primary sensor."""
     return f"stem-{sensor}.safetensors"
+
+
+@dataclass(frozen=True)
+class StemConfig:
+    """A sensor as one model sees it: its spec and the patch size (pixels) of its stem."""
+
+    spec: SensorSpec
+    patch_size: int
+
+    @property
+    def token_ground_m(self) -> float:
+        """Side of the ground square one token covers, in metres."""
+        return self.patch_size * self.spec.gsd_m
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import timm
@@ -26,22 +25,10 @@ from timm.layers import PatchEmbed, resample_patch_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .config import StemConfig
 from .sensors import SensorSpec
 
 __all__ = ["SensorNorm", "SensorPatchEmbed", "StemConfig", "XStarsEncoder", "build_trunk"]
-
-
-@dataclass(frozen=True)
-class StemConfig:
-    """A sensor as one model sees it: its spec and the patch size (pixels) of its stem."""
-
-    spec: SensorSpec
-    patch_size: int
-
-    @property
-    def token_ground_m(self) -> float:
-        """Side of the ground square one token covers, in metres."""
-        return self.patch_size * self.spec.gsd_m
 
 
 class SensorNorm(nn.Module):

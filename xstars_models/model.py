@@ -9,23 +9,20 @@ import re
 import warnings
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, XStarsConfig, stem_file_name
-from .encoder import StemConfig, XStarsEncoder
+from .config import CONFIG_NAME, WEIGHTS_NAME, StemConfig, XStarsConfig, stem_file_name
+from .encoder import XStarsEncoder
 from .hub import resolve_model
 from .inputs import ImageInput, to_batch
 from .lora import lora_config, merge_lora
 from .precision import Precision, quantize_int8, resolve_precision
 from .sensors import SensorSpec, get_sensor
 from .serialization import atomic_write_bytes, load_state_dict_strict, read_verified_safetensors, write_safetensors
-
-if TYPE_CHECKING:
-    from .scenes import SceneResult
 
 __all__ = ["OUTPUTS", "XStars"]
 
@@ -40,6 +37,31 @@ logger = logging.getLogger(__name__)
 
 # Each model's int8 copy, with the weight versions it was made from (see XStars.int8_copy).
 _INT8_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+# The methods whose work lives in the layers above this module (training, adapters, scenes,
+# publish). Those layers import XStars, so this module must not import them back: the functions
+# are filled in by xstars_models.workflows, which the package's __init__ imports.
+WORKFLOWS = ("adapt", "embed_scene", "load_adapter", "push_to_hub", "save_adapter")
+_workflows: dict[str, Callable[..., Any]] = {}
+
+
+def register_workflows(**functions: Callable[..., Any]) -> None:
+    """Fill in the functions behind :data:`WORKFLOWS`; each takes what the method of that name
+    does, the model first (``load_adapter``, a class method, takes the adapter path first)."""
+    unknown = sorted(set(functions) - set(WORKFLOWS))
+    if unknown:
+        raise ValueError(f"Unknown XStars workflows {unknown}; the known ones are {list(WORKFLOWS)}.")
+    _workflows.update(functions)
+
+
+def _workflow(name: str) -> Callable[..., Any]:
+    try:
+        return _workflows[name]
+    except KeyError:
+        raise RuntimeError(
+            f"XStars.{name}() is filled in by xstars_models.workflows, which has not been imported "
+            "(importing xstars_models does it); did the package's import fail part-way?"
+        ) from None
 
 
 class XStars(XStarsEncoder):
@@ -172,17 +194,13 @@ class XStars(XStarsEncoder):
     def save_adapter(self, sensor: str, path: str | Path, mode: str | None = None) -> Any:
         """Save what adapting to ``sensor`` added (its stem, and LoRA updates in ``"lora"`` mode)
         as one small file naming the base model; see :func:`xstars_models.adapters.save_adapter`."""
-        from .adapters import save_adapter
-
-        return save_adapter(self, sensor, path, mode)
+        return _workflow("save_adapter")(self, sensor, path, mode)
 
     @classmethod
     def load_adapter(cls, path: str | Path, base: XStars | None = None, **kwargs: Any) -> XStars:
         """A base model with an adapter file applied (the base is loaded from the id and revision
         the adapter records unless given); see :func:`xstars_models.adapters.load_adapter`."""
-        from .adapters import load_adapter
-
-        return load_adapter(path, base, **kwargs)
+        return _workflow("load_adapter")(path, base, **kwargs)
 
     def push_to_hub(
         self,
@@ -196,16 +214,12 @@ class XStars(XStarsEncoder):
         """Upload config, weights and a generated model card to ``repo_id`` in one commit and
         return the commit id; see :func:`xstars_models.publish.push_to_hub` for the options
         (``license``, ``description``, ``manifest_path``, ``model_id``)."""
-        from .publish import push_to_hub
-
-        return push_to_hub(self, repo_id, private, revision, commit_message, token, **kwargs)
+        return _workflow("push_to_hub")(self, repo_id, private, revision, commit_message, token, **kwargs)
 
     def adapt(self, new_sensor: SensorSpec, pairs: Any, **kwargs: Any) -> XStars:
         """Continual pretraining to ``new_sensor`` (MSAD against a frozen copy of this model, plus
         DINO); see :func:`xstars_models.training.adapt` for the options. This model is unchanged."""
-        from .training import adapt
-
-        return adapt(self, new_sensor, pairs, **kwargs)
+        return _workflow("adapt")(self, new_sensor, pairs, **kwargs)
 
     def embed_scene(
         self,
@@ -218,7 +232,7 @@ class XStars(XStarsEncoder):
         batch_size: int = 16,
         device: str | torch.device | None = None,
         **kwargs: Any,
-    ) -> SceneResult:
+    ) -> Any:
         """Embed a whole scene (a GeoTIFF path or a C x H x W array of the sensor's digital
         numbers) tile by tile with bounded memory, into a georeferenced feature-map GeoTIFF
         (``output="map"``) or one vector per tile with its footprint (``"cls"``). ``tile`` and
@@ -226,10 +240,9 @@ class XStars(XStarsEncoder):
         for the GSD check, nodata, resuming and the other options (``resample``, ``max_nodata``,
         ``progress``, ``resume``, ``precision``, ``compile``); needs the ``geo`` extra (rasterio).
         ``precision="auto"`` runs bf16 where the hardware is faster at it; ``"fp32"`` forces full
-        precision, ``"int8"`` quantised Linear layers (CPU); see :mod:`xstars_models.precision`."""
-        from .scenes import embed_scene
-
-        return embed_scene(self, source, sensor, out, tile, overlap, output, batch_size, device, **kwargs)
+        precision, ``"int8"`` quantised Linear layers (CPU); see :mod:`xstars_models.precision`.
+        Returns a :class:`xstars_models.scenes.SceneResult`."""
+        return _workflow("embed_scene")(self, source, sensor, out, tile, overlap, output, batch_size, device, **kwargs)
 
     @torch.inference_mode()
     def embed(

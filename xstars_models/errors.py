@@ -5,10 +5,14 @@ Every error the package raises on purpose for bad input, bad files or an unusabl
 derives from :class:`XStarsError` *and* from the builtin that says what went wrong, so
 ``except XStarsError`` catches all of them and ``except ValueError`` keeps catching the ones that
 are bad values. The ``xstars`` command prints these as one-line messages; anything else is a bug
-and keeps its traceback.
+and keeps its traceback. Warnings point at the user's line, however deep in the package they are
+raised: pass :func:`user_stacklevel` as ``stacklevel``.
 """
 
 from __future__ import annotations
+
+import os
+import sys
 
 __all__ = [
     "BackendUnavailableError",
@@ -22,7 +26,28 @@ __all__ = [
     "PushIncompleteError",
     "StateDictMismatchError",
     "XStarsError",
+    "user_stacklevel",
 ]
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# Modules whose frames only forward a call (context-manager and no_grad/inference_mode decorators);
+# a warning pointing into them would tell the user nothing.
+_FORWARDING_MODULES = frozenset({"contextlib", "functools", "torch.utils._contextlib"})
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a ``warnings.warn`` in the calling function point at the first
+    line outside the package (and outside the wrappers that only forward calls): the user's code,
+    whichever public function and however many internal calls led there."""
+    frame = sys._getframe(1)  # the function about to warn
+    level = 1
+    while frame.f_back is not None and (
+        os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR)
+        or frame.f_globals.get("__name__") in _FORWARDING_MODULES
+    ):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 class XStarsError(Exception):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from ..errors import MissingExtraError
+from ..errors import MissingExtraError, user_stacklevel
 from ..sensors import SensorSpec
 from ..units import check_value_range, expected_input
 
@@ -63,7 +63,7 @@ def _check_gsd(
             f"{what}: pixel size {shown} differs from sensor {sensor!r}'s {gsd_m:g} m GSD by "
             f"{worst:.1%}; embedding it as is (pass resample=True to resample to {gsd_m:g} m).",
             UserWarning,
-            stacklevel=6,
+            stacklevel=user_stacklevel(),
         )
         return None
     raise ValueError(
@@ -141,7 +141,7 @@ class Scene:
                     f"{self.what} has no georeferencing; taking its pixels to be at sensor {sensor!r}'s "
                     f"{spec.gsd_m:g} m GSD. The output is in the input's pixel coordinates.",
                     UserWarning,
-                    stacklevel=5,
+                    stacklevel=user_stacklevel(),
                 )
             return None
         if crs is not None and crs.is_geographic:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import user_stacklevel
 from .reading import Scene
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class Plan:
                 f"{scene.what}: {scene.height} x {scene.width} px is not a multiple of sensor {sensor!r}'s "
                 f"{patch} px patch; the last {dropped[0]} rows and {dropped[1]} columns are not embedded.",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         tokens, stride = tile_px // patch, (tile_px - overlap_px) // patch
         tile = (min(tokens, grid[0]), min(tokens, grid[1]))

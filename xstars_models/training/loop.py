@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..distributed import is_distributed, rank, world_size
+from ..errors import user_stacklevel
 from ..precision import resolve_precision
 from ..serialization import atomic_write_bytes, state_dict_mismatch
 from .checkpoint import (
@@ -123,7 +124,7 @@ def _warn_if_teacher_lags(config: TrainConfig, has_teacher: bool) -> None:
             f"teacher_momentum={config.teacher_momentum} over {config.steps} steps: the returned EMA teacher "
             f"keeps {kept:.0%} of its initial weights. For a short run lower teacher_momentum "
             "(e.g. 0.9 for a few hundred steps) or train for more steps.",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -7,10 +7,10 @@ that the rest of the package works without it.
 
 from typing import Any
 
-from .augment import MSADViews, MultiCropAugment
+from .augment import MultiCropAugment
 from .msc_france import MSCFrancePairs
 
-__all__ = ["GeoPairDataset", "MSADViews", "MSCFrancePairs", "MultiCropAugment", "RasterSource", "SensorRead"]
+__all__ = ["GeoPairDataset", "MSCFrancePairs", "MultiCropAugment", "RasterSource", "SensorRead"]
 
 _GEO = ("GeoPairDataset", "RasterSource", "SensorRead")
 

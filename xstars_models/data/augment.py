@@ -5,14 +5,13 @@ MSAD aligns. Randomness comes only from a ``torch.Generator``, so views are repr
 from __future__ import annotations
 
 import math
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from ..sensors import SensorSpec
 
-__all__ = ["MSADViews", "MultiCropAugment"]
+__all__ = ["MultiCropAugment"]
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -111,66 +110,6 @@ class MultiCropAugment:
             view = view + torch.randn(view.shape, generator=g) * std * self.noise_std
         limits = self.spec.value_range
         return view.clamp(*limits) if limits else view
-
-
-class MSADViews:
-    """The views MSAD aligns: the images of one multi-sensor item (the same footprint), each
-    resized to its sensor's size in pixels, under ONE random flip / 90-degree rotation shared by
-    all of them, and no photometric change, so that token ``i`` of every sensor still covers the
-    same ground.
-
-    Args:
-        sizes: sensor name -> output size in pixels, ``int`` (square) or ``(height, width)``;
-            e.g. ``{"sentinel2_rgb": 224, "aerial": 224}`` puts both on one 14 x 14 token grid
-            with 16 px patches.
-        flip: draw a horizontal and a vertical flip, each with probability 0.5.
-        rotate: draw a rotation by 0, 90, 180 or 270 degrees (applied before resizing, so give
-            square sizes or square footprints).
-
-    Call with ``{sensor: C x H x W DNs}`` and an optional ``torch.Generator``; returns a dict with
-    the same keys. Sensors not in ``sizes`` are an error, so a misnamed sensor cannot slip by.
-    """
-
-    def __init__(self, sizes: Mapping[str, int | tuple[int, int]], flip: bool = True, rotate: bool = True) -> None:
-        if not sizes:
-            raise ValueError("MSADViews needs an output size per sensor, e.g. {'sentinel2_rgb': 224}.")
-        self.sizes = {}
-        for name, size in sizes.items():
-            shape = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
-            if len(shape) != 2 or min(shape) < 1:
-                raise ValueError(f"Sensor {name!r}: size must be a positive int or (height, width) in px, got {size!r}.")
-            self.sizes[name] = shape
-        self.flip, self.rotate = flip, rotate
-
-    def __call__(
-        self, images: Mapping[str, torch.Tensor], generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        unknown = sorted(set(images) - set(self.sizes))
-        missing = sorted(set(self.sizes) - set(images))
-        if unknown or missing:
-            raise ValueError(
-                f"MSADViews has sizes for sensors {sorted(self.sizes)} but got images for {sorted(images)} "
-                f"(unexpected: {unknown}, missing: {missing})."
-            )
-        for name, image in images.items():
-            if image.ndim != 3:
-                raise ValueError(f"Sensor {name!r}: expected a C x H x W image, got shape {tuple(image.shape)}.")
-        g = generator or _default_generator()
-        # One draw for the whole item: the geometry must be identical across sensors.
-        flip_x = self.flip and _chance(g, 0.5)
-        flip_y = self.flip and _chance(g, 0.5)
-        turns = int(torch.randint(0, 4, (), generator=g)) if self.rotate else 0
-        views = {}
-        for name, image in images.items():
-            view = image.float()
-            if flip_x:
-                view = view.flip(-1)
-            if flip_y:
-                view = view.flip(-2)
-            if turns:
-                view = torch.rot90(view, turns, dims=(-2, -1))
-            views[name] = _resize(view.contiguous(), self.sizes[name])
-        return views
 
 
 def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:

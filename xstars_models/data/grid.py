@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-__all__ = ["Bounds", "grid_windows", "intersect_bounds", "overlap_area", "split_regions"]
+__all__ = ["Bounds", "grid_windows", "intersect_bounds", "split_regions"]
 
 Bounds = tuple[float, float, float, float]
 """``(left, bottom, right, top)`` in CRS units (metres)."""
@@ -31,13 +31,6 @@ def intersect_bounds(boxes: Iterable[Bounds]) -> Bounds | None:
     if right - left <= _EPS_M or top - bottom <= _EPS_M:
         return None
     return (left, bottom, right, top)
-
-
-def overlap_area(a: Bounds, b: Bounds) -> float:
-    """Area (square metres) shared by two boxes; 0 when they only touch along an edge."""
-    width = min(a[2], b[2]) - max(a[0], b[0])
-    height = min(a[3], b[3]) - max(a[1], b[1])
-    return max(width, 0.0) * max(height, 0.0)
 
 
 def split_regions(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import uuid
@@ -102,11 +103,37 @@ def test_manifest_entry_makes_a_registry_id(tmp_path, hub_server, hf_cache, monk
     monkeypatch.setenv(MANIFEST_ENV, str(manifest))
     entry = get_model_entry("my-pushed-model")
     assert entry.revision == commit and entry.repo_id == repo_id
-    assert set(entry.files) == {"config.json", "model.safetensors", "stem-aerial.safetensors", "stem-sentinel2.safetensors"}
+    assert set(entry.files) == {
+        "config.json", "model.safetensors", "stem-aerial.safetensors", "stem-sentinel2.safetensors", "README.md"
+    }
+    card = hub_server.files(repo_id, commit)["README.md"]
+    assert entry.files["README.md"].sha256 == hashlib.sha256(card).hexdigest()
+    assert json.loads(manifest.read_text())["format_version"] == manifest_module.FORMAT_VERSION
     hub_server.clear_log()
     loaded = XStars.from_pretrained("my-pushed-model")
     assert torch.equal(loaded.embed(rgb_images(1), "sentinel2_rgb"), model.embed(rgb_images(1), "sentinel2_rgb"))
     assert json.loads(manifest.read_text())["models"]["my-pushed-model"]["source"]["revision"] == commit
+
+
+def test_a_card_edited_on_the_hub_is_kept_unless_asked(tmp_path, hub_server, hf_cache):
+    model = tiny_model()
+    repo_id = new_repo()
+    first = model.push_to_hub(repo_id)
+    generated = hub_server.files(repo_id, first)["README.md"]
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    (edited / "README.md").write_bytes(generated + b"\n## Notes from the owners\n")
+    hub_server.seed_repo(repo_id, edited)  # the owners edit the card on the Hub
+
+    manifest = tmp_path / "m.json"
+    commit = model.push_to_hub(repo_id, manifest_path=manifest, model_id="kept-card")
+    card = hub_server.files(repo_id, commit)["README.md"]
+    assert card == (edited / "README.md").read_bytes()
+    entry = json.loads(manifest.read_text())["models"]["kept-card"]
+    assert entry["files"]["README.md"]["sha256"] == hashlib.sha256(card).hexdigest()  # the card on the Hub
+
+    commit = model.push_to_hub(repo_id, overwrite_card=True)
+    assert hub_server.files(repo_id, commit)["README.md"] == generated
 
 
 def test_pushed_trunk_loads_in_plain_timm(hub_server, hf_cache):

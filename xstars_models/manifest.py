@@ -30,7 +30,7 @@ __all__ = [
 
 MANIFEST_NAME = "weights_manifest.json"
 MANIFEST_ENV = "XSTARS_MANIFEST"
-_FORMAT_VERSION = 1
+FORMAT_VERSION = 1
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -146,9 +146,9 @@ def load_manifest(path: str | Path) -> dict[str, ModelEntry]:
         raise ManifestError(f"Manifest {path} does not exist.") from None
     except json.JSONDecodeError as err:
         raise ManifestError(f"Manifest {path} is not valid JSON: {err}.") from None
-    if not isinstance(data, dict) or data.get("format_version") != _FORMAT_VERSION:
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         raise ManifestError(
-            f"Manifest {path}: expected an object with format_version {_FORMAT_VERSION}, got "
+            f"Manifest {path}: expected an object with format_version {FORMAT_VERSION}, got "
             f"{data.get('format_version') if isinstance(data, dict) else type(data).__name__!r}."
         )
     if set(data) != {"format_version", "models"} or not isinstance(data["models"], dict):
@@ -222,8 +222,9 @@ def _all_entries() -> dict[str, ModelEntry]:
 def register_model(model_id: str, entry: Mapping[str, Any] | ModelEntry, overwrite: bool = False) -> ModelEntry:
     """Add a model to the registry for this process.
 
-    ``entry`` is a :class:`ModelEntry` or a manifest entry dict (as printed by
-    ``push_to_hub(..., print_manifest_entry=True)``). To make it permanent, put the entry in a
+    ``entry`` is a :class:`ModelEntry` or a manifest entry dict (as
+    :func:`xstars_models.publish.manifest_entry` builds it, or as ``push_to_hub(...,
+    manifest_path=...)`` writes it into a manifest file). To make it permanent, put the entry in a
     manifest file and point ``XSTARS_MANIFEST`` at it.
     """
     parsed = _parse_entry(model_id, entry.to_dict() if isinstance(entry, ModelEntry) else dict(entry), "register_model()")

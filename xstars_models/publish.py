@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import HfApi, constants, get_token
-from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalTokenNotFoundError
 
 from .card import CITATION, model_card
 from .config import CONFIG_NAME, XStarsConfig
 from .errors import HubServerError, PushIncompleteError
 from .hub import NETWORK_ERRORS, describe_network_failure
-from .manifest import COMMIT_RE, REPO_ID_RE, load_manifest
+from .manifest import COMMIT_RE, FORMAT_VERSION, REPO_ID_RE, load_manifest
 from .serialization import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -26,14 +26,17 @@ if TYPE_CHECKING:
 __all__ = ["manifest_entry", "push_to_hub", "write_manifest_entry"]
 
 _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+CARD_NAME = "README.md"
 
 
 def manifest_entry(model: XStars, repo_id: str, revision: str, folder: str | Path, license: str = "mit") -> dict[str, Any]:
-    """The registry entry for files in ``folder`` published as ``repo_id`` at commit ``revision``."""
+    """The registry entry for files in ``folder`` published as ``repo_id`` at commit ``revision``:
+    ``config.json``, the weight files and the model card (``README.md``) when there is one, each
+    with its sha256 and size in bytes."""
     files = {
         p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
         for p in sorted(Path(folder).iterdir())
-        if p.is_file() and p.name in {CONFIG_NAME, *model.config.weight_files}
+        if p.is_file() and p.name in {CONFIG_NAME, CARD_NAME, *model.config.weight_files}
     }
     return {
         "arch": model.arch,
@@ -58,7 +61,7 @@ def _manifest_with(path: Path, model_id: str, entry: dict[str, Any]) -> str:
         load_manifest(path)  # a malformed manifest is reported as such, naming the file
         data = json.loads(path.read_text(encoding="utf-8"))
     else:
-        data = {"format_version": 1, "models": {}}
+        data = {"format_version": FORMAT_VERSION, "models": {}}
     data["models"][model_id] = entry
     text = json.dumps(data, indent=2) + "\n"
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,9 +97,13 @@ def push_to_hub(
     description: str = "",
     manifest_path: str | Path | None = None,
     model_id: str | None = None,
+    overwrite_card: bool = False,
 ) -> str:
     """Create ``repo_id`` if needed and upload ``config.json``, the weight files and a generated
     ``README.md`` model card in ONE commit; returns the commit id.
+
+    A ``README.md`` already in the repo at ``revision`` (a card its owners edited on the Hub) is
+    kept unless ``overwrite_card=True``; the generated card is only uploaded where there is none.
 
     Uploading unchanged files makes no new commit (the current commit id is returned). With
     ``manifest_path``, the registry entry (repo, commit, sha256 per file) is written to that
@@ -115,7 +122,7 @@ def push_to_hub(
     with tempfile.TemporaryDirectory(prefix="xstars-push-") as tmp:
         folder = model.save_pretrained(Path(tmp) / "model")
         card = model_card(XStarsConfig.from_file(folder / CONFIG_NAME), repo_id, license=license, description=description)
-        (folder / "README.md").write_text(card, encoding="utf-8")
+        (folder / CARD_NAME).write_text(card, encoding="utf-8")
         if manifest_path is not None:
             # The entry with a stand-in commit id: a bad model id or manifest fails here, not after the commit.
             _manifest_with(Path(manifest_path), model_id, manifest_entry(model, repo_id, "0" * 40, folder, license))
@@ -126,6 +133,8 @@ def push_to_hub(
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision not in (None, "main"):
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
+            if not overwrite_card:
+                _keep_hub_card(api, repo_id, revision, folder)
             info = api.upload_folder(
                 repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=commit_message
             )
@@ -156,6 +165,16 @@ def push_to_hub(
                     f"{repo_id!r}, {commit!r}, folder))."
                 ) from err
     return commit
+
+
+def _keep_hub_card(api: HfApi, repo_id: str, revision: str | None, folder: Path) -> None:
+    """Put the repo's own ``README.md`` (at ``revision``) in ``folder`` in place of the generated
+    one, so the commit leaves it as it is and the manifest entry hashes the card that is on the Hub."""
+    try:
+        path = api.hf_hub_download(repo_id, CARD_NAME, revision=revision, local_dir=folder.parent / "hub-card")
+    except EntryNotFoundError:
+        return  # no card yet: the generated one goes up
+    (folder / CARD_NAME).write_bytes(Path(path).read_bytes())
 
 
 def _push_failed(repo_id: str, err: BaseException) -> HubServerError:

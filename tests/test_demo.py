@@ -25,3 +25,14 @@ def test_demo_writes_embeddings_and_picture(tmp_path, capsys):
 def test_demo_unknown_model_is_one_line(tmp_path, capsys):
     assert main(["--model", "no-such-model", "--out", str(tmp_path)]) == 1
     assert capsys.readouterr().err.startswith("demo: error: Unknown model 'no-such-model'")
+
+
+def test_demo_without_the_geo_extra_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    import sys
+
+    folder = tiny_model().save_pretrained(tmp_path / "model")
+    monkeypatch.setitem(sys.modules, "rasterio", None)  # what an install without the extra sees
+    assert main(["--model", str(folder), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("demo: error: Reading samples needs rasterio") and "pip install 'xstars-models[geo]'" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import XStarsError
 from .model import XStars
 from .samples import list_samples, load_sample
 from .visualize import pca_rgb, stretch_rgb
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args.model, args.sensor, args.out)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    # Bad input, unreadable files and a missing extra (rasterio reads the samples) are one line;
+    # anything else is a bug and keeps its traceback.
+    except (XStarsError, ValueError, OSError) as err:
         print(f"demo: error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -455,7 +455,7 @@ def _training_record(args: Mapping[str, Any], epoch: Any) -> dict[str, Any]:
         "epochs_completed": epoch if isinstance(epoch, int) else None,
     }
     if args.get("use_msad"):
-        # method.md, defect 1: the published code detaches the MSAD term from the graph.
+        # docs/method.md, defect 1: the published code detaches the MSAD term from the graph.
         record["note"] = (
             "use_msad was set, but the official code's MSAD term carries no gradient "
             "(torch.tensor of the per-token losses), so these weights were trained by DINO alone."

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from factories import HOMONIM_AERIAL, HOMONIM_S2, rgb_images, tiny_model
+from factories import HOMONIM_AERIAL, HOMONIM_S2, require_shared_data, rgb_images, tiny_model
 from xstars_models import XStars
 from xstars_models import manifest as manifest_module
 from xstars_models.cli import main
@@ -26,6 +26,7 @@ def base_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapted(base_dir, tmp_path_factory):
     """``xstars adapt`` of the tiny S2 model to aerial 5 m on the real homonim rasters."""
+    require_shared_data()
     work = tmp_path_factory.mktemp("adapt")
     argv = [
         "adapt", str(base_dir), "--sensor", "aerial_rgb", "--gsd", "5", "--name", "aerial",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from factories import HOMONIM
+from factories import HOMONIM, require_shared_data
 from xstars_models import get_sensor
 from xstars_models.data import MSCFrancePairs, MultiCropAugment
 from xstars_models.data.grid import grid_windows, split_regions
@@ -201,10 +201,12 @@ def test_geo_pairs_items_pickle_and_load_in_worker_processes(tmp_path):
 
 @pytest.fixture(scope="module")
 def aerial_pairs() -> GeoPairDataset:
+    require_shared_data()
     return GeoPairDataset({"sentinel2_rgb": S2, "aerial": AERIAL}, footprint_m=640)
 
 
 def test_homonim_rasters_are_what_the_notice_says():
+    require_shared_data()
     with rasterio.open(S2.paths[0]) as s2, rasterio.open(AERIAL.paths[0]) as aerial, rasterio.open(LANDSAT.paths[0]) as landsat:
         assert s2.crs == aerial.crs == landsat.crs and s2.crs.is_projected
         assert (s2.res, aerial.res, landsat.res) == ((10.0, 10.0), (5.0, 5.0), (30.0, 30.0))
@@ -276,6 +278,7 @@ def test_pairs_are_co_registered_not_just_same_sized(aerial_pairs):
 
 
 def test_spatial_split_is_disjoint_and_sized_by_area():
+    require_shared_data()
     kwargs = dict(footprint_m=640, stride_m=320, split_axis="y", val_fraction=0.25, gap_m=640)
     sources = {"sentinel2_rgb": S2, "aerial": AERIAL}
     train = GeoPairDataset(sources, split="train", **kwargs)
@@ -293,6 +296,7 @@ def test_spatial_split_is_disjoint_and_sized_by_area():
 
 
 def test_sentinel2_landsat_pairs():
+    require_shared_data()
     pairs = GeoPairDataset({"sentinel2_rgb": S2, "landsat8_rgb": LANDSAT}, footprint_m=640)
     assert 200 <= len(pairs) <= 300  # 252: the whole Sentinel-2 extent is valid
     item = pairs[3]

@@ -76,8 +76,8 @@ md("""# Adapting `xstars-s2-aerial` to a new sensor: Landsat-8
 Continual pretraining (X-STARS, MSAD): a frozen copy of the model encodes Sentinel-2, a new input
 stem learns to put Landsat-8 tokens of the same place where the frozen Sentinel-2 tokens are.
 The pairs are real and co-registered: Sentinel-2 10 m and Landsat-8 30 m over Baviaanskloof, South
-Africa (the `homonim` rasters, see their NOTICE.md; set `HOMONIM_DIR` if they are elsewhere). The
-southern 75% of the area trains, the northern 25% is held out for retrieval.
+Africa, shipped with the package (`xstars_models.samples.co_registered_pair()`; credits in its
+SOURCES.md). The southern 75% of the area trains, the northern 25% is held out for retrieval.
 
 Tokens must cover the same ground for both sensors (80 m: 8 px of Sentinel-2). 80 m is not a whole
 number of 30 m pixels, so Landsat-8 is read resampled to 20 m and gets 4 px tokens. `STEPS` is small
@@ -96,10 +96,11 @@ from PIL import Image
 from xstars_models import XStars, get_sensor
 from xstars_models.data import GeoPairDataset, RasterSource
 from xstars_models.evaluation import cross_sensor_retrieval
+from xstars_models.samples import co_registered_pair
 from xstars_models.training import TrainConfig
 from xstars_models.visualize import stretch_rgb
 
-HOMONIM = Path(os.environ.get("HOMONIM_DIR", "../../shared/data/homonim"))
+RASTERS = co_registered_pair()  # Sentinel-2 B4/B3/B2 10 m and Landsat-8 SR_B4/B3/B2 30 m, 8-bit
 STEPS = int(os.environ.get("XSTARS_NOTEBOOK_STEPS", "60"))
 torch.manual_seed(0)
 
@@ -108,8 +109,8 @@ landsat = get_sensor("landsat8_rgb").with_gsd(20.0, name="landsat8")"""),
 md("## Real pairs: 640 m footprints cut from both rasters by ground coordinates"),
 code("""def pairs(split: str) -> GeoPairDataset:
     sources = {
-        "sentinel2_rgb": RasterSource(HOMONIM / "reference/sentinel2_b432_byte.tif", bands=(1, 2, 3), size_px=64),
-        "landsat8": RasterSource(HOMONIM / "reference/landsat8_byte.tif", bands=(4, 3, 2), size_px=32),
+        "sentinel2_rgb": RasterSource(RASTERS["sentinel2_rgb"], bands=(1, 2, 3), size_px=64),
+        "landsat8": RasterSource(RASTERS["landsat8_rgb"], bands=(1, 2, 3), size_px=32),
     }
     stride = 320 if split == "train" else 640  # overlapping windows for training only
     return GeoPairDataset(sources, footprint_m=640, stride_m=stride, split=split, val_fraction=0.25, split_axis="y")
@@ -138,7 +139,7 @@ config = TrainConfig(
     dino_out_dim=1024, local_crops=2, checkpoint_every=max(STEPS // 2, 1),
 )
 adapted = base.adapt(landsat, train, mode="stem", config=config, out_dir=run, progress=False,
-                     data_description="homonim Sentinel-2 10 m <-> Landsat-8 30 m (read at 20 m), 640 m pairs, training area")
+                     data_description="Baviaanskloof sample pair: Sentinel-2 10 m <-> Landsat-8 30 m (read at 20 m), 640 m pairs, training area")
 metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 fig, ax = plt.subplots(figsize=(6, 3))
 for key in ("loss", "msad", "dino"):

@@ -8,8 +8,6 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from factories import HOMONIM
-
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
@@ -19,8 +17,8 @@ def test_there_are_notebooks():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs_and_is_stored_stripped(path, tmp_path, monkeypatch, hub_server, hf_cache):
-    # The kernel inherits the environment: the real data, a short training run, the loopback Hub.
-    monkeypatch.setenv("HOMONIM_DIR", str(HOMONIM))
+    # The kernel inherits the environment: a short training run, the loopback Hub. The data are the
+    # package's own samples, so nothing outside the repository is needed.
     monkeypatch.setenv("XSTARS_NOTEBOOK_STEPS", "6")
     notebook = nbformat.read(path, as_version=4)
     assert all(not cell.get("outputs") and not cell.get("execution_count") for cell in notebook.cells if cell.cell_type == "code")

@@ -71,3 +71,19 @@ def hf_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture()
+def published(tmp_path, hub_server):
+    """``(model, folder, repo_id, commit)``: the tiny model saved with save_pretrained and committed
+    to a fresh repo on the loopback Hub, with the request log cleared."""
+    import uuid
+
+    from factories import tiny_model
+
+    model = tiny_model()
+    folder = model.save_pretrained(tmp_path / "model")
+    repo_id = f"org/tiny-{uuid.uuid4().hex[:8]}"
+    commit = hub_server.seed_repo(repo_id, folder)
+    hub_server.clear_log()
+    return model, folder, repo_id, commit

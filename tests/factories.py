@@ -54,3 +54,21 @@ def require_shared_data() -> None:
     if os.environ.get("XSTARS_REQUIRE_SHARED_DATA") == "1":
         pytest.fail(message + " (XSTARS_REQUIRE_SHARED_DATA=1)")
     pytest.skip(message)
+
+
+def registry_entry(folder: Path, repo_id: str, commit: str) -> dict:
+    """A registry entry for the tiny model saved in ``folder`` and committed to ``repo_id`` at
+    ``commit`` on the loopback Hub: every file's sha256 and size, pinned to that commit."""
+    import hashlib
+
+    files = {
+        p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
+        for p in sorted(folder.iterdir())
+    }
+    return {
+        "arch": "vit_tiny_patch16_224",
+        "sensors": ["sentinel2_rgb", "aerial", "sentinel2"],
+        "source": {"repo_id": repo_id, "revision": commit},
+        "files": files,
+        "license": "MIT",
+    }

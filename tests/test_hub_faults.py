@@ -4,13 +4,11 @@ real huggingface_hub client, from the API and from the CLI."""
 
 from __future__ import annotations
 
-import hashlib
-import uuid
 
 import pytest
 import torch
 
-from factories import rgb_images, tiny_model
+from factories import registry_entry, rgb_images, tiny_model
 from fault_fixtures import fast_client, faults  # noqa: F401 (fixtures)
 from hub_server import Fault
 from xstars_models import ChecksumError, XStars, register_model
@@ -22,23 +20,6 @@ from xstars_models.errors import HubServerError
 @pytest.fixture(autouse=True)
 def clean_registry(monkeypatch):
     monkeypatch.setattr(manifest_module, "_registered", {})
-
-
-@pytest.fixture()
-def published(tmp_path, hub_server):
-    model = tiny_model()
-    folder = model.save_pretrained(tmp_path / "model")
-    repo_id = f"org/faulty-{uuid.uuid4().hex[:8]}"
-    commit = hub_server.seed_repo(repo_id, folder)
-    hub_server.clear_log()
-    return model, folder, repo_id, commit
-
-
-def registry_entry(folder, repo_id, commit):
-    files = {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
-             for p in sorted(folder.iterdir())}
-    return {"arch": "vit_tiny_patch16_224", "sensors": ["sentinel2_rgb", "aerial", "sentinel2"],
-            "source": {"repo_id": repo_id, "revision": commit}, "files": files, "license": "MIT"}
 
 
 def requested(hub_server, name):

@@ -4,14 +4,13 @@ sha256 checks of downloaded files."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 
 import pytest
 import torch
 
-from factories import rgb_images, tiny_model
+from factories import registry_entry, rgb_images, tiny_model
 from xstars_models import ChecksumError, ModelNotFoundError, OfflineFilesMissingError, XStars, register_model
 from xstars_models import manifest as manifest_module
 
@@ -19,31 +18,6 @@ from xstars_models import manifest as manifest_module
 @pytest.fixture(autouse=True)
 def clean_registry(monkeypatch):
     monkeypatch.setattr(manifest_module, "_registered", {})
-
-
-@pytest.fixture()
-def published(tmp_path, hub_server):
-    """A tiny model saved with save_pretrained and committed to a fresh repo on the server."""
-    model = tiny_model()
-    folder = model.save_pretrained(tmp_path / "model")
-    repo_id = f"org/tiny-{uuid.uuid4().hex[:8]}"
-    commit = hub_server.seed_repo(repo_id, folder)
-    hub_server.clear_log()
-    return model, folder, repo_id, commit
-
-
-def registry_entry(folder, repo_id, commit):
-    files = {
-        p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
-        for p in sorted(folder.iterdir())
-    }
-    return {
-        "arch": "vit_tiny_patch16_224",
-        "sensors": ["sentinel2_rgb", "aerial", "sentinel2"],
-        "source": {"repo_id": repo_id, "revision": commit},
-        "files": files,
-        "license": "MIT",
-    }
 
 
 def downloads(hub_server):

@@ -4,7 +4,6 @@ with the model's config.json is refused, naming both."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from factories import tiny_model
+from factories import registry_entry, tiny_model
 from xstars_models import ManifestError, XStars, get_model_entry, list_models, register_model
 from xstars_models import manifest as manifest_module
 from xstars_models.manifest import MANIFEST_ENV
@@ -110,19 +109,10 @@ def test_register_model_takes_effect_without_reading_files_again(reads):
 
 @pytest.fixture()
 def published(tmp_path, hub_server):
+    """A registry entry for the tiny model committed to a fresh repo on the loopback Hub."""
     folder = tiny_model().save_pretrained(tmp_path / "model")
     repo_id = f"org/tiny-{uuid.uuid4().hex[:8]}"
-    commit = hub_server.seed_repo(repo_id, folder)
-    files = {
-        p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
-        for p in sorted(folder.iterdir())
-    }
-    return {
-        "arch": "vit_tiny_patch16_224",
-        "sensors": ["sentinel2_rgb", "aerial", "sentinel2"],
-        "source": {"repo_id": repo_id, "revision": commit},
-        "files": files,
-    }
+    return registry_entry(folder, repo_id, hub_server.seed_repo(repo_id, folder))
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("serialization", "lora", "manifest", "hub", "card"),  # weight files, the registry, the Hub
     ("model",),  # XStars
     # what uses a model
-    ("training", "adapters", "scenes", "publish", "evaluation", "convert", "demo", "data", "losses", "heads"),
+    ("training", "adapters", "scenes", "publish", "evaluation", "convert", "demo", "data", "losses", "heads", "integrations"),
     ("workflows", "cli", ""),  # entry points
 ]
 

@@ -1,0 +1,6 @@
+"""Bridges from X-STARS encoders to other toolkits. Each submodule needs its own optional extra
+and is imported explicitly (importing this package imports none of them):
+
+- :mod:`xstars_models.integrations.terratorch`: the encoders as TerraTorch backbones
+  (``pip install "xstars-models[terratorch]"``).
+"""

@@ -11,12 +11,6 @@ import xstars_models
 ROOT = Path(xstars_models.__file__).resolve().parent
 REPO = ROOT.parent
 
-# Modules that still cite ../shared, each with who fixes it; the test fails when one is fixed
-# without leaving this list, so that it only ever shrinks.
-KNOWN: dict[str, str] = {
-    "training/recipes.py": "module docstring: cite docs/method.md (file owned by the training work)",
-    "losses/msad.py": "module docstring: cite docs/method.md (file owned by the training work)",
-}
 
 
 def _sources() -> dict[str, str]:
@@ -32,9 +26,7 @@ def test_cited_docs_exist():
 
 def test_no_module_cites_shared():
     citing = {name for name, text in _sources().items() if "shared/docs" in text or "../shared" in text}
-    assert citing - set(KNOWN) == set(), f"these modules point readers at ../shared: {sorted(citing - set(KNOWN))}"
-    fixed = set(KNOWN) - citing
-    assert not fixed, f"{sorted(fixed)} no longer cite ../shared: remove them from KNOWN"
+    assert not citing, f"these modules point readers at ../shared: {sorted(citing)}"
 
 
 def test_method_page_covers_the_objective_the_modes_and_the_defects():

@@ -172,3 +172,15 @@ def test_model_card_shows_each_stage_monitors():
     card = model_card(model.config, "org/name")
     assert "| stage1 | 3.000 / 8.318 | 0.500 | 20.0 | no collapse |" in card
     assert "| stage2 | 3.000 / 8.318 | 0.500 | 1.2 | COLLAPSED: effective rank 1.20" in card
+
+
+def test_data_named_for_other_sensors_is_a_typed_error(tmp_path):
+    from xstars_models.errors import SensorMismatchError, XStarsError
+
+    class Renamed(RealCrops):
+        def __getitem__(self, i: int) -> dict:
+            return {"images": {"sentinel2": self.crops[i]}}
+
+    with pytest.raises(SensorMismatchError, match=r"has images for \['sentinel2'\] but the recipe needs \['sentinel2_rgb'\]") as err:
+        pretrain(tiny_model(extra_sensors=()), Renamed(), config(), out_dir=tmp_path, device="cpu", progress=False)
+    assert isinstance(err.value, XStarsError) and isinstance(err.value, ValueError)

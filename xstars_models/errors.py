@@ -24,6 +24,7 @@ __all__ = [
     "ModelNotFoundError",
     "OfflineFilesMissingError",
     "PushIncompleteError",
+    "SensorMismatchError",
     "StateDictMismatchError",
     "XStarsError",
     "user_stacklevel",
@@ -91,6 +92,10 @@ class OfflineFilesMissingError(XStarsError, FileNotFoundError):
 class PushIncompleteError(XStarsError, RuntimeError):
     """A push committed to the Hub but a later step (writing the manifest entry) failed; the
     message names the commit that landed."""
+
+
+class SensorMismatchError(XStarsError, ValueError):
+    """A data set's images are not named as the model's sensors."""
 
 
 class StateDictMismatchError(XStarsError, RuntimeError):

@@ -1,5 +1,5 @@
 """MSAD (Multi-Sensor Alignment Dense): a CLIP-style symmetric contrastive loss with soft targets,
-applied at every token position at once (``shared/docs/method.md``)."""
+applied at every token position at once (``docs/method.md``)."""
 
 from __future__ import annotations
 

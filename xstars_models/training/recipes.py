@@ -1,7 +1,7 @@
 """The X-STARS recipes: pretraining from scratch on several sensors, and continual pretraining
 (:func:`adapt`) of a trained model to a new sensor against a frozen copy of itself.
 
-Both optimise ``DINO + alpha * MSAD`` (see ``shared/docs/method.md``) and avoid the official
+Both optimise ``DINO + alpha * MSAD`` (see ``docs/method.md``) and avoid the official
 code's defects: the MSAD term keeps its autograd graph, the projection heads are optimised, the
 frozen reference runs in ``eval()`` mode, every load is strict, and inputs are normalised once
 (by the model's own sensor stems; datasets hand over raw digital numbers).
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.augment import MultiCropAugment
 from ..losses import MSADLoss, info_nce
+from ..errors import SensorMismatchError
 from ..model import XStars
 from ..sensors import SensorSpec
 from .config import TrainConfig
@@ -57,15 +58,20 @@ class _TrainingViews(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, step = key
+    def images(self, index: int) -> dict[str, torch.Tensor]:
+        """Item ``index``'s images, checked to hold every sensor the recipe needs."""
         images = self.pairs[index]["images"]
         missing = sorted((set(self.augments) | set(self.msad_sizes)) - set(images))
         if missing:
-            raise KeyError(
+            raise SensorMismatchError(
                 f"Training item {index} has images for {sorted(images)} but the recipe needs {missing}; "
                 "name the data set's sensors as the model names them."
             )
+        return images
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, step = key
+        images = self.images(index)
         generator = torch.Generator().manual_seed(hash((self.seed, step, index)) & 0x7FFF_FFFF_FFFF)
         views = {s: aug(images[s], generator=generator) for s, aug in self.augments.items()}
         paired = {s: _resize(images[s], size) for s, size in self.msad_sizes.items()}
@@ -129,7 +135,7 @@ def _device(device: str | torch.device | None) -> torch.device:
 def _monitor_images(views: _TrainingViews, sensor: str, size: int, count: int) -> torch.Tensor:
     """A fixed batch for the effective-rank monitor: the first ``count`` items' images of
     ``sensor``, un-augmented, resized to the global view size."""
-    return torch.stack([_resize(views.pairs[i]["images"][sensor], size) for i in range(min(count, len(views)))])
+    return torch.stack([_resize(views.images(i)[sensor], size) for i in range(min(count, len(views)))])
 
 
 def _train(

@@ -169,3 +169,118 @@ assert torch.equal(reloaded.embed(images, "landsat8", output="map", progress=Fal
 print(reloaded.lineage)"""),
 ]
 write(nb, "02_adapt_new_sensor.ipynb")
+
+nb = nbf.v4.new_notebook()
+nb.cells = [
+md("""# Fine-tuning a land-cover classifier through TerraTorch
+
+TerraTorch builds backbones by name from its `BACKBONE_REGISTRY`; importing
+`xstars_models.integrations.terratorch` adds the X-STARS models to it (prefix `xstars_`). The input
+stem is chosen from TerraTorch's `model_bands`, and the backbone returns one B x D x h x w map per
+chosen block for TerraTorch's necks and decoders.
+
+The data are the bundled labelled Sentinel-2 chips (64 x 64 px at 10 m, four land-cover classes,
+split spatially into train and test blocks, from the area the default model never saw in
+pretraining). The encoder stays frozen, so its features are computed once and TerraTorch's
+`ClassificationTask` (Lightning) trains a linear head on them with TerraTorch's `IdentityBackbone`,
+its own route for heads on precomputed embeddings. The same head, on the same steps, is trained on
+the features of the same architecture at random initialisation, the baseline the pretrained model has
+to beat."""),
+code("""import logging
+import warnings
+
+import lightning.pytorch as pl
+import matplotlib.pyplot as plt
+import torch
+from terratorch.registry import BACKBONE_REGISTRY
+from terratorch.tasks import ClassificationTask
+from torch.utils.data import DataLoader, Dataset
+
+import xstars_models.integrations.terratorch  # noqa: F401  registers the "xstars" backbones
+from xstars_models.evaluation.landcover import balanced_accuracy, load_landcover_chips
+
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # no GPU/TPU banners
+warnings.filterwarnings("ignore", module="lightning|torchmetrics")  # Lightning's hints for long runs
+
+chips = load_landcover_chips()
+(train_chips, train_labels), (test_chips, test_labels) = chips.train, chips.test
+print(f"{len(train_chips)} train and {len(test_chips)} test chips, classes {chips.class_names}")"""),
+md("""## The backbone, by name from TerraTorch's registry
+
+The default model has two RGB stems (Sentinel-2 at 10 m and aerial at 5 m), so `RED, GREEN, BLUE`
+alone fits both and `sensor=` says which one the chips come from. The chips hold the sensor's digital
+numbers: the X-STARS stem normalises them itself."""),
+code("""def backbone(pretrained: bool):
+    return BACKBONE_REGISTRY.build(
+        "xstars_xstars-s2-aerial", pretrained=pretrained, model_bands=["RED", "GREEN", "BLUE"],
+        sensor="sentinel2_rgb", out_indices=[-1], norm=True,
+    ).eval()
+
+@torch.no_grad()
+def features(encoder) -> tuple[torch.Tensor, torch.Tensor]:
+    return encoder(train_chips.float())[-1], encoder(test_chips.float())[-1]
+
+torch.manual_seed(0)  # the random-init weights
+encoders = {"X-STARS (xstars-s2-aerial)": backbone(True), "random init": backbone(False)}
+cached = {name: features(encoder) for name, encoder in encoders.items()}
+print({name: tuple(train.shape) for name, (train, test) in cached.items()})  # N x D x 8 x 8 token maps"""),
+md("""## The same linear head, trained by TerraTorch's ClassificationTask
+
+`IdentityDecoder` passes the last map on; the `ScalarHead` mean-pools its tokens and applies one
+linear layer. Twenty epochs of AdamW, seed 0, for both encoders."""),
+code("""class Maps(Dataset):
+    def __init__(self, maps: torch.Tensor, labels: torch.Tensor) -> None:
+        self.maps, self.labels = maps, labels
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.maps[i], "label": self.labels[i]}
+
+
+def fine_tune(train: torch.Tensor, test: torch.Tensor, epochs: int = 20) -> torch.Tensor:
+    pl.seed_everything(0, verbose=False)
+    task = ClassificationTask(
+        model_factory="EncoderDecoderFactory",
+        model_args=dict(backbone="IdentityBackbone", backbone_out_channels=[train.shape[1]], decoder="IdentityDecoder",
+                        num_classes=len(chips.class_names), head_linear_after_pool=True),
+        optimizer="AdamW", lr=1e-2,
+    )
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(task, DataLoader(Maps(train, train_labels), batch_size=32, shuffle=True))
+    task.eval()
+    with torch.no_grad():
+        return task.model(test).output.argmax(dim=1)
+
+predictions = {name: fine_tune(train, test) for name, (train, test) in cached.items()}
+majority = torch.full_like(test_labels, int(train_labels.bincount().argmax()))
+rows = {name: (float((p == test_labels).double().mean()), balanced_accuracy(test_labels, p))
+        for name, p in {**predictions, "majority class": majority}.items()}
+print(f"{'':28}{'accuracy':>10}{'balanced':>10}")
+for name, (accuracy, balanced) in rows.items():
+    print(f"{name:28}{accuracy:10.3f}{balanced:10.3f}")
+assert rows["X-STARS (xstars-s2-aerial)"][1] > rows["majority class"][1]  # the head learned from the features"""),
+code("""fig, ax = plt.subplots(figsize=(6, 3))
+names = list(rows)
+ax.bar([i - 0.2 for i in range(len(names))], [rows[n][0] for n in names], width=0.4, label="accuracy")
+ax.bar([i + 0.2 for i in range(len(names))], [rows[n][1] for n in names], width=0.4, label="balanced accuracy")
+ax.set_xticks(range(len(names)), names, fontsize=8); ax.set_ylim(0, 1); ax.legend(fontsize=8)
+ax.set_title("Land cover, test blocks: a linear head through TerraTorch"); plt.show()"""),
+md("""## Fine-tuning the whole encoder, or a segmentation decoder
+
+Without precomputed features the task builds the X-STARS backbone itself; leave out
+`freeze_backbone=True` to fine-tune the encoder too. For segmentation, choose several blocks and a
+pyramid neck, e.g. `backbone_out_indices=[2, 5, 8, 11]`,
+`necks=[{"name": "LearnedInterpolateToPyramidal"}]`, `decoder="UperNetDecoder"`."""),
+code("""task = ClassificationTask(
+    model_factory="EncoderDecoderFactory",
+    model_args=dict(backbone="xstars_xstars-s2-aerial", backbone_model_bands=["RED", "GREEN", "BLUE"],
+                    backbone_sensor="sentinel2_rgb", backbone_out_indices=[-1], backbone_norm=True,
+                    decoder="IdentityDecoder", num_classes=len(chips.class_names), head_linear_after_pool=True),
+    freeze_backbone=True,
+)
+print(task.model(test_chips[:4].float()).output.shape)  # 4 chips x 4 classes"""),
+]
+write(nb, "03_finetune.ipynb")

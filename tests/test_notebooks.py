@@ -12,7 +12,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 def test_there_are_notebooks():
-    assert [p.name for p in NOTEBOOKS] == ["01_embeddings.ipynb", "02_adapt_new_sensor.ipynb"]
+    assert [p.name for p in NOTEBOOKS] == ["01_embeddings.ipynb", "02_adapt_new_sensor.ipynb", "03_finetune.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -29,3 +29,6 @@ def test_notebook_runs_and_is_stored_stripped(path, tmp_path, monkeypatch, hub_s
     if path.name.startswith("02"):
         commit = hub_server.head("demo/xstars-s2-landsat8")
         assert commit is not None and any(f"pushed demo/xstars-s2-landsat8@{commit}" in o.get("text", "") for o in outputs)
+    if path.name.startswith("03"):  # TerraTorch trained a head for both encoders and printed the comparison
+        table = next(o.text for o in outputs if o.get("name") == "stdout" and "balanced" in o.get("text", ""))
+        assert all(name in table for name in ("X-STARS (xstars-s2-aerial)", "random init", "majority class"))

@@ -189,6 +189,8 @@ to beat."""),
 code("""import logging
 import warnings
 
+import xstars_models.integrations.terratorch  # noqa: F401  registers the "xstars" backbones (import it first, see README)
+
 import lightning.pytorch as pl
 import matplotlib.pyplot as plt
 import torch
@@ -196,7 +198,6 @@ from terratorch.registry import BACKBONE_REGISTRY
 from terratorch.tasks import ClassificationTask
 from torch.utils.data import DataLoader, Dataset
 
-import xstars_models.integrations.terratorch  # noqa: F401  registers the "xstars" backbones
 from xstars_models.evaluation.landcover import balanced_accuracy, load_landcover_chips
 
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # no GPU/TPU banners

@@ -3,11 +3,20 @@ Lightning task (the ``terratorch`` extra, installed by ``make test``)."""
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("terratorch", reason="needs the terratorch extra: pip install -e '.[terratorch]'")
+if importlib.util.find_spec("terratorch") is None:
+    pytest.skip("needs the terratorch extra: pip install -e '.[terratorch]'", allow_module_level=True)
+
+# The integration first: it imports TerraTorch without letting it change this process's matmul
+# precision and warning filters (which every later test of the session would inherit).
+from xstars_models.integrations import terratorch as xt  # noqa: E402
 
 from terratorch.datasets.utils import HLSBands  # noqa: E402
 from terratorch.models import EncoderDecoderFactory  # noqa: E402
@@ -16,7 +25,6 @@ from terratorch.utils import InvalidModelError  # noqa: E402
 
 from factories import rgb_images, tiny_model  # noqa: E402
 from xstars_models import XStars, get_sensor  # noqa: E402
-from xstars_models.integrations import terratorch as xt  # noqa: E402
 
 S2_HLS = [
     "COASTAL_AEROSOL", "BLUE", "GREEN", "RED", "RED_EDGE_1", "RED_EDGE_2", "RED_EDGE_3",
@@ -185,3 +193,18 @@ def test_a_classification_task_with_a_frozen_backbone_trains_only_the_head(saved
     assert all(torch.equal(v, encoder_before[k]) for k, v in task.model.encoder.state_dict().items())
     assert any(not torch.equal(v, head_before[k]) for k, v in task.model.head.state_dict().items())
     assert np.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_importing_the_integration_leaves_the_process_numerics_and_warnings_as_they_were():
+    # A fresh interpreter: in this one TerraTorch is already imported.
+    script = (
+        "import warnings, torch, xstars_models\n"
+        "filters, precision = list(warnings.filters), torch.get_float32_matmul_precision()\n"
+        "import xstars_models.integrations.terratorch, terratorch.tasks\n"
+        "assert 'terratorch.models.backbones.clay_v15.model' in __import__('sys').modules\n"
+        "print(torch.get_float32_matmul_precision() == precision, list(warnings.filters) == filters)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["True", "True"]
+    assert torch.get_float32_matmul_precision() == "highest"

@@ -32,15 +32,24 @@ one, and the choice is never guessed.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Set
 from enum import Enum
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from terratorch.registry import BACKBONE_REGISTRY
-from terratorch.utils import InvalidModelError
 from torch import nn
+
+# Importing TerraTorch 1.2 changes the whole process: its Clay v1.5 backbone module sets torch's
+# float32 matmul precision to "medium" and its embedding task makes every UserWarning "once".
+# Importing this integration must not change the numerics or the warnings of the caller's process,
+# so both are put back (when TerraTorch was imported before, it already happened and nothing changes).
+_matmul_precision = torch.get_float32_matmul_precision()
+with warnings.catch_warnings():
+    from terratorch.registry import BACKBONE_REGISTRY
+    from terratorch.utils import InvalidModelError
+torch.set_float32_matmul_precision(_matmul_precision)
 
 from ..manifest import is_registered, list_models
 from ..model import XStars

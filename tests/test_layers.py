@@ -29,10 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
 
 # Imports that break the rules today, each with why and who fixes it; the test fails when one of
 # them disappears, so that this list only ever shrinks.
-KNOWN: dict[tuple[str, str], str] = {
-    ("units", "sensors"): "type-only import of SensorSpec (TYPE_CHECKING) while sensors imports units: "
-    "a cycle in annotations only; issue #14 point 1, owner of units.py",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def module_files() -> dict[str, Path]:
@@ -121,7 +118,6 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_walker_sees_every_kind_of_import():
     graph = import_graph()
     assert "config" in graph["encoder"]  # from .config import StemConfig
-    assert "sensors" in graph["units"]  # under TYPE_CHECKING
     assert {"scenes.reading", "scenes.tiling"} <= graph["scenes.embed"]  # relative, one level
     assert "model" in graph["cli.models"]  # inside a function, two levels up
     assert "scenes" not in graph["scenes.embed"]  # its own package is not an import of it

@@ -10,15 +10,26 @@ and returns meaningless features, so they are refused with an error naming the e
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from .sensors import SensorSpec
+__all__ = ["UNITS", "UnitsSpec", "check_units_token", "check_value_range", "expected_input"]
 
-__all__ = ["UNITS", "check_units_token", "check_value_range", "expected_input"]
+
+class UnitsSpec(Protocol):
+    """What the unit contract reads of a :class:`~xstars_models.sensors.SensorSpec` (a protocol,
+    so that this module, which ``sensors`` imports, needs nothing from it)."""
+
+    units: str
+    dtype: str
+    scale: float
+    offset: float
+
+    @property
+    def value_range(self) -> tuple[float, float] | None: ...
+
 
 # What ``value * scale + offset`` measures, by the token stored in SensorSpec.units.
 UNITS = {
@@ -34,7 +45,7 @@ UNITS = {
 _NEGATIVE_SLACK_DN = 1.0
 
 
-def expected_input(spec: SensorSpec) -> str:
+def expected_input(spec: UnitsSpec) -> str:
     """What ``spec`` expects, in words: ``uint8 digital numbers 0-255 (DN x 0.00392157 = 8-bit
     display brightness ..., 0-1)``."""
     meaning = UNITS.get(spec.units, spec.units)
@@ -46,7 +57,7 @@ def expected_input(spec: SensorSpec) -> str:
 
 
 def check_value_range(
-    values: np.ndarray | torch.Tensor, spec: SensorSpec, what: str, valid: np.ndarray | None = None
+    values: np.ndarray | torch.Tensor, spec: UnitsSpec, what: str, valid: np.ndarray | None = None
 ) -> None:
     """Refuse floating-point ``values`` that cannot be ``spec``'s digital numbers.
 

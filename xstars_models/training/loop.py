@@ -167,11 +167,13 @@ def _resume_state(modules: nn.Module, optimizer: torch.optim.Optimizer, checkpoi
         ) from err
 
 
-def _keep_metrics_until(path: Path, step: int) -> None:
+def _keep_metrics_until(path: Path, step: int) -> dict[str, Any]:
     """Drop the lines of ``metrics.jsonl`` past ``step``: the steps after the last checkpoint
-    are about to run again. A line cut short by a kill is dropped too."""
+    are about to run again. A line cut short by a kill is dropped too. Returns the record of
+    ``step`` (without its time), so that a resumed run's summary starts from it: a run resumed
+    at its last step runs nothing and must still report its final scalars and monitors."""
     if not path.is_file():
-        return
+        return {}
     lines = path.read_text(encoding="utf-8").splitlines()
     kept = []
     for line in lines:
@@ -183,6 +185,8 @@ def _keep_metrics_until(path: Path, step: int) -> None:
             kept.append(line + "\n")
     if len(kept) < len(lines):
         atomic_write_bytes(path, "".join(kept).encode("utf-8"))
+    last = json.loads(kept[-1]) if kept else {}
+    return {k: v for k, v in last.items() if k != "time_s"} if last.get("step") == step else {}
 
 
 def train_loop(
@@ -246,11 +250,11 @@ def train_loop(
     params = [p for p in modules.parameters() if p.requires_grad]
     precision = resolve_precision(config.precision, device, training=True)
     metrics_path = run_dir / "metrics.jsonl"
+    logged: dict[str, float] = {}
     if is_main:
         remove_partial_saves(run_dir)
-        _keep_metrics_until(metrics_path, start)
+        logged = _keep_metrics_until(metrics_path, start)
     metrics_file = metrics_path.open("a", encoding="utf-8") if is_main else None
-    logged: dict[str, float] = {}
     began = time.perf_counter()
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main))
     try:

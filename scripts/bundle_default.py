@@ -9,7 +9,6 @@ weights_manifest.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -21,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_default import evaluation_pairs  # noqa: E402
 
 from xstars_models import XStars  # noqa: E402
-from xstars_models.card import CITATION, model_card  # noqa: E402
+from xstars_models.card import model_card  # noqa: E402
 from xstars_models.config import XStarsConfig  # noqa: E402
 from xstars_models.evaluation import landcover_table, retrieval_table  # noqa: E402
 from xstars_models.evaluation.landcover import load_landcover_chips  # noqa: E402
-from xstars_models.publish import write_manifest_entry  # noqa: E402
+from xstars_models.publish import manifest_entry, write_manifest_entry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_ID = "xstars-s2-aerial"
@@ -137,21 +136,12 @@ def main() -> None:
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
         staged.rename(target)
-    files = {
-        p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
-        for p in sorted(target.iterdir())
-    }
-    entry = {
-        "arch": model.arch,
-        "sensors": list(model.sensors),
-        "source": {"bundled": BUNDLED},
-        "files": files,
-        "license": LICENSE,
-        "citation": CITATION,
-        "description": "Sentinel-2 RGB 10 m + aerial RGB 5 m, ViT-Tiny patch 8; trained by scripts/train_default.py.",
-    }
+    entry = manifest_entry(
+        model, None, None, target, LICENSE, bundled=BUNDLED,
+        description="Sentinel-2 RGB 10 m + aerial RGB 5 m, ViT-Tiny patch 8; trained by scripts/train_default.py.",
+    )
     write_manifest_entry(ROOT / "weights_manifest.json", MODEL_ID, entry)
-    total = sum(f["size"] for f in files.values())
+    total = sum(f["size"] for f in entry["files"].values())
     print(f"bundled {MODEL_ID}: {total / 1e6:.1f} MB in {target}")
     print(json.dumps({k: v for k, v in table["rows"].items() if k.startswith(("model", "random"))}, indent=1))
     print(landcover_results(landcover))

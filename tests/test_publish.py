@@ -209,3 +209,19 @@ def test_server_failure_during_push_is_one_line(tmp_path, faults, hf_cache, fast
     assert err.startswith(f"xstars push: error: Pushing to {repo_id!r}") and "HTTP 500" in err
     assert err.count("\n") == 1 and "Nothing was committed" in err
     assert faults.files(repo_id) == {".gitattributes": faults.files(repo_id)[".gitattributes"]}
+
+
+def test_manifest_entry_for_a_bundled_folder(tmp_path):
+    """scripts/bundle_default.py builds the bundled model's entry with the same function as a push."""
+    from xstars_models.publish import manifest_entry
+
+    model = tiny_model()
+    folder = model.save_pretrained(tmp_path / "model")
+    (folder / "README.md").write_text("card", encoding="utf-8")
+    entry = manifest_entry(model, None, None, folder, "cc-by-4.0", bundled="weights/tiny", description="tiny")
+    assert entry["source"] == {"bundled": "weights/tiny"} and entry["description"] == "tiny"
+    assert set(entry["files"]) == {p.name for p in folder.iterdir()} and entry["license"] == "cc-by-4.0"
+    with pytest.raises(ValueError, match="either repo_id and revision"):
+        manifest_entry(model, "org/name", "0" * 40, folder, bundled="weights/tiny")
+    with pytest.raises(ValueError, match="either repo_id and revision"):
+        manifest_entry(model, None, None, folder)

@@ -112,3 +112,13 @@ def test_teacher_lag_warning_points_at_the_caller(tmp_path):
     found = caught(lambda: tiny_model(extra_sensors=()).adapt(new, ToyPairs(4), mode="stem", out_dir=tmp_path / "m",
                                                               **options), "teacher_momentum=")
     assert_points_here(found)
+
+
+def test_embed_trimming_warning_points_at_the_caller(model):
+    """``embed`` runs under ``torch.inference_mode``, whose decorator adds frames: the warning still
+    names this file."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.embed(np.zeros((70, 64, 3), dtype=np.uint8), "sentinel2_rgb", progress=False)
+    trims = [w for w in caught if "not a multiple of the 8 px patch" in str(w.message)]
+    assert len(trims) == 1 and trims[0].filename == __file__

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, StemConfig, XStarsConfig, stem_file_name
 from .encoder import XStarsEncoder
+from .errors import user_stacklevel
 from .hub import resolve_model
 from .inputs import ImageInput, to_batch
 from .lora import lora_config, merge_lora
@@ -377,7 +378,7 @@ def _trim_to_patches(batch: torch.Tensor, stem: StemConfig, sensor: str) -> torc
         warnings.warn(
             f"Sensor {sensor!r}: {height} x {width} px is not a multiple of the {p} px patch; "
             f"the last {height - keep_h} rows and {width - keep_w} columns are not embedded.",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     return batch[..., :keep_h, :keep_w]
 

@@ -29,10 +29,22 @@ _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 CARD_NAME = "README.md"
 
 
-def manifest_entry(model: XStars, repo_id: str, revision: str, folder: str | Path, license: str = "mit") -> dict[str, Any]:
-    """The registry entry for files in ``folder`` published as ``repo_id`` at commit ``revision``:
-    ``config.json``, the weight files and the model card (``README.md``) when there is one, each
-    with its sha256 and size in bytes."""
+def manifest_entry(
+    model: XStars,
+    repo_id: str | None,
+    revision: str | None,
+    folder: str | Path,
+    license: str = "mit",
+    *,
+    bundled: str | None = None,
+    description: str | None = None,
+) -> dict[str, Any]:
+    """The registry entry for files in ``folder``: published as ``repo_id`` at commit
+    ``revision``, or shipped inside the package at ``bundled`` (a path below ``xstars_models/``;
+    then ``repo_id`` and ``revision`` are ``None``). Lists ``config.json``, the weight files and
+    the model card (``README.md``) when there is one, each with its sha256 and size in bytes."""
+    if (bundled is None) == (repo_id is None or revision is None):
+        raise ValueError("manifest_entry needs either repo_id and revision (a Hub repo) or bundled (a package folder).")
     files = {
         p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
         for p in sorted(Path(folder).iterdir())
@@ -41,11 +53,11 @@ def manifest_entry(model: XStars, repo_id: str, revision: str, folder: str | Pat
     return {
         "arch": model.arch,
         "sensors": list(model.sensors),
-        "source": {"repo_id": repo_id, "revision": revision},
+        "source": {"bundled": bundled} if bundled is not None else {"repo_id": repo_id, "revision": revision},
         "files": files,
         "license": license,
         "citation": CITATION,
-        "description": f"Published from xstars-models to {repo_id}.",
+        "description": description or f"Published from xstars-models to {repo_id}.",
     }
 
 

@@ -194,3 +194,25 @@ def test_a_finished_run_resumed_reports_its_last_monitors(tmp_path):
     expected = {k: v for k, v in lines[-1].items() if k != "time_s"}
     assert again.training_record["final"] == expected and again.training_record["resumed_from"] == 4
     assert again.training_record["monitors"] == first.training_record["monitors"]
+
+
+def test_pretrain_contrasts_sensors_and_adapt_runs_cross_sensor_dino(tmp_path):
+    """Two-sensor pretraining adds a CLS InfoNCE between the sensors (also with one global view,
+    where there is no view pair); adapt's cross-sensor DINO term has its own centre, which moves."""
+    from toy_data import ToyPairs
+    from xstars_models import get_sensor
+    from xstars_models.training import adapt
+
+    settings = dict(batch_size=4, local_crops=1, contrast_weight=1.0, alpha=0.0, monitor_images=4)
+    two = tiny_model(extra_sensors=("aerial",))
+    pretrain(two, ToyPairs(8), config(**settings, global_crops=1), out_dir=tmp_path / "p", device="cpu", progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < line["contrast"] < math.log(4) + 1.0 for line in lines)
+
+    base = tiny_model(extra_sensors=())
+    aerial = get_sensor("aerial_rgb").with_gsd(5.0, name="aerial")
+    adapt(base, aerial, ToyPairs(8), mode="full", config=config(**settings, cross_sensor_dino=True), out_dir=tmp_path / "a", device="cpu", progress=False)
+    from xstars_models.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(tmp_path / "a")["modules"]
+    assert state["dino.cross.center"].abs().sum() > 0 and not torch.allclose(state["dino.cross.center"], state["dino.aerial.center"])

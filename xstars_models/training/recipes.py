@@ -21,8 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.augment import MultiCropAugment
-from ..losses import MSADLoss, info_nce
 from ..errors import SensorMismatchError
+from ..losses import MSADLoss, info_nce
 from ..model import XStars
 from ..sensors import SensorSpec
 from .config import TrainConfig
@@ -239,7 +239,8 @@ def pretrain(
             if config.alpha > 0:
                 msad_loss = msad_loss + msad(pair_tokens[a], pair_tokens[b], a, b)
             if config.contrast_weight > 0:
-                spread["contrast"] = spread["contrast"] + info_nce(pair_tokens[a][:, 0], pair_tokens[b][:, 0], config.contrast_temp)
+                between = info_nce(pair_tokens[a][:, 0], pair_tokens[b][:, 0], config.contrast_temp)
+                spread["contrast"] = spread["contrast"] + between if "contrast" in spread else between
         first = sensors[0]
         total, scalars = total_loss(dino_loss, msad_loss, spread, config)
         return total, {**scalars, **monitor_scalars(dino[first], terms[first].cls[0])}

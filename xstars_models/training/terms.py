@@ -31,8 +31,8 @@ class DINONet(nn.Module):
         self.encoder, self.head = encoder, head
 
     def forward(self, x: torch.Tensor, sensor: str) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.encoder(x, sensor)
-        return self.head(tokens[:, 0]), tokens
+        logits, tokens, _ = self.forward_with_bottleneck(x, sensor)
+        return logits, tokens
 
     def forward_with_bottleneck(self, x: torch.Tensor, sensor: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Head logits, tokens, and the head's normalised bottleneck of the CLS token."""
@@ -42,6 +42,8 @@ class DINONet(nn.Module):
 
 
 class DINOTerm(NamedTuple):
+    """What :func:`dino_term` computes for one sensor."""
+
     loss: torch.Tensor  # DINO loss of one sensor
     tokens: torch.Tensor  # student tokens of the first global view, B x T x D
     cls: torch.Tensor  # student CLS of every global view, n_global x B x D
@@ -95,23 +97,23 @@ def dino_parts(encoder: XStars, config: TrainConfig, sensors: Sequence[str]) -> 
 
 def dino_loss(config: TrainConfig, n_global: int, skip_same_view: bool = True) -> DINOLoss:
     return DINOLoss(
-        skip_same_view=skip_same_view,
         out_dim=config.dino_out_dim,
         n_global=n_global,
         student_temp=config.student_temp,
         teacher_temp=config.teacher_temp,
         warmup_teacher_temp=config.warmup_teacher_temp,
         warmup_teacher_temp_steps=config.warmup_teacher_temp_steps,
+        skip_same_view=skip_same_view,
     )
 
 
 def total_loss(
-    dino_loss: torch.Tensor, msad_loss: torch.Tensor, spread: dict[str, torch.Tensor], config: TrainConfig
+    dino: torch.Tensor, msad: torch.Tensor, spread: dict[str, torch.Tensor], config: TrainConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``DINO + alpha * MSAD + koleo_weight * KoLeo + contrast_weight * InfoNCE`` and the terms."""
     weights = {"koleo": config.koleo_weight, "contrast": config.contrast_weight}
-    total = dino_loss + config.alpha * msad_loss + sum(weights[k] * v for k, v in spread.items())
-    scalars = {"dino": float(dino_loss.detach()), "msad": float(msad_loss.detach())}
+    total = dino + config.alpha * msad + sum(weights[k] * v for k, v in spread.items())
+    scalars = {"dino": float(dino.detach()), "msad": float(msad.detach())}
     return total, {**scalars, **{k: float(v.detach()) for k, v in spread.items()}}
 
 
@@ -122,4 +124,5 @@ def monitor_scalars(dino: DINOLoss, cls: torch.Tensor) -> dict[str, float]:
 
 
 def mean_terms(per_sensor: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The mean over sensors of each spread term (every sensor has the same terms)."""
     return {k: torch.stack([terms[k] for terms in per_sensor]).mean() for k in per_sensor[0]}

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..distributed import is_distributed, world_size
 
-__all__ = ["DINOLoss"]
+__all__ = ["DINOLoss", "entropy"]
 
 
 class DINOLoss(nn.Module):
@@ -86,8 +86,8 @@ class DINOLoss(nn.Module):
         self._update_center(teacher_out.detach().float())
         with torch.no_grad():  # collapse monitors (see xstars_models.training.monitors)
             self.stats = {
-                "teacher_entropy": float(_entropy(p_teacher).mean()),
-                "teacher_marginal_entropy": float(_entropy(p_teacher.mean(dim=0))),
+                "teacher_entropy": float(entropy(p_teacher).mean()),
+                "teacher_marginal_entropy": float(entropy(p_teacher.mean(dim=0))),
             }
         return torch.stack(terms).mean()
 
@@ -101,5 +101,6 @@ class DINOLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1 - self.center_momentum)
 
 
-def _entropy(p: torch.Tensor) -> torch.Tensor:
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy in nats of distributions along the last dimension."""
     return -(p * p.clamp_min(1e-12).log()).sum(dim=-1)

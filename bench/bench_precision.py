@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 from typing import Callable
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_scene import cpu_name, write_scene  # same folder: the scene writer and machine name
+from bench_scene import cpu_name, seconds, write_scene  # same folder: scene writer, timer, machine name
 from bench_train import SyntheticPairs
 from xstars_models import XStars, get_sensor
 from xstars_models.precision import resolve_precision
@@ -36,16 +35,6 @@ from xstars_models.training import TrainConfig, adapt
 SENSOR = "sentinel2_rgb"
 INFERENCE = ("fp32", "bf16", "int8", "auto")
 TRAINING = ("fp32", "bf16", "auto")
-
-
-def seconds(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def interleaved_best(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:

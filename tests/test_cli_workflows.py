@@ -12,7 +12,7 @@ from factories import HOMONIM_AERIAL, HOMONIM_S2, require_shared_data, rgb_image
 from xstars_models import XStars
 from xstars_models import manifest as manifest_module
 from xstars_models.cli import main
-from xstars_models.cli.pairs import raster_pairs
+from xstars_models.data import raster_pairs
 from xstars_models.evaluation import retrieval_table
 
 TRAIN_FLAGS = ["--steps", "2", "--batch-size", "2", "--dino-out-dim", "64", "--local-crops", "2", "--warmup-steps", "1"]

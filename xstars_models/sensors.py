@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 from .units import check_units_token
@@ -186,6 +189,21 @@ class SensorSpec:
                 )
             bands.append(Band(**band))
         return cls(**{**data, "bands": tuple(bands)})
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> SensorSpec:
+        """Read a spec from a JSON file of :meth:`to_dict`'s fields (``json.dumps(spec.to_dict())``);
+        every error names the file."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err}).") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of sensor spec fields, got {type(data).__name__}.")
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{path}: {err}") from None
 
 
 # Official X-STARS RGB statistics (MSC-France PNGs, 0-1 scale after /255), in R, G, B order.

@@ -8,8 +8,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .pairs import raster_pairs
-
 EVAL_EPILOG = """\
 retrieval: windows of --footprint-m metres cut from co-registered rasters of two sensors; for each
 window of sensor A, is the same window of sensor B its nearest neighbour (recall@1/@5), and back.
@@ -70,13 +68,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _retrieval(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from ..data import default_footprint_m, raster_pairs
     from ..evaluation import retrieval_table
 
     if not (args.sensor_a and args.a and args.sensor_b and args.b):
         raise ValueError("--task retrieval needs --sensor-a NAME --a FILE... --sensor-b NAME --b FILE...")
     specs = {name: model.check_sensor(name).spec for name in (args.sensor_a, args.sensor_b)}
     # The pretraining token grid: position embeddings are then used as trained.
-    footprint = args.footprint_m or max(model.trunk.patch_embed.grid_size) * model.sensors[args.sensor_a].token_ground_m
+    footprint = args.footprint_m or default_footprint_m(model, args.sensor_a)
     inputs = {
         args.sensor_a: (specs[args.sensor_a], args.a, args.a_bands),
         args.sensor_b: (specs[args.sensor_b], args.b, args.b_bands),

@@ -6,12 +6,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
-
-from .pairs import raster_pairs
 
 ADAPT_EPILOG = """\
 Pairs come either from co-registered rasters of the two sensors (--new/--old, cut into windows of
@@ -88,50 +85,17 @@ def _add_train_config_flags(group: argparse._ArgumentGroup) -> None:
 
 
 def train_config(args: argparse.Namespace) -> Any:
-    """The TrainConfig of ``--config`` (if any) with the flags that were given on top, each value
-    checked against its field (type, and range: numbers >= 0, crop scales fractions)."""
+    """The TrainConfig of ``--config`` (if any) with the flags that were given on top (flags win),
+    checked by :meth:`TrainConfig.from_dict`, whose errors name the file or the flag."""
     from ..training import TrainConfig
 
-    settings: dict[str, Any] = {}
-    if args.config:
-        settings = _read_json(args.config, "--config")
-        if not isinstance(settings, dict):
-            raise ValueError(f"--config {args.config}: expected a JSON object of TrainConfig fields")
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise ValueError(f"--config {args.config}: unknown TrainConfig fields {unknown}; known: {sorted(known)}")
+    settings = _read_json(args.config, "--config") if args.config else {}
     flags = {k.removeprefix("train_"): v for k, v in vars(args).items() if k.startswith("train_") and v is not None}
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    checked = {name: _checked(value, defaults[name], f"--config {args.config}: field {name!r}") for name, value in settings.items()}
-    checked.update({name: _checked(value, defaults[name], "--" + name.replace("_", "-")) for name, value in flags.items()})
-    return TrainConfig(**checked)
-
-
-def _checked(value: Any, default: Any, where: str) -> Any:
-    """``value`` for a TrainConfig field whose default is ``default``, or a ValueError naming
-    ``where``. Every numeric field is a count, rate, weight or temperature: none is negative."""
-    def number(v: Any) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true or false, got {value!r}.")
-    elif isinstance(default, int):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"{where}: expected a whole number >= 0, got {value!r}.")
-    elif isinstance(default, float):
-        if not number(value) or value < 0:
-            raise ValueError(f"{where}: expected a finite number >= 0, got {value!r}.")
-        value = float(value)
-    elif isinstance(default, tuple):
-        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(number, value))
-                and 0 < value[0] <= value[1] <= 1):
-            raise ValueError(f"{where}: expected [low, high] area fractions with 0 < low <= high <= 1, got {value!r}.")
-        value = (float(value[0]), float(value[1]))
-    elif isinstance(default, str) and not isinstance(value, str):
-        raise ValueError(f"{where}: expected a string, got {value!r}.")
-    return value
+    if isinstance(settings, dict):
+        settings = {**settings, **flags}
+    return TrainConfig.from_dict(
+        settings, source=f"--config {args.config}", field_sources={name: "--" + name.replace("_", "-") for name in flags}
+    )
 
 
 def _read_json(path: str, flag: str) -> Any:
@@ -144,10 +108,7 @@ def _read_json(path: str, flag: str) -> Any:
 def new_sensor_spec(args: argparse.Namespace) -> Any:
     from ..sensors import SensorSpec, get_sensor
 
-    if args.sensor.endswith(".json"):
-        spec = SensorSpec.from_dict(_read_json(args.sensor, "--sensor"))
-    else:
-        spec = get_sensor(args.sensor)
+    spec = SensorSpec.from_json(args.sensor) if args.sensor.endswith(".json") else get_sensor(args.sensor)
     if args.gsd is not None or args.name:
         spec = spec.with_gsd(args.gsd if args.gsd is not None else spec.gsd_m, name=args.name)
     return spec
@@ -169,7 +130,10 @@ def _pairs(args: argparse.Namespace, base: Any, new: Any, old_sensor: str, confi
         return pairs, f"MSC-France layout {args.msc_root}: {args.new_folder} <-> {args.old_folder}, {len(pairs)} pairs"
     if not (args.new and args.old):
         raise ValueError("raster pairs need both --new FILE... and --old FILE...")
-    footprint = args.footprint_m or config.global_tokens * base.sensors[old_sensor].token_ground_m
+    from ..data import default_footprint_m, raster_pairs
+
+    # Each pair is one global crop of the old sensor.
+    footprint = args.footprint_m or default_footprint_m(base, old_sensor, tokens=config.global_tokens)
     inputs = {new.name: (new, args.new, args.new_bands), old_sensor: (base.sensors[old_sensor].spec, args.old, args.old_bands)}
     return raster_pairs(inputs, footprint, args.stride_m, "train", args.val_fraction, args.split_axis, args.resample)
 

@@ -8,9 +8,14 @@ that the rest of the package works without it.
 from typing import Any
 
 from .augment import MultiCropAugment
+from .file_pairs import check_raster_gsd, raster_pairs
+from .footprint import default_footprint_m, pretraining_grid
 from .msc_france import MSCFrancePairs
 
-__all__ = ["GeoPairDataset", "MSCFrancePairs", "MultiCropAugment", "RasterSource", "SensorRead"]
+__all__ = [
+    "GeoPairDataset", "MSCFrancePairs", "MultiCropAugment", "RasterSource", "SensorRead",
+    "check_raster_gsd", "default_footprint_m", "pretraining_grid", "raster_pairs",
+]
 
 _GEO = ("GeoPairDataset", "RasterSource", "SensorRead")
 

@@ -84,5 +84,6 @@ def default_tile(model: XStars, sensor: str) -> int:
     """Default tile side in pixels: the trunk's pretraining token grid (``img_size / patch``) times
     the sensor's patch size, so position embeddings are used as trained; larger tiles also cost
     more per pixel, as attention grows with the square of the tokens per tile."""
-    grid = getattr(model.trunk.patch_embed, "grid_size", None) or (14, 14)
-    return int(max(grid)) * model.check_sensor(sensor).patch_size
+    from ..data.footprint import pretraining_grid
+
+    return pretraining_grid(model) * model.check_sensor(sensor).patch_size

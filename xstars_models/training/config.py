@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from ..precision import TRAINING_PRECISIONS
 
@@ -107,3 +108,57 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Any], source: str = "TrainConfig", field_sources: Mapping[str, str] | None = None
+    ) -> TrainConfig:
+        """A config from a mapping of field names to values, as read from JSON (or :meth:`to_dict`).
+
+        Every value is checked against its field's type and range (counts and rates >= 0, crop
+        scales ``[low, high]`` area fractions); lists become tuples for the tuple fields and
+        whole numbers become floats for the float fields. Unknown keys are refused, named.
+
+        Args:
+            data: field name -> value; fields left out keep their defaults.
+            source: where ``data`` came from (e.g. ``"--config train.json"``), named in errors.
+            field_sources: for fields that came from elsewhere (e.g. a command-line flag), what
+                their errors name instead of ``source``.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: expected a JSON object (mapping) of TrainConfig fields, got {type(data).__name__}.")
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(defaults))
+        if unknown:
+            raise ValueError(f"{source}: unknown TrainConfig fields {unknown}; known: {sorted(defaults)}")
+        where = dict(field_sources or {})
+        return cls(**{
+            name: _checked_field(value, defaults[name], where.get(name, f"{source}: field {name!r}"))
+            for name, value in data.items()
+        })
+
+
+def _checked_field(value: Any, default: Any, where: str) -> Any:
+    """``value`` for a field whose default is ``default``, or a ValueError naming ``where``.
+    Every numeric field is a count, rate, weight or temperature: none is negative."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}.")
+    elif isinstance(default, int):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{where}: expected a whole number >= 0, got {value!r}.")
+    elif isinstance(default, float):
+        if not number(value) or value < 0:
+            raise ValueError(f"{where}: expected a finite number >= 0, got {value!r}.")
+        value = float(value)
+    elif isinstance(default, tuple):
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(number, value))
+                and 0 < value[0] <= value[1] <= 1):
+            raise ValueError(f"{where}: expected [low, high] area fractions with 0 < low <= high <= 1, got {value!r}.")
+        value = (float(value[0]), float(value[1]))
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {value!r}.")
+    return value

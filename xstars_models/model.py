@@ -234,9 +234,10 @@ class XStars(XStarsEncoder):
         device: str | torch.device | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Embed a whole scene (a GeoTIFF path or a C x H x W array of the sensor's digital
-        numbers) tile by tile with bounded memory, into a georeferenced feature-map GeoTIFF
-        (``output="map"``) or one vector per tile with its footprint (``"cls"``). ``tile`` and
+        """Embed a whole scene (a GeoTIFF path, an ``http(s)://`` COG URL, a STAC Item or a
+        C x H x W array of the sensor's digital numbers) tile by tile with bounded memory, into a
+        georeferenced feature-map Cloud-Optimised GeoTIFF (``output="map"``) or a GeoParquet file
+        of one vector per tile with its footprint (``"cls"``). ``tile`` and
         ``overlap`` are in pixels at the sensor's GSD. See :func:`xstars_models.scenes.embed_scene`
         for the GSD check, nodata, resuming and the other options (``resample``, ``max_nodata``,
         ``progress``, ``resume``, ``precision``, ``compile``); needs the ``geo`` extra (rasterio).
@@ -301,7 +302,7 @@ class XStars(XStarsEncoder):
         if device is not None:
             self.to(device)
         target = self.trunk.cls_token.device
-        resolved = resolve_precision(precision, target)
+        resolved = self.resolve_precision(precision)
         logger.info("embed %s: precision %s", sensor, resolved)
         was_training = self.training
         self.eval()

@@ -182,3 +182,25 @@ def test_short_run_warns_that_the_returned_teacher_barely_moved(tmp_path, recwar
     recwarn.clear()
     pretrain(tiny_model(extra_sensors=()), ToyPairs(4), small_config(steps=2, teacher_momentum=0.5), out_dir=tmp_path / "b", device="cpu", progress=False)
     assert not [w for w in recwarn if "teacher_momentum" in str(w.message)]
+
+
+def test_photometric_augmentation_follows_the_config():
+    """``color_jitter`` and ``grey_p`` reach the views: without them a global view that covers
+    the whole image keeps its mean colour (up to the resize); with them it does not."""
+    from xstars_models.training.recipes import _augment
+
+    model = tiny_model()
+    image = torch.rand(3, 64, 64) * 200 + 20
+    settings = dict(global_scale=(1.0, 1.0), local_crops=0)
+    plain = _augment(model, "aerial", TrainConfig(color_jitter=0.0, grey_p=0.0, **settings))
+    jittered = _augment(model, "aerial", TrainConfig(color_jitter=0.5, grey_p=1.0, **settings))
+    assert plain.grey_p == 0.0 and jittered.jitter == 0.5
+    plain.blur_p = plain.noise_p = jittered.blur_p = jittered.noise_p = 0.0
+    colour = image.mean(dim=(1, 2))
+    for seed in range(4):
+        view = plain(image, torch.Generator().manual_seed(seed))[0]
+        assert torch.allclose(view.mean(dim=(1, 2)), colour, rtol=0.02)
+        grey = jittered(image, torch.Generator().manual_seed(seed))[0]
+        assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    with pytest.raises(ValueError, match="color_jitter must be in"):
+        TrainConfig(color_jitter=1.5)

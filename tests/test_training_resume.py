@@ -173,6 +173,7 @@ def test_a_rename_failing_during_a_save_keeps_the_previous_checkpoint_and_no_tem
         (dict(alpha=0.5), "alpha: 0.1 in the checkpoint, 0.5 now"),
         (dict(dino_out_dim=32), "dino_out_dim: 64 in the checkpoint, 32 now"),
         (dict(global_scale=(0.5, 1.0)), "global_scale: (0.4, 1.0) in the checkpoint, (0.5, 1.0) now"),
+        (dict(color_jitter=0.1), "color_jitter: 0.3 in the checkpoint, 0.1 now"),
         (dict(steps=1), "steps=1 is below the checkpoint's step 2"),
     ],
 )
@@ -201,6 +202,18 @@ def test_resume_may_change_steps_workers_checkpointing_and_precision(tmp_path):
     assert trained.training_record["resumed_from"] == 2
     assert load_checkpoint(tmp_path)["config"]["checkpoint_every"] == 1
     assert metric_steps(tmp_path) == [1, 2, 3, 4]
+
+
+def test_a_setting_added_after_the_checkpoint_was_written_compares_as_its_default(tmp_path):
+    """Checkpoints of long runs outlive releases: one written before ``grey_p`` existed resumes
+    with the default (what the run used), and refuses another value."""
+    run_pretrain(tmp_path, small_config(steps=2))
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=False)
+    del checkpoint["config"]["grey_p"]
+    torch.save(checkpoint, tmp_path / "last.pt")
+    with pytest.raises(ResumeMismatchError, match="grey_p: 0.2 in the checkpoint, 0.0 now"):
+        run_pretrain(tmp_path, small_config(steps=4, grey_p=0.0), resume=True)
+    assert run_pretrain(tmp_path, small_config(steps=4), resume=True).training_record["resumed_from"] == 2
 
 
 def test_resume_of_another_model_names_the_checkpoint_and_the_keys(tmp_path):

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..io import read_raster
+
 SCENE_EPILOG = """\
 The scene is read window by window (memory does not grow with its size); its GSD (metres, from the
 file's transform) is checked against the sensor's: within 1% it is used as is, within 10% with a
@@ -83,20 +85,14 @@ def read_image(path: Path) -> np.ndarray:
     if suffix not in (".npy", ".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg"):
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use .tif, .png, .jpg or .npy")
     if suffix in (".tif", ".tiff", ".jp2"):
-        try:
-            import rasterio
-        except ImportError:
-            raise ValueError(f"{path}: reading GeoTIFF needs rasterio: pip install 'xstars-models[geo]'") from None
+        return read_raster(path, purpose=f"{path}: reading GeoTIFF/JP2")
     try:
         if suffix == ".npy":
             return np.load(path)
-        if suffix in (".png", ".jpg", ".jpeg"):
-            from PIL import Image
+        from PIL import Image
 
-            with Image.open(path) as image:
-                return np.asarray(image)
-        with rasterio.open(path) as src:
-            return src.read()
+        with Image.open(path) as image:
+            return np.asarray(image)
     except FileNotFoundError:
         raise
     except (OSError, ValueError, EOFError) as err:

@@ -3,9 +3,10 @@ of the same ground footprint: what ``xstars adapt`` and ``xstars eval`` train an
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, Sequence
+
+from ..io import GSD_WARN, import_rasterio, pixel_size_m
 
 __all__ = ["check_raster_gsd", "raster_pairs"]
 
@@ -48,15 +49,10 @@ def raster_pairs(
 def check_raster_gsd(path: str | Path, gsd_m: float, sensor: str) -> None:
     """Refuse a raster whose pixel size (metres) is more than 10% off ``gsd_m``: its windows would
     be resampled silently to a scale the model never saw at that size."""
-    from ..scenes.reading import GSD_WARN, import_rasterio
-
     with import_rasterio().open(path) as src:
         if src.crs is None or src.crs.is_geographic:  # no metric pixel size to compare
             return
-        to_metres = 1.0
-        with contextlib.suppress(Exception):  # CRSs without a linear unit: assume metres, as embed_scene does
-            to_metres = float(src.crs.linear_units_factor[1])
-        pixel_m = tuple(abs(v) * to_metres for v in src.res)
+        pixel_m = pixel_size_m(src.transform, src.crs)
     worst = max(abs(size / gsd_m - 1.0) for size in pixel_m)
     if worst > GSD_WARN:
         raise ValueError(

@@ -20,26 +20,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import MissingExtraError
-
-try:
-    import rasterio
-    from rasterio.enums import Resampling
-    from rasterio.windows import Window, from_bounds
-except ImportError as error:  # rasterio is the optional "geo" extra
-    raise MissingExtraError(
-        "xstars_models.data.geo_pairs reads rasters with rasterio, which is not installed: "
-        "pip install 'xstars-models[geo]'."
-    ) from error
-
+from ..io import import_rasterio, resampling_for
+from ..io.mosaic import EPS_PX, CellGrid, Mosaic, RasterFile, common_crs, inspect_file
 from .grid import Bounds, grid_windows, intersect_bounds, split_regions
+
+# Fails at import, with the fix, without the ``geo`` extra.
+Resampling = import_rasterio("xstars_models.data.geo_pairs").enums.Resampling
 
 __all__ = ["GeoPairDataset", "RasterSource", "SensorRead"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-# Tolerance in pixels for deciding that a window edge falls on a pixel edge (round-off only).
-_EPS_PX = 1e-6
 
 
 @dataclass(frozen=True)
@@ -108,18 +98,6 @@ class SensorRead:
     zero_nodata: bool
 
 
-@dataclass(frozen=True)
-class _RasterFile:
-    """What the data set needs to know of one file without keeping it open."""
-
-    path: str
-    crs: Any  # rasterio.crs.CRS or None
-    bounds: Bounds
-    res: tuple[float, float]
-    count: int
-    nodata: float | None
-
-
 class GeoPairDataset(Dataset):
     """Tiles of the same ground footprint from co-registered rasters of several sensors.
 
@@ -128,9 +106,12 @@ class GeoPairDataset(Dataset):
     resampling when the footprint is a whole number of its pixels). Each sensor's window is read
     with :func:`rasterio.windows.from_bounds` at its own output size; the resampling used is
     recorded in :attr:`reads`. Windows where any sensor misses more than ``max_nodata`` of its
-    pixels are dropped. A pixel is missing when it lies outside all of the sensor's files, equals
-    the nodata value in every band, or (``zero_nodata``) is 0 in every band; missing pixels are
-    0 DN in the tiles. The grid is deterministic.
+    native pixels are dropped. A pixel is missing when it lies outside all of the sensor's files
+    or as :func:`xstars_models.io.missing_mask` says (a non-finite band, every band equal to the
+    nodata value, or with ``zero_nodata`` every band 0); missing pixels are 0 DN in the tiles.
+    Construction reads each file once, at its own resolution, to count its valid pixels per
+    cell of a grid that tiles every window (no window is read until it is asked for). The grid
+    is deterministic.
 
     Items: ``{"images": {sensor: float32 C x H x W DNs}, "bounds": (left, bottom, right, top)
     in metres, "crs": str, "index": i}``.
@@ -177,8 +158,10 @@ class GeoPairDataset(Dataset):
         if not 0.0 <= max_nodata <= 1.0:
             raise ValueError(f"max_nodata is a fraction of pixels in [0, 1], got {max_nodata}.")
         self.sources = {n: s if isinstance(s, RasterSource) else RasterSource(s) for n, s in sources.items()}
-        self._files = {name: _inspect(name, source) for name, source in self.sources.items()}
-        self.crs = _common_crs(self._files)
+        if any(not source.paths for source in self.sources.values()):
+            raise ValueError(f"Sensor {next(n for n, s in self.sources.items() if not s.paths)!r}: no raster paths given.")
+        self._files = {name: [inspect_file(path, name) for path in source.paths] for name, source in self.sources.items()}
+        self.crs = common_crs(self._files)
         reference = reference or next(iter(self.sources))
         if reference not in self.sources:
             raise ValueError(f"reference sensor {reference!r} is not one of the sources {sorted(self.sources)}.")
@@ -196,8 +179,10 @@ class GeoPairDataset(Dataset):
         gap = self.footprint_m if gap_m is None else float(gap_m)
         self.regions = split_regions(self.extent, split, val_fraction, split_axis, gap, split_blocks)
         self._plans = {name: self._plan(name) for name in self.sources}
-        self._handles: dict[str, list[Any]] | None = None
-        self._pid = os.getpid()
+        self._mosaics = {
+            name: Mosaic(self._files[name], self._plans[name]["bands"], source.nodata, source.zero_nodata)
+            for name, source in self.sources.items()
+        }
 
         origin = (ref_file.bounds[0], ref_file.bounds[3])
         candidates = [
@@ -210,22 +195,19 @@ class GeoPairDataset(Dataset):
                 f"{[_fmt(r) for r in self.regions]} of the sensors' common extent {_fmt(self.extent)}; "
                 "use a smaller footprint_m."
             )
+        fractions = self._missing_fractions(candidates, origin, ref_file.res[0])
         self.windows: list[Bounds] = []
         self.nodata_fractions: list[dict[str, float]] = []
-        least = {name: 1.0 for name in self.sources}
-        for window in candidates:
-            fractions = {name: 1.0 - float(self._read(name, window)[1].mean()) for name in self.sources}
-            least = {name: min(least[name], fractions[name]) for name in self.sources}
-            if max(fractions.values()) <= max_nodata:
+        for window, missing in zip(candidates, fractions):
+            if max(missing.values()) <= max_nodata:
                 self.windows.append(window)
-                self.nodata_fractions.append(fractions)
-        self.close()
+                self.nodata_fractions.append(missing)
         if not self.windows:
+            least = {name: round(min(f[name] for f in fractions), 3) for name in self.sources}
             raise ValueError(
                 f"All {len(candidates)} footprints of {self.footprint_m:g} m miss more than "
                 f"max_nodata={max_nodata} of their pixels in some sensor (least missing per sensor: "
-                f"{ {n: round(v, 3) for n, v in least.items()} }); raise max_nodata, check the nodata "
-                "values, or use a smaller footprint."
+                f"{least}); raise max_nodata, check the nodata values, or use a smaller footprint."
             )
         self.reads = {name: self._record(name) for name in self.sources}
 
@@ -261,18 +243,13 @@ class GeoPairDataset(Dataset):
                 f"Sensor {name!r}: size_px must be a positive int or (height, width) in pixels, got {size!r}."
             )
         out_res = (self.footprint_m / shape[1], self.footprint_m / shape[0])
-        method = source.resampling
-        if method is None:
-            # Area averaging avoids aliasing when the tile's pixels are coarser than the file's;
-            # otherwise (a sub-pixel shift at the same size, or up-sampling) interpolate.
-            coarser = any(out > native * (1 + 1e-6) for out, native in zip(out_res, first.res))
-            method = "average" if coarser else "bilinear"
+        method = source.resampling or resampling_for(out_res, first.res)
         return {"bands": tuple(bands), "shape": shape, "out_res": out_res, "method": method}
 
     def _record(self, name: str) -> SensorRead:
         plan, files, source = self._plans[name], self._files[name], self.sources[name]
         aligned = all(
-            _whole_pixel_copy(f, window, plan["shape"])
+            f.is_pixel_copy(window, plan["shape"])
             for window in self.windows for f in files if _overlaps(f.bounds, window)
         )
         return SensorRead(
@@ -290,68 +267,39 @@ class GeoPairDataset(Dataset):
 
     # ---- reading ------------------------------------------------------------------------
 
-    def _open(self) -> dict[str, list[Any]]:
-        # GDAL handles must not be shared across processes: each DataLoader worker opens its own
-        # on first use (after fork the inherited ones are left alone).
-        if self._handles is None or self._pid != os.getpid():
-            self._handles = {name: [rasterio.open(f.path) for f in files] for name, files in self._files.items()}
-            self._pid = os.getpid()
-        return self._handles
+    def _missing_fractions(self, windows: list[Bounds], origin: tuple[float, float], ref_px: float) -> list[dict[str, float]]:
+        """Each window's fraction (0-1) of missing native pixels per sensor, from one indexing
+        read of each file (:meth:`Mosaic.valid_counts`) rather than a read of every window: the
+        windows are cut into the largest cells that tile all of them, and a window's count is
+        the sum of its cells'."""
+        unit = _common_cell_px([v for w in windows for v in (w[0] - origin[0], origin[1] - w[3], w[2] - w[0])], ref_px)
+        cell_m = unit * ref_px
+        left, top = min(w[0] for w in windows), max(w[3] for w in windows)
+        right, bottom = max(w[2] for w in windows), min(w[1] for w in windows)
+        grid = CellGrid(
+            (left, top), cell_m, (max(1, round((top - bottom) / cell_m)), max(1, round((right - left) / cell_m)))
+        )
+        fractions: list[dict[str, float]] = [{} for _ in windows]
+        for name, mosaic in self._mosaics.items():
+            counts = mosaic.valid_counts(grid)
+            mosaic.close()
+            res = self._files[name][0].res
+            for window, missing in zip(windows, fractions):
+                rows, cols = grid.cells_of(window)
+                expected = (window[2] - window[0]) * (window[3] - window[1]) / (res[0] * res[1])
+                missing[name] = float(min(1.0, max(0.0, 1.0 - counts[rows, cols].sum() / expected)))
+        return fractions
 
     def close(self) -> None:
         """Close this process's raster handles (they reopen on the next read)."""
-        if self._handles is not None and self._pid == os.getpid():
-            for handles in self._handles.values():
-                for handle in handles:
-                    handle.close()
-        self._handles = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handles": None}
+        for mosaic in self._mosaics.values():
+            mosaic.close()
 
     def _read(self, name: str, window: Bounds) -> tuple[np.ndarray, np.ndarray]:
-        """One sensor's tile: float32 DNs ``(C, H, W)`` and its ``(H, W)`` validity mask."""
+        """One sensor's tile: float32 DNs ``(C, H, W)`` (missing pixels 0) and its ``(H, W)``
+        validity mask."""
         plan = self._plans[name]
-        height, width = plan["shape"]
-        left, bottom, right, top = window
-        dx, dy = (right - left) / width, (top - bottom) / height
-        data = np.zeros((len(plan["bands"]), height, width), dtype=np.float32)
-        valid = np.zeros((height, width), dtype=bool)
-        for info, handle in zip(self._files[name], self._open()[name]):
-            # Only the output pixels lying wholly inside this file are read from it: the read
-            # window never leaves the file (a boundless read resamples through a VRT in the
-            # file's dtype, rounding averages) and half-covered edge pixels stay missing.
-            fl, fb, fr, ft = info.bounds
-            c0 = max(0, math.ceil((fl - left) / dx - _EPS_PX))
-            c1 = min(width, math.floor((fr - left) / dx + _EPS_PX))
-            r0 = max(0, math.ceil((top - ft) / dy - _EPS_PX))
-            r1 = min(height, math.floor((top - fb) / dy + _EPS_PX))
-            if c1 <= c0 or r1 <= r0:
-                continue
-            part = (left + c0 * dx, top - r1 * dy, left + c1 * dx, top - r0 * dy)
-            block = handle.read(
-                plan["bands"],
-                window=_inside(from_bounds(*part, transform=handle.transform), handle),
-                out_shape=(len(plan["bands"]), r1 - r0, c1 - c0),
-                resampling=Resampling[plan["method"]],
-                out_dtype="float32",
-            )
-            done = valid[r0:r1, c0:c1]
-            take = self._valid(name, info, block) & ~done
-            data[:, r0:r1, c0:c1][:, take] = block[:, take]
-            done |= take
-        return data, valid
-
-    def _valid(self, name: str, info: _RasterFile, block: np.ndarray) -> np.ndarray:
-        source = self.sources[name]
-        ok = np.ones(block.shape[1:], dtype=bool)
-        value = source.nodata if source.nodata is not None else info.nodata
-        if value is not None:
-            missing = np.isnan(block) if math.isnan(value) else block == value
-            ok &= ~missing.all(axis=0)
-        if source.zero_nodata:
-            ok &= ~(block == 0).all(axis=0)
-        return ok
+        return self._mosaics[name].read(window, plan["shape"], plan["method"])
 
     # ---- Dataset ------------------------------------------------------------------------
 
@@ -403,46 +351,7 @@ class GeoPairDataset(Dataset):
         return f"GeoPairDataset({len(self)} footprints of {self.footprint_m:g} m, split={self.split!r}; {reads})"
 
 
-def _inspect(name: str, source: RasterSource) -> list[_RasterFile]:
-    if not source.paths:
-        raise ValueError(f"Sensor {name!r}: no raster paths given.")
-    files = []
-    for path in source.paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Sensor {name!r}: raster {path} does not exist.")
-        with rasterio.open(path) as ds:
-            a, b, _, d, e, _ = tuple(ds.transform)[:6]
-            if b != 0 or d != 0 or a <= 0 or e >= 0:
-                raise ValueError(
-                    f"Sensor {name!r}: {path} has a rotated or flipped geotransform {tuple(ds.transform)[:6]}; "
-                    "expected north-up pixels (warp it first, e.g. with gdalwarp)."
-                )
-            files.append(_RasterFile(path, ds.crs, tuple(ds.bounds), (a, -e), ds.count, ds.nodata))
-    return files
-
-
-def _common_crs(files: Mapping[str, list[_RasterFile]]) -> str:
-    first_name, first_files = next(iter(files.items()))
-    first_path, crs = first_files[0].path, first_files[0].crs
-    if crs is None:
-        raise ValueError(f"Sensor {first_name!r}: {first_path} has no CRS, so it cannot be placed on the ground.")
-    if not crs.is_projected or crs.linear_units_factor[1] != 1.0:
-        raise ValueError(
-            f"Sensor {first_name!r}: {first_path} is in {crs.to_string()!r}, whose units are not metres; "
-            "footprints are in metres, so reproject to a projected CRS (e.g. UTM) first."
-        )
-    for name, sensor_files in files.items():
-        for f in sensor_files:
-            if f.crs != crs:
-                raise ValueError(
-                    f"Rasters must share one CRS: {f.path} (sensor {name!r}) is in "
-                    f"{f.crs.to_string() if f.crs else None!r} but {first_path} (sensor {first_name!r}) is in "
-                    f"{crs.to_string()!r}; reproject one of them first (e.g. gdalwarp -t_srs)."
-                )
-    return crs.to_string()
-
-
-def _footprint(footprint_m: float | None, footprint_px: int | None, reference: str, ref: _RasterFile) -> float:
+def _footprint(footprint_m: float | None, footprint_px: int | None, reference: str, ref: RasterFile) -> float:
     if (footprint_m is None) == (footprint_px is None):
         raise ValueError("Give the footprint either in metres (footprint_m) or in reference pixels (footprint_px).")
     if footprint_m is not None:
@@ -467,23 +376,17 @@ def _overlaps(a: Bounds, b: Bounds) -> bool:
     return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
 
 
-def _whole_pixel_copy(info: _RasterFile, window: Bounds, shape: tuple[int, int]) -> bool:
-    col = (window[0] - info.bounds[0]) / info.res[0]
-    row = (info.bounds[3] - window[3]) / info.res[1]
-    cols = (window[2] - window[0]) / info.res[0]
-    rows = (window[3] - window[1]) / info.res[1]
-    return (
-        abs(col - round(col)) < _EPS_PX and abs(row - round(row)) < _EPS_PX
-        and abs(cols - shape[1]) < _EPS_PX and abs(rows - shape[0]) < _EPS_PX
-    )
-
-
-def _inside(window: Window, handle: Any) -> Window:
-    """``window`` trimmed of the round-off that could put it a hair outside the file."""
-    col = min(max(float(window.col_off), 0.0), handle.width)
-    row = min(max(float(window.row_off), 0.0), handle.height)
-    return Window(col, row, min(float(window.width), handle.width - col), min(float(window.height), handle.height - row))
-
-
 def _fmt(bounds: Bounds) -> str:
     return "(" + ", ".join(f"{v:.1f}" for v in bounds) + ")"
+
+
+def _common_cell_px(offsets_m: list[float], px: float) -> int:
+    """The largest whole number of ``px``-metre pixels dividing every offset (metres), or 1 when
+    some offset is not a whole number of pixels."""
+    whole = []
+    for offset in offsets_m:
+        n = round(offset / px)
+        if abs(offset / px - n) > EPS_PX * max(1, abs(n)):
+            return 1
+        whole.append(abs(n))
+    return max(1, math.gcd(*whole))

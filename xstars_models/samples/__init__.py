@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MissingExtraError
+from ..io import read_raster
 
 __all__ = ["co_registered_pair", "list_samples", "load_sample", "sample_path"]
 
@@ -36,9 +36,4 @@ def sample_path(name: str) -> Path:
 
 def load_sample(name: str) -> np.ndarray:
     """The sample as an H x W x C array of its digital numbers (needs rasterio: the geo extra)."""
-    try:
-        import rasterio
-    except ImportError:
-        raise MissingExtraError("Reading samples needs rasterio: pip install 'xstars-models[geo]'.") from None
-    with rasterio.open(sample_path(name)) as src:
-        return np.moveaxis(src.read(), 0, -1)
+    return np.moveaxis(read_raster(sample_path(name), purpose="Reading samples"), 0, -1)

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ..outputs import refuse_input_as_output
 from ..precision import resolve_precision
-from .reading import GDAL_CACHE_BYTES, Scene, import_rasterio, pixel_missing
+from ..io import GDAL_CACHE_BYTES, import_rasterio
+from .reading import Scene, pixel_missing
 from .sources import is_remote, open_scene
 from .tiling import Plan, default_tile
 from .writers import ClsWriter, MapWriter, Partial
@@ -297,11 +298,7 @@ def _run_strips(
 
     def read(i: int) -> tuple[torch.Tensor, np.ndarray]:
         strip = scene.read(plan.rows[i] * p, th * p, plan.grid[1] * p)
-        missing = pixel_missing(strip, scene.nodata)
-        if missing is None:
-            fraction = np.zeros((th, plan.grid[1]), np.float32)
-        else:
-            fraction = missing.reshape(th, p, plan.grid[1], p).mean(axis=(1, 3), dtype=np.float32)
+        fraction = pixel_missing(strip, scene.nodata).reshape(th, p, plan.grid[1], p).mean(axis=(1, 3), dtype=np.float32)
         if strip.dtype == np.uint16:
             strip = strip.astype(np.int32)  # torch has only partial uint16 support
         pixels = torch.from_numpy(strip)

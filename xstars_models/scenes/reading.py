@@ -3,74 +3,26 @@ GSD and unit checks, and which pixels are missing. Opening one is :mod:`.sources
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import MissingExtraError, user_stacklevel
+from ..errors import user_stacklevel
+from ..io import fill_missing, gsd_scale, missing_mask, pixel_size_m, read_window, resampling_for
 from ..sensors import SensorSpec
 from ..units import check_value_range, expected_input
 
 if TYPE_CHECKING:
     from affine import Affine
 
-GSD_SAME = 0.01  # relative GSD difference used without comment
-GSD_WARN = 0.10  # ... used with a warning when resample=False; beyond it, an error
-
-# GDAL caches every block it reads or writes up to this size; its default (5 % of RAM) would let
-# the cache grow with the scene.
-GDAL_CACHE_BYTES = 64 * 2**20
-
-# Remote reads: no directory listing on open (one request fewer, and none for sidecar files), and
-# neighbouring byte ranges fetched in one request.
-REMOTE_GDAL_OPTIONS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES"}
-
 # A window of input pixels: row offset, column offset, height, width.
 PixelWindow = tuple[int, int, int, int]
 
 
-def import_rasterio() -> Any:
-    try:
-        import rasterio
-    except ImportError:
-        raise MissingExtraError(
-            "Embedding scenes reads and writes GeoTIFFs with rasterio, which is not installed: "
-            "pip install 'xstars-models[geo]'."
-        ) from None
-    return rasterio
-
-
 # --------------------------------------------------------------------------------------------
 # The scene: windows of digital numbers at the sensor's GSD.
-
-
-def _check_gsd(
-    pixel_m: tuple[float, float], gsd_m: float, sensor: str, what: str, resample: bool
-) -> tuple[float, float] | None:
-    """The (x, y) read scale (input pixels per sensor pixel) when windows must be resampled,
-    ``None`` when the input is used as is; warns or raises as the module documentation says."""
-    worst = max(abs(size / gsd_m - 1.0) for size in pixel_m)
-    if worst <= GSD_SAME:
-        return None
-    if resample:
-        return (gsd_m / pixel_m[0], gsd_m / pixel_m[1])
-    shown = f"{pixel_m[0]:g} m" if math.isclose(*pixel_m, rel_tol=1e-9) else f"{pixel_m[0]:g} x {pixel_m[1]:g} m"
-    if worst <= GSD_WARN:
-        warnings.warn(
-            f"{what}: pixel size {shown} differs from sensor {sensor!r}'s {gsd_m:g} m GSD by "
-            f"{worst:.1%}; embedding it as is (pass resample=True to resample to {gsd_m:g} m).",
-            UserWarning,
-            stacklevel=user_stacklevel(),
-        )
-        return None
-    raise ValueError(
-        f"{what}: pixel size {shown} but sensor {sensor!r} has a GSD of {gsd_m:g} m "
-        f"({worst:.0%} apart). Pass resample=True to read windows resampled to {gsd_m:g} m, "
-        "or embed with a sensor at the imagery's GSD."
-    )
 
 
 class Scene:
@@ -150,12 +102,8 @@ class Scene:
                 f"is unknown; reproject it to a projected CRS (e.g. UTM) at sensor {sensor!r}'s "
                 f"{spec.gsd_m:g} m GSD."
             )
-        to_metres = 1.0
-        if crs is not None:
-            with contextlib.suppress(Exception):  # CRSs without a linear unit: assume metres
-                to_metres = float(crs.linear_units_factor[1])
-        pixel_m = (math.hypot(transform.a, transform.d) * to_metres, math.hypot(transform.b, transform.e) * to_metres)
-        return _check_gsd(pixel_m, spec.gsd_m, sensor, self.what, resample)
+        pixel_m = pixel_size_m(transform, crs)
+        return gsd_scale(pixel_m, spec.gsd_m, sensor, self.what, resample)
 
     def read(self, row: int, height: int, width: int) -> np.ndarray:
         """Pixels [row, row + height) x [0, width) of the area of interest at the sensor's GSD,
@@ -171,9 +119,7 @@ class Scene:
             raise OSError(f"{self.what}: reading rows {row}-{row + height} failed ({err}); is the file "
                           "truncated or damaged?") from err
         if strip.dtype.kind == "f":
-            valid = None
-            if self.nodata is not None and not math.isnan(self.nodata):
-                valid = ~(strip == self.nodata).all(axis=0)
+            valid = ~missing_mask(strip, self.nodata)
             check_value_range(strip, self.spec, f"{self.what}, rows {row}-{row + height} at the sensor's GSD", valid)
         return strip
 
@@ -181,45 +127,17 @@ class Scene:
         r0, c0 = self._row0, self._col0
         if self._array is not None:
             return np.array(self._array[:, r0 + row : r0 + row + height, c0 : c0 + width])
-        from rasterio.enums import Resampling
-        from rasterio.windows import Window
-
         if self.scale is None:
-            return self._dataset.read(window=Window(c0, r0 + row, width, height))
+            return read_window(self._dataset, (c0, r0 + row, width, height))
         sx, sy = self.scale
-        return self._dataset.read(
-            window=Window(c0, r0 + row * sy, width * sx, height * sy),
-            out_shape=(self._dataset.count, height, width),
-            # Averaging when shrinking keeps every input pixel's contribution; bilinear when enlarging.
-            resampling=Resampling.average if min(sx, sy) > 1 else Resampling.bilinear,
-        )
+        method = resampling_for(self.scale, (1.0, 1.0))  # the scale is sensor pixels / input pixels
+        return read_window(self._dataset, (c0, r0 + row * sy, width * sx, height * sy), (height, width), method)
 
 
-@contextlib.contextmanager
-def quiet_georef() -> Iterator[None]:
-    """Scenes without georeferencing are allowed; rasterio's warning about them is noise here."""
-    from rasterio.errors import NotGeoreferencedWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        yield
-
-
-
-
-def pixel_missing(strip: np.ndarray, nodata: float | None) -> np.ndarray | None:
-    """H x W mask of missing pixels (all bands == nodata, or any band not finite), or ``None``
-    when nothing can be missing. Non-finite values are set to 0 in place so that they do not
-    spread to the whole tile through attention."""
-    missing = None
-    if strip.dtype.kind == "f":
-        bad = ~np.isfinite(strip)
-        if bad.any():
-            strip[bad] = 0
-            missing = bad.any(axis=0)
-    if nodata is not None and not math.isnan(nodata):
-        value = np.asarray(nodata).astype(strip.dtype)
-        if value == nodata:  # else not representable in the data type: no pixel can equal it
-            equal = (strip == value).all(axis=0)
-            missing = equal if missing is None else missing | equal
+def pixel_missing(strip: np.ndarray, nodata: float | None) -> np.ndarray:
+    """H x W mask of the missing pixels of ``strip`` (:func:`xstars_models.io.missing_mask`),
+    which are set to 0 DN in place so that they do not spread to the whole tile through
+    attention."""
+    missing = missing_mask(strip, nodata)
+    fill_missing(strip, missing)
     return missing

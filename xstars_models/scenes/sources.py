@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from ..sensors import SensorSpec
-from .reading import REMOTE_GDAL_OPTIONS, PixelWindow, Scene, import_rasterio
+from ..io import REMOTE_GDAL_OPTIONS, import_rasterio
+from .reading import PixelWindow, Scene
 from .stac import open_stac_item
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from xml.sax.saxutils import escape
 
 from ..errors import MissingExtraError
 from ..sensors import Band, SensorSpec
-from .reading import REMOTE_GDAL_OPTIONS, import_rasterio
+from ..io import REMOTE_GDAL_OPTIONS, import_rasterio
 
 __all__ = ["open_stac_item", "pick_assets"]
 

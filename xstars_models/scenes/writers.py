@@ -16,7 +16,8 @@ import torch
 
 from ..serialization import atomic_write_bytes
 from .geoparquet import TileStrip, import_pyarrow, write_geoparquet
-from .reading import Scene, import_rasterio, quiet_georef
+from ..io import import_rasterio, quiet_georef
+from .reading import Scene
 from .tiling import Plan, ramps
 
 _PARTIAL_FORMAT = "xstars-scene-partial/1"

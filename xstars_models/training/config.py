@@ -55,6 +55,10 @@ class TrainConfig:
         monitor_every: compute the effective rank of the teacher's CLS embeddings of a fixed
             batch every this many steps (collapse monitor, see ``training.monitors``).
         monitor_images: size of that fixed batch (the first items of the data set, un-augmented).
+        color_jitter: largest relative change of each DINO view's contrast and of its brightness
+            (0.3: +-30 %). Brightness and colour carry much of what tells land covers apart at
+            10-30 m, so invariance to them is not free for remote sensing.
+        grey_p: probability of turning an RGB view grey.
     """
 
     steps: int = 1000
@@ -90,6 +94,8 @@ class TrainConfig:
     cross_sensor_dino: bool = False
     monitor_every: int = 50
     monitor_images: int = 128
+    color_jitter: float = 0.3
+    grey_p: float = 0.2
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "global_crops", "monitor_every", "monitor_images"):
@@ -103,11 +109,20 @@ class TrainConfig:
         if self.precision not in TRAINING_PRECISIONS:
             hint = " (int8 is for inference only)" if self.precision == "int8" else ""
             raise ValueError(f"TrainConfig.precision must be one of {TRAINING_PRECISIONS}{hint}, got {self.precision!r}.")
+        if not 0 <= self.color_jitter < 1 or not 0 <= self.grey_p <= 1:
+            raise ValueError(
+                f"TrainConfig.color_jitter must be in [0, 1) and grey_p in [0, 1], got {self.color_jitter}, {self.grey_p}."
+            )
         if not 0 <= self.teacher_momentum <= 1:
             raise ValueError(f"TrainConfig.teacher_momentum must be in [0, 1], got {self.teacher_momentum}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default value, by name."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}
 
     @classmethod
     def from_dict(
@@ -127,7 +142,7 @@ class TrainConfig:
         """
         if not isinstance(data, Mapping):
             raise ValueError(f"{source}: expected a JSON object (mapping) of TrainConfig fields, got {type(data).__name__}.")
-        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        defaults = cls.defaults()
         unknown = sorted(set(data) - set(defaults))
         if unknown:
             raise ValueError(f"{source}: unknown TrainConfig fields {unknown}; known: {sorted(defaults)}")

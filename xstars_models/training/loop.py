@@ -241,7 +241,9 @@ def train_loop(
         )
     if checkpoint is not None:
         start = int(checkpoint["step"])
-        check_resume_config(checkpoint["config"], config.to_dict(), start, path)
+        # A setting added to TrainConfig after the checkpoint was written had its default then.
+        saved = {**{k: v for k, v in config.defaults().items() if k not in checkpoint["config"]}, **checkpoint["config"]}
+        check_resume_config(saved, config.to_dict(), start, path)
         _resume_state(modules, optimizer, checkpoint, path)
         _restore_rng(checkpoint, device)
     saved_at = start if checkpoint is not None else None

@@ -97,6 +97,8 @@ def _augment(model: XStars, sensor: str, config: TrainConfig) -> MultiCropAugmen
         n_local=config.local_crops,
         global_scale=config.global_scale,
         local_scale=config.local_scale,
+        jitter=config.color_jitter,
+        grey_p=config.grey_p,
     )
 
 

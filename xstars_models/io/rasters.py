@@ -1,0 +1,134 @@
+"""Opening and reading rasters: the rasterio import (the ``geo`` extra), the GDAL settings, pixel
+sizes in metres and the check against a sensor's GSD, the resampling rule, and whole-file reads."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from typing import Any, Iterator
+
+import numpy as np
+
+from ..errors import MissingExtraError, user_stacklevel
+
+__all__ = [
+    "GDAL_CACHE_BYTES", "GSD_SAME", "GSD_WARN", "REMOTE_GDAL_OPTIONS", "gsd_scale", "import_rasterio", "pixel_size_m",
+    "quiet_georef", "read_raster", "read_window", "resampling_for",
+]
+
+GSD_SAME = 0.01  # relative difference between pixel size and GSD used without comment
+GSD_WARN = 0.10  # ... used with a warning when not resampling; beyond it, an error
+
+# GDAL caches every block it reads or writes up to this size; its default (5 % of RAM) would let
+# the cache grow with the scene.
+GDAL_CACHE_BYTES = 64 * 2**20
+
+# Remote reads: no directory listing on open (one request fewer, and none for sidecar files), and
+# neighbouring byte ranges fetched in one request.
+REMOTE_GDAL_OPTIONS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES"}
+
+
+def import_rasterio(purpose: str = "Reading rasters") -> Any:
+    """The ``rasterio`` module, or :class:`MissingExtraError` saying ``purpose`` needs it."""
+    try:
+        import rasterio
+    except ImportError:
+        raise MissingExtraError(f"{purpose} needs rasterio, which is not installed: pip install 'xstars-models[geo]'.") from None
+    return rasterio
+
+
+@contextlib.contextmanager
+def quiet_georef() -> Iterator[None]:
+    """Rasters without georeferencing are allowed where this is used; rasterio's warning about
+    them is noise there."""
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        yield
+
+
+def pixel_size_m(transform: Any, crs: Any) -> tuple[float, float]:
+    """(x, y) pixel size in metres of a raster with affine ``transform`` in a projected ``crs``
+    (or none: its units are then taken as metres). Rotated transforms are measured along the
+    pixel's sides."""
+    to_metres = 1.0
+    if crs is not None:
+        with contextlib.suppress(Exception):  # CRSs without a linear unit: assume metres
+            to_metres = float(crs.linear_units_factor[1])
+    return math.hypot(transform.a, transform.d) * to_metres, math.hypot(transform.b, transform.e) * to_metres
+
+
+def gsd_scale(
+    pixel_m: tuple[float, float], gsd_m: float, sensor: str, what: str, resample: bool
+) -> tuple[float, float] | None:
+    """How imagery of ``pixel_m`` (x, y metres) is read for a sensor of ``gsd_m`` metres.
+
+    Returns ``None`` when it is used as is (within :data:`GSD_SAME`, or within :data:`GSD_WARN`
+    with a warning), else, with ``resample``, the (x, y) read scale in input pixels per sensor
+    pixel.
+
+    Raises:
+        ValueError: more than :data:`GSD_WARN` apart without ``resample``, naming both sizes
+            and the two ways out.
+    """
+    worst = max(abs(size / gsd_m - 1.0) for size in pixel_m)
+    if worst <= GSD_SAME:
+        return None
+    if resample:
+        return (gsd_m / pixel_m[0], gsd_m / pixel_m[1])
+    shown = f"{pixel_m[0]:g} m" if math.isclose(*pixel_m, rel_tol=1e-9) else f"{pixel_m[0]:g} x {pixel_m[1]:g} m"
+    if worst <= GSD_WARN:
+        warnings.warn(
+            f"{what}: pixel size {shown} differs from sensor {sensor!r}'s {gsd_m:g} m GSD by "
+            f"{worst:.1%}; embedding it as is (pass resample=True to resample to {gsd_m:g} m).",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+        return None
+    raise ValueError(
+        f"{what}: pixel size {shown} but sensor {sensor!r} has a GSD of {gsd_m:g} m "
+        f"({worst:.0%} apart). Pass resample=True to read windows resampled to {gsd_m:g} m "
+        f"(--resample on the command line), or use a sensor at the imagery's GSD (spec.with_gsd({pixel_m[0]:g}))."
+    )
+
+
+def resampling_for(out_res_m: tuple[float, float], native_res_m: tuple[float, float]) -> str:
+    """The rasterio resampling name for reading pixels of ``native_res_m`` at ``out_res_m``
+    (x, y metres): ``average`` when the output is coarser along either axis, so that every
+    input pixel counts and nothing aliases; ``bilinear`` for a sub-pixel shift or up-sampling."""
+    return "average" if any(out > native * (1 + 1e-6) for out, native in zip(out_res_m, native_res_m)) else "bilinear"
+
+
+def read_window(
+    dataset: Any, window: tuple[float, float, float, float], out_shape: tuple[int, int] | None = None,
+    resampling: str = "nearest",
+) -> np.ndarray:
+    """Pixels of an open rasterio ``dataset`` in ``window`` (column offset, row offset, width,
+    height; input pixels, fractions allowed), every band, resampled to ``out_shape`` (height,
+    width) with the rasterio ``resampling`` method when given: C x H x W in the file's dtype."""
+    from rasterio.enums import Resampling
+    from rasterio.windows import Window
+
+    if out_shape is None:
+        return dataset.read(window=Window(*window))
+    return dataset.read(window=Window(*window), out_shape=(dataset.count, *out_shape), resampling=Resampling[resampling])
+
+
+def read_raster(path: str | os.PathLike[str], purpose: str = "Reading GeoTIFF/JP2 files") -> np.ndarray:
+    """Every band of the raster at ``path``, C x H x W in its own dtype.
+
+    Raises:
+        FileNotFoundError: no such file.
+        OSError: a truncated or damaged file, named (GDAL's own message names none).
+    """
+    rasterio = import_rasterio(purpose)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file.")
+    try:
+        with quiet_georef(), rasterio.open(path) as src:
+            return src.read()
+    except (OSError, rasterio.errors.RasterioError) as err:
+        raise OSError(f"{path}: cannot read it ({type(err).__name__}: {err}); is the file truncated or damaged?") from err

@@ -84,6 +84,16 @@ def test_push_uploads_what_from_pretrained_loads(adapted, tmp_path, hub_server, 
     assert main(argv) == 0  # unchanged weights: no new commit
     assert hub_server.head("org/cli-pushed") == commit
 
+    generated = remote["README.md"]
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    (edited / "README.md").write_bytes(generated + b"\n## Notes from the owners\n")
+    hub_server.seed_repo("org/cli-pushed", edited)
+    assert main(argv) == 0
+    assert hub_server.files("org/cli-pushed", hub_server.head("org/cli-pushed"))["README.md"].endswith(b"owners\n")
+    assert main([*argv, "--overwrite-card"]) == 0
+    assert hub_server.files("org/cli-pushed", hub_server.head("org/cli-pushed"))["README.md"] == generated
+
 
 def test_push_token_problems_are_one_line_and_never_show_the_token(adapted, hub_server, hf_cache, monkeypatch, tmp_path, capsys):
     from huggingface_hub import constants

@@ -23,7 +23,8 @@ from torch import nn
 
 from xstars_models import CheckpointFormatError, StateDictMismatchError, XStars, get_sensor
 from xstars_models.cli import main
-from xstars_models.convert import _check_dino_trunk, convert_official_checkpoint
+from xstars_models.convert import convert_official_checkpoint
+from xstars_models.convert.official import _check_dino_trunk
 
 DIM, DEPTH, PATCH, GRID = 192, 12, 16, 2  # official vit_tiny, 32 px position grid
 IMG = PATCH * GRID

@@ -40,6 +40,9 @@ def register(sub: Any) -> None:
     p.add_argument("--description", default="", help="a paragraph for the model card")
     p.add_argument("--manifest", help="write the registry entry (repo, commit, sha256 per file) into this manifest")
     p.add_argument("--model-id", help="registry id for --manifest (default: the repo name)")
+    p.add_argument("--overwrite-card", action="store_true",
+                   help="replace the repo's README.md with the generated card (default: a card already on the Hub, "
+                        "perhaps edited by its owners, is kept)")
     p.set_defaults(func=_push)
 
     p = sub.add_parser("convert", help="convert an official X-STARS checkpoint (.pth) into a model folder",
@@ -59,6 +62,7 @@ def _push(args: argparse.Namespace) -> int:
     commit = model.push_to_hub(
         args.repo_id, private=args.private, revision=args.revision, commit_message=args.message,
         license=args.license, description=args.description, manifest_path=args.manifest, model_id=args.model_id,
+        overwrite_card=args.overwrite_card,
     )
     print(f"pushed {args.model} to {args.repo_id}@{commit}")
     if args.manifest:

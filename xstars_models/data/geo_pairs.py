@@ -283,11 +283,13 @@ class GeoPairDataset(Dataset):
         for name, mosaic in self._mosaics.items():
             counts = mosaic.valid_counts(grid)
             mosaic.close()
-            res = self._files[name][0].res
+            first = self._files[name][0]
             for window, missing in zip(windows, fractions):
                 rows, cols = grid.cells_of(window)
-                expected = (window[2] - window[0]) * (window[3] - window[1]) / (res[0] * res[1])
-                missing[name] = float(min(1.0, max(0.0, 1.0 - counts[rows, cols].sum() / expected)))
+                expected = _centres(window[0], window[2], first.bounds[0], first.res[0]) * _centres(
+                    -window[3], -window[1], -first.bounds[3], first.res[1]
+                )
+                missing[name] = float(min(1.0, max(0.0, 1.0 - counts[rows, cols].sum() / max(expected, 1))))
         return fractions
 
     def close(self) -> None:
@@ -378,6 +380,12 @@ def _overlaps(a: Bounds, b: Bounds) -> bool:
 
 def _fmt(bounds: Bounds) -> str:
     return "(" + ", ".join(f"{v:.1f}" for v in bounds) + ")"
+
+
+def _centres(low: float, high: float, origin: float, res: float) -> int:
+    """How many centres of pixels ``res`` wide whose edges start at ``origin`` lie in [low, high)
+    (the file's pixel lattice, continued beyond the file: pixels outside it count as missing)."""
+    return math.ceil((high - origin) / res - 0.5 - EPS_PX) - math.ceil((low - origin) / res - 0.5 - EPS_PX)
 
 
 def _common_cell_px(offsets_m: list[float], px: float) -> int:

@@ -202,8 +202,10 @@ class Mosaic:
                 keep = ~self._missing(info, block) & y_in[:, None] & x_in[None, :]
                 cell = ys[:, None] * cols + xs[None, :]
                 counts += np.bincount(cell[keep], minlength=rows * cols).astype(np.int32)
-        capacity = (grid.cell_m / self.files[0].res[0]) * (grid.cell_m / self.files[0].res[1])
-        return np.minimum(counts, math.ceil(capacity - EPS_PX)).reshape(rows, cols)
+        # A half-open cell side of L metres holds at most ceil(L / r) pixel centres spaced r apart.
+        res_x, res_y = self.files[0].res
+        capacity = math.ceil(grid.cell_m / res_x - EPS_PX) * math.ceil(grid.cell_m / res_y - EPS_PX)
+        return np.minimum(counts, capacity).reshape(rows, cols)
 
 
 def _inside(window: Any, handle: Any) -> Any:

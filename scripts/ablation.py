@@ -7,7 +7,7 @@
 Stage 1 pretrains ``sentinel2_rgb`` on the data of ``scripts/train_default.py`` (its
 ``stage1_data``), stage 2 adapts to the aerial sensor on the homonim training pairs (skipped with
 ``--s2-steps 0``), stage 3 trains both sensors jointly on those pairs (``--s3-steps``; needs a
-stage 2, run here or reused with ``--stage2-from``). Both take ``TrainConfig`` overrides as JSON on top of the defaults of
+stage 2, run here or reused with ``--stage2-from``). All three take ``TrainConfig`` overrides as JSON on top of the defaults of
 ``train_default.py``. Writes ``OUT/NAME/result.json``: final losses vs chance, the collapse
 monitors, land-cover kNN / probe on the unseen area, and (after stage 2) cross-sensor retrieval
 (patch, mean, CLS; both directions) on the held-out homonim pairs, each beside its baselines.

@@ -134,8 +134,12 @@ def adapt_stage(
     stage1.name_or_path = "stage1-sentinel2"
     return adapt(
         stage1, aerial, pairs, mode=mode, config=TrainConfig(**settings), out_dir=out, resume=resume, device=device,
-        data_description=f"homonim aerial 5 m <-> Sentinel-2 10 m, {len(pairs)} pairs of 640 m (train area, southern 75%)",
+        data_description=pairs_description(pairs),
     )
+
+
+def pairs_description(pairs: Dataset) -> str:
+    return f"homonim aerial 5 m <-> Sentinel-2 10 m, {len(pairs)} pairs of 640 m (train area, southern 75%)"
 
 
 def joint_stage(adapted: XStars, pairs: Dataset, settings: dict, out: Path, resume: bool, device: str | None = None) -> XStars:
@@ -145,7 +149,7 @@ def joint_stage(adapted: XStars, pairs: Dataset, settings: dict, out: Path, resu
     the global (CLS) embedding needs across sensors."""
     return pretrain(
         adapted, pairs, TrainConfig(**settings), out_dir=out, resume=resume, device=device,
-        data_description=f"homonim aerial 5 m <-> Sentinel-2 10 m, {len(pairs)} pairs of 640 m (train area, southern 75%)",
+        data_description=pairs_description(pairs),
     )
 
 

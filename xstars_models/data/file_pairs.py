@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..io import GSD_WARN, import_rasterio, pixel_size_m
+from ..io import GSD_WARN, gsd_mismatch, import_rasterio, pixel_size_m
 
 __all__ = ["check_raster_gsd", "raster_pairs"]
 
@@ -53,7 +53,7 @@ def check_raster_gsd(path: str | Path, gsd_m: float, sensor: str) -> None:
         if src.crs is None or src.crs.is_geographic:  # no metric pixel size to compare
             return
         pixel_m = pixel_size_m(src.transform, src.crs)
-    worst = max(abs(size / gsd_m - 1.0) for size in pixel_m)
+    worst = gsd_mismatch(pixel_m, gsd_m)
     if worst > GSD_WARN:
         raise ValueError(
             f"{path}: pixel size {pixel_m[0]:g} m but sensor {sensor!r} has a GSD of {gsd_m:g} m ({worst:.0%} apart). "

@@ -10,6 +10,7 @@ from .rasters import (
     GSD_SAME,
     GSD_WARN,
     REMOTE_GDAL_OPTIONS,
+    gsd_mismatch,
     gsd_scale,
     import_rasterio,
     pixel_size_m,
@@ -20,6 +21,6 @@ from .rasters import (
 )
 
 __all__ = [
-    "GDAL_CACHE_BYTES", "GSD_SAME", "GSD_WARN", "REMOTE_GDAL_OPTIONS", "fill_missing", "gsd_scale", "import_rasterio",
-    "missing_mask", "pixel_size_m", "quiet_georef", "read_raster", "read_window", "resampling_for",
+    "GDAL_CACHE_BYTES", "GSD_SAME", "GSD_WARN", "REMOTE_GDAL_OPTIONS", "fill_missing", "gsd_mismatch", "gsd_scale",
+    "import_rasterio", "missing_mask", "pixel_size_m", "quiet_georef", "read_raster", "read_window", "resampling_for",
 ]

@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import MissingExtraError, user_stacklevel
 
 __all__ = [
-    "GDAL_CACHE_BYTES", "GSD_SAME", "GSD_WARN", "REMOTE_GDAL_OPTIONS", "gsd_scale", "import_rasterio", "pixel_size_m",
+    "GDAL_CACHE_BYTES", "GSD_SAME", "GSD_WARN", "REMOTE_GDAL_OPTIONS", "gsd_mismatch", "gsd_scale", "import_rasterio", "pixel_size_m",
     "quiet_georef", "read_raster", "read_window", "resampling_for",
 ]
 
@@ -61,6 +61,12 @@ def pixel_size_m(transform: Any, crs: Any) -> tuple[float, float]:
     return math.hypot(transform.a, transform.d) * to_metres, math.hypot(transform.b, transform.e) * to_metres
 
 
+def gsd_mismatch(pixel_m: tuple[float, float], gsd_m: float) -> float:
+    """The larger relative difference (0 = equal) between the (x, y) pixel size and ``gsd_m``,
+    both in metres: what :data:`GSD_SAME` and :data:`GSD_WARN` are compared with."""
+    return max(abs(size / gsd_m - 1.0) for size in pixel_m)
+
+
 def gsd_scale(
     pixel_m: tuple[float, float], gsd_m: float, sensor: str, what: str, resample: bool
 ) -> tuple[float, float] | None:
@@ -74,7 +80,7 @@ def gsd_scale(
         ValueError: more than :data:`GSD_WARN` apart without ``resample``, naming both sizes
             and the two ways out.
     """
-    worst = max(abs(size / gsd_m - 1.0) for size in pixel_m)
+    worst = gsd_mismatch(pixel_m, gsd_m)
     if worst <= GSD_SAME:
         return None
     if resample:

@@ -14,7 +14,7 @@ import torch
 from .sensors import SensorSpec
 from .units import check_value_range
 
-__all__ = ["ImageInput", "to_batch"]
+__all__ = ["ImageInput", "band_order", "to_batch"]
 
 ImageInput = Any  # np.ndarray | torch.Tensor | PIL.Image.Image | a sequence of those
 
@@ -107,8 +107,13 @@ def _to_chw(array: np.ndarray | torch.Tensor, origin: str, spec: SensorSpec, lay
     return array
 
 
-def _band_order(spec: SensorSpec, bands: Sequence[str] | None) -> list[int] | None:
-    """Indexes that reorder channels given in the order ``bands`` into the model's order."""
+def band_order(spec: SensorSpec, bands: Sequence[str] | None) -> list[int] | None:
+    """Indexes that reorder channels given in the order ``bands`` (names or aliases) into the
+    sensor's order; ``None`` for ``bands=None`` (already in order).
+
+    Raises:
+        ValueError: an unknown name, a band named twice, or one of the sensor's bands missing.
+    """
     if bands is None:
         return None
     positions = [spec.band_index(b) for b in bands]
@@ -174,7 +179,7 @@ def to_batch(
             f"{sorted(sizes)}. Embed them in separate calls."
         )
     batch = torch.stack(chw)
-    order = _band_order(spec, bands)
+    order = band_order(spec, bands)
     if order is not None:
         batch = batch[:, order]
     _check_values(batch, spec)

@@ -51,6 +51,7 @@ with warnings.catch_warnings():
     from terratorch.utils import InvalidModelError
 torch.set_float32_matmul_precision(_matmul_precision)
 
+from ..inputs import band_order
 from ..manifest import is_registered, list_models
 from ..model import XStars
 from ..sensors import SensorSpec
@@ -101,15 +102,10 @@ def _band_name(band: Any) -> str:
 def _channel_order(spec: SensorSpec, names: Sequence[str]) -> list[int] | None:
     """For each band of ``spec`` (in its order), the input channel holding it; ``None`` when the
     names are not exactly the sensor's bands."""
-    if len(names) != spec.num_bands:
-        return None
     try:
-        positions = [spec.band_index(name) for name in names]
+        return band_order(spec, names)
     except ValueError:
         return None
-    if sorted(positions) != list(range(spec.num_bands)):
-        return None
-    return [positions.index(j) for j in range(spec.num_bands)]
 
 
 def _describe(model: XStars) -> str:

@@ -14,7 +14,7 @@ from xstars_models import get_sensor
 from xstars_models.data import GeoPairDataset, RasterSource
 from xstars_models.io import missing_mask
 from xstars_models.io.mosaic import Mosaic
-from xstars_models.scenes.reading import Scene, pixel_missing
+from xstars_models.scenes.reading import Scene
 
 CRS = "EPSG:32633"
 
@@ -69,8 +69,8 @@ def test_training_pairs_and_scenes_agree_on_missing_pixels(tmp_path):
     spec = get_sensor("sentinel2_rgb")
     with rasterio.open(path) as src:
         scene = Scene(str(path), src, None, src.transform, src.crs, src.nodata, spec, "sentinel2_rgb", False, {})
-        strip = scene.read(0, 40, 40)
-    assert np.array_equal(pixel_missing(strip, scene.nodata), expected)
+        strip, missing = scene.read(0, 40, 40)
+    assert np.array_equal(missing, expected)
     assert np.array_equal(strip, tile), "both readers give a missing pixel the same 0 DN"
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..io import GDAL_CACHE_BYTES, import_rasterio
 from ..outputs import refuse_input_as_output
 from ..precision import resolve_precision
-from .reading import Scene, pixel_missing
+from .reading import Scene
 from .sources import is_remote, open_scene
 from .tiling import Plan, default_tile
 from .writers import ClsWriter, MapWriter, Partial
@@ -297,8 +297,8 @@ def _run_strips(
     cuda = target.type == "cuda"
 
     def read(i: int) -> tuple[torch.Tensor, np.ndarray]:
-        strip = scene.read(plan.rows[i] * p, th * p, plan.grid[1] * p)
-        fraction = pixel_missing(strip, scene.nodata).reshape(th, p, plan.grid[1], p).mean(axis=(1, 3), dtype=np.float32)
+        strip, missing = scene.read(plan.rows[i] * p, th * p, plan.grid[1] * p)
+        fraction = missing.reshape(th, p, plan.grid[1], p).mean(axis=(1, 3), dtype=np.float32)
         if strip.dtype == np.uint16:
             strip = strip.astype(np.int32)  # torch has only partial uint16 support
         pixels = torch.from_numpy(strip)

@@ -106,9 +106,11 @@ class Scene:
         pixel_m = pixel_size_m(transform, crs)
         return gsd_scale(pixel_m, spec.gsd_m, sensor, self.what, resample)
 
-    def read(self, row: int, height: int, width: int) -> np.ndarray:
-        """Pixels [row, row + height) x [0, width) of the area of interest at the sensor's GSD,
-        C x height x width, in the input's data type (a fresh array).
+    def read(self, row: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels [row, row + height) x [0, width) of the area of interest at the sensor's GSD:
+        C x height x width in the input's data type (a fresh array), with its missing pixels
+        (:func:`xstars_models.io.missing_mask`) set to 0 DN so that they do not spread to a whole
+        tile through attention, and the height x width mask of those missing pixels.
 
         Raises:
             ValueError: float values that cannot be the sensor's digital numbers (see
@@ -119,10 +121,10 @@ class Scene:
         except OSError as err:  # GDAL's message ("Read failed. See previous exception") names no file
             raise OSError(f"{self.what}: reading rows {row}-{row + height} failed ({err}); is the file "
                           "truncated or damaged?") from err
+        missing = missing_mask(strip, self.nodata)
         if strip.dtype.kind == "f":
-            valid = ~missing_mask(strip, self.nodata)
-            check_value_range(strip, self.spec, f"{self.what}, rows {row}-{row + height} at the sensor's GSD", valid)
-        return strip
+            check_value_range(strip, self.spec, f"{self.what}, rows {row}-{row + height} at the sensor's GSD", ~missing)
+        return fill_missing(strip, missing), missing
 
     def _read(self, row: int, height: int, width: int) -> np.ndarray:
         r0, c0 = self._row0, self._col0
@@ -133,12 +135,3 @@ class Scene:
         sx, sy = self.scale
         method = resampling_for(self.scale, (1.0, 1.0))  # the scale is sensor pixels / input pixels
         return read_window(self._dataset, (c0, r0 + row * sy, width * sx, height * sy), (height, width), method)
-
-
-def pixel_missing(strip: np.ndarray, nodata: float | None) -> np.ndarray:
-    """H x W mask of the missing pixels of ``strip`` (:func:`xstars_models.io.missing_mask`),
-    which are set to 0 DN in place so that they do not spread to the whole tile through
-    attention."""
-    missing = missing_mask(strip, nodata)
-    fill_missing(strip, missing)
-    return missing

@@ -1,6 +1,6 @@
 """Collapse monitors: logged on every run, a collapsed run is reported, a healthy-looking one is
-not; the anti-collapse losses (KoLeo, InfoNCE) and the cross-sensor DINO term compute what they
-say."""
+not; the anti-collapse losses (KoLeo, InfoNCE), the sensor-gap term and the cross-sensor DINO term
+compute what they say."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from factories import tiny_model
-from xstars_models.losses import DINOLoss, info_nce, koleo
+from xstars_models.losses import DINOLoss, info_nce, koleo, sensor_gap
 from xstars_models.samples import sample_path
 from xstars_models.training import TrainConfig, pretrain
 from xstars_models.training.monitors import CollapseWarning, cls_spread, collapse_verdict, effective_rank
@@ -216,3 +216,33 @@ def test_pretrain_contrasts_sensors_and_adapt_runs_cross_sensor_dino(tmp_path):
 
     state = load_checkpoint(tmp_path / "a")["modules"]
     assert state["dino.cross.center"].abs().sum() > 0 and not torch.allclose(state["dino.cross.center"], state["dino.aerial.center"])
+
+
+def test_sensor_gap_is_the_distance_between_the_means_of_the_unit_rows():
+    a = torch.tensor([[1.0, 0.0], [0.0, 3.0]])  # unit rows (1, 0), (0, 1): mean (0.5, 0.5)
+    b = torch.tensor([[2.0, 0.0], [5.0, 0.0]])  # unit rows both (1, 0)
+    assert float(sensor_gap(a, b)) == pytest.approx(0.25 + 0.25)
+    assert float(sensor_gap(a, a * 7.0)) == pytest.approx(0.0, abs=1e-7)  # scale-free
+    assert float(sensor_gap(b, -b)) == pytest.approx(4.0)  # the largest gap: opposite directions
+    with pytest.raises(ValueError, match="one shape"):
+        sensor_gap(a, b[:1])
+
+
+def test_gap_term_is_logged_and_weighted_in_pretrain_and_adapt(tmp_path):
+    """With gap_weight > 0 both recipes log the gap between the sensors' embeddings and add it to
+    the loss with its weight; with 0 there is no such term."""
+    from toy_data import ToyPairs
+    from xstars_models import get_sensor
+    from xstars_models.training import adapt
+
+    settings = dict(batch_size=4, local_crops=1, contrast_weight=0.5, alpha=0.0, monitor_images=4, global_crops=1)
+    pretrain(tiny_model(extra_sensors=("aerial",)), ToyPairs(8), config(**settings, gap_weight=3.0), out_dir=tmp_path / "p", device="cpu", progress=False)
+    aerial = get_sensor("aerial_rgb").with_gsd(5.0, name="aerial")
+    adapt(tiny_model(extra_sensors=()), aerial, ToyPairs(8), mode="full", config=config(**settings, gap_weight=3.0), out_dir=tmp_path / "a", device="cpu", progress=False)
+    adapt(tiny_model(extra_sensors=()), aerial, ToyPairs(8), mode="full", config=config(**settings), out_dir=tmp_path / "none", device="cpu", progress=False)
+    for run_dir in ("p", "a"):
+        lines = [json.loads(line) for line in (tmp_path / run_dir / "metrics.jsonl").read_text().splitlines()]
+        for line in lines:
+            assert 0 < line["gap"] <= 8.0  # two gaps (CLS, mean token) of at most 4 each
+            assert line["loss"] == pytest.approx(line["dino"] + 0.5 * line["contrast"] + 3.0 * line["gap"], rel=1e-4)
+    assert all("gap" not in json.loads(line) for line in (tmp_path / "none" / "metrics.jsonl").read_text().splitlines())

@@ -1,13 +1,14 @@
-"""Terms that keep a self-distillation run from collapsing at small scale: the KoLeo
-regulariser of DINOv2 (spreads the embeddings of a batch) and a CLS-level InfoNCE between two
-views (every other image of the batch is a negative)."""
+"""Terms on whole-image embeddings: two that keep a self-distillation run from collapsing at small
+scale, the KoLeo regulariser of DINOv2 (spreads the embeddings of a batch) and a CLS-level InfoNCE
+between two views (every other image of the batch is a negative), and one that closes the gap
+between two sensors' embedding distributions."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["info_nce", "koleo"]
+__all__ = ["info_nce", "koleo", "sensor_gap"]
 
 
 def koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -35,3 +36,17 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torc
         logits = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T / temperature
         target = torch.arange(a.shape[0], device=a.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def sensor_gap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared distance between the batch means of the L2-normalised rows of ``a`` and ``b``
+    (B x D each, two sensors' embeddings of the same footprints), in [0, 4].
+
+    InfoNCE between two sensors ranks each image's partner above the other images but leaves a
+    constant offset between the sensors' embeddings (the "modality gap" of CLIP-style training);
+    under the cosine similarity of cross-sensor retrieval that offset ranks images by how much
+    they point along it rather than by content. This term pulls the two means together."""
+    if a.shape != b.shape or a.dim() != 2:
+        raise ValueError(f"sensor_gap needs two B x D batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+    with torch.autocast(a.device.type, enabled=False):
+        return (F.normalize(a.float(), dim=-1).mean(0) - F.normalize(b.float(), dim=-1).mean(0)).square().sum()

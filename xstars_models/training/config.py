@@ -49,6 +49,11 @@ class TrainConfig:
             (plus one between the sensors' CLS tokens when there are several), between the
             student's new-sensor CLS and the frozen model's old-sensor CLS of the same
             footprint in :func:`adapt`.
+        gap_weight: weight of a term between the same two sensors' embeddings as the InfoNCE across
+            sensors: the squared distance between the batch means of their L2-normalised CLS
+            tokens, plus the same for their mean patch tokens (``losses.sensor_gap``). The
+            InfoNCE leaves a constant offset between the sensors, which cross-sensor retrieval
+            by cosine pays for.
         cross_sensor_dino: in :func:`adapt`, the teacher also sees the old sensor's view of each
             footprint and the student's new-sensor view of it must match that distribution (a
             DINO term across sensors, with its own centre), which aligns the global embedding.
@@ -91,6 +96,7 @@ class TrainConfig:
     koleo_weight: float = 0.0
     contrast_weight: float = 0.0
     contrast_temp: float = 0.1
+    gap_weight: float = 0.0
     cross_sensor_dino: bool = False
     monitor_every: int = 50
     monitor_images: int = 128
@@ -101,7 +107,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "checkpoint_every", "global_crops", "monitor_every", "monitor_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("alpha", "koleo_weight", "contrast_weight"):
+        for name in ("alpha", "koleo_weight", "contrast_weight", "gap_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
         if self.contrast_temp <= 0:

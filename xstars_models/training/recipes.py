@@ -22,13 +22,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.augment import MultiCropAugment
 from ..errors import SensorMismatchError
-from ..losses import MSADLoss, info_nce
+from ..losses import MSADLoss
 from ..model import XStars
 from ..sensors import SensorSpec
 from .config import TrainConfig
 from .loop import StepBatchSampler, train_loop
 from .monitors import collapse_verdict, effective_rank, warn_if_collapsed
-from .terms import DINONet, dino_loss, dino_parts, dino_term, mean_terms, monitor_scalars, spread_terms, total_loss
+from .terms import (
+    DINONet, cross_sensor_terms, dino_loss, dino_parts, dino_term, mean_terms, monitor_scalars, spread_terms, total_loss,
+)
 
 __all__ = ["adapt", "pretrain"]
 
@@ -238,14 +240,13 @@ def pretrain(
         spread = mean_terms([spread_terms(term.bottleneck, config) for term in terms.values()])
         msad_loss = torch.zeros((), device=device)
         pair_tokens = {}
-        if len(sensors) > 1 and (config.alpha > 0 or config.contrast_weight > 0):
+        if len(sensors) > 1 and (config.alpha > 0 or config.contrast_weight > 0 or config.gap_weight > 0):
             pair_tokens = {s: terms[s].tokens if views.share else student.encoder(batch["pairs"][s], s) for s in sensors}
         for a, b in itertools.combinations(pair_tokens, 2):
             if config.alpha > 0:
                 msad_loss = msad_loss + msad(pair_tokens[a], pair_tokens[b], a, b)
-            if config.contrast_weight > 0:
-                between = info_nce(pair_tokens[a][:, 0], pair_tokens[b][:, 0], config.contrast_temp)
-                spread["contrast"] = spread["contrast"] + between if "contrast" in spread else between
+            for name, value in cross_sensor_terms(pair_tokens[a], pair_tokens[b], config).items():
+                spread[name] = spread[name] + value if name in spread else value
         first = sensors[0]
         total, scalars = total_loss(dino_loss, msad_loss, spread, config)
         return total, {**scalars, **monitor_scalars(dino[first], terms[first].cls[0])}
@@ -331,20 +332,20 @@ def adapt(
         dino_loss, tokens, head_out = term.loss, term.tokens, term.head_out
         spread = spread_terms(term.bottleneck, config)
         spread.pop("contrast", None)  # across sensors below, not between two views of one
-        if not views.share and (config.alpha > 0 or config.contrast_weight > 0 or config.cross_sensor_dino):
+        across = config.contrast_weight > 0 or config.gap_weight > 0
+        if not views.share and (config.alpha > 0 or across or config.cross_sensor_dino):
             head_out, tokens = student(batch["pairs"][new], new)
         if config.cross_sensor_dino:
             with torch.no_grad():
                 teacher_old, _ = teacher(batch["pairs"][old_sensor], old_sensor)
             dino_loss = (dino_loss + dino["cross"](head_out, teacher_old, step)) / 2
         msad_loss = torch.zeros((), device=device)
-        if config.alpha > 0 or config.contrast_weight > 0:
+        if config.alpha > 0 or across:
             with torch.no_grad():
                 reference = frozen(batch["pairs"][old_sensor], old_sensor)
             if config.alpha > 0:
                 msad_loss = msad(tokens, reference, new, old_sensor)
-            if config.contrast_weight > 0:
-                spread["contrast"] = info_nce(tokens[:, 0], reference[:, 0], config.contrast_temp)
+            spread.update(cross_sensor_terms(tokens, reference, config))
         total, scalars = total_loss(dino_loss, msad_loss, spread, config)
         return total, {**scalars, **monitor_scalars(dino[new], term.cls[0])}
 

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 
 from ..heads import DINOHead
-from ..losses import DINOLoss, info_nce, koleo
+from ..losses import DINOLoss, info_nce, koleo, sensor_gap
 from ..model import XStars
 from .config import TrainConfig
 from .monitors import cls_spread
 
 __all__ = [
-    "DINONet", "DINOTerm", "dino_loss", "dino_parts", "dino_term", "mean_terms", "monitor_scalars", "spread_terms",
-    "total_loss",
+    "DINONet", "DINOTerm", "cross_sensor_terms", "dino_loss", "dino_parts", "dino_term", "mean_terms", "monitor_scalars",
+    "spread_terms", "total_loss",
 ]
 
 
@@ -83,6 +83,18 @@ def spread_terms(embeddings: torch.Tensor, config: TrainConfig) -> dict[str, tor
     return terms
 
 
+def cross_sensor_terms(tokens_a: torch.Tensor, tokens_b: torch.Tensor, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """Terms between two sensors' tokens of the same footprints (B x T x D each, CLS first):
+    InfoNCE between their CLS tokens and the gap between their embedding distributions (CLS and
+    mean patch token); only the terms whose weight is > 0."""
+    terms = {}
+    if config.contrast_weight > 0:
+        terms["contrast"] = info_nce(tokens_a[:, 0], tokens_b[:, 0], config.contrast_temp)
+    if config.gap_weight > 0:
+        terms["gap"] = sensor_gap(tokens_a[:, 0], tokens_b[:, 0]) + sensor_gap(tokens_a[:, 1:].mean(1), tokens_b[:, 1:].mean(1))
+    return terms
+
+
 def dino_parts(encoder: XStars, config: TrainConfig, sensors: Sequence[str]) -> tuple[DINONet, DINONet, nn.ModuleDict]:
     """Student, teacher and one DINO loss per entry of ``sensors``: each keeps its own centre, as
     each sensor's teacher outputs have their own mean (a shared centre would be moved by one
@@ -110,8 +122,9 @@ def dino_loss(config: TrainConfig, n_global: int, skip_same_view: bool = True) -
 def total_loss(
     dino: torch.Tensor, msad: torch.Tensor, spread: dict[str, torch.Tensor], config: TrainConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``DINO + alpha * MSAD + koleo_weight * KoLeo + contrast_weight * InfoNCE`` and the terms."""
-    weights = {"koleo": config.koleo_weight, "contrast": config.contrast_weight}
+    """``DINO + alpha * MSAD + koleo_weight * KoLeo + contrast_weight * InfoNCE + gap_weight * gap``
+    and the terms."""
+    weights = {"koleo": config.koleo_weight, "contrast": config.contrast_weight, "gap": config.gap_weight}
     total = dino + config.alpha * msad + sum(weights[k] * v for k, v in spread.items())
     scalars = {"dino": float(dino.detach()), "msad": float(msad.detach())}
     return total, {**scalars, **{k: float(v.detach()) for k, v in spread.items()}}

@@ -20,6 +20,7 @@ from xstars_models.evaluation import (
     landcover_table,
     linear_probe_accuracy,
     load_landcover_chips,
+    spatial_folds,
 )
 
 SOURCES = Path(__file__).resolve().parents[1] / "xstars_models" / "samples" / "SOURCES.md"
@@ -119,6 +120,33 @@ def test_table_has_the_model_beside_its_baselines():
     assert rows["mean colour"]["knn acc"] > majority + 0.2
 
 
+def test_spatial_folds_keep_blocks_whole_and_balanced():
+    blocks = torch.tensor([3, 3, 7, 7, 7, 1, 9, 9, 4, 4, 4, 4])
+    fold_of = spatial_folds(blocks, 3, seed=5)
+    for block in torch.unique(blocks):
+        assert len(torch.unique(fold_of[blocks == block])) == 1  # a block is never cut
+    blocks_per_fold = [len(torch.unique(blocks[fold_of == f])) for f in range(3)]
+    assert sorted(blocks_per_fold) == [1, 2, 2]  # 5 blocks dealt round-robin into 3 folds
+    assert torch.equal(fold_of, spatial_folds(blocks, 3, seed=5))
+    with pytest.raises(ValueError, match=r"folds must be in 2\.\.5"):
+        spatial_folds(blocks, 6)
+
+
+def test_cross_validated_table_predicts_every_chip_once_out_of_fold():
+    """With folds, every chip is a test chip once: the majority-class row is the hand-computed
+    out-of-fold majority vote over all chips, and a test-side-only computation would differ."""
+    small = quarter_of_the_chips()
+    rows = {row["name"]: row for row in landcover_table(tiny_model(), small, features=("mean",), folds=3)}
+    fold_of = spatial_folds(small.blocks, 3, seed=0)
+    predicted = torch.empty_like(small.labels)
+    for fold in range(3):
+        predicted[fold_of == fold] = torch.bincount(small.labels[fold_of != fold]).argmax()
+    expected = float((predicted == small.labels).double().mean())
+    assert rows["majority class"]["knn acc"] == pytest.approx(expected)
+    assert rows["mean colour"]["knn acc"] > expected + 0.2
+    assert rows["mean colour"]["knn acc"] != landcover_table(tiny_model(), small, features=("mean",))[2]["knn acc"]
+
+
 def test_cli_eval_landcover_on_a_chips_file(tmp_path, capsys):
     small = quarter_of_the_chips()
     chips_file = tmp_path / "chips.npz"
@@ -137,3 +165,7 @@ def test_cli_eval_landcover_on_a_chips_file(tmp_path, capsys):
     written = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
     expected = {row["name"]: row for row in landcover_table(tiny_model(), small, features=("cls",))}
     assert written == expected
+    assert main([*argv[:-2], "--folds", "3", "--json", str(out)]) == 0
+    assert "3-fold cross-validation" in capsys.readouterr().out
+    folded = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert folded == {row["name"]: row for row in landcover_table(tiny_model(), small, features=("cls",), folds=3)}

@@ -14,11 +14,12 @@ window of sensor A, is the same window of sensor B its nearest neighbour (recall
 By default only the held-out part of the area (--val-fraction along --split-axis, the part `xstars
 adapt` never trains on) is used.
 landcover: kNN and linear-probe accuracy on the bundled real Sentinel-2 chips labelled with a
-land-cover map, spatial train/test split.
+land-cover map: on the test side of a spatial train/test split, or with --folds N by spatial
+cross-validation (whole blocks per fold; every chip is a test chip once, a smaller standard error).
 Both print the model beside the same architecture at random init and raw-pixel baselines.
 
 examples:
-  xstars eval xstars-s2-aerial --task landcover
+  xstars eval xstars-s2-aerial --task landcover --folds 6
   xstars eval ./my-model --task retrieval --sensor-a aerial --a aerial.tif \\
       --sensor-b sentinel2_rgb --b s2.tif --footprint-m 640 --json retrieval.json
 """
@@ -51,6 +52,8 @@ def register(sub: Any) -> None:
     lc = p.add_argument_group("landcover")
     lc.add_argument("--chips", help="an .npz of labelled chips in the bundled file's format (default: the bundled chips)")
     lc.add_argument("--sensor", default="sentinel2_rgb", help="the model's sensor of the chips (default sentinel2_rgb)")
+    lc.add_argument("--folds", type=int, help="spatial cross-validation over this many folds of whole blocks "
+                    "(default: the chips' own train/test split)")
     p.set_defaults(func=_eval)
 
 
@@ -95,8 +98,11 @@ def _landcover(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     from ..evaluation import landcover_table, load_landcover_chips
 
     chips = load_landcover_chips(args.chips)
-    rows = landcover_table(model, chips, sensor=args.sensor, features=args.features or ("cls", "mean"), seed=args.seed)
-    print_table(rows, f"land cover, {args.chips or 'bundled Sentinel-2 chips'}: {len(chips.chips)} chips, spatial split")
+    rows = landcover_table(
+        model, chips, sensor=args.sensor, features=args.features or ("cls", "mean"), seed=args.seed, folds=args.folds
+    )
+    protocol = f"spatial {args.folds}-fold cross-validation" if args.folds else "spatial split"
+    print_table(rows, f"land cover, {args.chips or 'bundled Sentinel-2 chips'}: {len(chips.chips)} chips, {protocol}")
     return {"rows": rows}
 
 

@@ -2,7 +2,8 @@
 architecture at random initialisation, and raw pixels).
 
 - ``retrieval``: cross-sensor retrieval of co-registered pairs (recall@k).
-- ``landcover``: kNN and linear-probe land-cover accuracy on the bundled labelled chips.
+- ``landcover``: kNN and linear-probe land-cover accuracy on the bundled labelled chips
+  (a fixed spatial split, or spatial cross-validation over whole blocks).
 - ``common``: the features both compare and their baselines (raw pixels; random initialisation
   drawn from its own seed, leaving the caller's random state untouched)."""
 
@@ -17,6 +18,7 @@ from .landcover import (
     linear_probe_accuracy,
     linear_probe_predict,
     load_landcover_chips,
+    spatial_folds,
 )
 from .retrieval import cross_sensor_retrieval, recall_at_k, retrieval_table
 
@@ -32,4 +34,5 @@ __all__ = [
     "load_landcover_chips",
     "recall_at_k",
     "retrieval_table",
+    "spatial_folds",
 ]

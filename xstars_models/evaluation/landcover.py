@@ -27,6 +27,7 @@ __all__ = [
     "linear_probe_accuracy",
     "linear_probe_predict",
     "load_landcover_chips",
+    "spatial_folds",
 ]
 
 CHIPS_PATH = Path(__file__).resolve().parents[1] / "samples" / "landcover_chips_s2.npz"
@@ -281,17 +282,57 @@ def balanced_accuracy(labels: torch.Tensor, predicted: torch.Tensor) -> float:
     return sum(recalls) / len(recalls)
 
 
-def _scores(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, k: int,
-    groups: torch.Tensor, seed: int,
-) -> dict[str, float]:
-    knn = knn_predict(train_x, train_y, test_x, k)
-    probe = linear_probe_predict(train_x, train_y, test_x, groups=groups, seed=seed)
+def _predict(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, k: int, groups: torch.Tensor, seed: int,
+) -> dict[str, torch.Tensor]:
+    """kNN, linear-probe and majority-class predictions of the test rows."""
     return {
-        "knn acc": float((knn == test_y).double().mean()),
-        "knn bal acc": balanced_accuracy(test_y, knn),
-        "probe acc": float((probe == test_y).double().mean()),
-        "probe bal acc": balanced_accuracy(test_y, probe),
+        "knn": knn_predict(train_x, train_y, test_x, k),
+        "probe": linear_probe_predict(train_x, train_y, test_x, groups=groups, seed=seed),
+        "majority": torch.full((len(test_x),), int(torch.bincount(train_y).argmax()), dtype=torch.int64),
+    }
+
+
+def spatial_folds(blocks: torch.Tensor, folds: int, seed: int = 0) -> torch.Tensor:
+    """The fold (0..folds-1) of each chip for spatial cross-validation: whole blocks go to one
+    fold, a seeded draw of the blocks dealt round-robin, so folds differ by at most one block."""
+    unique, inverse = torch.unique(blocks, return_inverse=True)
+    if not 2 <= folds <= len(unique):
+        raise ValueError(f"folds must be in 2..{len(unique)} (the number of spatial blocks), got {folds}.")
+    order = torch.randperm(len(unique), generator=torch.Generator().manual_seed(seed))
+    fold_of_block = torch.empty(len(unique), dtype=torch.int64)
+    fold_of_block[order] = torch.arange(len(unique)) % folds
+    return fold_of_block[inverse]
+
+
+def _evaluate(
+    x: torch.Tensor, chips: LandcoverChips, k: int, seed: int, folds: int | None
+) -> dict[str, dict[str, float]]:
+    """Accuracy and balanced accuracy of the kNN, the probe and the majority class on features
+    ``x`` of every chip: on the test side of the chips' split (``folds=None``), or over every chip,
+    each predicted by the fold of :func:`spatial_folds` it is held out in."""
+    if folds is None:
+        train = ~chips.is_test
+        labels = chips.labels[chips.is_test]
+        predicted = _predict(x[train], chips.labels[train], x[chips.is_test], k, chips.blocks[train], seed)
+    else:
+        fold_of = spatial_folds(chips.blocks, folds, seed)
+        labels = chips.labels
+        predicted = {name: torch.empty_like(labels) for name in ("knn", "probe", "majority")}
+        for fold in range(folds):
+            test, train = fold_of == fold, fold_of != fold
+            for name, values in _predict(x[train], labels[train], x[test], k, chips.blocks[train], seed).items():
+                predicted[name][test] = values
+    return {
+        name: {"acc": float((values == labels).double().mean()), "bal acc": balanced_accuracy(labels, values)}
+        for name, values in predicted.items()
+    }
+
+
+def _row(name: str, dims: int, scores: dict[str, dict[str, float]]) -> dict[str, float | str | int]:
+    return {
+        "name": name, "dims": dims,
+        **{f"{method} {metric}": value for method in ("knn", "probe") for metric, value in scores[method].items()},
     }
 
 
@@ -302,44 +343,46 @@ def landcover_table(
     features: Sequence[str] = ("cls", "mean"),
     k: int = 5,
     seed: int = 0,
+    folds: int | None = None,
 ) -> list[dict[str, float | str | int]]:
-    """kNN and linear-probe land-cover accuracy (and balanced accuracy) on the test side of the
-    spatial split, for the model, the same architecture at random init (drawn from ``seed``; the
-    global random state is left as it was), mean colour,
-    the chips area-averaged to the token grid (``pixels GxG``, per-chip standardised) and the
-    majority class of the training side. One dict per row: ``name``, ``dims`` and the four
-    scores. ``chips`` defaults to the bundled ones, whose digital numbers are ``sensor``'s.
+    """kNN and linear-probe land-cover accuracy (and balanced accuracy) for the model, the same
+    architecture at random init (drawn from ``seed``; the global random state is left as it was),
+    mean colour, the chips area-averaged to the token grid (``pixels GxG``, per-chip
+    standardised) and the majority class of the training side. One dict per row: ``name``,
+    ``dims`` and the four scores. ``chips`` defaults to the bundled ones, whose digital numbers
+    are ``sensor``'s.
 
-    ``cls``/``mean`` take about 25 s on 2 CPU cores for the bundled chips; ``patch`` features
-    (tokens x width dimensions, 12288 for the default model) make the probe's weight-decay search
-    take minutes."""
+    With ``folds=None`` the scores are on the test side of the chips' spatial split. With
+    ``folds=N`` they are spatial cross-validation: the blocks are dealt into N folds and every
+    chip is predicted by a kNN / probe fitted on the other folds, so all chips are test chips
+    once (for the 404 bundled chips of the unseen area, the standard error of an accuracy near
+    0.8 falls from about 3.4 points on the 142 test chips to 2.0).
+
+    ``cls``/``mean`` take about 25 s on 2 CPU cores for the bundled chips with the split (about
+    N times that with N folds); ``patch`` features (tokens x width dimensions, 12288 for the
+    default model) make the probe's weight-decay search take minutes."""
     chips = chips if chips is not None else load_landcover_chips()
     if sensor not in model.sensors:
         raise ValueError(f"This model has no stem for sensor {sensor!r}; it knows {list(model.sensors)}.")
     unknown = [kind for kind in features if kind not in FEATURES]
     if unknown or not features:
         raise ValueError(f"features must be a non-empty selection of {FEATURES}, got {tuple(features)}.")
-    (train_images, train_y), (test_images, test_y) = chips.train, chips.test
-    if len(train_images) == 0 or len(test_images) == 0:
-        raise ValueError(f"Both splits must be non-empty, got {len(train_images)} train and {len(test_images)} test chips.")
-    groups = chips.blocks[~chips.is_test]
+    n_test = int(chips.is_test.sum())
+    if folds is None and (n_test == 0 or n_test == len(chips.chips)):
+        raise ValueError(f"Both splits must be non-empty, got {len(chips.chips) - n_test} train and {n_test} test chips.")
     encoders = {"model": model, "random init": random_init_like(model, seed)}
     rows: list[dict[str, float | str | int]] = []
     for kind in features:
         for name, encoder in encoders.items():
-            train_x = embedding_features(encoder, train_images, sensor, kind)
-            test_x = embedding_features(encoder, test_images, sensor, kind)
-            scores = _scores(train_x, train_y, test_x, test_y, k, groups, seed)
-            rows.append({"name": f"{name} ({kind})", "dims": train_x.shape[1], **scores})
+            x = embedding_features(encoder, chips.chips, sensor, kind)
+            rows.append(_row(f"{name} ({kind})", x.shape[1], _evaluate(x, chips, k, seed, folds)))
     grid = chips.chips.shape[-1] // model.sensors[sensor].patch_size
-    train_pixels, test_pixels = pixel_features(train_images, grid), pixel_features(test_images, grid)
-    for name in train_pixels:
-        scores = _scores(train_pixels[name], train_y, test_pixels[name], test_y, k, groups, seed)
-        rows.append({"name": name, "dims": train_pixels[name].shape[1], **scores})
-    majority = torch.full_like(test_y, int(torch.bincount(train_y).argmax()))
-    accuracy, balanced = float((majority == test_y).double().mean()), balanced_accuracy(test_y, majority)
+    for name, x in pixel_features(chips.chips, grid).items():
+        scores = _evaluate(x, chips, k, seed, folds)
+        rows.append(_row(name, x.shape[1], scores))
+    majority = scores["majority"]
     rows.append({
-        "name": "majority class", "dims": 0,
-        "knn acc": accuracy, "knn bal acc": balanced, "probe acc": accuracy, "probe bal acc": balanced,
+        "name": "majority class", "dims": 0, "knn acc": majority["acc"], "knn bal acc": majority["bal acc"],
+        "probe acc": majority["acc"], "probe bal acc": majority["bal acc"],
     })
     return rows

@@ -9,7 +9,8 @@ Stage 1 pretrains ``sentinel2_rgb`` on the data of ``scripts/train_default.py`` 
 ``--s2-steps 0``), stage 3 trains both sensors jointly on those pairs (``--s3-steps``; needs a
 stage 2, run here or reused with ``--stage2-from``). All three take ``TrainConfig`` overrides as JSON on top of the defaults of
 ``train_default.py``. Writes ``OUT/NAME/result.json``: final losses vs chance, the collapse
-monitors, land-cover kNN / probe on the unseen area, and (after stage 2) cross-sensor retrieval
+monitors, land-cover kNN / probe on the unseen area (spatial LC_FOLDS-fold cross-validation;
+results from before it existed used the chips' train/test split, and the table says which), and (after stage 2) cross-sensor retrieval
 (patch, mean, CLS; both directions) on the held-out homonim pairs, each beside its baselines.
 The table of all variants is printed by ``python scripts/ablation.py --table``.
 """
@@ -31,6 +32,8 @@ from train_default import (
 from xstars_models.evaluation.landcover import landcover_table
 from xstars_models.evaluation.retrieval import retrieval_table
 from xstars_models.training import TrainConfig
+
+LC_FOLDS = 6
 
 
 def summarise_landcover(rows: list[dict]) -> dict[str, float]:
@@ -82,7 +85,7 @@ def main() -> None:
             "name": args.name, "stage1_settings": s1,
             "stage1_final": stage1.training_record["final"], "stage1_monitors": stage1.training_record["monitors"],
             "stage1_chance": math.log(s1["dino_out_dim"]),
-            "landcover_stage1": summarise_landcover(landcover_table(stage1)),
+            "landcover_stage1": summarise_landcover(landcover_table(stage1, folds=LC_FOLDS)), "landcover_folds": LC_FOLDS,
             "warnings": [str(w.message)[:200] for w in caught if "COLLAPSED" in str(w.message)],
         }
     model = None
@@ -108,7 +111,7 @@ def main() -> None:
         })
     if model is not None:
         result.update({
-            "landcover": summarise_landcover(landcover_table(model)),
+            "landcover": summarise_landcover(landcover_table(model, folds=LC_FOLDS)), "landcover_folds": LC_FOLDS,
             "retrieval": retrieval_table(model, evaluation_pairs(), "aerial", "sentinel2_rgb", features=("patch", "mean", "cls")),
         })
     result["wall_time_s"] = round(time.time() - began, 1)
@@ -129,12 +132,13 @@ def differences(settings: dict, reference: dict) -> dict:
 def print_table(out: Path) -> None:
     """One markdown row per variant (its settings that differ from train_default's), then the
     baselines: stage-1 DINO loss and teacher entropy over ln K, effective rank, land cover on the
-    unseen area (after stage 2 when it ran), cross-sensor retrieval r@1 (aerial -> S2 / S2 -> aerial)."""
+    unseen area (after stage 2 when it ran; "cv" = spatial cross-validation, "split" = the chips'
+    train/test split, with the baselines of each), cross-sensor retrieval r@1 (aerial -> S2 / S2 -> aerial)."""
     print(
         "| variant | stage-1 settings (vs train_default) | stages 2 and 3 | DINO / ln K | H_t / ln K | rank | "
-        "LC kNN cls / mean | LC probe cls / mean | patch r@1 | mean r@1 | CLS r@1 |"
+        "LC | LC kNN cls / mean | LC probe cls / mean | patch r@1 | mean r@1 | CLS r@1 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
     for r in results:
         lc = r.get("landcover", r["landcover_stage1"])
@@ -150,7 +154,7 @@ def print_table(out: Path) -> None:
         cells = [
             r["name"], f"{r['stage1_settings']['steps']} steps, {changed}", stage2,
             f"{final['dino'] / chance:.2f}", f"{final['teacher_entropy'] / chance:.2f}", f"{final['rank']:.1f}",
-            f"{lc['model (cls) knn']:.3f} / {lc['model (mean) knn']:.3f}",
+            protocol(r), f"{lc['model (cls) knn']:.3f} / {lc['model (mean) knn']:.3f}",
             f"{lc['model (cls) probe']:.3f} / {lc['model (mean) probe']:.3f}",
         ]
         rows = r.get("retrieval", {}).get("rows", {})
@@ -158,18 +162,24 @@ def print_table(out: Path) -> None:
             row = rows.get(f"model ({kind})")
             cells.append(f"{row['a->b r@1']:.2f} / {row['b->a r@1']:.2f}" if row else "-")
         print("| " + " | ".join(cells) + " |")
-    if results:
-        lc = results[0]["landcover_stage1"]
+    for kind in sorted({protocol(r) for r in results}):
+        first = next(r for r in results if protocol(r) == kind)
+        lc = first.get("landcover", first["landcover_stage1"])
         for name in ("random init (cls)", "random init (mean)", "mean colour"):
-            print(f"| baseline: {name} | | | | | | {lc[name + ' knn']:.3f} | {lc[name + ' probe']:.3f} | | | |")
+            print(f"| baseline: {name} | | | | | | {kind} | {lc[name + ' knn']:.3f} | {lc[name + ' probe']:.3f} | | | |")
         with_retrieval = [r for r in results if "retrieval" in r]
         if with_retrieval:
             rows = with_retrieval[0]["retrieval"]["rows"]
             for name in ("random init", "random init + stem transfer"):
                 cells = [f"{rows[f'{name} ({k})']['a->b r@1']:.2f} / {rows[f'{name} ({k})']['b->a r@1']:.2f}" for k in ("patch", "mean", "cls")]
-                print(f"| baseline: {name} | | | | | | | | " + " | ".join(cells) + " |")
+                print(f"| baseline: {name} | | | | | | | | | " + " | ".join(cells) + " |")
             pixels = rows["pixels 8x8"]
-            print(f"| baseline: raw pixels 8 x 8 | | | | | | | | {pixels['a->b r@1']:.2f} / {pixels['b->a r@1']:.2f} | | |")
+            print(f"| baseline: raw pixels 8 x 8 | | | | | | | | | {pixels['a->b r@1']:.2f} / {pixels['b->a r@1']:.2f} | | |")
+
+
+def protocol(result: dict) -> str:
+    """How a result's land cover was measured: spatial cross-validation or the chips' split."""
+    return "cv" if result.get("landcover_folds") else "split"
 
 
 if __name__ == "__main__":

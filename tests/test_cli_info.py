@@ -53,3 +53,16 @@ def test_info_json_is_the_whole_record(folder, capsys):
     assert info["metrics"] == METRICS
     assert info["sensors"]["aerial"]["patch_size"] == 16 and info["sensors"]["aerial"]["spec"]["gsd_m"] == 5.0
     assert (info["arch"], info["embed_dim"], info["depth"]) == ("vit_tiny_patch16_224", 32, 2)
+
+
+def test_info_names_the_whitening(tmp_path, capsys):
+    from toy_data import ToyPairs
+    from xstars_models.training import fit_global_whitening
+
+    model = tiny_model(extra_sensors=("aerial",))
+    model.whitening = fit_global_whitening(model, ToyPairs(6), fit_on="six toy pairs", progress=False)
+    folder = model.save_pretrained(tmp_path / "m")
+    assert main(["info", str(folder)]) == 0
+    assert "whitening (embed --whiten): cls, mean of sentinel2_rgb, aerial, shrinkage 0.01, fit on six toy pairs" in capsys.readouterr().out
+    assert main(["info", str(folder), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["whitening"]["fit_on"] == "six toy pairs"

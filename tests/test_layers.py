@@ -18,7 +18,8 @@ ROOT = Path(xstars_models.__file__).resolve().parent
 # for ``scenes.embed``); "" is the package's own __init__, the facade over everything.
 LAYERS: list[tuple[str, ...]] = [
     # what describes sensors, imagery and a saved model's configuration
-    ("errors", "units", "sensor_spec", "sensors", "config", "inputs", "outputs", "precision", "distributed", "visualize", "io", "samples"),
+    ("errors", "units", "sensor_spec", "sensors", "config", "inputs", "outputs", "precision", "distributed", "visualize", "io", "samples",
+     "whitening"),
     ("encoder",),  # the network
     ("serialization", "lora", "manifest", "hub", "card"),  # weight files, the registry, the Hub
     ("model",),  # XStars

@@ -79,6 +79,20 @@ def test_resume_continues_to_the_same_step(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_training_time_counts_across_resumed_sessions(tmp_path):
+    pretrain(two_sensor_model(), ToyPairs(8), small_config(steps=2), out_dir=tmp_path, device="cpu", progress=False)
+    first_s = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["time_s"]
+    assert first_s > 0
+    # Resumed at its last step, the run trains nothing but still took first_s to train.
+    again = pretrain(
+        two_sensor_model(), ToyPairs(8), small_config(steps=2), out_dir=tmp_path, resume=True, device="cpu", progress=False
+    )
+    assert again.training_record["wall_time_s"] >= round(first_s, 1)
+    pretrain(two_sensor_model(), ToyPairs(8), small_config(steps=3), out_dir=tmp_path, resume=True, device="cpu", progress=False)
+    times = [json.loads(line)["time_s"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(times) == 3 and times[2] > first_s
+
+
 def test_existing_checkpoint_without_resume_is_an_error(tmp_path):
     pretrain(two_sensor_model(), ToyPairs(8), small_config(steps=2), out_dir=tmp_path, device="cpu", progress=False)
     with pytest.raises(FileExistsError, match="checkpoint at step 2; pass resume=True"):

@@ -355,6 +355,9 @@ def load_adapter(
     if info.lora is not None:
         apply_lora(model.trunk, rank=info.lora["rank"], alpha=info.lora["alpha"], targets=info.lora["targets"])
         load_lora_state_dict(model.trunk, lora_tensors)
+        # The base's whitening was fit on the trunk LoRA now changes (in stem mode it still holds
+        # for the base's sensors, and the adapter's sensor has none).
+        model.whitening = None
     model.lineage = {
         "base_model": info.base_model,
         "base_revision": info.base_revision,

@@ -77,7 +77,7 @@ def model_card(
         "## Architecture\n\n"
         f"timm `{config.arch}` with overrides `{json.dumps(config.arch_kwargs)}`. `model.safetensors` holds the "
         f"trunk with timm's own keys (its patch embedding is the `{primary}` stem); each other sensor's patch "
-        "embedding is in `stem-<sensor>.safetensors`.",
+        "embedding is in `stem-<sensor>.safetensors`." + _whitening_note(config.whitening),
         "## Lineage\n\n" + (_json_block(config.lineage) if config.lineage else "Trained from scratch."),
         "## Training\n\n" + _monitors_table(config.training) + (_json_block(config.training) if config.training else "Not recorded."),
         "## Metrics\n\n" + (_json_block(config.metrics) if config.metrics else "Not evaluated."),
@@ -85,11 +85,24 @@ def model_card(
         "from xstars_models import XStars\n"
         f'model = XStars.from_pretrained("{repo_id}")\n'
         f'features = model.embed(images, sensor="{primary}", output="map")  # B x D x h x w\n'
-        "```\n\n" + _timm_usage(config, repo_id),
+        + (f'vectors = model.embed(images, sensor="{primary}", whiten=True)  # B x D, to compare across sensors\n'
+           if config.whitening else "")
+        + "```\n\n" + _timm_usage(config, repo_id),
         *([notes] if notes else []),
         "## Citation\n\n```bibtex\n" + CITATION + "\n```",
     ]
     return "\n\n".join(sections) + "\n"
+
+
+def _whitening_note(whitening: dict[str, Any]) -> str:
+    if not whitening:
+        return ""
+    return (
+        f" `whitening.safetensors` whitens the global embeddings ({', '.join(map(str, whitening.get('pools', [])))}) "
+        f"of sensors {', '.join(map(str, whitening.get('sensors', [])))} for `embed(..., whiten=True)`: each sensor's "
+        f"mean removed, one shared PCA whitening (shrinkage {whitening.get('shrinkage')}), fit on "
+        f"{whitening.get('fit_on') or 'unrecorded data'}."
+    )
 
 
 def _timm_usage(config: XStarsConfig, repo_id: str) -> str:

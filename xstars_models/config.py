@@ -17,6 +17,7 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FileRecord", "StemConfig", "XStarsCon
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+WHITENING_NAME = "whitening.safetensors"
 FORMAT_VERSION = 1
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -68,6 +69,8 @@ class XStarsConfig:
         lineage: for adapted models, ``base_model`` and ``base_revision``.
         training: free-form summary of how the weights were made (data, steps, time).
         metrics: evaluation results, by name.
+        whitening: what the model's global-embedding whitening (``whitening.safetensors``) was fit
+            on and its settings (see :class:`~.whitening.GlobalWhitening`); empty when it has none.
     """
 
     arch: str
@@ -77,6 +80,7 @@ class XStarsConfig:
     lineage: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    whitening: dict[str, Any] = field(default_factory=dict)
 
     @property
     def primary_sensor(self) -> str:
@@ -84,8 +88,10 @@ class XStarsConfig:
 
     @property
     def weight_files(self) -> list[str]:
-        """Weight files the model is made of: the trunk, then one stem file per extra sensor."""
-        return [WEIGHTS_NAME] + [stem_file_name(s) for s in list(self.sensors)[1:]]
+        """Weight files the model is made of: the trunk, one stem file per extra sensor, and the
+        global-embedding whitening when the model has one."""
+        stems = [stem_file_name(s) for s in list(self.sensors)[1:]]
+        return [WEIGHTS_NAME, *stems] + ([WHITENING_NAME] if self.whitening else [])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +108,7 @@ class XStarsConfig:
             "lineage": self.lineage,
             "training": self.training,
             "metrics": self.metrics,
+            "whitening": self.whitening,
             **self.timm_keys(),
         }
 
@@ -174,6 +181,8 @@ class XStarsConfig:
                 f"primary_sensor {data.get('primary_sensor')!r} must be the first of 'sensors' "
                 f"{list(sensors)}."
             )
+        if not isinstance(data.get("whitening", {}), dict):
+            raise fail(f"field 'whitening' must be a dict, got {data['whitening']!r}.")
         files: dict[str, FileRecord] = {}
         for name, record in data["files"].items():
             try:
@@ -188,6 +197,7 @@ class XStarsConfig:
             lineage=dict(data.get("lineage") or {}),
             training=dict(data.get("training") or {}),
             metrics=dict(data.get("metrics") or {}),
+            whitening=dict(data.get("whitening") or {}),
         )
         missing = [f for f in config.weight_files if f not in files]
         if missing:

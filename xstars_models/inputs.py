@@ -6,15 +6,17 @@ Normalisation is *not* done here: the model's per-sensor input stem does it, onc
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
+from .errors import user_stacklevel
 from .sensors import SensorSpec
 from .units import check_value_range
 
-__all__ = ["ImageInput", "band_order", "to_batch"]
+__all__ = ["ImageInput", "band_order", "check_token_count", "to_batch", "trim_to_patches"]
 
 ImageInput = Any  # np.ndarray | torch.Tensor | PIL.Image.Image | a sequence of those
 
@@ -218,3 +220,31 @@ def _to_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     if array.dtype == np.uint16:
         array = array.astype(np.int32)  # torch.from_numpy has limited uint16 support
     return torch.from_numpy(array).to(torch.float32)
+
+
+def check_token_count(batch: torch.Tensor, patch_size: int, sensor: str, max_tokens: int | None) -> None:
+    """Refuse images of more than ``max_tokens`` patches of ``patch_size`` px, pointing at ``embed_scene``."""
+    rows, cols = (side // patch_size for side in batch.shape[-2:])
+    if max_tokens is not None and rows * cols > max_tokens:
+        height, width = batch.shape[-2:]
+        raise ValueError(
+            f"Sensor {sensor!r}: an image of {height} x {width} px is {rows} x {cols} = {rows * cols} tokens, more "
+            f"than max_tokens={max_tokens}; one pass over it needs memory and time that grow with the square of "
+            f"the token count. Embed a whole scene tile by tile with bounded memory: "
+            f"model.embed_scene(image_or_geotiff, {sensor!r}, out=...) or `xstars embed-scene`; or pass "
+            "max_tokens=None to embed it in one pass anyway."
+        )
+
+
+def trim_to_patches(batch: torch.Tensor, patch_size: int, sensor: str) -> torch.Tensor:
+    """``batch`` cut to whole patches of ``patch_size`` px (bottom rows and right columns dropped, with a warning)."""
+    p = patch_size
+    height, width = batch.shape[-2:]
+    keep_h, keep_w = height - height % p, width - width % p
+    if (keep_h, keep_w) != (height, width):
+        warnings.warn(
+            f"Sensor {sensor!r}: {height} x {width} px is not a multiple of the {p} px patch; "
+            f"the last {height - keep_h} rows and {width - keep_w} columns are not embedded.",
+            stacklevel=user_stacklevel(),
+        )
+    return batch[..., :keep_h, :keep_w]

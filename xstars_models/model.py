@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import logging
 import re
-import warnings
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -15,15 +14,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, StemConfig, XStarsConfig, stem_file_name
+from .config import CONFIG_NAME, WEIGHTS_NAME, WHITENING_NAME, StemConfig, XStarsConfig, stem_file_name
 from .encoder import XStarsEncoder
-from .errors import user_stacklevel
 from .hub import resolve_model
-from .inputs import ImageInput, to_batch
+from .inputs import ImageInput, check_token_count, to_batch, trim_to_patches
 from .lora import lora_config, merge_lora
 from .precision import Precision, quantize_int8, resolve_precision
 from .sensors import SensorSpec, get_sensor
 from .serialization import atomic_write_bytes, load_state_dict_strict, read_verified_safetensors, write_safetensors
+from .whitening import GlobalWhitening
 
 __all__ = ["OUTPUTS", "XStars"]
 
@@ -70,7 +69,9 @@ class XStars(XStarsEncoder):
 
     Create one with :meth:`from_pretrained` (registry id, Hub repo or folder) or :meth:`new`
     (random weights, for training). ``lineage``, ``training`` and ``metrics`` are free-form
-    records saved in ``config.json`` and shown in model cards.
+    records saved in ``config.json`` and shown in model cards. ``whitening`` (a
+    :class:`~.whitening.GlobalWhitening` or ``None``) is what ``embed(..., whiten=True)`` applies;
+    it holds for the weights it was fit on, so training drops it.
     """
 
     def __init__(self, config: XStarsConfig) -> None:
@@ -78,6 +79,7 @@ class XStars(XStarsEncoder):
         self.lineage: dict[str, Any] = dict(config.lineage)
         self.training_record: dict[str, Any] = dict(config.training)
         self.metrics: dict[str, Any] = dict(config.metrics)
+        self.whitening: GlobalWhitening | None = None
         self.name_or_path: str | None = None
         self.revision: str | None = None
 
@@ -124,12 +126,13 @@ class XStars(XStarsEncoder):
             lineage=dict(self.lineage),
             training=dict(self.training_record),
             metrics=dict(self.metrics),
+            whitening=self.whitening.metadata() if self.whitening is not None else {},
         )
 
     def weight_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """State dicts by file: the timm trunk in ``model.safetensors``, one file per extra stem.
         LoRA updates (from ``adapt(mode="lora")``) are merged into a copy of the trunk first, so
-        the file always has exactly timm's keys."""
+        the file always has exactly timm's keys. A fitted whitening goes in its own file."""
         trunk = self.trunk
         if lora_config(trunk) is not None:
             trunk = copy.deepcopy(trunk)
@@ -137,6 +140,8 @@ class XStars(XStarsEncoder):
         tensors = {WEIGHTS_NAME: trunk.state_dict()}
         for name in list(self.sensors)[1:]:
             tensors[stem_file_name(name)] = self.stems[name].state_dict()
+        if self.whitening is not None:
+            tensors[WHITENING_NAME] = self.whitening.tensors()
         return tensors
 
     def save_pretrained(self, save_directory: str | Path) -> Path:
@@ -188,6 +193,10 @@ class XStars(XStarsEncoder):
         for sensor in list(model.sensors)[1:]:
             file_name = stem_file_name(sensor)
             load_state_dict_strict(model.stems[sensor], tensors[file_name], f"{name_or_path} ({file_name})")
+        if WHITENING_NAME in tensors:
+            model.whitening = GlobalWhitening.from_tensors(
+                tensors[WHITENING_NAME], resolved.config.whitening, model.embed_dim, f"{name_or_path} ({WHITENING_NAME})"
+            )
         model.name_or_path = str(name_or_path)
         model.revision = resolved.revision
         return model.to(map_location).eval()
@@ -260,6 +269,7 @@ class XStars(XStarsEncoder):
         layout: str | None = None,
         precision: str = "auto",
         max_tokens: int | None = MAX_TOKENS,
+        whiten: bool = False,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Embed imagery of one sensor.
 
@@ -288,6 +298,9 @@ class XStars(XStarsEncoder):
                 with a pointer to :meth:`embed_scene`, which embeds a scene tile by tile in bounded
                 memory. ``None`` embeds any size in one pass (memory and time grow with the
                 square of the token count).
+            whiten: return the ``cls`` or ``mean`` output whitened by the model's fitted
+                :attr:`whitening` (each sensor's training mean removed, shared PCA whitening):
+                the global embedding to compare footprints across sensors by cosine similarity.
 
         Returns:
             float32 CPU tensor(s) in the ``output`` layout, whatever the precision.
@@ -297,8 +310,10 @@ class XStars(XStarsEncoder):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         stem = self.check_sensor(sensor)
-        batch = _trim_to_patches(to_batch(images, stem.spec, stem.patch_size, bands, layout), stem, sensor)
-        _check_tokens(batch, stem, sensor, max_tokens)
+        if whiten:
+            self._check_whiten(output, layers)
+        batch = trim_to_patches(to_batch(images, stem.spec, stem.patch_size, bands, layout), stem.patch_size, sensor)
+        check_token_count(batch, stem.patch_size, sensor, max_tokens)
         if device is not None:
             self.to(device)
         target = self.trunk.cls_token.device
@@ -317,8 +332,21 @@ class XStars(XStarsEncoder):
         finally:
             self.train(was_training)
         if layers is None:
-            return torch.cat(results)
+            out = torch.cat(results)
+            return self.whitening.apply(out, output, sensor) if whiten else out
         return [torch.cat(per_layer) for per_layer in zip(*results)]
+
+    def _check_whiten(self, output: str, layers: Any) -> None:
+        if self.whitening is None:
+            raise ValueError(
+                "whiten=True needs a fitted whitening and this model has none (models made by training have none until "
+                "one is fit): model.whitening = xstars_models.training.fit_global_whitening(model, training_pairs)."
+            )
+        if output not in self.whitening.pools or layers is not None:
+            raise ValueError(
+                f"whiten=True applies to the final {self.whitening.pools} outputs, not output={output!r}"
+                f"{'' if layers is None else f' with layers={layers!r}'}."
+            )
 
     def int8_copy(self) -> XStars:
         """An inference copy of this model whose trunk Linear layers are int8 (CPU), made once
@@ -356,32 +384,6 @@ def _format(tokens: torch.Tensor, output: str, grid: tuple[int, int], prefix: in
     else:
         out = patches.reshape(len(tokens), *grid, -1).permute(0, 3, 1, 2)
     return out.float().cpu()
-
-
-def _check_tokens(batch: torch.Tensor, stem: StemConfig, sensor: str, max_tokens: int | None) -> None:
-    rows, cols = (side // stem.patch_size for side in batch.shape[-2:])
-    if max_tokens is not None and rows * cols > max_tokens:
-        height, width = batch.shape[-2:]
-        raise ValueError(
-            f"Sensor {sensor!r}: an image of {height} x {width} px is {rows} x {cols} = {rows * cols} tokens, more "
-            f"than max_tokens={max_tokens}; one pass over it needs memory and time that grow with the square of "
-            f"the token count. Embed a whole scene tile by tile with bounded memory: "
-            f"model.embed_scene(image_or_geotiff, {sensor!r}, out=...) or `xstars embed-scene`; or pass "
-            "max_tokens=None to embed it in one pass anyway."
-        )
-
-
-def _trim_to_patches(batch: torch.Tensor, stem: StemConfig, sensor: str) -> torch.Tensor:
-    p = stem.patch_size
-    height, width = batch.shape[-2:]
-    keep_h, keep_w = height - height % p, width - width % p
-    if (keep_h, keep_w) != (height, width):
-        warnings.warn(
-            f"Sensor {sensor!r}: {height} x {width} px is not a multiple of the {p} px patch; "
-            f"the last {height - keep_h} rows and {width - keep_w} columns are not embedded.",
-            stacklevel=user_stacklevel(),
-        )
-    return batch[..., :keep_h, :keep_w]
 
 
 def _arch_patch_size(arch: str) -> int:

@@ -35,6 +35,10 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output .npz (one array per file) or .npy (one file)")
     p.add_argument("--output", default="cls", choices=("cls", "mean", "patch", "map"))
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--whiten", action="store_true",
+        help="whiten the cls / mean output with the model's fitted whitening, to compare footprints across sensors",
+    )
     _add_precision_flag(p)
     p.add_argument("--offline", action="store_true", help="use only the local cache")
     p.set_defaults(func=_embed)
@@ -145,7 +149,7 @@ def _embed(args: argparse.Namespace) -> int:
     for file, key in tqdm(list(zip(files, keys)), desc="embed", unit="file", disable=len(files) < 2):
         image = read_image(file)
         emb = model.embed(image, sensor=args.sensor, output=args.output, batch_size=args.batch_size, progress=False,
-                          precision=args.precision)
+                          precision=args.precision, whiten=args.whiten)
         # A 4-D array is a batch: all of its images are kept (first axis); one image has no batch axis.
         results[key] = (emb if image.ndim == 4 else emb[0]).numpy()
         batch = f", {len(emb)} images" if image.ndim == 4 else ""

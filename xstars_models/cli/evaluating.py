@@ -47,8 +47,9 @@ def register(sub: Any) -> None:
     r.add_argument("--split-axis", choices=("x", "y"), default="y")
     r.add_argument("--resample", action="store_true",
                    help="accept rasters whose pixel size is more than 10%% off the sensor's GSD (windows resampled)")
-    p.add_argument("--features", nargs="+", choices=("patch", "mean", "cls"),
-                   help="features compared (default: patch mean for retrieval, cls mean for landcover)")
+    p.add_argument("--features", nargs="+", choices=("patch", "mean", "cls", "mean-whitened", "cls-whitened"),
+                   help="features compared (default: patch mean for retrieval, cls mean for landcover; the whitened "
+                        "ones, retrieval only, use the model's fitted whitening)")
     lc = p.add_argument_group("landcover")
     lc.add_argument("--chips", help="an .npz of labelled chips in the bundled file's format (default: the bundled chips)")
     lc.add_argument("--sensor", default="sentinel2_rgb", help="the model's sensor of the chips (default sentinel2_rgb)")

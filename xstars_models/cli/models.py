@@ -52,6 +52,7 @@ def _info(args: argparse.Namespace) -> int:
             "embed_dim": model.embed_dim, "depth": model.depth,
             "sensors": {name: {"patch_size": s.patch_size, "spec": s.spec.to_dict()} for name, s in model.sensors.items()},
             "lineage": model.lineage, "metrics": model.metrics,
+            "whitening": model.config.whitening,
         }
         print(json.dumps(info, indent=2))
         return 0
@@ -63,6 +64,12 @@ def _info(args: argparse.Namespace) -> int:
         print(
             f"  sensor {name}: {spec.gsd_m:g} m GSD, patch {stem.patch_size} px "
             f"({stem.token_ground_m:g} m per token), {spec.dtype} x {spec.scale:g}, bands: {bands}"
+        )
+    if model.whitening is not None:
+        w = model.whitening
+        print(
+            f"whitening (embed --whiten): {', '.join(w.pools)} of {', '.join(w.sensors)}, shrinkage {w.shrinkage:g}, "
+            f"fit on {w.fit_on or 'unrecorded data'}"
         )
     if model.lineage:
         print(f"lineage: {json.dumps(model.lineage)}")

@@ -9,21 +9,24 @@ import torch.nn.functional as F
 
 from ..model import XStars
 
-__all__ = ["FEATURES", "embedding_features", "pixel_features", "random_init_like"]
+__all__ = ["FEATURES", "WHITENED", "embedding_features", "pixel_features", "random_init_like"]
 
-FEATURES = ("cls", "mean", "patch")
+WHITENED = "-whitened"
+FEATURES = ("cls", "mean", "patch", "cls" + WHITENED, "mean" + WHITENED)
 
 
 def embedding_features(model: XStars, images: torch.Tensor, sensor: str, kind: str) -> torch.Tensor:
     """N x D features of ``images`` (N x C x H x W digital numbers of ``sensor``): the ``cls``
-    token, the ``mean`` patch token, or the ``patch`` tokens L2-normalised one by one and
+    token, the ``mean`` patch token, either whitened by the model's fitted whitening
+    (``cls-whitened``, ``mean-whitened``), or the ``patch`` tokens L2-normalised one by one and
     flattened (N x tokens*D), which compares footprints token by token as MSAD aligns them."""
     if kind not in FEATURES:
         raise ValueError(f"features must be one of {FEATURES}, got {kind!r}.")
     if kind == "patch":
         patches = model.embed(images, sensor, output="patch", progress=False)
         return F.normalize(patches, dim=-1).flatten(1)
-    return model.embed(images, sensor, output=kind, progress=False)
+    output, whitened = kind.removesuffix(WHITENED), kind.endswith(WHITENED)
+    return model.embed(images, sensor, output=output, progress=False, whiten=whitened)
 
 
 def pixel_features(images: torch.Tensor, grid: int) -> dict[str, torch.Tensor]:

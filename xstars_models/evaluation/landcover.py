@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import XStars
-from .common import FEATURES, embedding_features, pixel_features, random_init_like
+from .common import FEATURES, WHITENED, embedding_features, pixel_features, random_init_like
 
 __all__ = [
     "LandcoverChips",
@@ -213,15 +213,15 @@ def _predict_logistic(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _folds(n: int, groups: torch.Tensor | None, seed: int) -> list[torch.Tensor]:
-    """VALIDATION_FOLDS boolean masks of held-out training rows: whole groups when ``groups`` is
-    given (so spatial neighbours never sit on both sides), else single rows; seeded."""
-    generator = torch.Generator().manual_seed(seed)
-    if groups is None:
-        fold_of = torch.randperm(n, generator=generator) % VALIDATION_FOLDS
-    else:
-        unique, inverse = torch.unique(groups, return_inverse=True)
-        fold_of = (torch.randperm(len(unique), generator=generator) % VALIDATION_FOLDS)[inverse]
-    return [fold_of == f for f in range(VALIDATION_FOLDS) if (fold_of == f).any() and not (fold_of == f).all()]
+    """Up to VALIDATION_FOLDS boolean masks of held-out training rows, dealt by
+    :func:`spatial_folds`: whole groups when ``groups`` is given (so spatial neighbours never sit
+    on both sides), else single rows; none when there are fewer than 2 groups."""
+    groups = torch.arange(n) if groups is None else groups
+    n_groups = len(torch.unique(groups))
+    if n_groups < 2:
+        return []
+    fold_of = spatial_folds(groups, min(VALIDATION_FOLDS, n_groups), seed)
+    return [fold_of == f for f in range(int(fold_of.max()) + 1)]
 
 
 def _choose_weight_decay(
@@ -364,9 +364,13 @@ def landcover_table(
     chips = chips if chips is not None else load_landcover_chips()
     if sensor not in model.sensors:
         raise ValueError(f"This model has no stem for sensor {sensor!r}; it knows {list(model.sensors)}.")
-    unknown = [kind for kind in features if kind not in FEATURES]
+    kinds = [kind for kind in FEATURES if not kind.endswith(WHITENED)]
+    unknown = [kind for kind in features if kind not in kinds]
     if unknown or not features:
-        raise ValueError(f"features must be a non-empty selection of {FEATURES}, got {tuple(features)}.")
+        raise ValueError(
+            f"features must be a non-empty selection of {tuple(kinds)}, got {tuple(features)} (land cover compares "
+            "raw features; whitening is fit for retrieval across sensors)."
+        )
     n_test = int(chips.is_test.sum())
     if folds is None and (n_test == 0 or n_test == len(chips.chips)):
         raise ValueError(f"Both splits must be non-empty, got {len(chips.chips) - n_test} train and {n_test} test chips.")

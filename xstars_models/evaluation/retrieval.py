@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ..model import XStars
-from .common import FEATURES, embedding_features, pixel_features, random_init_like
+from ..training.whitening import fit_global_whitening
+from .common import FEATURES, WHITENED, embedding_features, pixel_features, random_init_like
 
 __all__ = ["cross_sensor_retrieval", "recall_at_k", "retrieval_table"]
 
@@ -72,20 +73,35 @@ def retrieval_table(
     sensor_b: str,
     features: Sequence[str] = ("patch", "mean"),
     seed: int = 0,
+    whitening_pairs: Dataset | None = None,
 ) -> dict[str, Any]:
     """The model, the same architecture at random init (drawn from ``seed``; the global random
     state is left as it was), and raw-pixel baselines on the same pairs. Returns
-    ``{"pairs": n, "rows": {name: {metric: value}}}``."""
+    ``{"pairs": n, "rows": {name: {metric: value}}}``.
+
+    Whitened features (``cls-whitened``, ``mean-whitened``) use the model's own whitening; the
+    baseline models get theirs fit the same way on ``whitening_pairs`` (training pairs, never
+    ``pairs``), and have no whitened rows without them."""
     random_init = random_init_like(model, seed)
     baselines = {"random init": random_init}
     transferred = _stem_transfer_baseline(random_init, sensor_a, sensor_b)
     if transferred is not None:
         baselines["random init + stem transfer"] = transferred
+    whitened = [kind for kind in features if kind.endswith(WHITENED)]
+    if whitened and model.whitening is None:
+        raise ValueError(f"features {whitened} need the model's fitted whitening and it has none (model.whitening).")
+    if whitened and whitening_pairs is not None:
+        for baseline in baselines.values():
+            baseline.whitening = fit_global_whitening(
+                baseline, whitening_pairs, (sensor_a, sensor_b), model.whitening.pools, model.whitening.shrinkage,
+                progress=False,
+            )
     rows: dict[str, dict[str, float]] = {}
     for kind in features:
         rows[f"model ({kind})"] = cross_sensor_retrieval(model, pairs, sensor_a, sensor_b, kind)
         for name, baseline in baselines.items():
-            rows[f"{name} ({kind})"] = cross_sensor_retrieval(baseline, pairs, sensor_a, sensor_b, kind)
+            if baseline.whitening is not None or not kind.endswith(WHITENED):
+                rows[f"{name} ({kind})"] = cross_sensor_retrieval(baseline, pairs, sensor_a, sensor_b, kind)
     images_a, images_b = _stack(pairs, sensor_a), _stack(pairs, sensor_b)
     grid = images_a.shape[-1] // model.sensors[sensor_a].patch_size
     pixels_a, pixels_b = pixel_features(images_a, grid), pixel_features(images_b, grid)

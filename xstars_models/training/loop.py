@@ -135,13 +135,14 @@ def _resume_state(modules: nn.Module, optimizer: torch.optim.Optimizer, checkpoi
         ) from err
 
 
-def _keep_metrics_until(path: Path, step: int) -> dict[str, Any]:
+def _keep_metrics_until(path: Path, step: int) -> tuple[dict[str, Any], float]:
     """Drop the lines of ``metrics.jsonl`` past ``step``: the steps after the last checkpoint
     are about to run again. A line cut short by a kill is dropped too. Returns the record of
     ``step`` (without its time), so that a resumed run's summary starts from it: a run resumed
-    at its last step runs nothing and must still report its final scalars and monitors."""
+    at its last step runs nothing and must still report its final scalars and monitors; and the
+    training seconds up to ``step``, from which a resumed run's clock continues."""
     if not path.is_file():
-        return {}
+        return {}, 0.0
     lines = path.read_text(encoding="utf-8").splitlines()
     kept = []
     for line in lines:
@@ -154,7 +155,9 @@ def _keep_metrics_until(path: Path, step: int) -> dict[str, Any]:
     if len(kept) < len(lines):
         atomic_write_bytes(path, "".join(kept).encode("utf-8"))
     last = json.loads(kept[-1]) if kept else {}
-    return {k: v for k, v in last.items() if k != "time_s"} if last.get("step") == step else {}
+    if last.get("step") != step:
+        return {}, 0.0
+    return {k: v for k, v in last.items() if k != "time_s"}, float(last.get("time_s", 0.0))
 
 
 def train_loop(
@@ -221,11 +224,14 @@ def train_loop(
     precision = resolve_precision(config.precision, device, training=True)
     metrics_path = run_dir / "metrics.jsonl"
     logged: dict[str, float] = {}
+    earlier_s = 0.0
     if is_main:
         remove_partial_saves(run_dir)
-        logged = _keep_metrics_until(metrics_path, start)
+        logged, earlier_s = _keep_metrics_until(metrics_path, start)
     metrics_file = metrics_path.open("a", encoding="utf-8") if is_main else None
-    began = time.perf_counter()
+    # Times (metrics' time_s, the summary's wall_time_s) count training seconds since step 0,
+    # across resumed sessions, up to the last checkpoint each one resumed from.
+    began = time.perf_counter() - earlier_s
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main))
     try:
         for step, batch in zip(range(start, config.steps), batches(start)):

@@ -199,6 +199,8 @@ def _train(
     # The EMA teacher was frozen for training; the model handed back trains like any other module
     # (further pretraining, fine-tuning), so its weights require gradients again.
     model = teacher.encoder.to("cpu").eval().requires_grad_(True)
+    # A whitening copied from the starting model was fit on other weights.
+    model.whitening = None
     verdict = collapse_verdict(summary["final"], math.log(config.dino_out_dim))
     model.training_record = {**record, "settings": config.to_dict(), **summary, "monitors": verdict}
     warn_if_collapsed(verdict, stacklevel=3)

@@ -183,3 +183,41 @@ def test_shrinkage_choice_takes_the_most_regularised_within_one_standard_error()
     # Best 0.90 on 105 pairs: standard error 0.029, so 0.89 is within it and 0.80 is not.
     assert one_standard_error_choice({0.1: 0.80, 0.01: 0.89, 0.001: 0.90}, 105) == 0.01
     assert one_standard_error_choice({0.1: 0.80, 0.01: 0.85, 0.001: 0.90}, 105) == 0.001
+
+
+def test_embed_scene_writes_whitened_tile_vectors(whitened_model, tmp_path):
+    import geopandas
+    import pyarrow.parquet
+    from affine import Affine
+
+    from xstars_models.scenes import embed_scene
+
+    scene = ToyPairs(1, size=128, seed=4).s2[0].numpy().astype(np.uint8)  # 3 x 128 x 128, 2 x 2 tiles of 64 px
+    options = dict(tile=64, output="cls", progress=False, transform=Affine(10, 0, 500000, 0, -10, 4000000), crs="EPSG:32618")
+    result = embed_scene(whitened_model, scene, "sentinel2_rgb", out=tmp_path / "w.parquet", whiten=True, **options)
+    vectors = np.stack(geopandas.read_parquet(result.path)["embedding"].to_numpy())
+    tiles = np.stack([scene[:, r : r + 64, c : c + 64] for r in (0, 64) for c in (0, 64)])
+    expected = whitened_model.embed(tiles, "sentinel2_rgb", progress=False, whiten=True).numpy()
+    np.testing.assert_allclose(vectors, expected, atol=1e-3)
+    assert json.loads(pyarrow.parquet.read_schema(result.path).metadata[b"xstars"])["whitened"] is True
+    with pytest.raises(ValueError, match="not output='map'"):
+        embed_scene(whitened_model, scene, "sentinel2_rgb", out=tmp_path / "m.tif", whiten=True, **{**options, "output": "map"})
+    # A sensor the whitening was not fit on is refused before any tile is read.
+    three_sensors = tiny_model()
+    three_sensors.whitening = whitened_model.whitening
+    with pytest.raises(ValueError, match="not 'sentinel2'"):
+        embed_scene(three_sensors, scene, "sentinel2", out=tmp_path / "x.parquet", whiten=True, **options)
+
+
+def test_whitening_travels_through_the_hub(whitened_model, hub_server, hf_cache):
+    """push_to_hub uploads whitening.safetensors with the weights; from_pretrained of the repo
+    verifies and loads it."""
+    repo_id = "org/whitened-tiny"
+    commit = whitened_model.push_to_hub(repo_id)
+    assert WHITENING_NAME in hub_server.files(repo_id, commit)
+    loaded = XStars.from_pretrained(f"{repo_id}@{commit}")
+    images = ToyPairs(2, seed=7).aerial
+    assert torch.equal(
+        loaded.embed(images, "aerial", output="mean", progress=False, whiten=True),
+        whitened_model.embed(images, "aerial", output="mean", progress=False, whiten=True),
+    )

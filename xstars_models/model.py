@@ -311,7 +311,7 @@ class XStars(XStarsEncoder):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         stem = self.check_sensor(sensor)
         if whiten:
-            self._check_whiten(output, layers)
+            self.check_whiten(output, layers, sensor)
         batch = trim_to_patches(to_batch(images, stem.spec, stem.patch_size, bands, layout), stem.patch_size, sensor)
         check_token_count(batch, stem.patch_size, sensor, max_tokens)
         if device is not None:
@@ -336,7 +336,9 @@ class XStars(XStarsEncoder):
             return self.whitening.apply(out, output, sensor) if whiten else out
         return [torch.cat(per_layer) for per_layer in zip(*results)]
 
-    def _check_whiten(self, output: str, layers: Any) -> None:
+    def check_whiten(self, output: str, layers: Any = None, sensor: str | None = None) -> None:
+        """Raise ``ValueError`` unless ``whiten=True`` can apply to ``output`` (and ``layers``,
+        ``sensor``), before any image is embedded."""
         if self.whitening is None:
             raise ValueError(
                 "whiten=True needs a fitted whitening and this model has none (models made by training have none until "
@@ -347,6 +349,8 @@ class XStars(XStarsEncoder):
                 f"whiten=True applies to the final {self.whitening.pools} outputs, not output={output!r}"
                 f"{'' if layers is None else f' with layers={layers!r}'}."
             )
+        if sensor is not None and sensor not in self.whitening.sensors:
+            self.whitening.apply(torch.zeros(1, self.embed_dim), output, sensor)  # raises, naming the fix
 
     def int8_copy(self) -> XStars:
         """An inference copy of this model whose trunk Linear layers are int8 (CPU), made once

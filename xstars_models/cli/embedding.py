@@ -59,6 +59,8 @@ def register(sub: Any) -> None:
                    help="embed only this area, in input pixels")
     p.add_argument("--overviews", action="store_true", help="add overviews to the map COG")
     p.add_argument("--output", default="map", choices=("map", "cls"))
+    p.add_argument("--whiten", action="store_true",
+                   help="with --output cls: whiten the tile vectors with the model's fitted whitening (to compare across sensors)")
     p.add_argument("--tile", type=int, help="tile side in pixels (multiple of the patch size)")
     p.add_argument("--overlap", type=int, default=0, help="tile overlap in pixels (multiple of the patch size)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -176,7 +178,7 @@ def _embed_scene(args: argparse.Namespace) -> int:
         output=args.output, batch_size=args.batch_size, device=args.device, resample=args.resample,
         bounds=args.bounds, window=args.window, overviews=args.overviews,
         max_nodata=args.max_nodata, progress=not args.no_progress, resume=not args.restart,
-        precision=args.precision, compile=args.compile,
+        precision=args.precision, compile=args.compile, whiten=args.whiten,
     )
     print(
         f"{args.source}: {result.tiles} tiles ({result.embedded} embedded now, {result.resumed} "

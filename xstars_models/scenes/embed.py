@@ -127,6 +127,7 @@ def embed_scene(
     overviews: bool = False,
     precision: str = "auto",
     compile: bool = False,
+    whiten: bool = False,
 ) -> SceneResult:
     """Embed a whole scene tile by tile with bounded memory and write georeferenced embeddings.
 
@@ -175,6 +176,8 @@ def embed_scene(
             elsewhere), ``"fp32"``, ``"bf16"`` or ``"int8"`` (CPU: the trunk's Linear layers
             quantised); see :mod:`xstars_models.precision`. The map is float32 either way.
         compile: ``torch.compile`` the encoder first (pays off on long GPU runs).
+        whiten: with ``output="cls"``, write the vectors whitened by the model's fitted
+            whitening (``XStars.embed(..., whiten=True)``), to compare tiles across sensors.
 
     Returns:
         A :class:`SceneResult` describing the files written.
@@ -193,6 +196,8 @@ def embed_scene(
     if not 0.0 <= max_nodata <= 1.0:
         raise ValueError(f"max_nodata is a fraction of a tile's pixels (0-1), got {max_nodata}.")
     stem = model.check_sensor(sensor)
+    if whiten:
+        model.check_whiten(output, sensor=sensor)
     if device is not None:
         model.to(device)
     target = model.trunk.cls_token.device
@@ -219,6 +224,7 @@ def embed_scene(
             "nodata": None if scene.nodata is None else repr(float(scene.nodata)),
             "max_nodata": float(max_nodata),
             "precision": resolved.name,
+            "whiten": whiten,
             "model": _model_fingerprint(model),
         }
         partial = Partial(out_path)
@@ -248,7 +254,9 @@ def embed_scene(
                 "crs": crs_wkt,
                 "transform": list(tuple(scene.transform)[:6]),
             }
-            writer = ClsWriter(plan, scene, model.embed_dim, partial, meta)
+            meta["whitened"] = whiten
+            vectors = (lambda cls: model.whitening.apply(cls, "cls", sensor)) if whiten else None
+            writer = ClsWriter(plan, scene, model.embed_dim, partial, meta, vectors)
         writer.start(record)
         done = 0 if record is None else record["strips_done"]
         counts = {"skipped": 0 if record is None else record["skipped"]}

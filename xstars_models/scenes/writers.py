@@ -207,9 +207,15 @@ class ClsWriter:
     """Appends each strip's tile records (nodata fraction, CLS vector) to a raw float32 file;
     at the end streams them into GeoParquet with each tile's footprint and input-pixel window."""
 
-    def __init__(self, plan: Plan, scene: Scene, dim: int, partial: Partial, meta: dict[str, Any]) -> None:
+    def __init__(
+        self, plan: Plan, scene: Scene, dim: int, partial: Partial, meta: dict[str, Any],
+        vectors: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """``vectors`` maps a batch's CLS tokens (B x D, CPU float32) to the vectors written
+        (e.g. the model's whitening); default: the CLS tokens themselves."""
         import_pyarrow()  # fail before embedding anything, not at the end
         self.plan, self.scene, self.dim, self.partial, self.meta = plan, scene, dim, partial, meta
+        self.vectors = vectors
         self.record = 1 + dim
         self.transform = scene.transform
         self._strip = np.full((len(plan.cols), self.record), np.nan, np.float32)
@@ -225,7 +231,8 @@ class ClsWriter:
         self._strip[:, 0] = tile_missing
 
     def add(self, strip: int, cols: list[int], tokens: torch.Tensor) -> None:
-        self._strip[cols, 1:] = tokens[:, 0].float().cpu().numpy()
+        cls = tokens[:, 0].float().cpu()
+        self._strip[cols, 1:] = (cls if self.vectors is None else self.vectors(cls)).numpy()
 
     def commit(self, strip: int) -> None:
         with open(self.partial.base, "ab") as fh:

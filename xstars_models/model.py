@@ -349,8 +349,8 @@ class XStars(XStarsEncoder):
                 f"whiten=True applies to the final {self.whitening.pools} outputs, not output={output!r}"
                 f"{'' if layers is None else f' with layers={layers!r}'}."
             )
-        if sensor is not None and sensor not in self.whitening.sensors:
-            self.whitening.apply(torch.zeros(1, self.embed_dim), output, sensor)  # raises, naming the fix
+        if sensor is not None:
+            self.whitening.check(output, sensor)
 
     def int8_copy(self) -> XStars:
         """An inference copy of this model whose trunk Linear layers are int8 (CPU), made once

@@ -70,16 +70,20 @@ class GlobalWhitening:
     def sensors(self) -> list[str]:
         return list(next(iter(self.centres.values())))
 
-    def apply(self, features: torch.Tensor, pool: str, sensor: str) -> torch.Tensor:
-        """Whitened ``features`` (B x D embeddings of ``pool`` from ``sensor``), float32."""
+    def check(self, pool: str, sensor: str) -> None:
+        """Raise ``ValueError``, naming the fix, unless this whitening covers ``pool`` and ``sensor``."""
         if pool not in self.projections:
             raise ValueError(f"This whitening was fit for outputs {self.pools}, not {pool!r}.")
-        centre = self.centres[pool].get(sensor)
-        if centre is None:
+        if sensor not in self.centres[pool]:
             raise ValueError(
                 f"This model's whitening was fit on sensors {self.sensors}, not {sensor!r}; fit it again with that "
                 "sensor's training images (xstars_models.training.fit_global_whitening) or embed with whiten=False."
             )
+
+    def apply(self, features: torch.Tensor, pool: str, sensor: str) -> torch.Tensor:
+        """Whitened ``features`` (B x D embeddings of ``pool`` from ``sensor``), float32."""
+        self.check(pool, sensor)
+        centre = self.centres[pool][sensor]
         return ((features.double() - centre.double()) @ self.projections[pool].double()).float()
 
     def tensors(self) -> dict[str, torch.Tensor]:

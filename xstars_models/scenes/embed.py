@@ -253,8 +253,8 @@ def embed_scene(
                 "revision": getattr(model, "revision", None),
                 "crs": crs_wkt,
                 "transform": list(tuple(scene.transform)[:6]),
+                "whitened": whiten,
             }
-            meta["whitened"] = whiten
             vectors = (lambda cls: model.whitening.apply(cls, "cls", sensor)) if whiten else None
             writer = ClsWriter(plan, scene, model.embed_dim, partial, meta, vectors)
         writer.start(record)

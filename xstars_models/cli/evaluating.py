@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.common import FEATURES
+
 EVAL_EPILOG = """\
 retrieval: windows of --footprint-m metres cut from co-registered rasters of two sensors; for each
 window of sensor A, is the same window of sensor B its nearest neighbour (recall@1/@5), and back.
@@ -47,7 +49,7 @@ def register(sub: Any) -> None:
     r.add_argument("--split-axis", choices=("x", "y"), default="y")
     r.add_argument("--resample", action="store_true",
                    help="accept rasters whose pixel size is more than 10%% off the sensor's GSD (windows resampled)")
-    p.add_argument("--features", nargs="+", choices=("patch", "mean", "cls", "mean-whitened", "cls-whitened"),
+    p.add_argument("--features", nargs="+", choices=FEATURES,
                    help="features compared (default: patch mean for retrieval, cls mean for landcover; the whitened "
                         "ones, retrieval only, use the model's fitted whitening)")
     lc = p.add_argument_group("landcover")

@@ -92,6 +92,8 @@ CASES = [
     (["convert", "TMP/absent.pth", "TMP/c"], "No checkpoint file at"),
     (["eval", "MODEL", "--task", "retrieval"], "--task retrieval needs --sensor-a"),
     (["eval", "MODEL", "--task", "segmentation"], "invalid choice: 'segmentation'"),
+    (["eval", "MODEL", "--task", "landcover", "--features", "cls-whitened"], "got ('cls-whitened',) (land cover compares raw features"),
+    (["eval", "MODEL", "--task", "landcover", "--features", "median"], "invalid choice: 'median'"),
 ]
 
 

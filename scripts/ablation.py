@@ -11,7 +11,8 @@ stage 2, run here or reused with ``--stage2-from``). All three take ``TrainConfi
 ``train_default.py``. Writes ``OUT/NAME/result.json``: final losses vs chance, the collapse
 monitors, land-cover kNN / probe on the unseen area (spatial LC_FOLDS-fold cross-validation;
 results from before it existed used the chips' train/test split, and the table says which), and (after stage 2) cross-sensor retrieval
-(patch, mean, CLS; both directions) on the held-out homonim pairs, each beside its baselines.
+(patch, mean, CLS, and mean / CLS whitened as ``train_default.py`` does, fit on the training pairs; both
+directions) on the held-out homonim pairs, each beside its baselines.
 The table of all variants is printed by ``python scripts/ablation.py --table``.
 """
 
@@ -31,9 +32,10 @@ from train_default import (
 )
 from xstars_models.evaluation.landcover import landcover_table
 from xstars_models.evaluation.retrieval import retrieval_table
-from xstars_models.training import TrainConfig
+from xstars_models.training import TrainConfig, fit_global_whitening
 
 LC_FOLDS = 6
+RETRIEVAL_FEATURES = ("patch", "mean", "cls", "mean-whitened", "cls-whitened")
 
 
 def summarise_landcover(rows: list[dict]) -> dict[str, float]:
@@ -110,9 +112,13 @@ def main() -> None:
             "stage3_monitors": model.training_record["monitors"],
         })
     if model is not None:
+        pairs = stage2_pairs()
+        model.whitening = fit_global_whitening(model, pairs)
         result.update({
             "landcover": summarise_landcover(landcover_table(model, folds=LC_FOLDS)), "landcover_folds": LC_FOLDS,
-            "retrieval": retrieval_table(model, evaluation_pairs(), "aerial", "sentinel2_rgb", features=("patch", "mean", "cls")),
+            "retrieval": retrieval_table(
+                model, evaluation_pairs(), "aerial", "sentinel2_rgb", features=RETRIEVAL_FEATURES, whitening_pairs=pairs
+            ),
         })
     result["wall_time_s"] = round(time.time() - began, 1)
     run.mkdir(parents=True, exist_ok=True)
@@ -136,9 +142,10 @@ def print_table(out: Path) -> None:
     train/test split, with the baselines of each), cross-sensor retrieval r@1 (aerial -> S2 / S2 -> aerial)."""
     print(
         "| variant | stage-1 settings (vs train_default) | stages 2 and 3 | DINO / ln K | H_t / ln K | rank | "
-        "LC | LC kNN cls / mean | LC probe cls / mean | patch r@1 | mean r@1 | CLS r@1 |"
+        "LC | LC kNN cls / mean | LC probe cls / mean | patch r@1 | mean r@1 | CLS r@1 | mean whitened r@1 | "
+        "CLS whitened r@1 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
     for r in results:
         lc = r.get("landcover", r["landcover_stage1"])
@@ -158,7 +165,7 @@ def print_table(out: Path) -> None:
             f"{lc['model (cls) probe']:.3f} / {lc['model (mean) probe']:.3f}",
         ]
         rows = r.get("retrieval", {}).get("rows", {})
-        for kind in ("patch", "mean", "cls"):
+        for kind in RETRIEVAL_FEATURES:
             row = rows.get(f"model ({kind})")
             cells.append(f"{row['a->b r@1']:.2f} / {row['b->a r@1']:.2f}" if row else "-")
         print("| " + " | ".join(cells) + " |")
@@ -166,15 +173,19 @@ def print_table(out: Path) -> None:
         first = next(r for r in results if protocol(r) == kind)
         lc = first.get("landcover", first["landcover_stage1"])
         for name in ("random init (cls)", "random init (mean)", "mean colour"):
-            print(f"| baseline: {name} | | | | | | {kind} | {lc[name + ' knn']:.3f} | {lc[name + ' probe']:.3f} | | | |")
-        with_retrieval = [r for r in results if "retrieval" in r]
-        if with_retrieval:
-            rows = with_retrieval[0]["retrieval"]["rows"]
-            for name in ("random init", "random init + stem transfer"):
-                cells = [f"{rows[f'{name} ({k})']['a->b r@1']:.2f} / {rows[f'{name} ({k})']['b->a r@1']:.2f}" for k in ("patch", "mean", "cls")]
-                print(f"| baseline: {name} | | | | | | | | | " + " | ".join(cells) + " |")
-            pixels = rows["pixels 8x8"]
-            print(f"| baseline: raw pixels 8 x 8 | | | | | | | | | {pixels['a->b r@1']:.2f} / {pixels['b->a r@1']:.2f} | | |")
+            print(f"| baseline: {name} | | | | | | {kind} | {lc[name + ' knn']:.3f} | {lc[name + ' probe']:.3f} | | | | | |")
+    # The retrieval baselines of the run with the most rows (older runs lack the whitened ones).
+    with_retrieval = [r for r in results if "retrieval" in r]
+    if with_retrieval:
+        newest = max(with_retrieval, key=lambda r: len(r["retrieval"]["rows"]))["retrieval"]["rows"]
+        for name in ("random init", "random init + stem transfer"):
+            cells = [
+                f"{newest[f'{name} ({k})']['a->b r@1']:.2f} / {newest[f'{name} ({k})']['b->a r@1']:.2f}"
+                if f"{name} ({k})" in newest else "-" for k in RETRIEVAL_FEATURES
+            ]
+            print(f"| baseline: {name} | | | | | | | | | " + " | ".join(cells) + " |")
+        pixels = newest["pixels 8x8"]
+        print(f"| baseline: raw pixels 8 x 8 | | | | | | | | | {pixels['a->b r@1']:.2f} / {pixels['b->a r@1']:.2f} | | | | |")
 
 
 def protocol(result: dict) -> str:

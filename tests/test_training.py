@@ -233,3 +233,38 @@ def test_pretraining_an_adapted_model_trains_its_trunk(tmp_path):
                      device="cpu", progress=False)
     moved = [k for k, v in joint.trunk.state_dict().items() if not torch.equal(v, before[k])]
     assert "blocks.0.attn.qkv.weight" in moved and len(moved) > len(before) // 2
+
+
+def _token_drift(model: XStars, start: XStars, images: torch.Tensor) -> float:
+    """Mean 1 - cosine between the two models' tokens of ``images`` on the primary sensor."""
+    with torch.no_grad():
+        a, b = model.eval()(images, "sentinel2_rgb"), start.eval()(images, "sentinel2_rgb")
+    return float(1 - torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+def test_anchor_keeps_pretraining_near_the_starting_model(tmp_path):
+    """``anchor_weight`` pulls every sensor's tokens towards a frozen copy of the model that
+    ``pretrain`` started from: the term is logged, starts at ~0 (student = anchor) and leaves the
+    trained model's tokens closer to the start than the same run without it."""
+    images = torch.rand(4, 3, 64, 64) * 255
+    drift = {}
+    for weight in (0.0, 20.0):
+        start = two_sensor_model()
+        reference = two_sensor_model()
+        run = tmp_path / f"anchor-{weight}"
+        trained = pretrain(start, ToyPairs(8), small_config(steps=6, teacher_momentum=0.0, anchor_weight=weight),
+                           out_dir=run, device="cpu", progress=False)
+        drift[weight] = _token_drift(trained, reference, images)
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        if weight:
+            assert lines[0]["anchor"] < 0.01 and lines[-1]["anchor"] > 0
+        else:
+            assert "anchor" not in lines[0]
+    assert drift[20.0] < 0.5 * drift[0.0], drift
+
+
+def test_adapt_refuses_an_anchor(tmp_path):
+    new = get_sensor("aerial_rgb").with_gsd(5.0, name="aerial")
+    with pytest.raises(ValueError, match="anchor_weight=1.0 is for pretrain"):
+        adapt(tiny_model(extra_sensors=()), new, ToyPairs(8), config=small_config(anchor_weight=1.0), out_dir=tmp_path,
+              device="cpu", progress=False)

@@ -68,6 +68,11 @@ class TrainConfig:
             (0.3: +-30 %). Brightness and colour carry much of what tells land covers apart at
             10-30 m, so invariance to them is not free for remote sensing.
         grey_p: probability of turning an RGB view grey.
+        anchor_weight: in :func:`pretrain`, weight of a term that keeps every token of each
+            sensor's first global view near a frozen copy of the starting model's (1 - cosine
+            similarity, averaged over tokens and sensors): continued pretraining (e.g. a joint
+            stage after :func:`adapt`) then aligns the sensors without forgetting what the
+            starting model learnt on data it no longer sees. 0 (no frozen copy) by default.
     """
 
     steps: int = 1000
@@ -107,12 +112,13 @@ class TrainConfig:
     monitor_images: int = 128
     color_jitter: float = 0.3
     grey_p: float = 0.2
+    anchor_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "global_crops", "monitor_every", "monitor_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("alpha", "koleo_weight", "contrast_weight", "gap_weight"):
+        for name in ("alpha", "koleo_weight", "contrast_weight", "gap_weight", "anchor_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
         if self.neighbour_group == 1 or (self.neighbour_group and self.batch_size % self.neighbour_group):

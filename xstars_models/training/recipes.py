@@ -221,6 +221,8 @@ def pretrain(
 
     DINO runs on augmented views of each sensor's image; MSAD aligns the un-augmented views of
     every pair of sensors (summed over pairs, as the official code does with several sensors).
+    With ``config.anchor_weight`` > 0 a frozen copy of ``model`` as passed in anchors each
+    sensor's tokens (continued pretraining that should not forget the starting model).
 
     Args:
         model: e.g. ``XStars.new("vit_small_patch16_224", ["sentinel2_rgb", "landsat8_rgb"])``.
@@ -241,6 +243,8 @@ def pretrain(
     # Every weight trains, whatever a previous recipe (e.g. adapt's stem mode) left frozen.
     student, teacher, dino = dino_parts(model.train().requires_grad_(True), config, sensors)
     msad = MSADLoss(model.embed_dim, sensors=sensors).to(device)
+    # Copied before any step: on resume, ``model`` is again the starting model, not the checkpoint.
+    anchor = copy.deepcopy(model).eval().requires_grad_(False).to(device) if config.anchor_weight > 0 else None
     grid = config.global_tokens
     views = _TrainingViews(
         pairs,
@@ -254,6 +258,10 @@ def pretrain(
         terms = {s: dino_term(student, teacher, dino[s], batch["views"][s], s, config.global_crops, step) for s in sensors}
         dino_loss = sum(term.loss for term in terms.values()) / len(sensors)
         spread = mean_terms([spread_terms(term.bottleneck, config) for term in terms.values()])
+        if anchor is not None:
+            spread["anchor"] = torch.stack([
+                _anchor_term(terms[s].tokens, anchor, batch["views"][s][0], s) for s in sensors
+            ]).mean()
         msad_loss = torch.zeros((), device=device)
         pair_tokens = {}
         if len(sensors) > 1 and (config.alpha > 0 or config.contrast_weight > 0 or config.gap_weight > 0):
@@ -270,6 +278,14 @@ def pretrain(
     record = {"recipe": "pretrain", "sensors": sensors, "data": data_description}
     monitor = (sensors[0], _monitor_images(views, sensors[0], grid * model.sensors[sensors[0]].patch_size, config.monitor_images))
     return _train((student, teacher, dino, msad), step_fn, views, config, out_dir, resume, progress, device, record, monitor)
+
+
+def _anchor_term(tokens: torch.Tensor, anchor: XStars, view: torch.Tensor, sensor: str) -> torch.Tensor:
+    """1 - cosine similarity between the student's ``tokens`` of ``view`` and the frozen
+    ``anchor``'s, averaged over every token (CLS included) of the batch."""
+    with torch.no_grad():
+        reference = anchor(view, sensor)
+    return 1 - F.cosine_similarity(tokens.float(), reference.float(), dim=-1).mean()
 
 
 def adapt(
@@ -312,6 +328,11 @@ def adapt(
     if mode not in ADAPT_MODES:
         raise ValueError(f"mode must be one of {ADAPT_MODES}, got {mode!r}.")
     config = config or TrainConfig()
+    if config.anchor_weight > 0:
+        raise ValueError(
+            f"TrainConfig.anchor_weight={config.anchor_weight} is for pretrain; adapt already keeps the base model "
+            "frozen for the old sensor. Set anchor_weight=0."
+        )
     device = _device(device)
     old_sensor = old_sensor or base.primary_sensor
     base.check_sensor(old_sensor)

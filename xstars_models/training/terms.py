@@ -122,9 +122,12 @@ def dino_loss(config: TrainConfig, n_global: int, skip_same_view: bool = True) -
 def total_loss(
     dino: torch.Tensor, msad: torch.Tensor, spread: dict[str, torch.Tensor], config: TrainConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``DINO + alpha * MSAD + koleo_weight * KoLeo + contrast_weight * InfoNCE + gap_weight * gap``
-    and the terms."""
-    weights = {"koleo": config.koleo_weight, "contrast": config.contrast_weight, "gap": config.gap_weight}
+    """``DINO + alpha * MSAD + koleo_weight * KoLeo + contrast_weight * InfoNCE + gap_weight * gap
+    + anchor_weight * anchor`` and the terms."""
+    weights = {
+        "koleo": config.koleo_weight, "contrast": config.contrast_weight, "gap": config.gap_weight,
+        "anchor": config.anchor_weight,
+    }
     total = dino + config.alpha * msad + sum(weights[k] * v for k, v in spread.items())
     scalars = {"dino": float(dino.detach()), "msad": float(msad.detach())}
     return total, {**scalars, **{k: float(v.detach()) for k, v in spread.items()}}

@@ -71,8 +71,10 @@ class TrainConfig:
         anchor_weight: in :func:`pretrain`, weight of a term that keeps every token of each
             sensor's first global view near a frozen copy of the starting model's (1 - cosine
             similarity, averaged over tokens and sensors): continued pretraining (e.g. a joint
-            stage after :func:`adapt`) then aligns the sensors without forgetting what the
-            starting model learnt on data it no longer sees. 0 (no frozen copy) by default.
+            stage after :func:`adapt`) then aligns the sensors while staying near what the
+            starting model learnt on data it no longer sees (for the default model, weight 1
+            kept the global target but not the stage-1 land cover: BENCHMARKS.md, session 7).
+            0 (no frozen copy) by default.
     """
 
     steps: int = 1000

@@ -30,12 +30,12 @@ import torch
 from train_default import (
     ADAPT_MODE, COMMON, STAGE2, STAGE3, adapt_stage, evaluation_pairs, joint_stage, pretrain_stage, stage1_data, stage2_pairs,
 )
+from xstars_models.evaluation.common import FEATURES
 from xstars_models.evaluation.landcover import landcover_table
 from xstars_models.evaluation.retrieval import retrieval_table
 from xstars_models.training import TrainConfig, fit_global_whitening
 
 LC_FOLDS = 6
-RETRIEVAL_FEATURES = ("patch", "mean", "cls", "mean-whitened", "cls-whitened")
 
 
 def summarise_landcover(rows: list[dict]) -> dict[str, float]:
@@ -117,7 +117,7 @@ def main() -> None:
         result.update({
             "landcover": summarise_landcover(landcover_table(model, folds=LC_FOLDS)), "landcover_folds": LC_FOLDS,
             "retrieval": retrieval_table(
-                model, evaluation_pairs(), "aerial", "sentinel2_rgb", features=RETRIEVAL_FEATURES, whitening_pairs=pairs
+                model, evaluation_pairs(), "aerial", "sentinel2_rgb", features=FEATURES, whitening_pairs=pairs
             ),
         })
     result["wall_time_s"] = round(time.time() - began, 1)
@@ -142,10 +142,9 @@ def print_table(out: Path) -> None:
     train/test split, with the baselines of each), cross-sensor retrieval r@1 (aerial -> S2 / S2 -> aerial)."""
     print(
         "| variant | stage-1 settings (vs train_default) | stages 2 and 3 | DINO / ln K | H_t / ln K | rank | "
-        "LC | LC kNN cls / mean | LC probe cls / mean | patch r@1 | mean r@1 | CLS r@1 | mean whitened r@1 | "
-        "CLS whitened r@1 |"
+        "LC | LC kNN cls / mean | LC probe cls / mean | " + " | ".join(f"{kind} r@1" for kind in FEATURES) + " |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---" * (9 + len(FEATURES)) + "|")
     results = [json.loads(p.read_text()) for p in sorted(out.glob("*/result.json"))]
     for r in results:
         lc = r.get("landcover", r["landcover_stage1"])
@@ -165,7 +164,7 @@ def print_table(out: Path) -> None:
             f"{lc['model (cls) probe']:.3f} / {lc['model (mean) probe']:.3f}",
         ]
         rows = r.get("retrieval", {}).get("rows", {})
-        for kind in RETRIEVAL_FEATURES:
+        for kind in FEATURES:
             row = rows.get(f"model ({kind})")
             cells.append(f"{row['a->b r@1']:.2f} / {row['b->a r@1']:.2f}" if row else "-")
         print("| " + " | ".join(cells) + " |")
@@ -173,7 +172,7 @@ def print_table(out: Path) -> None:
         first = next(r for r in results if protocol(r) == kind)
         lc = first.get("landcover", first["landcover_stage1"])
         for name in ("random init (cls)", "random init (mean)", "mean colour"):
-            print(f"| baseline: {name} | | | | | | {kind} | {lc[name + ' knn']:.3f} | {lc[name + ' probe']:.3f} | | | | | |")
+            print(f"| baseline: {name} | | | | | | {kind} | {lc[name + ' knn']:.3f} | {lc[name + ' probe']:.3f} |" + " |" * len(FEATURES))
     # The retrieval baselines of the run with the most rows (older runs lack the whitened ones).
     with_retrieval = [r for r in results if "retrieval" in r]
     if with_retrieval:
@@ -181,11 +180,12 @@ def print_table(out: Path) -> None:
         for name in ("random init", "random init + stem transfer"):
             cells = [
                 f"{newest[f'{name} ({k})']['a->b r@1']:.2f} / {newest[f'{name} ({k})']['b->a r@1']:.2f}"
-                if f"{name} ({k})" in newest else "-" for k in RETRIEVAL_FEATURES
+                if f"{name} ({k})" in newest else "-" for k in FEATURES
             ]
             print(f"| baseline: {name} | | | | | | | | | " + " | ".join(cells) + " |")
         pixels = newest["pixels 8x8"]
-        print(f"| baseline: raw pixels 8 x 8 | | | | | | | | | {pixels['a->b r@1']:.2f} / {pixels['b->a r@1']:.2f} | | | | |")
+        cells = [f"{pixels['a->b r@1']:.2f} / {pixels['b->a r@1']:.2f}" if k == "patch" else "" for k in FEATURES]
+        print("| baseline: raw pixels 8 x 8 | | | | | | | | | " + " | ".join(cells) + " |")
 
 
 def protocol(result: dict) -> str:

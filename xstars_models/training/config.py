@@ -30,6 +30,11 @@ class TrainConfig:
         dino_out_dim: prototypes of the DINO head (65536 in DINO; smaller for small data).
         global_crops, local_crops: number of DINO views of each size.
         global_scale, local_scale: area fractions of the random resized crops.
+        native_crops: DINO views are crops of exactly their size at random positions, never
+            resized (``MultiCropAugment(native=True)``): the scales are unused and training
+            images must be at least the global view's size (wider images give views of
+            neighbouring ground). Keeps the GSD of every view, so the scale of textures stays
+            a cue.
         checkpoint_every: write ``last.pt`` every this many steps (and at the end).
         grad_clip: maximum gradient norm, or 0 for none.
         freeze_last_layer_steps: DINO's trick of not updating the head's last layer at first.
@@ -97,6 +102,7 @@ class TrainConfig:
     local_crops: int = 4
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+    native_crops: bool = False
     checkpoint_every: int = 100
     grad_clip: float = 3.0
     freeze_last_layer_steps: int = 0

@@ -102,6 +102,7 @@ def _augment(model: XStars, sensor: str, config: TrainConfig) -> MultiCropAugmen
         local_scale=config.local_scale,
         jitter=config.color_jitter,
         grey_p=config.grey_p,
+        native=config.native_crops,
     )
 
 

@@ -201,13 +201,13 @@ def test_short_run_warns_that_the_returned_teacher_barely_moved(tmp_path, recwar
 def test_photometric_augmentation_follows_the_config():
     """``color_jitter`` and ``grey_p`` reach the views: without them a global view that covers
     the whole image keeps its mean colour (up to the resize); with them it does not."""
-    from xstars_models.training.recipes import _augment
+    from xstars_models.training.views import make_augment
 
     model = tiny_model()
     image = torch.rand(3, 64, 64) * 200 + 20
     settings = dict(global_scale=(1.0, 1.0), local_crops=0)
-    plain = _augment(model, "aerial", TrainConfig(color_jitter=0.0, grey_p=0.0, **settings))
-    jittered = _augment(model, "aerial", TrainConfig(color_jitter=0.5, grey_p=1.0, **settings))
+    plain = make_augment(model, "aerial", TrainConfig(color_jitter=0.0, grey_p=0.0, **settings))
+    jittered = make_augment(model, "aerial", TrainConfig(color_jitter=0.5, grey_p=1.0, **settings))
     assert plain.grey_p == 0.0 and jittered.jitter == 0.5
     plain.blur_p = plain.noise_p = jittered.blur_p = jittered.noise_p = 0.0
     colour = image.mean(dim=(1, 2))
@@ -223,11 +223,11 @@ def test_photometric_augmentation_follows_the_config():
 def test_native_crops_follow_the_config():
     """``native_crops`` reaches the views: they are then windows of the image, never resized, and
     an image smaller than the global view is refused by name."""
-    from xstars_models.training.recipes import _augment
+    from xstars_models.training.views import make_augment
 
     model = tiny_model()
-    assert not _augment(model, "aerial", TrainConfig()).native
-    native = _augment(model, "aerial", TrainConfig(native_crops=True, local_crops=0, color_jitter=0.0, grey_p=0.0))
+    assert not make_augment(model, "aerial", TrainConfig()).native
+    native = make_augment(model, "aerial", TrainConfig(native_crops=True, local_crops=0, color_jitter=0.0, grey_p=0.0))
     native.blur_p = native.noise_p = 0.0
     size = native.plan[0][0]
     image = torch.rand(3, size + 8, size + 8) * 200

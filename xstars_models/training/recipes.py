@@ -18,131 +18,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from ..data.augment import MultiCropAugment
-from ..errors import SensorMismatchError
 from ..losses import MSADLoss
 from ..model import XStars
 from ..sensors import SensorSpec
 from .config import TrainConfig
 from .loop import train_loop
 from .monitors import collapse_verdict, effective_rank, warn_if_collapsed
-from .sampling import NeighbourBatchSampler, StepBatchSampler, window_centres
 from .terms import (
     DINONet, cross_sensor_terms, dino_loss, dino_parts, dino_term, mean_terms, monitor_scalars, spread_terms, total_loss,
 )
+from .views import TrainingViews, make_augment, make_loader, monitor_images
 
 __all__ = ["adapt", "pretrain"]
 
 ADAPT_MODES = ("stem", "lora", "full")
-
-
-class _TrainingViews(Dataset):
-    """Turns a paired data set into training samples: DINO multi-crop views of the ``dino``
-    sensors and un-augmented MSAD views of the ``paired`` sensors, resized to one token grid.
-    With ``share``, a sensor's MSAD view also replaces its first DINO global view (both are
-    ``global_tokens`` per side).
-
-    Items are addressed by ``(index, step)``; the augmentation is seeded from both, so a resumed
-    run reproduces the uninterrupted one."""
-
-    def __init__(
-        self,
-        pairs: Dataset,
-        augments: dict[str, MultiCropAugment],
-        msad_sizes: dict[str, int],
-        seed: int,
-        share: bool = False,
-    ) -> None:
-        self.pairs, self.augments, self.msad_sizes, self.seed = pairs, augments, msad_sizes, seed
-        self.share = share
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def images(self, index: int) -> dict[str, torch.Tensor]:
-        """Item ``index``'s images, checked to hold every sensor the recipe needs."""
-        images = self.pairs[index]["images"]
-        missing = sorted((set(self.augments) | set(self.msad_sizes)) - set(images))
-        if missing:
-            raise SensorMismatchError(
-                f"Training item {index} has images for {sorted(images)} but the recipe needs {missing}; "
-                "name the data set's sensors as the model names them."
-            )
-        return images
-
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
-        index, step = key
-        images = self.images(index)
-        generator = torch.Generator().manual_seed(hash((self.seed, step, index)) & 0x7FFF_FFFF_FFFF)
-        views = {s: aug(images[s], generator=generator) for s, aug in self.augments.items()}
-        paired = {s: _resize(images[s], size) for s, size in self.msad_sizes.items()}
-        if self.share:
-            for sensor in set(views) & set(paired):
-                views[sensor][0] = paired[sensor]
-        return {"views": views, "pairs": paired}
-
-
-def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    if image.shape[-2:] == (size, size):
-        return image
-    return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-
-
-def _augment(model: XStars, sensor: str, config: TrainConfig) -> MultiCropAugment:
-    stem = model.sensors[sensor]
-    return MultiCropAugment(
-        spec=stem.spec,
-        global_size=config.global_tokens * stem.patch_size,
-        local_size=config.local_tokens * stem.patch_size,
-        n_global=config.global_crops,
-        n_local=config.local_crops,
-        global_scale=config.global_scale,
-        local_scale=config.local_scale,
-        jitter=config.color_jitter,
-        grey_p=config.grey_p,
-        native=config.native_crops,
-    )
-
-
-def _loader(views: _TrainingViews, config: TrainConfig, device: torch.device):
-    centres = None
-    if config.neighbour_group:
-        windows = getattr(views.pairs, "windows", None)
-        if windows is None:
-            raise ValueError(
-                f"TrainConfig.neighbour_group={config.neighbour_group} groups neighbouring windows, but the training "
-                f"data set ({type(views.pairs).__name__}) has no `windows` bounds; use a GeoPairDataset or set it to 0."
-            )
-        centres = window_centres(windows)
-
-    def batches(start: int):
-        if centres is None:
-            sampler = StepBatchSampler(len(views), config.batch_size, config.steps, start, config.seed)
-        else:
-            sampler = NeighbourBatchSampler(centres, config.neighbour_group, config.batch_size, config.steps, start, config.seed)
-        # Each loader iterator draws a base seed (for its workers) from this generator; from the
-        # global RNG it would shift the dropout stream right after a resume restored it. Seeded
-        # from the run's seed alone, it gives a resumed run the uninterrupted run's worker seeds.
-        generator = torch.Generator().manual_seed(config.seed)
-        loader = DataLoader(
-            views, batch_sampler=sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda", generator=generator
-        )
-        for batch in loader:
-            yield _to_device(batch, device)
-
-    return batches
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return [_to_device(v, device) for v in batch]
-    return batch
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -151,16 +42,10 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def _monitor_images(views: _TrainingViews, sensor: str, size: int, count: int) -> torch.Tensor:
-    """A fixed batch for the effective-rank monitor: the first ``count`` items' images of
-    ``sensor``, un-augmented, resized to the global view size."""
-    return torch.stack([_resize(views.images(i)[sensor], size) for i in range(min(count, len(views)))])
-
-
 def _train(
     parts: tuple[DINONet, DINONet, nn.ModuleDict, MSADLoss],
     step_fn: Any,
-    views: _TrainingViews,
+    views: TrainingViews,
     config: TrainConfig,
     out_dir: str | Path,
     resume: bool,
@@ -189,7 +74,7 @@ def _train(
         modules,
         [(teacher, student)],
         monitored_step,
-        _loader(views, config, device),
+        make_loader(views, config, device),
         config,
         out_dir,
         resume=resume,
@@ -247,9 +132,9 @@ def pretrain(
     # Copied before any step: on resume, ``model`` is again the starting model, not the checkpoint.
     anchor = _frozen_copy(model, device) if config.anchor_weight > 0 else None
     grid = config.global_tokens
-    views = _TrainingViews(
+    views = TrainingViews(
         pairs,
-        {s: _augment(model, s, config) for s in sensors},
+        {s: make_augment(model, s, config) for s in sensors},
         {s: grid * model.sensors[s].patch_size for s in sensors} if len(sensors) > 1 else {},
         config.seed,
         share=config.share_msad_view and config.alpha > 0,
@@ -277,7 +162,7 @@ def pretrain(
         return total, {**scalars, **monitor_scalars(dino[first], terms[first].cls[0])}
 
     record = {"recipe": "pretrain", "sensors": sensors, "data": data_description}
-    monitor = (sensors[0], _monitor_images(views, sensors[0], grid * model.sensors[sensors[0]].patch_size, config.monitor_images))
+    monitor = (sensors[0], monitor_images(views, sensors[0], grid * model.sensors[sensors[0]].patch_size, config.monitor_images))
     return _train((student, teacher, dino, msad), step_fn, views, config, out_dir, resume, progress, device, record, monitor)
 
 
@@ -362,9 +247,9 @@ def adapt(
         dino["cross"] = dino_loss(config, n_global=1, skip_same_view=False)
     msad = MSADLoss(encoder.embed_dim, sensors=[new, old_sensor]).to(device)
     grid = config.global_tokens
-    views = _TrainingViews(
+    views = TrainingViews(
         pairs,
-        {new: _augment(encoder, new, config)},
+        {new: make_augment(encoder, new, config)},
         {new: grid * encoder.sensors[new].patch_size, old_sensor: grid * base.sensors[old_sensor].patch_size},
         config.seed,
         share=config.share_msad_view and config.alpha > 0,
@@ -393,7 +278,7 @@ def adapt(
         return total, {**scalars, **monitor_scalars(dino[new], term.cls[0])}
 
     record = {"recipe": "adapt", "mode": mode, "new_sensor": new, "old_sensor": old_sensor, "data": data_description}
-    monitor = (new, _monitor_images(views, new, grid * encoder.sensors[new].patch_size, config.monitor_images))
+    monitor = (new, monitor_images(views, new, grid * encoder.sensors[new].patch_size, config.monitor_images))
     model = _train((student, teacher, dino, msad), step_fn, views, config, out_dir, resume, progress, device, record, monitor)
     model.lineage = {"base_model": base.name_or_path, "base_revision": base.revision, "adapt_mode": mode}
     return model

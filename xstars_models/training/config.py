@@ -34,7 +34,8 @@ class TrainConfig:
             resized (``MultiCropAugment(native=True)``): the scales are unused and training
             images must be at least the global view's size (wider images give views of
             neighbouring ground). Keeps the GSD of every view, so the scale of textures stays
-            a cue.
+            a cue (for the default model it sped DINO up but did not change land cover:
+            BENCHMARKS.md, session 8).
         checkpoint_every: write ``last.pt`` every this many steps (and at the end).
         grad_clip: maximum gradient norm, or 0 for none.
         freeze_last_layer_steps: DINO's trick of not updating the head's last layer at first.

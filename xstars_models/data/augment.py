@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..sensors import SensorSpec
 
-__all__ = ["MultiCropAugment"]
+__all__ = ["MultiCropAugment", "resize"]
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -27,7 +27,9 @@ def _default_generator() -> torch.Generator:
     return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
 
 
-def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``image`` (C x H x W) resized to ``size`` (H, W) px, bilinear; returned as is when it
+    already has that size."""
     if tuple(image.shape[-2:]) == size:
         return image
     # Antialiasing makes down-sampling an area average rather than a sparse sampling of pixels.
@@ -89,9 +91,10 @@ class MultiCropAugment:
                 f"Sensor {self.spec.name!r}: augmentation expects C x H x W with C = {self.spec.num_bands}, "
                 f"got {tuple(image.shape)}."
             )
-        if self.native and min(image.shape[-2:]) < self.plan[0][0]:
+        largest = max((size for size, _ in self.plan), default=0)
+        if self.native and min(image.shape[-2:]) < largest:
             raise ValueError(
-                f"Sensor {self.spec.name!r}: native-resolution views of {self.plan[0][0]} px need images of at least "
+                f"Sensor {self.spec.name!r}: native-resolution views of {largest} px need images of at least "
                 f"that size, got {tuple(image.shape[-2:])}; give larger training images or turn native crops off."
             )
         generator = generator or _default_generator()
@@ -108,7 +111,7 @@ class MultiCropAugment:
             w = min(width, max(1, round(math.sqrt(area * ratio))))
         top = int(torch.randint(0, height - h + 1, (), generator=g))
         left = int(torch.randint(0, width - w + 1, (), generator=g))
-        view = _resize(image[:, top : top + h, left : left + w], (size, size))
+        view = resize(image[:, top : top + h, left : left + w], (size, size))
         if _chance(g, 0.5):
             view = view.flip(-1)
         if _chance(g, 0.5):

@@ -7,10 +7,9 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.augment import MultiCropAugment
+from ..data.augment import MultiCropAugment, resize
 from ..errors import SensorMismatchError
 from ..model import XStars
 from .config import TrainConfig
@@ -58,17 +57,11 @@ class TrainingViews(Dataset):
         images = self.images(index)
         generator = torch.Generator().manual_seed(hash((self.seed, step, index)) & 0x7FFF_FFFF_FFFF)
         views = {s: aug(images[s], generator=generator) for s, aug in self.augments.items()}
-        paired = {s: _resize(images[s], size) for s, size in self.msad_sizes.items()}
+        paired = {s: resize(images[s], (size, size)) for s, size in self.msad_sizes.items()}
         if self.share:
             for sensor in set(views) & set(paired):
                 views[sensor][0] = paired[sensor]
         return {"views": views, "pairs": paired}
-
-
-def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    if image.shape[-2:] == (size, size):
-        return image
-    return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 def make_augment(model: XStars, sensor: str, config: TrainConfig) -> MultiCropAugment:
@@ -137,4 +130,4 @@ def to_device(batch: Any, device: torch.device) -> Any:
 def monitor_images(views: TrainingViews, sensor: str, size: int, count: int) -> torch.Tensor:
     """A fixed batch for the effective-rank monitor: the first ``count`` items' images of
     ``sensor``, un-augmented, resized to the global view size."""
-    return torch.stack([_resize(views.images(i)[sensor], size) for i in range(min(count, len(views)))])
+    return torch.stack([resize(views.images(i)[sensor], (size, size)) for i in range(min(count, len(views)))])

@@ -40,6 +40,19 @@ def rgb_images(n: int = 2, size: int = 64, seed: int = 0) -> np.ndarray:
     return np.repeat(np.repeat(base, 8, axis=1), 8, axis=2)
 
 
+def window_of(view: torch.Tensor, image: torch.Tensor) -> tuple[int, int] | None:
+    """(top, left) of the square window of ``image`` (C x H x W) that ``view`` is, pixel for
+    pixel up to flips (atol 1e-3), else None."""
+    size = view.shape[-1]
+    for flips in ((), (-1,), (-2,), (-1, -2)):
+        unflipped = view.flip(flips) if flips else view
+        for top in range(image.shape[1] - size + 1):
+            for left in range(image.shape[2] - size + 1):
+                if torch.allclose(unflipped, image[:, top : top + size, left : left + size], atol=1e-3):
+                    return top, left
+    return None
+
+
 def require_shared_data() -> None:
     """Skip, naming what is missing, when the real rasters beside the repository
     (``../shared/data/homonim``) are absent; with ``XSTARS_REQUIRE_SHARED_DATA=1`` (set by

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from factories import HOMONIM, require_shared_data
+from factories import HOMONIM, require_shared_data, window_of
 from xstars_models import get_sensor
 from xstars_models.data import MSCFrancePairs, MultiCropAugment
 from xstars_models.data.grid import grid_windows, split_regions
@@ -331,18 +331,6 @@ def test_multicrop_views_shapes_range_and_determinism():
         augment(torch.rand(4, 64, 64))
 
 
-def _window_of(view: torch.Tensor, image: torch.Tensor) -> tuple[int, int] | None:
-    """(top, left) of the window of ``image`` that ``view`` is, up to flips, else None."""
-    size = view.shape[-1]
-    for flips in ((), (-1,), (-2,), (-1, -2)):
-        unflipped = view.flip(flips) if flips else view
-        for top in range(image.shape[1] - size + 1):
-            for left in range(image.shape[2] - size + 1):
-                if torch.allclose(unflipped, image[:, top : top + size, left : left + size], atol=1e-3):
-                    return top, left
-    return None
-
-
 def test_native_multicrop_views_are_unresized_windows_at_random_positions():
     augment = MultiCropAugment(
         get_sensor("sentinel2_rgb"), 16, 8, n_global=2, n_local=2, jitter=0.0, blur_p=0.0, grey_p=0.0, noise_p=0.0,
@@ -354,12 +342,12 @@ def test_native_multicrop_views_are_unresized_windows_at_random_positions():
         views = augment(image, torch.Generator().manual_seed(seed))
         assert [v.shape[-1] for v in views] == [16, 16, 8, 8]
         for view in views:
-            window = _window_of(view, image)
+            window = window_of(view, image)
             assert window is not None, "a native view is a window of the image, pixel for pixel"
             positions.add((view.shape[-1], window))
     assert len(positions) > 8, "views land at different positions"
     resized = MultiCropAugment(get_sensor("sentinel2_rgb"), 16, 8, jitter=0.0, blur_p=0.0, grey_p=0.0, noise_p=0.0)
-    assert _window_of(resized(image, torch.Generator().manual_seed(0))[2], image) is None
+    assert window_of(resized(image, torch.Generator().manual_seed(0))[2], image) is None
     with pytest.raises(ValueError, match=r"native-resolution views of 16 px need images of at least that size"):
         augment(torch.rand(3, 24, 12) * 255)
 

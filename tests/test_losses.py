@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from xstars_models.heads import DINOHead
-from xstars_models.losses import DINOLoss, MSADLoss
+from xstars_models.losses import DINOLoss, MaskedTokenLoss, MSADLoss, random_patch_mask
 
 
 def per_position_msad(loss: MSADLoss, z_a: torch.Tensor, z_b: torch.Tensor, sensor_a: str, sensor_b: str) -> torch.Tensor:
@@ -277,3 +277,38 @@ def test_negatives_gathered_across_two_gloo_ranks_match_one_process(tmp_path: Pa
                 assert torch.allclose(got[0][key] + got[1][key], grad, atol=1e-5), (name, key)
     for r in ranks:
         assert torch.allclose(r["center"], 0.1 * teacher.reshape(16, 16).mean(0, keepdim=True), atol=1e-6)
+
+
+def test_masked_token_loss_weighs_each_image_once_and_centres_the_teacher() -> None:
+    """iBOT's loss: per image the mean cross-entropy over its masked tokens, then the mean over
+    images (an image with 3 masked tokens counts as much as one with 1); the teacher is centred
+    and sharpened like DINO's, with its own centre."""
+    torch.manual_seed(0)
+    loss = MaskedTokenLoss(5, student_temp=0.1, teacher_temp=0.05)
+    student, teacher = torch.randn(4, 5), torch.randn(4, 5)
+    image = torch.tensor([0, 0, 0, 2])
+    log_p = (student / 0.1).log_softmax(-1)
+    p_t = (teacher / 0.05).softmax(-1)  # centre 0 before the first call
+    ce = -(p_t * log_p).sum(-1)
+    expected = (ce[:3].mean() + ce[3]) / 2
+    assert torch.allclose(loss(student, teacher, image, step=0), expected)
+    assert torch.allclose(loss.center, 0.1 * teacher.mean(0, keepdim=True))
+    # A student that gives the teacher's sharpened distribution scores less than a shuffled one.
+    matched = MaskedTokenLoss(5, student_temp=0.05, teacher_temp=0.05)
+    shuffled = MaskedTokenLoss(5, student_temp=0.05, teacher_temp=0.05)
+    assert matched(teacher, teacher, image, 0) < shuffled(teacher.roll(1, dims=1), teacher, image, 0)
+    with pytest.raises(ValueError, match="same M masked tokens"):
+        loss(student, teacher[:3], image, 0)
+
+
+def test_random_patch_mask_draws_the_asked_fraction() -> None:
+    torch.manual_seed(0)
+    mask = random_patch_mask(2000, 64, (0.1, 0.5))
+    counts = mask.sum(1).float()
+    assert counts.min() >= round(0.1 * 64) and counts.max() <= round(0.5 * 64)
+    assert abs(counts.mean() - 0.3 * 64) < 1.0
+    # Every position is masked about as often as any other (no block of the grid favoured).
+    per_position = mask.float().mean(0)
+    assert per_position.min() > 0.25 and per_position.max() < 0.35
+    with pytest.raises(ValueError, match="0 < low <= high < 1"):
+        random_patch_mask(2, 64, (0.0, 0.5))

@@ -285,3 +285,47 @@ def test_adapt_refuses_an_anchor(tmp_path):
     with pytest.raises(ValueError, match="anchor_weight=1.0 is for pretrain"):
         adapt(tiny_model(extra_sensors=()), new, ToyPairs(8), config=small_config(anchor_weight=1.0), out_dir=tmp_path,
               device="cpu", progress=False)
+
+
+def test_masked_patches_do_not_reach_the_encoder():
+    """iBOT's mask: a masked patch's pixels have no effect on any token; unmasked they do."""
+    from xstars_models.heads import DINOHead
+    from xstars_models.training.terms import DINONet
+
+    model = tiny_model(extra_sensors=()).eval()
+    net = DINONet(model, DINOHead(model.embed_dim, 16), mask_token=True)
+    patch = model.sensors["sentinel2_rgb"].patch_size
+    x = torch.rand(1, 3, 64, 64) * 255
+    changed = x.clone()
+    changed[..., patch:2 * patch, 0:patch] = 0  # the patch at grid row 1, column 0
+    grid = (64 // patch) ** 2
+    mask = torch.zeros(1, grid, dtype=torch.bool)
+    mask[0, 64 // patch] = True
+    with torch.no_grad():
+        masked = [net.forward_with_bottleneck(image, "sentinel2_rgb", mask)[1] for image in (x, changed)]
+        plain = [net(image, "sentinel2_rgb")[1] for image in (x, changed)]
+    assert torch.allclose(*masked)
+    assert not torch.allclose(*plain, atol=1e-4)
+    with pytest.raises(ValueError, match="no mask token"):
+        DINONet(model, DINOHead(model.embed_dim, 16)).forward_with_bottleneck(x, "sentinel2_rgb", mask)
+
+
+def test_ibot_term_trains_a_mask_token_that_is_not_saved(tmp_path):
+    model = two_sensor_model()
+    plain_keys = set(model.state_dict())
+    trained = pretrain(model, ToyPairs(8), small_config(ibot_weight=1.0), out_dir=tmp_path, device="cpu", progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # Cross-entropy over K = 64 prototypes: positive and at most about ln K at the start.
+    assert all(0 < line["ibot"] < 1.5 * math.log(64) for line in lines)
+    state = load_checkpoint(tmp_path)["modules"]
+    assert state["student.mask_token"].abs().sum() > 0
+    assert "dino.ibot_aerial.center" in state and "dino.ibot_sentinel2_rgb.center" in state
+    assert set(trained.state_dict()) == plain_keys
+    assert trained.training_record["settings"]["ibot_weight"] == 1.0
+
+
+def test_ibot_config_is_checked():
+    with pytest.raises(ValueError, match="global_crops >= 2"):
+        TrainConfig(ibot_weight=1.0, global_crops=1)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        TrainConfig(mask_ratio=(0.2, 1.0))

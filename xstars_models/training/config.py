@@ -81,6 +81,13 @@ class TrainConfig:
             starting model learnt on data it no longer sees (for the default model, weight 1
             kept the global target but not the stage-1 land cover: BENCHMARKS.md, session 7).
             0 (no frozen copy) by default.
+        ibot_weight: weight of iBOT's masked-token loss (``losses.MaskedTokenLoss``; 1 in
+            DINOv2): the student's global views after the first have patches replaced by a learnt
+            mask token and must give, there, the teacher's prototype distribution of the whole
+            view's patch tokens (patch-level self-distillation). 0 (off) by default; needs
+            ``global_crops`` >= 2.
+        mask_ratio: (low, high) fraction of the patches masked in each such view, drawn uniformly
+            per image (DINOv2: 0.1 to 0.5).
     """
 
     steps: int = 1000
@@ -122,12 +129,14 @@ class TrainConfig:
     color_jitter: float = 0.3
     grey_p: float = 0.2
     anchor_weight: float = 0.0
+    ibot_weight: float = 0.0
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "global_crops", "monitor_every", "monitor_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("alpha", "koleo_weight", "contrast_weight", "gap_weight", "anchor_weight"):
+        for name in ("alpha", "koleo_weight", "contrast_weight", "gap_weight", "anchor_weight", "ibot_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
         if self.neighbour_group == 1 or (self.neighbour_group and self.batch_size % self.neighbour_group):
@@ -143,6 +152,13 @@ class TrainConfig:
         if not 0 <= self.color_jitter < 1 or not 0 <= self.grey_p <= 1:
             raise ValueError(
                 f"TrainConfig.color_jitter must be in [0, 1) and grey_p in [0, 1], got {self.color_jitter}, {self.grey_p}."
+            )
+        if not 0 < self.mask_ratio[0] <= self.mask_ratio[1] < 1:
+            raise ValueError(f"TrainConfig.mask_ratio must be (low, high) with 0 < low <= high < 1, got {self.mask_ratio}.")
+        if self.ibot_weight > 0 and self.global_crops < 2:
+            raise ValueError(
+                f"TrainConfig.ibot_weight={self.ibot_weight} masks the global views after the first: set "
+                f"global_crops >= 2 (got {self.global_crops}) or ibot_weight=0."
             )
         if not 0 <= self.teacher_momentum <= 1:
             raise ValueError(f"TrainConfig.teacher_momentum must be in [0, 1], got {self.teacher_momentum}.")

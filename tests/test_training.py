@@ -329,3 +329,31 @@ def test_ibot_config_is_checked():
         TrainConfig(ibot_weight=1.0, global_crops=1)
     with pytest.raises(ValueError, match="mask_ratio"):
         TrainConfig(mask_ratio=(0.2, 1.0))
+
+
+def test_native_msad_views_are_windows_over_the_same_ground():
+    """With ``native_crops`` the MSAD views are unresized windows at one random position over the
+    same ground in both sensors (the aerial window at twice the S2 offset for twice the pixels),
+    the monitor batch central windows; images of other ground extents are refused."""
+    from xstars_models.training.views import TrainingViews, monitor_images
+
+    s2 = torch.arange(96 * 96, dtype=torch.float32).reshape(1, 96, 96).expand(3, -1, -1).clone()
+    aerial = torch.nn.functional.interpolate(s2[None], scale_factor=2, mode="nearest")[0]
+    pairs = [{"images": {"s2": s2, "aerial": aerial}}]
+    sizes = {"s2": 64, "aerial": 128}
+    positions = set()
+    for step in range(6):
+        paired = TrainingViews(pairs, {}, sizes, seed=0, native=True)[0, step]["pairs"]
+        s2_at, aerial_at = window_of(paired["s2"], s2), window_of(paired["aerial"], aerial)
+        assert s2_at is not None and aerial_at == (2 * s2_at[0], 2 * s2_at[1])
+        positions.add(s2_at)
+    assert len(positions) > 1
+    resized = TrainingViews(pairs, {}, sizes, seed=0)[0, 0]["pairs"]
+    assert window_of(resized["s2"], s2) is None
+    views = TrainingViews(pairs, {}, sizes, seed=0, native=True)
+    assert torch.equal(monitor_images(views, "s2", 64, 1)[0], s2[:, 16:80, 16:80])
+    other_ground = [{"images": {"s2": s2, "aerial": aerial[:, :160, :160]}}]
+    with pytest.raises(ValueError, match="same ground in every sensor"):
+        TrainingViews(other_ground, {}, sizes, seed=0, native=True)[0, 0]
+    with pytest.raises(ValueError, match="'aerial'.*need images of at least"):
+        TrainingViews(pairs, {}, {"s2": 64, "aerial": 200}, seed=0, native=True)[0, 0]

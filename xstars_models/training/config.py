@@ -33,9 +33,10 @@ class TrainConfig:
         native_crops: DINO views are crops of exactly their size at random positions, never
             resized (``MultiCropAugment(native=True)``): the scales are unused and training
             images must be at least the global view's size (wider images give views of
-            neighbouring ground). Keeps the GSD of every view, so the scale of textures stays
-            a cue (for the default model it sped DINO up but did not change land cover:
-            BENCHMARKS.md, session 8).
+            neighbouring ground); the MSAD views are windows of the global size over the same
+            ground in every sensor, and the monitor batch central windows. Keeps the GSD of every
+            view, so the scale of textures stays a cue (for the default model it sped DINO up
+            but did not change land cover: BENCHMARKS.md, session 8).
         checkpoint_every: write ``last.pt`` every this many steps (and at the end).
         grad_clip: maximum gradient norm, or 0 for none.
         freeze_last_layer_steps: DINO's trick of not updating the head's last layer at first.

@@ -139,6 +139,7 @@ def pretrain(
         {s: grid * model.sensors[s].patch_size for s in sensors} if len(sensors) > 1 else {},
         config.seed,
         share=config.share_msad_view and config.alpha > 0,
+        native=config.native_crops,
     )
 
     def step_fn(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:
@@ -262,6 +263,7 @@ def adapt(
         {new: grid * encoder.sensors[new].patch_size, old_sensor: grid * base.sensors[old_sensor].patch_size},
         config.seed,
         share=config.share_msad_view and config.alpha > 0,
+        native=config.native_crops,
     )
 
     def step_fn(batch: dict[str, Any], step: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -15,13 +15,15 @@ from ..model import XStars
 from .config import TrainConfig
 from .sampling import NeighbourBatchSampler, StepBatchSampler, window_centres
 
-__all__ = ["TrainingViews", "make_augment", "make_loader", "monitor_images"]
+__all__ = ["TrainingViews", "common_window", "make_augment", "make_loader", "monitor_images"]
 
 
 class TrainingViews(Dataset):
     """Turns a paired data set into training samples: DINO multi-crop views of the ``dino``
     sensors and un-augmented MSAD views of the ``paired`` sensors, resized to one token grid.
-    With ``share``, a sensor's MSAD view also replaces its first DINO global view (both are
+    With ``native`` (``TrainConfig.native_crops``), the MSAD views are instead unresized
+    windows of that size over the same ground in every sensor, at a random position. With
+    ``share``, a sensor's MSAD view also replaces its first DINO global view (both are
     ``global_tokens`` per side).
 
     Items are addressed by ``(index, step)``; the augmentation is seeded from both, so a resumed
@@ -34,9 +36,10 @@ class TrainingViews(Dataset):
         msad_sizes: dict[str, int],
         seed: int,
         share: bool = False,
+        native: bool = False,
     ) -> None:
         self.pairs, self.augments, self.msad_sizes, self.seed = pairs, augments, msad_sizes, seed
-        self.share = share
+        self.share, self.native = share, native
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -57,11 +60,46 @@ class TrainingViews(Dataset):
         images = self.images(index)
         generator = torch.Generator().manual_seed(hash((self.seed, step, index)) & 0x7FFF_FFFF_FFFF)
         views = {s: aug(images[s], generator=generator) for s, aug in self.augments.items()}
-        paired = {s: resize(images[s], (size, size)) for s, size in self.msad_sizes.items()}
+        if self.native and self.msad_sizes:
+            paired = common_window(images, self.msad_sizes, torch.rand(2, generator=generator))
+        else:
+            paired = {s: resize(images[s], (size, size)) for s, size in self.msad_sizes.items()}
         if self.share:
             for sensor in set(views) & set(paired):
                 views[sensor][0] = paired[sensor]
         return {"views": views, "pairs": paired}
+
+
+def common_window(
+    images: dict[str, torch.Tensor], sizes: dict[str, int], position: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """A ``sizes[s]``-pixel square window of each sensor's image, unresized, all over the same
+    ground: ``position`` (two fractions, row then column) places each window within its image.
+    The windows must cover the same fraction of every image (same ground when the images do)."""
+    fractions = {s: (images[s].shape[-2] / size, images[s].shape[-1] / size) for s, size in sizes.items()}
+    for sensor, (rows, cols) in fractions.items():
+        if min(rows, cols) < 1:
+            raise ValueError(
+                f"Sensor {sensor!r}: native-resolution MSAD views of {sizes[sensor]} px need images of at least that "
+                f"size, got {tuple(images[sensor].shape[-2:])}; give larger training images or turn native crops off."
+            )
+    if len({(round(r, 2), round(c, 2)) for r, c in fractions.values()}) > 1:
+        raise ValueError(
+            "Native-resolution MSAD views must cover the same ground in every sensor, but image / view size differs: "
+            + ", ".join(f"{s} {tuple(images[s].shape[-2:])} / {sizes[s]} px" for s in sizes)
+            + "; pair images of one footprint whose pixel sizes match the stems' patch sizes, or turn native crops off."
+        )
+    # The offset is drawn on the coarsest image's pixel grid and scaled to the others, so the
+    # windows line up exactly where the pixel sizes are whole multiples of each other.
+    coarsest = min(sizes, key=lambda s: images[s].shape[-2])
+    shape = images[coarsest].shape[-2:]
+    offset = [round(float(f) * (extent - sizes[coarsest])) / extent for f, extent in zip(position, shape)]
+    windows = {}
+    for sensor, size in sizes.items():
+        height, width = images[sensor].shape[-2:]
+        top, left = (min(round(o * extent), extent - size) for o, extent in zip(offset, (height, width)))
+        windows[sensor] = images[sensor][..., top:top + size, left:left + size]
+    return windows
 
 
 def make_augment(model: XStars, sensor: str, config: TrainConfig) -> MultiCropAugment:
@@ -129,5 +167,10 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 def monitor_images(views: TrainingViews, sensor: str, size: int, count: int) -> torch.Tensor:
     """A fixed batch for the effective-rank monitor: the first ``count`` items' images of
-    ``sensor``, un-augmented, resized to the global view size."""
-    return torch.stack([resize(views.images(i)[sensor], (size, size)) for i in range(min(count, len(views)))])
+    ``sensor``, un-augmented, resized to the global view size (with ``views.native``, their
+    central window of that size, at the GSD the model trains on)."""
+    middle = torch.tensor([0.5, 0.5])
+    images = (views.images(i)[sensor] for i in range(min(count, len(views))))
+    if views.native:
+        return torch.stack([common_window({sensor: image}, {sensor: size}, middle)[sensor] for image in images])
+    return torch.stack([resize(image, (size, size)) for image in images])

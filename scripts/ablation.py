@@ -55,7 +55,9 @@ def main() -> None:
     parser.add_argument("--stage1", default="{}")
     parser.add_argument("--stage2", default="{}")
     parser.add_argument("--s1-steps", type=int, default=150)
-    parser.add_argument("--s1-size", type=int, default=STAGE1_SIZE_PX, help="stage-1 training images in px (10 m), e.g. wider for native_crops")
+    parser.add_argument(
+        "--s1-size", type=int, default=STAGE1_SIZE_PX, help="stage-1 training images in px (10 m), e.g. wider for native_crops"
+    )
     parser.add_argument("--s2-steps", type=int, default=0)
     parser.add_argument("--stage3", default="{}")
     parser.add_argument("--s3-steps", type=int, default=0)
@@ -166,7 +168,8 @@ def print_table(out: Path) -> None:
             stage2 += f"; joint {s3['steps']} steps, " + json.dumps(differences(s3, {**COMMON, **STAGE3}))
         final, chance = r["stage1_final"], r["stage1_chance"]
         cells = [
-            r["name"], f"{r['stage1_settings']['steps']} steps, {r.get('stage1_size_px', STAGE1_SIZE_PX)} px, {changed}", stage2,
+            r["name"], f"{r['stage1_settings']['steps']} steps, {r.get('stage1_size_px', STAGE1_SIZE_PX)} px, {changed}",
+            stage2,
             f"{final['dino'] / chance:.2f}", f"{final['teacher_entropy'] / chance:.2f}", f"{final['rank']:.1f}",
             protocol(r), f"{lc['model (cls) knn']:.3f} / {lc['model (mean) knn']:.3f}",
             f"{lc['model (cls) probe']:.3f} / {lc['model (mean) probe']:.3f}",

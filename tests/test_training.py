@@ -324,6 +324,15 @@ def test_ibot_term_trains_a_mask_token_that_is_not_saved(tmp_path):
     assert trained.training_record["settings"]["ibot_weight"] == 1.0
 
 
+def test_adapt_runs_the_ibot_term_on_the_new_sensor(tmp_path):
+    new = get_sensor("aerial_rgb").with_gsd(5.0, name="aerial")
+    adapt(tiny_model(extra_sensors=()), new, ToyPairs(8), mode="full", config=small_config(ibot_weight=1.0),
+          out_dir=tmp_path, device="cpu", progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(line["ibot"] > 0 for line in lines)
+    assert "dino.ibot_aerial.center" in load_checkpoint(tmp_path)["modules"]
+
+
 def test_ibot_config_is_checked():
     with pytest.raises(ValueError, match="global_crops >= 2"):
         TrainConfig(ibot_weight=1.0, global_crops=1)

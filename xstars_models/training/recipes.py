@@ -27,8 +27,8 @@ from .config import TrainConfig
 from .loop import train_loop
 from .monitors import collapse_verdict, effective_rank, warn_if_collapsed
 from .terms import (
-    DINONet, DINOTerm, cross_sensor_terms, dino_loss, dino_parts, dino_term, ibot_key, mean_terms, monitor_scalars, spread_terms,
-    total_loss,
+    DINONet, DINOTerm, cross_sensor_terms, dino_loss, dino_parts, dino_term, ibot_key, mean_terms, monitor_scalars,
+    spread_terms, total_loss,
 )
 from .views import TrainingViews, make_augment, make_loader, monitor_images
 
@@ -172,8 +172,9 @@ def _dino_term(
     student: DINONet, teacher: DINONet, losses: nn.ModuleDict, views: list[torch.Tensor], sensor: str, config: TrainConfig,
     step: int,
 ) -> DINOTerm:
-    masked = losses[ibot_key(sensor)] if config.ibot_weight > 0 else None
-    return dino_term(student, teacher, losses[sensor], views, sensor, config.global_crops, step, masked, config.mask_ratio)
+    """``sensor``'s DINO term, with its iBOT loss (from ``losses``, see ``dino_parts``) when the config asks."""
+    masked = (losses[ibot_key(sensor)], config.mask_ratio) if config.ibot_weight > 0 else None
+    return dino_term(student, teacher, losses[sensor], views, sensor, config.global_crops, step, masked)
 
 
 def _frozen_copy(model: XStars, device: torch.device) -> XStars:

@@ -82,15 +82,15 @@ class DINOTerm(NamedTuple):
 
 def dino_term(
     student: DINONet, teacher: DINONet, loss: DINOLoss, views: Sequence[torch.Tensor], sensor: str, n_global: int,
-    step: int, masked: MaskedTokenLoss | None = None, mask_ratio: tuple[float, float] = (0.1, 0.5),
+    step: int, masked: tuple[MaskedTokenLoss, tuple[float, float]] | None = None,
 ) -> DINOTerm:
     """DINO for one sensor: the teacher sees the global views, the student every view. Views of
     one size go through the network in a single batch.
 
-    With ``masked`` (iBOT), the student's global views after the first have a random
-    ``mask_ratio`` fraction of their patches masked, and at those positions the student's patch
-    tokens must match the teacher's of the whole view (the shared DINO head on both). The first
-    view stays whole: MSAD, the anchor and the monitors use its tokens."""
+    With ``masked`` = (iBOT loss, mask ratio), the student's global views after the first have a
+    random fraction (within the ratio's bounds) of their patches masked, and at those positions
+    the student's patch tokens must match the teacher's of the whole view (the shared DINO head
+    on both). The first view stays whole: MSAD, the anchor and the monitors use its tokens."""
     global_views = torch.cat(list(views[:n_global]))
     batch = len(views[0])
     with torch.no_grad():
@@ -101,7 +101,7 @@ def dino_term(
         if n_global < 2:
             raise ValueError("The iBOT term masks the global views after the first: it needs global_crops >= 2.")
         mask = torch.zeros(len(global_views), teacher_tokens.shape[1] - prefix, dtype=torch.bool, device=global_views.device)
-        mask[batch:] = random_patch_mask(len(global_views) - batch, mask.shape[1], mask_ratio, device=mask.device)
+        mask[batch:] = random_patch_mask(len(global_views) - batch, mask.shape[1], masked[1], device=mask.device)
     student_global, tokens, bottleneck = student.forward_with_bottleneck(global_views, sensor, mask)
     student_out = [student_global]
     if len(views) > n_global:
@@ -111,7 +111,7 @@ def dino_term(
         image, position = mask.nonzero(as_tuple=True)
         with torch.no_grad():
             target = teacher.head(teacher_tokens[image, prefix + position])
-        masked_loss = masked(student.head(tokens[image, prefix + position]), target, image, step)
+        masked_loss = masked[0](student.head(tokens[image, prefix + position]), target, image, step)
     cls = tokens[:, 0].unflatten(0, (n_global, batch))
     return DINOTerm(
         loss(torch.cat(student_out), teacher_out, step), tokens[:batch], cls,

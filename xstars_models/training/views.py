@@ -75,15 +75,16 @@ def common_window(
 ) -> dict[str, torch.Tensor]:
     """A ``sizes[s]``-pixel square window of each sensor's image, unresized, all over the same
     ground: ``position`` (two fractions, row then column) places each window within its image.
-    The windows must cover the same fraction of every image (same ground when the images do)."""
-    fractions = {s: (images[s].shape[-2] / size, images[s].shape[-1] / size) for s, size in sizes.items()}
-    for sensor, (rows, cols) in fractions.items():
+    Every image must be the same multiple of its window size (same ground when the images cover
+    the same footprint)."""
+    ratios = {s: (images[s].shape[-2] / size, images[s].shape[-1] / size) for s, size in sizes.items()}
+    for sensor, (rows, cols) in ratios.items():
         if min(rows, cols) < 1:
             raise ValueError(
                 f"Sensor {sensor!r}: native-resolution MSAD views of {sizes[sensor]} px need images of at least that "
                 f"size, got {tuple(images[sensor].shape[-2:])}; give larger training images or turn native crops off."
             )
-    if len({(round(r, 2), round(c, 2)) for r, c in fractions.values()}) > 1:
+    if len({(round(r, 2), round(c, 2)) for r, c in ratios.values()}) > 1:
         raise ValueError(
             "Native-resolution MSAD views must cover the same ground in every sensor, but image / view size differs: "
             + ", ".join(f"{s} {tuple(images[s].shape[-2:])} / {sizes[s]} px" for s in sizes)

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..io import read_raster
+from ..model import OUTPUTS
+from ..scenes import SCENE_OUTPUTS
 
 SCENE_EPILOG = """\
 The scene is read window by window (memory does not grow with its size); its GSD (metres, from the
@@ -33,7 +35,7 @@ def register(sub: Any) -> None:
     p.add_argument("files", nargs="+")
     p.add_argument("--sensor", required=True, help="the model's sensor name for these images")
     p.add_argument("--out", required=True, help="output .npz (one array per file) or .npy (one file)")
-    p.add_argument("--output", default="cls", choices=("cls", "mean", "patch", "map"))
+    p.add_argument("--output", default="cls", choices=OUTPUTS)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
         "--whiten", action="store_true",
@@ -58,7 +60,7 @@ def register(sub: Any) -> None:
     p.add_argument("--window", type=int, nargs=4, metavar=("ROW", "COL", "HEIGHT", "WIDTH"),
                    help="embed only this area, in input pixels")
     p.add_argument("--overviews", action="store_true", help="add overviews to the map COG")
-    p.add_argument("--output", default="map", choices=("map", "cls"))
+    p.add_argument("--output", default="map", choices=SCENE_OUTPUTS)
     p.add_argument("--whiten", action="store_true",
                    help="with --output cls: whiten the tile vectors with the model's fitted whitening (to compare across sensors)")
     p.add_argument("--tile", type=int, help="tile side in pixels (multiple of the patch size)")

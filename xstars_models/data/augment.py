@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..sensors import SensorSpec
 
-__all__ = ["MultiCropAugment", "resize"]
+__all__ = ["MultiCropAugment", "check_native_size", "resize"]
 
 
 def _uniform(generator: torch.Generator, low: float, high: float) -> float:
@@ -25,6 +25,17 @@ def _chance(generator: torch.Generator, p: float) -> bool:
 def _default_generator() -> torch.Generator:
     # Drawn from the global RNG, so torch.manual_seed still makes unseeded calls reproducible.
     return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+
+
+def check_native_size(sensor: str, size: int, shape: tuple[int, ...], kind: str = "") -> None:
+    """Raise ValueError unless an image of ``shape`` (..., H, W) holds a ``size``-pixel square
+    window: views at the sensor's own resolution (``native``) are cut, never resized.
+    ``kind`` names the views in the message (e.g. ``"MSAD "``)."""
+    if min(shape[-2:]) < size:
+        raise ValueError(
+            f"Sensor {sensor!r}: native-resolution {kind}views of {size} px need images of at least that size, got "
+            f"{tuple(shape[-2:])}; give larger training images or turn native crops off."
+        )
 
 
 def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -91,12 +102,8 @@ class MultiCropAugment:
                 f"Sensor {self.spec.name!r}: augmentation expects C x H x W with C = {self.spec.num_bands}, "
                 f"got {tuple(image.shape)}."
             )
-        largest = max((size for size, _ in self.plan), default=0)
-        if self.native and min(image.shape[-2:]) < largest:
-            raise ValueError(
-                f"Sensor {self.spec.name!r}: native-resolution views of {largest} px need images of at least "
-                f"that size, got {tuple(image.shape[-2:])}; give larger training images or turn native crops off."
-            )
+        if self.native:
+            check_native_size(self.spec.name, max((size for size, _ in self.plan), default=0), image.shape)
         generator = generator or _default_generator()
         return [self._view(image.float(), size, scale, generator) for size, scale in self.plan]
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.augment import MultiCropAugment, resize
+from ..data.augment import MultiCropAugment, check_native_size, resize
 from ..errors import SensorMismatchError
 from ..model import XStars
 from .config import TrainConfig
@@ -77,13 +77,9 @@ def common_window(
     ground: ``position`` (two fractions, row then column) places each window within its image.
     Every image must be the same multiple of its window size (same ground when the images cover
     the same footprint)."""
+    for sensor, size in sizes.items():
+        check_native_size(sensor, size, images[sensor].shape, kind="MSAD ")
     ratios = {s: (images[s].shape[-2] / size, images[s].shape[-1] / size) for s, size in sizes.items()}
-    for sensor, (rows, cols) in ratios.items():
-        if min(rows, cols) < 1:
-            raise ValueError(
-                f"Sensor {sensor!r}: native-resolution MSAD views of {sizes[sensor]} px need images of at least that "
-                f"size, got {tuple(images[sensor].shape[-2:])}; give larger training images or turn native crops off."
-            )
     if len({(round(r, 2), round(c, 2)) for r, c in ratios.values()}) > 1:
         raise ValueError(
             "Native-resolution MSAD views must cover the same ground in every sensor, but image / view size differs: "

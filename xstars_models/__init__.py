@@ -17,9 +17,8 @@ from .errors import (
     XStarsError,
 )
 from .manifest import ModelEntry, get_model_entry, list_models, register_model
-from .model import XStars
 from .sensors import Band, SensorSpec, get_sensor, list_sensors, register_sensor
-from . import workflows  # noqa: F401  fills in XStars.adapt, embed_scene, push_to_hub, *_adapter
+from .xstars import XStars
 
 __version__ = "0.1.0"
 

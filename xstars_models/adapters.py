@@ -39,7 +39,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from .config import FileRecord
 from .errors import ChecksumError
 from .lora import apply_lora, base_state_dict, load_lora_state_dict, lora_config, lora_state_dict
-from .model import XStars
+from .model import ModelT, XStarsBase
 from .sensors import SensorSpec
 from .serialization import load_state_dict_strict, sha256_bytes, write_safetensors
 
@@ -148,7 +148,7 @@ class AdapterInfo:
         )
 
 
-def trunk_sha256(model: XStars) -> str:
+def trunk_sha256(model: XStarsBase) -> str:
     """sha256 of the model's trunk weights serialized exactly as :meth:`XStars.save_pretrained`
     writes ``model.safetensors`` (LoRA updates left out, base weights under timm's keys).
 
@@ -170,7 +170,7 @@ def _tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _base_reference(model: XStars) -> tuple[str, str | None]:
+def _base_reference(model: XStarsBase) -> tuple[str, str | None]:
     """Where the base comes from: ``lineage`` (set by ``adapt()``) or, for a model a sensor was
     added to by hand, the id the model itself was loaded from."""
     if model.lineage.get("base_model"):
@@ -190,7 +190,7 @@ def _base_reference(model: XStars) -> tuple[str, str | None]:
     return name, revision
 
 
-def save_adapter(model: XStars, sensor: str, path: str | Path, mode: str | None = None) -> FileRecord:
+def save_adapter(model: XStarsBase, sensor: str, path: str | Path, mode: str | None = None) -> FileRecord:
     """Save ``sensor``'s stem (and in ``"lora"`` mode the trunk's LoRA updates) as an adapter file.
 
     Args:
@@ -299,10 +299,12 @@ def read_adapter_info(path: str | Path, expected_sha256: str | None = None) -> A
 
 def load_adapter(
     path: str | Path,
-    base: XStars | None = None,
+    base: ModelT | None = None,
     expected_sha256: str | None = None,
+    *,
+    model_class: type[ModelT] = XStarsBase,  # type: ignore[assignment]  # the default's own class
     **from_pretrained_kwargs: Any,
-) -> XStars:
+) -> ModelT:
     """The base model with the adapter's sensor stem (and LoRA updates) added.
 
     Args:
@@ -310,6 +312,8 @@ def load_adapter(
         base: the base model; default: ``XStars.from_pretrained(base_model, revision=base_revision,
             **from_pretrained_kwargs)`` as recorded in the adapter. A given base is not modified:
             the adapter is added to a copy.
+        model_class: the class to load the base as when ``base`` is not given
+            (``XStars.load_adapter`` passes its own).
         expected_sha256: the adapter file's sha256, when known (e.g. from :func:`save_adapter`'s
             record or a manifest).
         from_pretrained_kwargs: ``cache_dir``, ``local_files_only``, ``token``, ``map_location``...

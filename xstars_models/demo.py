@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from .errors import XStarsError
-from .model import XStars
+from .xstars import XStars
 from .samples import list_samples, load_sample
 from .visualize import pca_rgb, stretch_rgb
 

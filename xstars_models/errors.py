@@ -4,21 +4,29 @@ what to do about it.
 Every error the package raises on purpose for bad input, bad files or an unusable environment
 derives from :class:`XStarsError` *and* from the builtin that says what went wrong, so
 ``except XStarsError`` catches all of them and ``except ValueError`` keeps catching the ones that
-are bad values. The ``xstars`` command prints these as one-line messages; anything else is a bug
-and keeps its traceback. Warnings point at the user's line, however deep in the package they are
-raised: pass :func:`user_stacklevel` as ``stacklevel``.
+are bad values. Each carries ``field``: the argument, option or key at fault, as the API names it
+(``"tile"``, ``"msad.alpha"``), or ``None`` when no single one is; callers and tests branch
+on the type and the field, never on the message. The ``xstars`` command prints these as one-line
+messages naming the flag that sets the field; anything else is a bug and keeps its traceback.
+
+Warnings point at the user's line, however deep in the package they are raised: pass
+:func:`user_stacklevel` as ``stacklevel``.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import Any, Callable, Mapping
 
 __all__ = [
     "BackendUnavailableError",
     "CheckpointFormatError",
     "ChecksumError",
+    "ConfigError",
     "HubServerError",
+    "InvalidInputError",
+    "InvalidOptionError",
     "ManifestError",
     "MissingExtraError",
     "ModelNotFoundError",
@@ -52,7 +60,57 @@ def user_stacklevel() -> int:
 
 
 class XStarsError(Exception):
-    """Base of every error the package raises deliberately; its message says what to do."""
+    """Base of every error the package raises deliberately; its message says what to do.
+
+    Args:
+        message: what is wrong, with the value at fault and the fix. Where it names a setting
+            the user can pass (the fix, or the cause), it writes ``{name}`` and gives the value in
+            ``settings``: the API shows ``name=value``, the ``xstars`` command its own flag.
+        field: the argument, option or config key at fault, by its API name (dotted inside a
+            configuration: ``"msad.alpha"``); ``None`` when no single one is.
+        settings: the values of the settings the message names, by keyword.
+    """
+
+    def __init__(self, message: str = "", *, field: str | None = None, settings: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.settings = dict(settings or {})
+
+    def __str__(self) -> str:
+        return self.describe(api_setting)
+
+    def describe(self, setting: Callable[[str, Any], str]) -> str:
+        """The message with each setting it names written by ``setting(name, value)``."""
+        text = str(self.args[0]) if self.args else ""
+        # Only the placeholders of the named settings are filled: the rest of the message (paths,
+        # reprs) may hold braces of its own.
+        for name, value in self.settings.items():
+            text = text.replace("{" + name + "}", setting(name, value))
+        return text
+
+    def __reduce__(self) -> tuple:
+        # Pickled across processes (Dask workers, DataLoader workers) with the field kept: the
+        # default reduction would rebuild the error from its message alone.
+        return (type(self), self.args, {"field": self.field, "settings": self.settings})
+
+
+def api_setting(name: str, value: Any) -> str:
+    """How a message names a setting for the Python API: as the keyword argument, ``resume=False``."""
+    return f"{name}={value!r}"
+
+
+class InvalidOptionError(XStarsError, ValueError):
+    """An argument or option has a value the function does not accept (``field``: its name)."""
+
+
+class InvalidInputError(XStarsError, ValueError):
+    """Imagery, an array, a file's contents or a data set cannot be used as given (``field``: the
+    argument that carried it, e.g. ``"images"``, ``"source"``, ``"pairs"``)."""
+
+
+class ConfigError(XStarsError, ValueError):
+    """A configuration (``config.json``, a training config, a sensor spec) is malformed or
+    inconsistent, or a setting does not apply to the chosen recipe (``field``: the dotted key)."""
 
 
 class BackendUnavailableError(XStarsError, RuntimeError):

@@ -196,8 +196,10 @@ class _HubFiles:
             raise OfflineFilesMissingError(
                 f"Files {self.missing} of {name} (Hub repo {self.repo_id!r}, revision "
                 f"{self.revision or 'main'}) are not in the local cache and downloading is off "
-                "(local_files_only=True or HF_HUB_OFFLINE=1). Download them once while online: "
-                f"`xstars download {name}` or XStars.from_pretrained({name!r})."
+                "({local_files_only} or HF_HUB_OFFLINE=1). Download them once while online: "
+                f"`xstars download {name}` or XStars.from_pretrained({name!r}).",
+                field="local_files_only",
+                settings={"local_files_only": True},
             )
 
 

@@ -1,5 +1,7 @@
-"""``XStars``: the user-facing model. An :class:`~.encoder.XStarsEncoder` plus the Hugging Face style
-``from_pretrained`` / ``save_pretrained`` and ``embed``."""
+"""``XStarsBase``: an :class:`~.encoder.XStarsEncoder` plus the Hugging Face style
+``from_pretrained`` / ``save_pretrained`` and ``embed``. Users get :class:`xstars_models.XStars`,
+which adds the methods whose work lives in the layers that use a model (``adapt``,
+``embed_scene``, ``push_to_hub``, adapters); those layers take and return this class."""
 
 from __future__ import annotations
 
@@ -8,9 +10,8 @@ import logging
 import re
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -24,7 +25,7 @@ from .sensors import SensorSpec, get_sensor
 from .serialization import atomic_write_bytes, load_state_dict_strict, read_verified_safetensors, write_safetensors
 from .whitening import GlobalWhitening
 
-__all__ = ["OUTPUTS", "XStars"]
+__all__ = ["OUTPUTS", "ModelT", "XStarsBase"]
 
 OUTPUTS = ("cls", "mean", "patch", "map")
 
@@ -35,37 +36,17 @@ MAX_TOKENS = 16384
 
 logger = logging.getLogger(__name__)
 
-# Each model's int8 copy, with the weight versions it was made from (see XStars.int8_copy).
+# The class a constructor was called on (XStars.from_pretrained() gives an XStars), and the class
+# the layers above return when given a model of it (adapt() of an XStars is an XStars).
+ModelT = TypeVar("ModelT", bound="XStarsBase")
+
+
+# Each model's int8 copy, with the weight versions it was made from (see XStarsBase.int8_copy).
 _INT8_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-# The methods whose work lives in the layers above this module (training, adapters, scenes,
-# publish). Those layers import XStars, so this module must not import them back: the functions
-# are filled in by xstars_models.workflows, which the package's __init__ imports.
-WORKFLOWS = ("adapt", "embed_scene", "load_adapter", "push_to_hub", "save_adapter")
-_workflows: dict[str, Callable[..., Any]] = {}
-
-
-def register_workflows(**functions: Callable[..., Any]) -> None:
-    """Fill in the functions behind :data:`WORKFLOWS`; each takes what the method of that name
-    does, the model first (``load_adapter``, a class method, takes the adapter path first)."""
-    unknown = sorted(set(functions) - set(WORKFLOWS))
-    if unknown:
-        raise ValueError(f"Unknown XStars workflows {unknown}; the known ones are {list(WORKFLOWS)}.")
-    _workflows.update(functions)
-
-
-def _workflow(name: str) -> Callable[..., Any]:
-    try:
-        return _workflows[name]
-    except KeyError:
-        raise RuntimeError(
-            f"XStars.{name}() is filled in by xstars_models.workflows, which has not been imported "
-            "(importing xstars_models does it); did the package's import fail part-way?"
-        ) from None
-
-
-class XStars(XStarsEncoder):
-    """A cross-sensor X-STARS encoder: one ViT trunk, one input stem per sensor.
+class XStarsBase(XStarsEncoder):
+    """A cross-sensor X-STARS encoder: one ViT trunk, one input stem per sensor, with loading,
+    saving and ``embed``; :class:`xstars_models.XStars` adds the workflows.
 
     Create one with :meth:`from_pretrained` (registry id, Hub repo or folder) or :meth:`new`
     (random weights, for training). ``lineage``, ``training`` and ``metrics`` are free-form
@@ -85,12 +66,12 @@ class XStars(XStarsEncoder):
 
     @classmethod
     def new(
-        cls,
+        cls: type[ModelT],
         arch: str,
         sensors: Sequence[SensorSpec | str] | Mapping[str, SensorSpec | str],
         patch_sizes: Mapping[str, int] | None = None,
         **arch_kwargs: Any,
-    ) -> XStars:
+    ) -> ModelT:
         """A randomly initialised model.
 
         Args:
@@ -160,7 +141,7 @@ class XStars(XStarsEncoder):
 
     @classmethod
     def from_pretrained(
-        cls,
+        cls: type[ModelT],
         name_or_path: str | Path,
         revision: str | None = None,
         cache_dir: str | Path | None = None,
@@ -168,7 +149,7 @@ class XStars(XStarsEncoder):
         token: str | bool | None = None,
         map_location: str | torch.device = "cpu",
         force_download: bool = False,
-    ) -> XStars:
+    ) -> ModelT:
         """Load a model by registry id (``xstars-s2-aerial``), Hub repo id (``org/name`` or
         ``org/name@revision``) or local folder.
 
@@ -200,60 +181,6 @@ class XStars(XStarsEncoder):
         model.name_or_path = str(name_or_path)
         model.revision = resolved.revision
         return model.to(map_location).eval()
-
-    def save_adapter(self, sensor: str, path: str | Path, mode: str | None = None) -> Any:
-        """Save what adapting to ``sensor`` added (its stem, and LoRA updates in ``"lora"`` mode)
-        as one small file naming the base model; see :func:`xstars_models.adapters.save_adapter`."""
-        return _workflow("save_adapter")(self, sensor, path, mode)
-
-    @classmethod
-    def load_adapter(cls, path: str | Path, base: XStars | None = None, **kwargs: Any) -> XStars:
-        """A base model with an adapter file applied (the base is loaded from the id and revision
-        the adapter records unless given); see :func:`xstars_models.adapters.load_adapter`."""
-        return _workflow("load_adapter")(path, base, **kwargs)
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        private: bool = False,
-        revision: str | None = None,
-        commit_message: str = "Upload X-STARS model",
-        token: str | None = None,
-        **kwargs: Any,
-    ) -> str:
-        """Upload config, weights and a generated model card to ``repo_id`` in one commit and
-        return the commit id; see :func:`xstars_models.publish.push_to_hub` for the options
-        (``license``, ``description``, ``manifest_path``, ``model_id``)."""
-        return _workflow("push_to_hub")(self, repo_id, private, revision, commit_message, token, **kwargs)
-
-    def adapt(self, new_sensor: SensorSpec, pairs: Any, **kwargs: Any) -> XStars:
-        """Continual pretraining to ``new_sensor`` (MSAD against a frozen copy of this model, plus
-        DINO); see :func:`xstars_models.training.adapt` for the options. This model is unchanged."""
-        return _workflow("adapt")(self, new_sensor, pairs, **kwargs)
-
-    def embed_scene(
-        self,
-        source: str | Path | np.ndarray,
-        sensor: str,
-        out: str | Path | None = None,
-        tile: int | None = None,
-        overlap: int = 0,
-        output: str = "map",
-        batch_size: int = 16,
-        device: str | torch.device | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """Embed a whole scene (a GeoTIFF path, an ``http(s)://`` COG URL, a STAC Item or a
-        C x H x W array of the sensor's digital numbers) tile by tile with bounded memory, into a
-        georeferenced feature-map Cloud-Optimised GeoTIFF (``output="map"``) or a GeoParquet file
-        of one vector per tile with its footprint (``"cls"``). ``tile`` and
-        ``overlap`` are in pixels at the sensor's GSD. See :func:`xstars_models.scenes.embed_scene`
-        for the GSD check, nodata, resuming and the other options (``resample``, ``max_nodata``,
-        ``progress``, ``resume``, ``precision``, ``compile``); needs the ``geo`` extra (rasterio).
-        ``precision="auto"`` runs bf16 where the hardware is faster at it; ``"fp32"`` forces full
-        precision, ``"int8"`` quantised Linear layers (CPU); see :mod:`xstars_models.precision`.
-        Returns a :class:`xstars_models.scenes.SceneResult`."""
-        return _workflow("embed_scene")(self, source, sensor, out, tile, overlap, output, batch_size, device, **kwargs)
 
     @torch.inference_mode()
     def embed(
@@ -352,7 +279,7 @@ class XStars(XStarsEncoder):
         if sensor is not None:
             self.whitening.check(output, sensor)
 
-    def int8_copy(self) -> XStars:
+    def int8_copy(self) -> XStarsBase:
         """An inference copy of this model whose trunk Linear layers are int8 (CPU), made once
         and reused until any weight of this model changes (in place, by loading or by moving)."""
         key = tuple((t.data_ptr(), t._version) for t in [*self.parameters(), *self.buffers()])

@@ -21,7 +21,7 @@ from .manifest import COMMIT_RE, FORMAT_VERSION, REPO_ID_RE, load_manifest
 from .serialization import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from .model import XStars
+    from .model import XStarsBase
 
 __all__ = ["manifest_entry", "push_to_hub", "write_manifest_entry"]
 
@@ -30,7 +30,7 @@ CARD_NAME = "README.md"
 
 
 def manifest_entry(
-    model: XStars,
+    model: XStarsBase,
     repo_id: str | None,
     revision: str | None,
     folder: str | Path,
@@ -99,7 +99,7 @@ def _check_push_arguments(repo_id: str, revision: str | None, token: str | bool 
 
 
 def push_to_hub(
-    model: XStars,
+    model: XStarsBase,
     repo_id: str,
     private: bool = False,
     revision: str | None = None,

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
-from ..errors import XStarsError
+from ..errors import XStarsError, api_setting
 from . import embedding, evaluating, models, publishing, training
 
 __all__ = ["build_parser", "main"]
@@ -54,24 +54,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except Exception as err:
-        # Messages name the API's keyword arguments; say the flags this command has instead.
-        flags = dict(getattr(args, "api_flags", {}))
-        if hasattr(args, "offline"):
-            flags["local_files_only=True"] = "--offline"
-        message = _user_message(err, flags)
+        message = _user_message(err, _command_flags(parser, args))
         if message is None:
             raise
         print(f"xstars {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
-def _user_message(err: Exception, api_flags: dict[str, str]) -> str | None:
-    """The whole message of a user-facing error, with the API's keyword arguments it mentions
-    replaced by this command's flags; ``None`` for a bug."""
+def _command_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Callable[[str, Any], str]:
+    """How this command names an API setting: the flag that sets it (``--tile 256``, ``--restart``
+    for ``resume=False``), or the keyword itself when the command has no such flag."""
+    overrides: dict[tuple[str, Any], str] = dict(getattr(args, "setting_flags", {}))
+    if hasattr(args, "offline"):
+        overrides["local_files_only", True] = "--offline"
+    command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    by_dest = {a.dest: a for a in command._actions if a.option_strings}
+
+    def flag(name: str, value: Any) -> str:
+        if (name, value) in overrides:
+            return overrides[name, value]
+        action = by_dest.get(name)
+        if action is None:
+            return api_setting(name, value)
+        option = max(action.option_strings, key=len)
+        return option if action.nargs == 0 else f"{option} {value}"
+
+    return flag
+
+
+def _user_message(err: Exception, flag: Callable[[str, Any], str]) -> str | None:
+    """The whole message of a user-facing error, naming settings by this command's flags and
+    starting with the flag of the option at fault; ``None`` for a bug."""
     from ..hub import NETWORK_ERRORS, describe_network_failure
 
     if isinstance(err, NETWORK_ERRORS) and not isinstance(err, USER_ERRORS):
@@ -79,10 +97,14 @@ def _user_message(err: Exception, api_flags: dict[str, str]) -> str | None:
         return f"the Hub request failed: {describe_network_failure(err)}"
     if not (isinstance(err, USER_ERRORS) or _missing_dependency(err)):
         return None
-    text = str(err)
-    for keyword, flag in api_flags.items():
-        text = text.replace(keyword, flag)
-    return text or type(err).__name__
+    if not isinstance(err, XStarsError):
+        return str(err) or type(err).__name__
+    text = err.describe(flag) or type(err).__name__
+    if err.field is not None:
+        option = flag(err.field, None).split(" ")[0]
+        if option.startswith("--"):
+            text = f"argument {option}: {text}"
+    return text
 
 
 def _missing_dependency(err: Exception) -> bool:

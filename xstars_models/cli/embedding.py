@@ -74,7 +74,7 @@ def register(sub: Any) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--offline", action="store_true", help="use only the local cache")
-    p.set_defaults(func=_embed_scene, api_flags={"resume=False": "--restart", "resample=True": "--resample"})
+    p.set_defaults(func=_embed_scene, setting_flags={("resume", False): "--restart", ("resample", True): "--resample"})
 
 
 def _add_precision_flag(p: argparse.ArgumentParser) -> None:
@@ -135,7 +135,7 @@ def result_keys(files: Sequence[Path]) -> list[str]:
 def _embed(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..model import XStars
+    from ..xstars import XStars
     from ..outputs import refuse_input_as_output
     from ..serialization import atomic_write_bytes
 
@@ -169,7 +169,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _embed_scene(args: argparse.Namespace) -> int:
-    from ..model import XStars
+    from ..xstars import XStars
     from ..outputs import refuse_input_as_output
 
     if args.out is not None and Path(args.source).exists():

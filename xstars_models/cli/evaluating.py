@@ -61,7 +61,7 @@ def register(sub: Any) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from ..model import XStars
+    from ..xstars import XStars
 
     model = XStars.from_pretrained(args.model, local_files_only=args.offline)
     results = _retrieval(model, args) if args.task == "retrieval" else _landcover(model, args)

@@ -42,7 +42,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from ..model import XStars
+    from ..xstars import XStars
     from .tables import render_metrics
 
     model = XStars.from_pretrained(args.model, local_files_only=args.offline)
@@ -79,7 +79,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from ..model import XStars
+    from ..xstars import XStars
 
     model = XStars.from_pretrained(args.model, force_download=args.force_download)
     print(f"{args.model}: downloaded and verified (revision {model.revision})")

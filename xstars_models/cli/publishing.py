@@ -56,7 +56,7 @@ def register(sub: Any) -> None:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from ..model import XStars
+    from ..xstars import XStars
 
     model = XStars.from_pretrained(args.model, local_files_only=True)
     commit = model.push_to_hub(

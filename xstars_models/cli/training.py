@@ -66,7 +66,7 @@ def register(sub: Any) -> None:
     run.add_argument("--out", required=True, help="save the adapted model into this folder")
     run.add_argument("--adapter", help="also save the small adapter file (stem, LoRA) here")
     _add_train_config_flags(p.add_argument_group("TrainConfig fields"))
-    p.set_defaults(func=_adapt, api_flags={"resume=True": "--resume"})
+    p.set_defaults(func=_adapt, setting_flags={("resume", True): "--resume"})
 
 
 def _add_train_config_flags(group: argparse._ArgumentGroup) -> None:
@@ -139,7 +139,7 @@ def _pairs(args: argparse.Namespace, base: Any, new: Any, old_sensor: str, confi
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    from ..model import XStars
+    from ..xstars import XStars
 
     config = train_config(args)
     new = new_sensor_spec(args)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointFormatError, StateDictMismatchError
-from ..model import XStars
+from ..xstars import XStars
 from ..sensors import SensorSpec, get_sensor
 from ..serialization import load_state_dict_strict
 from .checkpoint_file import args_of, backbone_state, load_checkpoint, network_state, sha256_file

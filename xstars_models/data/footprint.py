@@ -6,18 +6,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..model import XStars
+    from ..model import XStarsBase
 
 __all__ = ["default_footprint_m", "pretraining_grid"]
 
 
-def pretraining_grid(model: XStars) -> int:
+def pretraining_grid(model: XStarsBase) -> int:
     """Tokens per side of the trunk's position-embedding grid (timm's ``img_size / patch``): at
     this many tokens per side the position embeddings are used as trained, not interpolated."""
     return int(max(model.trunk.patch_embed.grid_size))
 
 
-def default_footprint_m(model: XStars, sensor: str, tokens: int | None = None) -> float:
+def default_footprint_m(model: XStarsBase, sensor: str, tokens: int | None = None) -> float:
     """Side in metres of a window of ``tokens`` tokens (default: :func:`pretraining_grid`) of the
     model's ``sensor``: ``tokens x patch size x GSD``. ``adapt`` passes its config's
     ``global_tokens``, so that each pair is one global crop of the old sensor."""

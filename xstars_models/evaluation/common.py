@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model import XStars
+from ..model import XStarsBase
 
 __all__ = ["FEATURES", "WHITENED", "embedding_features", "pixel_features", "random_init_like"]
 
@@ -15,7 +15,7 @@ WHITENED = "-whitened"
 FEATURES = ("cls", "mean", "patch", "cls" + WHITENED, "mean" + WHITENED)
 
 
-def embedding_features(model: XStars, images: torch.Tensor, sensor: str, kind: str) -> torch.Tensor:
+def embedding_features(model: XStarsBase, images: torch.Tensor, sensor: str, kind: str) -> torch.Tensor:
     """N x D features of ``images`` (N x C x H x W digital numbers of ``sensor``): the ``cls``
     token, the ``mean`` patch token, either whitened by the model's fitted whitening
     (``cls-whitened``, ``mean-whitened``), or the ``patch`` tokens L2-normalised one by one and
@@ -39,7 +39,7 @@ def pixel_features(images: torch.Tensor, grid: int) -> dict[str, torch.Tensor]:
     return {"mean colour": images.double().mean(dim=(2, 3)), f"pixels {grid}x{grid}": standardised}
 
 
-def random_init_like(model: XStars, seed: int) -> XStars:
+def random_init_like(model: XStarsBase, seed: int) -> XStarsBase:
     """A model of ``model``'s configuration with fresh random weights drawn from ``seed``, in
     eval mode on the CPU. The draw happens inside a fork of the CPU random state, so the caller's
     random sequence is the same as if this had never run."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import XStars
+from ..model import XStarsBase
 from .common import FEATURES, WHITENED, embedding_features, pixel_features, random_init_like
 
 __all__ = [
@@ -341,7 +341,7 @@ def _row(name: str, dims: int, scores: dict[str, dict[str, float]]) -> dict[str,
 
 
 def landcover_table(
-    model: XStars,
+    model: XStarsBase,
     chips: LandcoverChips | None = None,
     sensor: str = "sentinel2_rgb",
     features: Sequence[str] = ("cls", "mean"),

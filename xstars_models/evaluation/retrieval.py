@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..model import XStars
+from ..model import XStarsBase
 from ..training.whitening import fit_global_whitening
 from .common import FEATURES, WHITENED, embedding_features, pixel_features, random_init_like
 
@@ -33,7 +33,7 @@ def _stack(pairs: Dataset, sensor: str) -> torch.Tensor:
 
 
 def cross_sensor_retrieval(
-    model: XStars, pairs: Dataset, sensor_a: str, sensor_b: str, features: str = "patch", ks: Sequence[int] = (1, 5)
+    model: XStarsBase, pairs: Dataset, sensor_a: str, sensor_b: str, features: str = "patch", ks: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
     """Recall@k from ``sensor_a`` to ``sensor_b`` images and back, keys like ``a->b r@1``."""
     if features not in FEATURES:
@@ -48,7 +48,7 @@ def cross_sensor_retrieval(
     }
 
 
-def _stem_transfer_baseline(random_init: XStars, sensor_a: str, sensor_b: str) -> XStars | None:
+def _stem_transfer_baseline(random_init: XStarsBase, sensor_a: str, sensor_b: str) -> XStarsBase | None:
     """The random-init model with ``sensor_a``'s stem rebuilt from ``sensor_b``'s by nearest
     wavelength (as ``adapt`` initialises a new stem): separates what the stem initialisation
     alone gives from what training adds. ``None`` when ``sensor_b`` is not the primary sensor."""
@@ -67,7 +67,7 @@ def _stem_transfer_baseline(random_init: XStars, sensor_a: str, sensor_b: str) -
 
 
 def retrieval_table(
-    model: XStars,
+    model: XStarsBase,
     pairs: Dataset,
     sensor_a: str,
     sensor_b: str,

@@ -53,7 +53,7 @@ torch.set_float32_matmul_precision(_matmul_precision)
 
 from ..inputs import band_order
 from ..manifest import is_registered, list_models
-from ..model import XStars
+from ..model import XStarsBase
 from ..sensors import SensorSpec
 
 __all__ = [
@@ -108,13 +108,13 @@ def _channel_order(spec: SensorSpec, names: Sequence[str]) -> list[int] | None:
         return None
 
 
-def _describe(model: XStars) -> str:
+def _describe(model: XStarsBase) -> str:
     return "; ".join(
         f"{name} ({stem.spec.gsd_m:g} m): {list(stem.spec.band_names)}" for name, stem in model.sensors.items()
     )
 
 
-def select_sensor(model: XStars, model_bands: Sequence[Any] | None, sensor: str | None = None) -> tuple[str, list[int]]:
+def select_sensor(model: XStarsBase, model_bands: Sequence[Any] | None, sensor: str | None = None) -> tuple[str, list[int]]:
     """The sensor stem for input channels named ``model_bands``, and the channel order.
 
     Args:
@@ -182,7 +182,7 @@ class XStarsBackbone(nn.Module):
 
     def __init__(
         self,
-        model: XStars,
+        model: XStarsBase,
         sensor: str,
         order: Sequence[int] | None = None,
         out_indices: Sequence[int] | None = None,

@@ -27,7 +27,7 @@ from .writers import ClsWriter, MapWriter, Partial
 if TYPE_CHECKING:
     from affine import Affine
 
-    from ..model import XStars
+    from ..model import XStarsBase
 
 SCENE_OUTPUTS = ("map", "cls")
 
@@ -74,7 +74,7 @@ class SceneResult:
 
 
 
-def _model_fingerprint(model: XStars) -> str:
+def _model_fingerprint(model: XStarsBase) -> str:
     """A cheap fingerprint of the weights (per tensor: name, shape, dtype, sum and a strided sample
     of values), enough to tell a partial run of another model from this one."""
     digest = hashlib.sha256()
@@ -106,7 +106,7 @@ def _output_path(out: str | os.PathLike | None, source: Any, sensor: str, output
 
 
 def embed_scene(
-    model: XStars,
+    model: XStarsBase,
     source: str | os.PathLike | np.ndarray | Any,
     sensor: str,
     out: str | os.PathLike | None = None,
@@ -135,7 +135,7 @@ def embed_scene(
     resuming rules.
 
     Args:
-        model: the encoder (``XStars``).
+        model: the encoder (``XStarsBase``).
         source: the sensor's digital numbers, bands in the sensor's order: a GeoTIFF (or any file
             rasterio reads); an ``http(s)://`` URL of a cloud-optimised GeoTIFF (read with HTTP
             range requests, window by window, never downloaded whole); a STAC Item (``pystac.Item``,
@@ -284,7 +284,7 @@ def embed_scene(
 
 
 def _run_strips(
-    model: XStars,
+    model: XStarsBase,
     sensor: str,
     scene: Scene,
     plan: Plan,

@@ -13,7 +13,7 @@ from .reading import Scene
 
 if TYPE_CHECKING:
 
-    from ..model import XStars
+    from ..model import XStarsBase
 
 
 def _tile_starts(total: int, size: int, stride: int) -> list[int]:
@@ -80,7 +80,7 @@ class Plan:
         return len(self.rows) * len(self.cols)
 
 
-def default_tile(model: XStars, sensor: str) -> int:
+def default_tile(model: XStarsBase, sensor: str) -> int:
     """Default tile side in pixels: the trunk's pretraining token grid (``img_size / patch``) times
     the sensor's patch size, so position embeddings are used as trained; larger tiles also cost
     more per pixel, as attention grows with the square of the tokens per tile."""

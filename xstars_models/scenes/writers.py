@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from ..errors import InvalidOptionError
 from ..serialization import atomic_write_bytes
 from .geoparquet import TileStrip, import_pyarrow, write_geoparquet
 from ..io import import_rasterio, quiet_georef
@@ -65,9 +66,11 @@ class Partial:
         changed = sorted(k for k in wanted.keys() | before.keys() if before.get(k) != wanted.get(k))
         if changed:
             details = "; ".join(f"{k}: {_short(before.get(k))} then, {_short(wanted.get(k))} now" for k in changed)
-            raise ValueError(
+            raise InvalidOptionError(
                 f"{self.base} is a partial run with other settings ({details}). Rerun with the same "
-                "settings to resume it, or pass resume=False to discard it and start over."
+                "settings to resume it, or pass {resume} to discard it and start over.",
+                field="resume",
+                settings={"resume": False},
             )
         return record
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..losses import MSADLoss
-from ..model import XStars
+from ..model import ModelT, XStarsBase
 from ..sensors import SensorSpec
 from .config import TrainConfig
 from .loop import train_loop
@@ -54,7 +54,7 @@ def _train(
     device: torch.device,
     record: dict[str, Any],
     monitor: tuple[str, torch.Tensor],
-) -> XStars:
+) -> XStarsBase:
     """Run the loop on the recipe's parts; the result is the teacher's encoder (the EMA model, as
     in DINO), in eval mode, on the CPU, with the run recorded in its training record.
     ``monitor`` is ``(sensor, images)``: the fixed batch whose teacher CLS embeddings give the
@@ -95,7 +95,7 @@ def _train(
 
 
 def pretrain(
-    model: XStars,
+    model: ModelT,
     pairs: Dataset,
     config: TrainConfig | None = None,
     out_dir: str | Path = "runs/pretrain",
@@ -103,7 +103,7 @@ def pretrain(
     device: str | torch.device | None = None,
     progress: bool = True,
     data_description: str = "",
-) -> XStars:
+) -> ModelT:
     """Pretrain ``model`` from its current weights on every one of its sensors.
 
     DINO runs on augmented views of each sensor's image; MSAD aligns the un-augmented views of
@@ -177,13 +177,13 @@ def _dino_term(
     return dino_term(student, teacher, losses[sensor], views, sensor, config.global_crops, step, masked)
 
 
-def _frozen_copy(model: XStars, device: torch.device) -> XStars:
+def _frozen_copy(model: XStarsBase, device: torch.device) -> XStarsBase:
     """A frozen reference of ``model`` in ``eval()`` mode on ``device``: what continual pretraining
     (``adapt``'s old-sensor path, ``pretrain``'s anchor) compares the student with."""
     return copy.deepcopy(model).eval().requires_grad_(False).to(device)
 
 
-def _anchor_term(tokens: torch.Tensor, anchor: XStars, view: torch.Tensor, sensor: str) -> torch.Tensor:
+def _anchor_term(tokens: torch.Tensor, anchor: XStarsBase, view: torch.Tensor, sensor: str) -> torch.Tensor:
     """1 - cosine similarity between the student's ``tokens`` of ``view`` and the frozen
     ``anchor``'s, averaged over every token (CLS included) of the batch."""
     with torch.no_grad():
@@ -192,7 +192,7 @@ def _anchor_term(tokens: torch.Tensor, anchor: XStars, view: torch.Tensor, senso
 
 
 def adapt(
-    base: XStars,
+    base: ModelT,
     new_sensor: SensorSpec,
     pairs: Dataset,
     old_sensor: str | None = None,
@@ -205,7 +205,7 @@ def adapt(
     lora_rank: int = 8,
     patch_size: int | None = None,
     data_description: str = "",
-) -> XStars:
+) -> ModelT:
     """Continual pretraining: teach ``base`` a new sensor.
 
     A frozen copy of ``base`` (in ``eval()`` mode) encodes the old sensor's image; the student,

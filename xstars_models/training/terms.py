@@ -13,7 +13,7 @@ from torch import nn
 
 from ..heads import DINOHead
 from ..losses import DINOLoss, MaskedTokenLoss, info_nce, koleo, random_patch_mask, sensor_gap
-from ..model import XStars
+from ..model import XStarsBase
 from .config import TrainConfig
 from .monitors import cls_spread
 
@@ -29,7 +29,7 @@ class DINONet(nn.Module):
     ``mask_token``, a learnt D-vector that replaces masked patch embeddings (iBOT); it belongs
     to the training network, not to the encoder that is saved."""
 
-    def __init__(self, encoder: XStars, head: DINOHead, mask_token: bool = False) -> None:
+    def __init__(self, encoder: XStarsBase, head: DINOHead, mask_token: bool = False) -> None:
         super().__init__()
         self.encoder, self.head = encoder, head
         self.mask_token = nn.Parameter(torch.zeros(encoder.embed_dim)) if mask_token else None
@@ -146,7 +146,7 @@ def cross_sensor_terms(tokens_a: torch.Tensor, tokens_b: torch.Tensor, config: T
     return terms
 
 
-def dino_parts(encoder: XStars, config: TrainConfig, sensors: Sequence[str]) -> tuple[DINONet, DINONet, nn.ModuleDict]:
+def dino_parts(encoder: XStarsBase, config: TrainConfig, sensors: Sequence[str]) -> tuple[DINONet, DINONet, nn.ModuleDict]:
     """Student, teacher and one DINO loss per entry of ``sensors``: each keeps its own centre, as
     each sensor's teacher outputs have their own mean (a shared centre would be moved by one
     sensor's batch before centring the next one's). With ``config.ibot_weight`` > 0, the

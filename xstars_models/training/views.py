@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.augment import MultiCropAugment, check_native_size, resize
 from ..errors import SensorMismatchError
-from ..model import XStars
+from ..model import XStarsBase
 from .config import TrainConfig
 from .sampling import NeighbourBatchSampler, StepBatchSampler, window_centres
 
@@ -99,7 +99,7 @@ def common_window(
     return windows
 
 
-def make_augment(model: XStars, sensor: str, config: TrainConfig) -> MultiCropAugment:
+def make_augment(model: XStarsBase, sensor: str, config: TrainConfig) -> MultiCropAugment:
     """The DINO view maker of ``model``'s ``sensor`` as ``config`` sets it (crop sizes in that
     sensor's pixels: tokens x its patch size)."""
     stem = model.sensors[sensor]

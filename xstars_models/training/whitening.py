@@ -9,14 +9,14 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..errors import SensorMismatchError
-from ..model import XStars
+from ..model import XStarsBase
 from ..whitening import DEFAULT_SHRINKAGE, POOLS, GlobalWhitening, fit_whitening
 
 __all__ = ["fit_global_whitening"]
 
 
 def fit_global_whitening(
-    model: XStars,
+    model: XStarsBase,
     pairs: Dataset,
     sensors: Sequence[str] | None = None,
     pools: Sequence[str] = POOLS,

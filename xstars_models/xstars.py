@@ -1,0 +1,91 @@
+"""``XStars``, the class users hold: :class:`~.model.XStarsBase` (loading, saving, ``embed``) plus the
+methods whose work lives in the layers that use a model: ``adapt`` (training), ``embed_scene``
+(scenes), ``push_to_hub`` (publish) and the adapter files (adapters).
+
+Those layers take an :class:`~.model.XStarsBase` and return the same class they were given (a
+copy of an ``XStars`` is an ``XStars``), so this class sits above them all and each method is a
+plain call into the layer that owns the work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapters import load_adapter, save_adapter
+from .config import FileRecord
+from .model import XStarsBase
+from .publish import push_to_hub
+from .scenes import SceneResult, embed_scene
+from .sensors import SensorSpec
+from .training import adapt
+
+__all__ = ["XStars"]
+
+
+class XStars(XStarsBase):
+    """A cross-sensor X-STARS encoder: one ViT trunk, one input stem per sensor.
+
+    Create one with :meth:`from_pretrained` (registry id, Hub repo or folder) or :meth:`new`
+    (random weights, for training). ``lineage``, ``training_record`` and ``metrics`` are free-form
+    records saved in ``config.json`` and shown in model cards. ``whitening`` (a
+    :class:`~.whitening.GlobalWhitening` or ``None``) is what ``embed(..., whiten=True)`` applies;
+    it holds for the weights it was fit on, so training drops it.
+    """
+
+    def save_adapter(self, sensor: str, path: str | Path, mode: str | None = None) -> FileRecord:
+        """Save what adapting to ``sensor`` added (its stem, and LoRA updates in ``"lora"`` mode)
+        as one small file naming the base model; see :func:`xstars_models.adapters.save_adapter`."""
+        return save_adapter(self, sensor, path, mode)
+
+    @classmethod
+    def load_adapter(
+        cls, path: str | Path, base: XStars | None = None, expected_sha256: str | None = None, **kwargs: Any
+    ) -> XStars:
+        """A base model with an adapter file applied (the base is loaded from the id and revision
+        the adapter records unless given); see :func:`xstars_models.adapters.load_adapter`."""
+        return load_adapter(path, base, expected_sha256, model_class=cls, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool = False,
+        revision: str | None = None,
+        commit_message: str = "Upload X-STARS model",
+        token: str | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Upload config, weights and a generated model card to ``repo_id`` in one commit and
+        return the commit id; see :func:`xstars_models.publish.push_to_hub` for the options
+        (``license``, ``description``, ``manifest_path``, ``model_id``)."""
+        return push_to_hub(self, repo_id, private, revision, commit_message, token, **kwargs)
+
+    def adapt(self, new_sensor: SensorSpec, pairs: Any, **kwargs: Any) -> XStars:
+        """Continual pretraining to ``new_sensor`` (MSAD against a frozen copy of this model, plus
+        DINO); see :func:`xstars_models.training.adapt` for the options. This model is unchanged."""
+        return adapt(self, new_sensor, pairs, **kwargs)
+
+    def embed_scene(
+        self,
+        source: str | Path | np.ndarray,
+        sensor: str,
+        out: str | Path | None = None,
+        tile: int | None = None,
+        overlap: int = 0,
+        output: str = "map",
+        batch_size: int = 16,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> SceneResult:
+        """Embed a whole scene (a GeoTIFF path, an ``http(s)://`` COG URL, a STAC Item or a
+        C x H x W array of the sensor's digital numbers) tile by tile with bounded memory, into a
+        georeferenced feature-map Cloud-Optimised GeoTIFF (``output="map"``) or a GeoParquet file
+        of one vector per tile with its footprint (``"cls"``). ``tile`` and
+        ``overlap`` are in pixels at the sensor's GSD. See :func:`xstars_models.scenes.embed_scene`
+        for the GSD check, nodata, resuming and the other options (``resample``, ``max_nodata``,
+        ``progress``, ``resume``, ``precision``, ``compile``); needs the ``geo`` extra (rasterio).
+        ``precision="auto"`` runs bf16 where the hardware is faster at it; ``"fp32"`` forces full
+        precision, ``"int8"`` quantised Linear layers (CPU); see :mod:`xstars_models.precision`."""
+        return embed_scene(self, source, sensor, out, tile, overlap, output, batch_size, device, **kwargs)

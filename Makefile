@@ -16,6 +16,8 @@ demo: $(STAMP)
 	$(PY) -m xstars_models.demo --model xstars-s2-aerial --out demo_output
 
 test: $(STAMP)
+	$(PY) -m ruff check xstars_models
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 clean:

@@ -36,6 +36,7 @@ from xstars_models.evaluation.landcover import landcover_table
 from xstars_models.evaluation.retrieval import retrieval_table
 from xstars_models.serialization import atomic_write_bytes
 from xstars_models.training import TrainConfig, fit_global_whitening
+from xstars_models.training.config import FLAT_NAMES
 
 LC_FOLDS = 6
 
@@ -143,10 +144,11 @@ def write_result(run: Path, result: dict) -> None:
 
 
 def differences(settings: dict, reference: dict) -> dict:
-    """The TrainConfig settings of a run that differ from ``reference`` (both completed with
-    TrainConfig's defaults, so a run recorded before a field existed shows that field's default),
-    ``steps`` left out."""
-    defaults = TrainConfig.defaults()
+    """The TrainConfig settings of a run that differ from ``reference``, both flat as this
+    script records them (``FLAT_NAMES``) and completed with TrainConfig's defaults, so a run
+    recorded before a setting existed shows that setting's default; ``steps`` left out."""
+    current = TrainConfig.defaults()
+    defaults = {name: current[dotted] for name, dotted in FLAT_NAMES.items()}
     ours, theirs = {**defaults, **settings}, {**defaults, **reference}
     return {k: v for k, v in ours.items() if k != "steps" and theirs[k] != v and not (isinstance(v, list) and tuple(v) == theirs[k])}
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xstars_models.evaluation.landcover import landcover_scores, load_landcover_chips, spatial_folds
+from xstars_models.evaluation import landcover_scores, load_landcover_chips, spatial_folds
 
 
 def colour_statistics(chips: torch.Tensor) -> torch.Tensor:

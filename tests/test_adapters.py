@@ -15,7 +15,8 @@ from torch import nn
 from factories import TINY, rgb_images, tiny_model
 from toy_data import ToyPairs
 from xstars_models import ChecksumError, StateDictMismatchError, XStars, get_sensor
-from xstars_models.adapters import ADAPTER_FORMAT, load_adapter, read_adapter_info, save_adapter, trunk_sha256
+from xstars_models.adapters import ADAPTER_FORMAT, AdapterInfo, load_adapter, read_adapter_info, save_adapter, trunk_sha256
+from xstars_models.errors import ConfigError, InvalidInputError, InvalidOptionError, InvalidTypeError
 from xstars_models.lora import (
     LoRALinear,
     apply_lora,
@@ -41,7 +42,7 @@ def _spot_images(n: int = 2, size: int = 64, seed: int = 1) -> torch.Tensor:
 
 def _tokens(model: XStars, sensor: str = "sentinel2_rgb") -> torch.Tensor:
     x = rgb_images(2, 64) if sensor == "sentinel2_rgb" else _spot_images()
-    return model.embed(x, sensor, output="patch", progress=False)
+    return model.embed(x, sensor, output="patch", progress=False, precision="fp32")
 
 
 def _perturb_lora(model: XStars) -> None:
@@ -83,14 +84,36 @@ def test_lora_starts_as_a_no_op_and_freezes_the_wrapped_layers():
     assert isinstance(layer, LoRALinear) and not layer.base.weight.requires_grad
     assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
     assert lora_config(model.trunk) == {"rank": 4, "alpha": 16.0, "targets": ["attn.qkv", "attn.proj"]}
-    with pytest.raises(ValueError, match="already applied"):
+    with pytest.raises(InvalidInputError, match="already applied") as info:
         apply_lora(model.trunk)
+    assert info.value.field == "trunk"
 
 
 def test_bad_target_changes_nothing():
     model = tiny_model(extra_sensors=())
-    with pytest.raises(ValueError, match="mlp.act: GELU, not nn.Linear"):
+    with pytest.raises(InvalidOptionError, match="mlp.act: GELU, not nn.Linear") as info:
         apply_lora(model.trunk, targets=("attn.qkv", "mlp.act"))
+    assert info.value.field == "targets"
+    assert lora_config(model.trunk) is None
+
+
+@pytest.mark.parametrize(
+    "call, error, field, message",
+    [
+        (lambda trunk: apply_lora(trunk, targets="attn.qkv"), InvalidTypeError, "targets", "got the string 'attn.qkv'"),
+        (lambda trunk: apply_lora(trunk, targets=()), InvalidOptionError, "targets", "at least one target"),
+        (lambda trunk: apply_lora(nn.Linear(2, 2)), InvalidTypeError, "trunk", "with .blocks, got Linear"),
+        (lambda trunk: apply_lora(trunk, rank=0), InvalidOptionError, "rank", "rank must be a positive integer, got 0"),
+        (lambda trunk: apply_lora(trunk, dropout=1.0), InvalidOptionError, "dropout", r"dropout must be in \[0, 1\)"),
+        (lambda trunk: LoRALinear(nn.Conv2d(2, 2, 1)), InvalidTypeError, "base", "wraps an nn.Linear, got Conv2d"),
+    ],
+    ids=["string-targets", "no-targets", "not-a-vit", "rank", "dropout", "not-linear"],
+)
+def test_bad_lora_arguments_name_the_argument_and_change_nothing(call, error, field, message):
+    model = tiny_model(extra_sensors=())
+    with pytest.raises(error, match=message) as info:
+        call(model.trunk)
+    assert info.value.field == field
     assert lora_config(model.trunk) is None
 
 
@@ -184,6 +207,8 @@ def test_adapter_round_trip_onto_the_recorded_base(base_folder, tmp_path, lora):
 
     loaded = load_adapter(path, expected_sha256=record.sha256)
     assert torch.equal(_tokens(loaded, "spot5m"), _tokens(model, "spot5m"))
+    # The base the adapter records is loaded as the class asked for.
+    assert type(XStars.load_adapter(path, expected_sha256=record.sha256)) is XStars
     assert torch.equal(_tokens(loaded), _tokens(model))
     if not lora:
         assert torch.equal(_tokens(loaded), _tokens(base))
@@ -203,12 +228,17 @@ def test_wrong_base_is_refused_naming_both_hashes(base_folder, tmp_path):
     save_adapter(_adapted(base_folder, lora=False), "spot5m", path)
     torch.manual_seed(1)
     other = XStars.new("vit_tiny_patch16_224", ["sentinel2_rgb"], **BASE)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(InvalidInputError) as err:
         load_adapter(path, base=other)
     message = str(err.value)
     assert read_adapter_info(path).base_weights_sha256 in message and trunk_sha256(other) in message
-    with pytest.raises(ValueError, match="already has LoRA layers"):
+    assert err.value.field == "base"
+    with pytest.raises(InvalidInputError, match="already has LoRA layers") as err:
         load_adapter(path, base=_adapted(base_folder, lora=True))
+    assert err.value.field == "base"
+    with pytest.raises(TypeError, match=r"\['cache_dir'\] only apply when the base is loaded here") as type_err:
+        load_adapter(path, base=other, cache_dir=tmp_path)
+    assert isinstance(type_err.value, InvalidTypeError) and type_err.value.field == "cache_dir"
 
 
 def test_damaged_adapter_raises_checksum_error(base_folder, tmp_path):
@@ -224,33 +254,63 @@ def test_damaged_adapter_raises_checksum_error(base_folder, tmp_path):
 
 
 def test_files_that_are_not_adapters_are_refused(base_folder, tmp_path):
-    with pytest.raises(ValueError, match="is not an X-STARS adapter: its safetensors metadata 'format' is 'pt'"):
+    with pytest.raises(InvalidInputError, match="is not an X-STARS adapter: its safetensors metadata 'format' is 'pt'") as err:
         load_adapter(base_folder / "model.safetensors")
+    assert err.value.field == "path"
     plain = tmp_path / "plain.safetensors"
     write_safetensors(plain, {"x": torch.zeros(2)}, {"format": "xstars-adapter/9"})
-    with pytest.raises(ValueError, match="upgrade xstars-models"):
+    with pytest.raises(InvalidInputError, match="upgrade xstars-models") as err:
         load_adapter(plain)
+    assert err.value.field == "path"
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    with pytest.raises(ValueError, match="not a valid safetensors file"):
+    with pytest.raises(InvalidInputError, match="not a valid safetensors file") as err:
         load_adapter(junk)
+    assert err.value.field == "path"
+
+
+def test_malformed_adapter_metadata_names_the_key(base_folder, tmp_path):
+    path = tmp_path / "spot.safetensors"
+    save_adapter(_adapted(base_folder, lora=False), "spot5m", path)
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    spec = json.loads(metadata["sensor_spec"])
+    spec["bands"][2]["std"] = 0
+    cases = {
+        "patch_size": ({"patch_size": "0"}, "patch_size must be a positive integer, got 0"),
+        "mode": ({"mode": "full"}, r"mode must be one of \('stem', 'lora'\), got 'full'"),
+        "sensor_spec.bands.2.std": ({"sensor_spec": json.dumps(spec)}, r"sensor_spec: Band 'red': std 0 must be > 0"),
+    }
+    for field, (change, message) in cases.items():
+        with pytest.raises(ConfigError, match=message) as err:
+            AdapterInfo.from_metadata({**metadata, **change}, str(path))
+        assert err.value.field == field
+    without = {k: v for k, v in metadata.items() if k != "sensor"}
+    with pytest.raises(ConfigError, match="adapter metadata has no 'sensor'") as err:
+        AdapterInfo.from_metadata(without, str(path))
+    assert err.value.field == "sensor"
 
 
 def test_save_adapter_refusals(base_folder, tmp_path):
     path = tmp_path / "a.safetensors"
     model = _adapted(base_folder, lora=True)
-    with pytest.raises(ValueError, match="save_pretrained"):
+    with pytest.raises(InvalidOptionError, match="save_pretrained") as err:
         save_adapter(model, "spot5m", path, mode="full")
-    with pytest.raises(ValueError, match="save with mode='lora'"):
+    assert err.value.field == "mode"
+    with pytest.raises(InvalidOptionError, match="save with mode='lora'") as err:
         save_adapter(model, "spot5m", path, mode="stem")
-    with pytest.raises(ValueError, match="primary sensor"):
+    assert err.value.field == "mode"
+    with pytest.raises(InvalidOptionError, match="primary sensor") as err:
         save_adapter(model, "sentinel2_rgb", path)
-    with pytest.raises(ValueError, match="no LoRA layers"):
+    assert err.value.field == "sensor"
+    with pytest.raises(InvalidOptionError, match="^mode='lora' but the model's trunk has no LoRA layers") as err:
         save_adapter(_adapted(base_folder, lora=False), "spot5m", path, mode="lora")
+    assert err.value.field == "mode"
     unnamed = tiny_model(extra_sensors=())
     unnamed.add_sensor(SPOT)
-    with pytest.raises(ValueError, match="does not say which base"):
+    with pytest.raises(InvalidInputError, match="does not say which base") as err:
         save_adapter(unnamed, "spot5m", path)
+    assert err.value.field == "model"
     assert not path.exists()
 
 

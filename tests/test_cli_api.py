@@ -12,6 +12,7 @@ import pytest
 from factories import tiny_model
 from xstars_models import get_sensor
 from xstars_models.data import check_raster_gsd, default_footprint_m, pretraining_grid, raster_pairs
+from xstars_models.errors import InvalidInputError, InvalidOptionError
 from xstars_models.scenes.tiling import default_tile
 from xstars_models.sensors import SensorSpec
 from xstars_models.training import TrainConfig
@@ -26,16 +27,19 @@ from affine import Affine  # noqa: E402
 def test_train_config_from_dict_turns_json_lists_into_tuples_and_whole_numbers_into_floats():
     config = TrainConfig.from_dict(json.loads('{"steps": 7, "lr": 1, "global_scale": [0.5, 1], "precision": "fp32"}'))
     assert config.steps == 7 and config.precision == "fp32"
-    assert config.lr == 1.0 and type(config.lr) is float
-    assert config.global_scale == (0.5, 1.0) and type(config.global_scale) is tuple
-    assert config.local_scale == (0.05, 0.4)  # left out: the default
+    assert config.optim.lr == 1.0 and type(config.optim.lr) is float
+    assert config.crops.global_scale == (0.5, 1.0) and type(config.crops.global_scale) is tuple
+    assert config.crops.local_scale == (0.05, 0.4)  # left out: the default
     assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
 
 
 def test_train_config_from_dict_names_unknown_keys_and_the_source():
-    with pytest.raises(ValueError, match=r"run\.json: unknown TrainConfig fields \['bogus', 'stpes'\]; known: .*'steps'"):
+    from xstars_models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"run\.json: unknown TrainConfig fields \['bogus', 'stpes'\]; known: .*'steps'") as info:
         TrainConfig.from_dict({"stpes": 3, "bogus": 1, "lr": 0.1}, source="run.json")
-    with pytest.raises(ValueError, match=r"run\.json: expected a JSON object .* got list"):
+    assert info.value.field is None  # two keys at fault
+    with pytest.raises(ConfigError, match=r"run\.json: expected a JSON object .* got list"):
         TrainConfig.from_dict([1, 2], source="run.json")  # type: ignore[arg-type]
 
 
@@ -50,14 +54,21 @@ def test_train_config_from_dict_names_unknown_keys_and_the_source():
     ("precision", 16, "field 'precision': expected a string, got 16"),
 ])
 def test_train_config_from_dict_refuses_bad_values_naming_the_field(field, value, message):
-    with pytest.raises(ValueError) as info:
+    from xstars_models.errors import ConfigError
+    from xstars_models.training.config import FLAT_NAMES
+
+    with pytest.raises(ConfigError) as info:
         TrainConfig.from_dict({field: value}, source="cfg.json")
     assert str(info.value).startswith("cfg.json: ") and message in str(info.value)
+    assert info.value.field == FLAT_NAMES[field]
 
 
 def test_train_config_from_dict_names_a_field_by_its_own_source():
-    with pytest.raises(ValueError, match=r"^--lr: expected a finite number >= 0, got -1\.0"):
+    from xstars_models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^--lr: expected a finite number >= 0, got -1\.0") as info:
         TrainConfig.from_dict({"steps": 3, "lr": -1.0}, source="cfg.json", field_sources={"lr": "--lr"})
+    assert info.value.field == "optim.lr"
 
 
 # ---- SensorSpec.from_json ------------------------------------------------------------------------
@@ -72,18 +83,23 @@ def test_sensor_spec_from_json_reads_what_to_dict_wrote(tmp_path):
 
 
 def test_sensor_spec_from_json_errors_name_the_file(tmp_path):
+    from xstars_models.errors import ConfigError
+
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    with pytest.raises(ValueError, match=r"broken\.json: not valid JSON"):
+    with pytest.raises(ConfigError, match=r"broken\.json: not valid JSON") as info:
         SensorSpec.from_json(broken)
+    assert info.value.field is None
     extra = tmp_path / "extra.json"
     extra.write_text(json.dumps({**get_sensor("sentinel2_rgb").to_dict(), "colour": 1}))
-    with pytest.raises(ValueError, match=r"extra\.json: Sensor spec has unknown fields \['colour'\]"):
+    with pytest.raises(ConfigError, match=r"extra\.json: Sensor spec has unknown fields \['colour'\]") as info:
         SensorSpec.from_json(extra)
+    assert info.value.field == "colour"
     listed = tmp_path / "listed.json"
     listed.write_text("[1]")
-    with pytest.raises(ValueError, match=r"listed\.json: expected a JSON object"):
+    with pytest.raises(ConfigError, match=r"listed\.json: expected a JSON object") as info:
         SensorSpec.from_json(listed)
+    assert info.value.field is None
     with pytest.raises(FileNotFoundError, match="absent.json"):
         SensorSpec.from_json(tmp_path / "absent.json")
 
@@ -120,10 +136,12 @@ def test_raster_pairs_refuse_a_raster_off_its_sensor_gsd_unless_resampled(tmp_pa
     s2 = _raster(tmp_path / "s2.tif", 10.0, 128)
     inputs = {"a": (get_sensor("sentinel2_rgb"), [coarse], None), "b": (get_sensor("sentinel2_rgb"), [s2], None)}
     message = r"coarse\.tif: pixel size 20 m but sensor 'a' has a GSD of 10 m \(100% apart\).*resample=True"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InvalidInputError, match=message) as info:
         raster_pairs(inputs, 640.0, None, "all", 0.2, "y")
-    with pytest.raises(ValueError, match=message):
+    assert info.value.field == "inputs" and info.value.settings == {"resample": True}
+    with pytest.raises(InvalidInputError, match=message) as info:
         check_raster_gsd(coarse, 10.0, "a")
+    assert info.value.field == "path"
     pairs, _ = raster_pairs(inputs, 640.0, None, "all", 0.2, "y", resample=True)
     assert tuple(pairs[0]["images"]["a"].shape) == (3, 64, 64)  # 32 px of 20 m resampled to 64 px of 10 m
 
@@ -138,7 +156,8 @@ def test_default_footprint_is_the_pretraining_grid_of_the_sensor_tokens():
     assert default_footprint_m(model, "aerial") == 640.0  # 5 m x patch 16: the same ground per token
     assert default_footprint_m(model, "sentinel2_rgb", tokens=4) == 320.0  # adapt's global_tokens
     assert default_tile(model, "sentinel2_rgb") == 64 and default_tile(model, "aerial") == 128
-    with pytest.raises(ValueError, match="tokens must be a whole number >= 1, got 0"):
+    with pytest.raises(InvalidOptionError, match="tokens must be a whole number >= 1, got 0") as info:
         default_footprint_m(model, "sentinel2_rgb", tokens=0)
+    assert info.value.field == "tokens"
     with pytest.raises(ValueError, match="landsat"):
         default_footprint_m(model, "landsat")

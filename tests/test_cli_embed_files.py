@@ -13,6 +13,7 @@ import torch
 
 from factories import rgb_images, tiny_model
 from xstars_models.cli import main
+from xstars_models.errors import InvalidOptionError
 from xstars_models.samples import sample_path
 
 
@@ -54,13 +55,13 @@ def test_embed_scene_refuses_its_source_as_output(model_dir, tmp_path, capsys):
     shutil.copy(sample_path("sentinel2_rgb_coast"), scene)
     before = scene.read_bytes()
     assert main(["embed-scene", "no-such-model", "--sensor", "sentinel2_rgb", str(scene), "--out", str(scene)]) == 2
-    assert "--out" in capsys.readouterr().err and scene.read_bytes() == before
+    assert f"xstars embed-scene: error: --out {scene} is the input" in capsys.readouterr().err and scene.read_bytes() == before
     link = tmp_path / "link.tif"
     link.symlink_to(scene)
-    with pytest.raises(ValueError, match="would replace the input"):
-        model.embed_scene(scene, "sentinel2_rgb", out=link, progress=False)
-    with pytest.raises(ValueError, match="would replace the input"):
-        model.embed_scene(str(scene), "sentinel2_rgb", out=scene, progress=False)
+    for out, source in ((link, scene), (scene, str(scene))):
+        with pytest.raises(InvalidOptionError, match="would replace the input") as info:
+            model.embed_scene(source, "sentinel2_rgb", out=out, progress=False)
+        assert info.value.field == "out" and f"out={str(out)!r} is the input" in str(info.value)
     assert scene.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.tif", "s.tif"]
 

@@ -77,7 +77,7 @@ CASES = [
     (["embed", "MODEL", "--sensor", "sentinel2_rgb", "IMG", "--out", "TMP/e.npy", "--output", "pooled"],
      "invalid choice: 'pooled'"),
     (["embed-scene", "MODEL", "--sensor", "sentinel2_rgb", "SCENE", "--out", "TMP/m.tif", "--max-nodata", "2"],
-     "max_nodata is a fraction"),
+     "argument --max-nodata: max_nodata is a fraction"),
     (["embed-scene", "MODEL", "--sensor", "sentinel2_rgb", "SCENE", "--out", "TMP/m.tif", "--tile", "7"], "tile"),
     (["embed-scene", "MODEL", "--sensor", "sentinel2_rgb", "SCENE", "--tile", "x"], "invalid int value: 'x'"),
     ([*ADAPT, "--config", "STEPS_STR"], "field 'steps': expected a whole number >= 0, got '2'"),

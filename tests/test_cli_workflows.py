@@ -43,7 +43,7 @@ def test_adapt_trains_saves_and_records_the_run(adapted, base_dir):
     assert list(model.sensors) == ["sentinel2_rgb", "aerial"]
     assert model.sensors["aerial"].patch_size == 16  # 5 m pixels, 80 m tokens like the base's 10 m x 8
     record = model.training_record
-    assert record["recipe"] == "adapt" and record["settings"]["steps"] == 2 and record["settings"]["dino_out_dim"] == 64
+    assert record["recipe"] == "adapt" and record["settings"]["steps"] == 2 and record["settings"]["dino"]["out_dim"] == 64
     assert "ngi_rgb_byte_1.tif" in record["data"] and "pairs of 640 m (training area" in record["data"]
     lines = (adapted / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
@@ -67,6 +67,23 @@ def test_adapt_config_file_and_flags(base_dir, tmp_path, capsys):
     assert main(unknown) == 2
     err = capsys.readouterr().err
     assert "Unknown sensor 'aerial_rbg'" in err and "aerial_rgb" in err and err.count("\n") == 1
+
+
+def test_adapt_names_the_training_settings_it_refuses_by_their_flags(adapted, base_dir, tmp_path, capsys):
+    """A setting adapt would ignore, and a run folder that already holds a checkpoint, are named
+    by the flags that set them."""
+    argv = [
+        "adapt", str(base_dir), "--sensor", "aerial_rgb", "--gsd", "5", "--name", "aerial",
+        "--new", *map(str, HOMONIM_AERIAL), "--old", str(HOMONIM_S2), "--old-bands", "1", "2", "3",
+        "--out", str(tmp_path / "out"), "--device", "cpu", *TRAIN_FLAGS,
+    ]
+    assert main([*argv, "--run-dir", str(tmp_path / "run"), "--anchor-weight", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "xstars adapt: error: --anchor-weight 1.0 is a setting of pretrain" in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+    assert main([*argv, "--run-dir", str(adapted / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a checkpoint at step 2; pass --resume to continue it" in err and "resume=True" not in err
 
 
 def test_push_uploads_what_from_pretrained_loads(adapted, tmp_path, hub_server, hf_cache, monkeypatch, capsys):

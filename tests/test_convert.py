@@ -25,6 +25,7 @@ from xstars_models import CheckpointFormatError, StateDictMismatchError, XStars,
 from xstars_models.cli import main
 from xstars_models.convert import convert_official_checkpoint
 from xstars_models.convert.official import _check_dino_trunk
+from xstars_models.errors import InvalidOptionError
 
 DIM, DEPTH, PATCH, GRID = 192, 12, 16, 2  # official vit_tiny, 32 px position grid
 IMG = PATCH * GRID
@@ -175,8 +176,8 @@ def test_embeddings_match_plain_timm_on_normalised_input(
     x = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
     with torch.no_grad():
         tokens = reference.forward_features(x)
-    cls = converted.embed(images, sensor="spot67_rgb", output="cls", progress=False)
-    patches = converted.embed(images, sensor="spot67_rgb", output="patch", progress=False)
+    cls = converted.embed(images, sensor="spot67_rgb", output="cls", progress=False, precision="fp32")
+    patches = converted.embed(images, sensor="spot67_rgb", output="patch", progress=False, precision="fp32")
     torch.testing.assert_close(cls, tokens[:, 0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(patches, tokens[:, 1:], rtol=1e-4, atol=1e-5)
 
@@ -244,17 +245,23 @@ def test_arch_and_sensor_can_be_chosen(official: tuple[Path, dict[str, Any]]) ->
 
 
 def test_unknown_arch_lists_the_choices(official: tuple[Path, dict[str, Any]]) -> None:
-    with pytest.raises(ValueError, match="vit_huge") as info:
+    with pytest.raises(InvalidOptionError, match="vit_huge") as info:
         convert_official_checkpoint(official[0], arch="vit_huge")
+    assert info.value.field == "arch"
     for choice in ("vit_tiny", "vit_small", "vit_base", "vit_large"):
         assert choice in str(info.value)
 
 
 def test_sensor_that_cannot_feed_the_trunk_is_refused(official: tuple[Path, dict[str, Any]]) -> None:
-    with pytest.raises(ValueError, match="8-bit red, green, blue"):
+    with pytest.raises(InvalidOptionError, match="8-bit red, green, blue") as info:
         convert_official_checkpoint(official[0], sensor="sentinel2")  # 13 uint16 bands
-    with pytest.raises(ValueError, match="Unknown sensor"):
+    assert info.value.field == "sensor"
+    with pytest.raises(InvalidOptionError, match="Unknown sensor") as info:
         convert_official_checkpoint(official[0], sensor="worldview3")
+    assert info.value.field == "sensor"
+    with pytest.raises(InvalidOptionError, match="key must be 'teacher' or 'student', got 'ema'") as info:
+        convert_official_checkpoint(official[0], key="ema")  # type: ignore[arg-type]
+    assert info.value.field == "key"
 
 
 def test_sensor_defaults_from_args(tmp_path: Path) -> None:
@@ -266,8 +273,9 @@ def test_sensor_defaults_from_args(tmp_path: Path) -> None:
     scratch = _official_checkpoint()
     del scratch["args"].adapt_sensor  # pretraining.py: several sensors share one patch embedding
     scratch_path = _save(scratch, tmp_path / "scratch.pth")
-    with pytest.raises(ValueError, match="pass sensor="):
+    with pytest.raises(InvalidOptionError, match="pass sensor=") as info:
         convert_official_checkpoint(scratch_path)
+    assert info.value.field == "sensor"
     model = convert_official_checkpoint(scratch_path, sensor="sentinel2_rgb")
     assert model.training_record["recipe"] == "pretraining"
 
@@ -320,6 +328,7 @@ def test_unsafe_pickled_content_is_refused_not_run(tmp_path: Path) -> None:
     with pytest.raises(CheckpointFormatError, match="refused") as info:
         convert_official_checkpoint(path)
     assert "_touch" in str(info.value) and "unsafe.pth" in str(info.value)
+    assert info.value.field == "checkpoint"
     assert not marker.exists()
 
 
@@ -364,8 +373,9 @@ def test_refusal_is_detected_from_the_exception_type(tmp_path: Path, monkeypatch
                                            ("std", [0.1, 0.0, 0.1])])
 def test_non_finite_or_zero_normalisation_is_refused(tmp_path: Path, field: str, values: list[float]) -> None:
     path = _save(_official_checkpoint(**{field: values}), tmp_path / "bad-stats.pth")
-    with pytest.raises(CheckpointFormatError, match=rf"args.{field} should be 3 finite numbers"):
+    with pytest.raises(CheckpointFormatError, match=rf"args.{field} should be 3 finite numbers") as info:
         convert_official_checkpoint(path, tmp_path / "out")
+    assert info.value.field == "checkpoint"
     assert not (tmp_path / "out").exists()
 
 
@@ -374,6 +384,7 @@ def test_files_that_are_not_official_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(CheckpointFormatError, match="'student' or 'teacher'") as info:
         convert_official_checkpoint(bare)
     assert "bare.pth" in str(info.value) and "'model'" in str(info.value)
+    assert info.value.field == "checkpoint"
 
     listed = _save([torch.zeros(2)], tmp_path / "list.pth")
     with pytest.raises(CheckpointFormatError, match="holds a list"):
@@ -386,8 +397,9 @@ def test_files_that_are_not_official_checkpoints(tmp_path: Path) -> None:
 
     only_student = _official_checkpoint()
     del only_student["teacher"]
-    with pytest.raises(CheckpointFormatError, match="key='student'"):
+    with pytest.raises(CheckpointFormatError, match="try key='student'") as info:
         convert_official_checkpoint(_save(only_student, tmp_path / "student-only.pth"))
+    assert info.value.field == "key" and info.value.settings == {"key": "student"}
 
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
@@ -402,8 +414,9 @@ def test_checkpoint_without_args_needs_arch(tmp_path: Path, caplog: pytest.LogCa
     ckpt = _official_checkpoint()
     del ckpt["args"]
     path = _save(ckpt, tmp_path / "no-args.pth")
-    with pytest.raises(ValueError, match="pass arch="):
+    with pytest.raises(InvalidOptionError, match="pass arch=") as info:
         convert_official_checkpoint(path, sensor="spot67_rgb")
+    assert info.value.field == "arch"
     with caplog.at_level("WARNING", logger="xstars_models.convert"):
         model = convert_official_checkpoint(path, arch="vit_tiny", sensor="spot67_rgb")
     assert "no args.mean" in caplog.text
@@ -418,8 +431,9 @@ def test_checkpoint_without_args_needs_arch(tmp_path: Path, caplog: pytest.LogCa
 )
 def test_trunk_that_is_not_dinos_vit_is_refused(overrides: dict[str, Any]) -> None:
     trunk = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=IMG, depth=1, **overrides)
-    with pytest.raises(ValueError, match="not DINO's ViT"):
+    with pytest.raises(InvalidOptionError, match="not DINO's ViT") as info:
         _check_dino_trunk(trunk, "vit_tiny_patch16_224")
+    assert info.value.field == "arch"
     _check_dino_trunk(timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=IMG, depth=1), "x")
 
 
@@ -434,3 +448,9 @@ def test_cli_convert_writes_the_folder_and_errors_in_one_line(official: tuple[Pa
     err = capsys.readouterr().err
     assert err.startswith("xstars convert: error:") and "bare.pth" in err and err.count("\n") == 1
     assert not (tmp_path / "never").exists()
+    # The other network is named by the command's own flag.
+    only_student = _official_checkpoint()
+    del only_student["teacher"]
+    assert main(["convert", str(_save(only_student, tmp_path / "student-only.pth")), str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xstars convert: error: ") and "try --key student" in err and "key=" not in err

@@ -10,19 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio  # the test extra installs it; a missing install must fail, not skip
 import torch
 import torch.nn.functional as F
+from affine import Affine  # rasterio's dependency
+from factories import HOMONIM, require_shared_data, window_of
 from PIL import Image
 
-from factories import HOMONIM, require_shared_data, window_of
 from xstars_models import get_sensor
-from xstars_models.data import MSCFrancePairs, MultiCropAugment
+from xstars_models.data import GeoPairDataset, MSCFrancePairs, MultiCropAugment, RasterSource, plan_pairs
 from xstars_models.data.grid import grid_windows, split_regions
-
-import rasterio  # noqa: E402  (the test extra installs it; a missing install must fail, not skip)
-from affine import Affine  # noqa: E402  (rasterio's dependency)
-
-from xstars_models.data import GeoPairDataset, RasterSource  # noqa: E402
+from xstars_models.errors import InvalidInputError, InvalidOptionError
 
 S2 = RasterSource(HOMONIM / "reference/sentinel2_b432_byte.tif", bands=(1, 2, 3))  # B4, B3, B2
 AERIAL = RasterSource([HOMONIM / f"source/ngi_rgb_byte_{i}.tif" for i in (1, 2, 3)], bands=(1, 2, 3))
@@ -70,16 +68,19 @@ def test_msc_france_pairs_tiles_by_city_and_name(tmp_path):
 
     three = MSCFrancePairs(tmp_path, ("SPOT", "Sentinel", "Landsat"), cities=["paris"], transform=lambda im: sorted(im))
     assert len(three) == 2 and three[0]["images"] == ["Landsat", "SPOT", "Sentinel"]
-    with pytest.raises(ValueError, match=r"Cities \['nice'\] are in no sensor folder"):
+    with pytest.raises(InvalidOptionError, match=r"Cities \['nice'\] are in no sensor folder") as info:
         MSCFrancePairs(tmp_path, cities=["nice"])
+    assert info.value.field == "cities"
 
 
 def test_msc_france_unpaired_tile_is_named_with_the_way_out(tmp_path):
     make_msc(tmp_path, {"SPOT": {"paris": ["a", "b"], "lyon": ["c"]}, "Sentinel": {"paris": ["a"], "lyon": ["c"]}})
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(InvalidInputError) as error:
         MSCFrancePairs(tmp_path, sensor_names=NAMES)
+    assert error.value.field == "root" and error.value.settings == {"unpaired": "skip"}
     message = str(error.value)
-    for part in ("'b'", "'paris'", "missing for sensor(s) ['Sentinel']", "in ['SPOT']", "unpaired='skip'", "Sentinel/paris/b.png"):
+    parts = ("'b'", "'paris'", "missing for sensor(s) ['Sentinel']", "in ['SPOT']", "unpaired='skip'", "Sentinel/paris/b.png")
+    for part in parts:
         assert part in message, f"{part!r} not in {message!r}"
     skipping = MSCFrancePairs(tmp_path, sensor_names=NAMES, unpaired="skip")
     assert len(skipping) == 2 and skipping.skipped == [("paris", "b", ("Sentinel",))]
@@ -92,10 +93,12 @@ def test_msc_france_missing_or_empty_root_is_explained(tmp_path):
         MSCFrancePairs(tmp_path)
     (tmp_path / "SPOT" / "paris").mkdir(parents=True)
     (tmp_path / "Sentinel" / "paris").mkdir(parents=True)
-    with pytest.raises(ValueError, match="No tile is present in every sensor folder"):
+    with pytest.raises(InvalidInputError, match="No tile is present in every sensor folder") as info:
         MSCFrancePairs(tmp_path)
-    with pytest.raises(ValueError, match=r"unpaired must be one of \('error', 'skip'\)"):
+    assert info.value.field == "root"
+    with pytest.raises(InvalidOptionError, match=r"unpaired must be one of \('error', 'skip'\)") as info:
         MSCFrancePairs(tmp_path, unpaired="drop")
+    assert info.value.field == "unpaired"
 
 
 def overlap_area(a, b) -> float:
@@ -141,21 +144,42 @@ def write_raster(
 def test_geo_pairs_reject_mismatched_crs_bad_bands_and_degrees(tmp_path):
     a = write_raster(tmp_path / "a.tif", "EPSG:32633", 10)
     b = write_raster(tmp_path / "b.tif", "EPSG:32634", 20, size=20)
-    with pytest.raises(ValueError, match=r"share one CRS: .*b\.tif \(sensor 'b'\).*32634.*a\.tif \(sensor 'a'\).*32633"):
+    crs_message = r"share one CRS: .*b\.tif \(sensor 'b'\).*32634.*a\.tif \(sensor 'a'\).*32633"
+    with pytest.raises(InvalidInputError, match=crs_message) as info:
         GeoPairDataset({"a": a, "b": b}, 100)
+    assert info.value.field == "sources"
     same = write_raster(tmp_path / "c.tif", "EPSG:32633", 20, size=20)
-    with pytest.raises(ValueError, match=r"Sensor 'c': .*c\.tif has 3 bands; cannot read bands \[4\]"):
+    with pytest.raises(InvalidOptionError, match=r"Sensor 'c': .*c\.tif has 3 bands; cannot read bands \[4\]") as info:
         GeoPairDataset({"a": a, "c": RasterSource(same, bands=(1, 4))}, 100)
-    with pytest.raises(ValueError, match="No 1000 m footprint fits"):
+    assert info.value.field == "sources"
+    with pytest.raises(InvalidOptionError, match=r"No 1000 m footprint fits.*smaller footprint than footprint_m=1000\.") as info:
         GeoPairDataset({"a": a, "c": same}, 1000)
-    with pytest.raises(ValueError, match="either in metres"):
+    assert info.value.field == "footprint_m"
+    with pytest.raises(InvalidOptionError, match="either in metres") as info:
         GeoPairDataset({"a": a, "c": same})
+    assert info.value.field == "footprint_m"
+    with pytest.raises(InvalidOptionError, match="either in metres") as info:
+        GeoPairDataset({"a": a, "c": same}, 100, footprint_px=10)
+    assert info.value.field == "footprint_m"
+    with pytest.raises(InvalidOptionError, match=r"max_nodata is a fraction of pixels in \[0, 1\], got 1\.5") as info:
+        GeoPairDataset({"a": a, "c": same}, 100, max_nodata=1.5)
+    assert info.value.field == "max_nodata"
+    with pytest.raises(InvalidOptionError, match=r"reference sensor 'b' is not one of the sources \['a', 'c'\]") as info:
+        GeoPairDataset({"a": a, "c": same}, 100, reference="b")
+    assert info.value.field == "reference"
+    with pytest.raises(InvalidOptionError, match="split must be one of") as info:
+        GeoPairDataset({"a": a, "c": same}, 100, split="test")
+    assert info.value.field == "split"
+    with pytest.raises(InvalidOptionError, match="Unknown resampling 'cubicish'") as info:
+        RasterSource(same, resampling="cubicish")
+    assert info.value.field == "resampling"
     geographic = tmp_path / "g.tif"
     with rasterio.open(geographic, "w", driver="GTiff", width=4, height=4, count=1, dtype="uint8", crs="EPSG:4326",
                        transform=Affine(0.1, 0, 10, 0, -0.1, 50)) as dst:
         dst.write(np.ones((1, 4, 4), np.uint8))
-    with pytest.raises(ValueError, match="units are not metres"):
+    with pytest.raises(InvalidInputError, match="units are not metres") as info:
         GeoPairDataset({"g": geographic}, 100)
+    assert info.value.field == "sources"
     with pytest.raises(FileNotFoundError, match=r"Sensor 'x': raster .*missing\.tif does not exist"):
         GeoPairDataset({"a": a, "x": tmp_path / "missing.tif"}, 100)
 
@@ -181,6 +205,44 @@ def test_geo_pairs_mosaic_several_files_and_honour_nodata_choices(tmp_path):
         {"ref": reference, "sheets": RasterSource([west, east], nodata=10)}, 150, stride_m=50, max_nodata=0.0
     )
     assert min(w[0] for w in west_missing.windows) >= 500_200 and west_missing.reads["sheets"].nodata == 10
+
+
+def test_the_data_set_reads_exactly_the_planned_footprints(tmp_path):
+    """The planner alone decides the footprints (grid, split, nodata filter); the data set yields
+    one chip per planned window, in order, holding that window's pixels. Both are checked against
+    the test's own enumeration of the grid and its own reads of the files."""
+    a = write_raster(tmp_path / "a.tif", "EPSG:32633", 10, nodata=0)
+    with rasterio.open(a, "r+") as dst:  # 80 m x 180 m of nodata inside the training area
+        dst.write(np.zeros((3, 8, 18), np.uint8), window=rasterio.windows.Window(0, 10, 18, 8))
+    b = write_raster(tmp_path / "b.tif", "EPSG:32633", 5, size=80)
+    kwargs = dict(stride_m=50, max_nodata=0.2, split="train", val_fraction=0.25, gap_m=0)
+    plan = plan_pairs({"a": a, "b": b}, 100, **kwargs)
+    pairs = GeoPairDataset({"a": a, "b": b}, 100, **kwargs)
+    assert pairs.plan == plan
+
+    def own_read(path, bounds):
+        with rasterio.open(path) as src:
+            return src.read(window=rasterio.windows.from_bounds(*bounds, transform=src.transform)).astype(np.float32)
+
+    # The training area is the southern 300 m (validation: the northern 100 m); windows of 100 m
+    # every 50 m, left to right then top to bottom; kept where at most 20 % of a's pixels are 0.
+    grid = [(500_000.0 + x, top - 100.0, 500_100.0 + x, top) for top in (3_999_900.0, 3_999_850.0, 3_999_800.0,
+            3_999_750.0, 3_999_700.0) for x in range(0, 301, 50)]
+    missing = [float((own_read(a, w) == 0).all(axis=0).mean()) for w in grid]
+    assert 0 < sum(m > 0.2 for m in missing) < len(grid), "the filter drops some windows, not all"
+    assert plan.windows == [w for w, m in zip(grid, missing) if m <= 0.2]
+    assert [f["a"] for f in plan.nodata_fractions] == pytest.approx([m for m in missing if m <= 0.2])
+    assert all(f["b"] == 0 for f in plan.nodata_fractions)
+    assert plan.regions == [(500_000.0, 3_999_600.0, 500_400.0, 3_999_900.0)]
+
+    items = list(pairs)
+    assert [item["bounds"] for item in items] == plan.windows and [item["index"] for item in items] == list(range(len(items)))
+    for item, window in zip(items, plan.windows):
+        assert np.array_equal(item["images"]["a"].numpy(), own_read(a, window))
+        assert np.array_equal(item["images"]["b"].numpy(), own_read(b, window))
+    planned = GeoPairDataset.from_plan(plan, transform=lambda images: images["b"])
+    assert len(planned) == len(items) and planned.windows == pairs.windows and planned.reads == pairs.reads
+    assert all(torch.equal(planned[i]["images"], item["images"]["b"]) for i, item in enumerate(items))
 
 
 def test_geo_pairs_items_pickle_and_load_in_worker_processes(tmp_path):
@@ -327,8 +389,12 @@ def test_multicrop_views_shapes_range_and_determinism():
     assert all(torch.equal(a, b) for a, b in zip(views, again))
     other = augment(image, torch.Generator().manual_seed(2))
     assert not torch.equal(views[0], other[0])
-    with pytest.raises(ValueError, match=r"expects C x H x W with C = 3"):
+    with pytest.raises(InvalidInputError, match=r"expects C x H x W with C = 3") as info:
         augment(torch.rand(4, 64, 64))
+    assert info.value.field == "image"
+    with pytest.raises(InvalidOptionError, match=r"local_scale must be area fractions") as info:
+        MultiCropAugment(get_sensor("sentinel2_rgb"), 64, 32, local_scale=(0.5, 0.4))
+    assert info.value.field == "local_scale"
 
 
 def test_native_multicrop_views_are_unresized_windows_at_random_positions():
@@ -348,8 +414,9 @@ def test_native_multicrop_views_are_unresized_windows_at_random_positions():
     assert len(positions) > 8, "views land at different positions"
     resized = MultiCropAugment(get_sensor("sentinel2_rgb"), 16, 8, jitter=0.0, blur_p=0.0, grey_p=0.0, noise_p=0.0)
     assert window_of(resized(image, torch.Generator().manual_seed(0))[2], image) is None
-    with pytest.raises(ValueError, match=r"native-resolution views of 16 px need images of at least that size"):
+    with pytest.raises(InvalidInputError, match=r"native-resolution views of 16 px need images of at least that size") as info:
         augment(torch.rand(3, 24, 12) * 255)
+    assert info.value.field == "images"
 
 
 def test_multicrop_handles_any_band_count_and_dn_scale_and_greys_only_rgb():

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from factories import rgb_images, tiny_model
+from xstars_models.errors import InvalidInputError, InvalidOptionError, InvalidTypeError
 
 
 @pytest.fixture(scope="module")
@@ -109,15 +110,23 @@ def test_uint16_sensor_and_reflectance_scale(model):
     ],
 )
 def test_wrong_band_count_with_explicit_layout_is_a_clear_error(model, image, layout):
-    with pytest.raises(ValueError, match=rf"sentinel2_rgb' expects 3 bands .*given as {layout} has shape"):
+    with pytest.raises(InvalidInputError, match=rf"sentinel2_rgb' expects 3 bands .*given as {layout} has shape") as info:
         model.embed(image, "sentinel2_rgb", layout=layout)
+    assert info.value.field == "images"
+
+
+def test_an_unknown_layout_is_a_bad_option(model):
+    with pytest.raises(InvalidOptionError, match=r"layout must be 'CHW', 'HWC' or None \(guess\), got 'WHC'") as info:
+        model.embed(np.zeros((64, 64, 3), np.uint8), "sentinel2_rgb", layout="WHC")
+    assert info.value.field == "layout"
 
 
 def test_huge_single_images_point_to_embed_scene(model):
-    with pytest.raises(ValueError, match=r"1040 x 1040 px is 130 x 130 = 16900 tokens, more than max_tokens=16384.*embed_scene"):
+    with pytest.raises(InvalidInputError, match=r"1040 x 1040 px is 130 x 130 = 16900 tokens, more than max_tokens=16384.*embed_scene") as info:
         model.embed(np.zeros((1040, 1040, 3), np.uint8), "sentinel2_rgb")
+    assert info.value.field == "images" and info.value.settings == {"max_tokens": 16384}
     x = rgb_images(1, 64)  # 8 x 8 = 64 tokens
-    with pytest.raises(ValueError, match=r"more than max_tokens=63"):
+    with pytest.raises(InvalidInputError, match=r"more than max_tokens=63"):
         model.embed(x, "sentinel2_rgb", max_tokens=63)
     assert torch.equal(model.embed(x, "sentinel2_rgb", max_tokens=64), model.embed(x, "sentinel2_rgb", max_tokens=None))
 
@@ -131,7 +140,7 @@ def test_batching_and_progress_do_not_change_results(model):
 
 def test_arbitrary_sizes_interpolate_positions(model):
     x = rgb_images(1, 128)[:, :96]  # 96 x 128, not the 64 x 64 the trunk was built for
-    fmap = model.embed(x, "sentinel2_rgb", output="map")
+    fmap = model.embed(x, "sentinel2_rgb", output="map", precision="fp32")
     assert fmap.shape == (1, model.embed_dim, 12, 16)
     # timm's own forward with dynamic_img_size interpolates the 8 x 8 position grid to 12 x 16.
     pixels = torch.from_numpy(x).permute(0, 3, 1, 2).float()
@@ -190,39 +199,53 @@ def test_forward_intermediates_follow_timm(model):
 
 
 @pytest.mark.parametrize(
-    "images, kwargs, message",
+    "images, kwargs, error, field, message",
     [
-        (np.zeros((64, 64, 4), np.uint8), {}, r"has 3 bands .*shape \(64, 64, 4\)"),
-        (np.zeros((64, 64, 3), np.uint16), {}, r"sentinel2_rgb.*expects uint8.*got uint16"),
-        (np.zeros((64, 64, 3), np.int64), {}, r"expects uint8.*got int64"),
-        (np.zeros((64, 64, 3), np.uint8), {"bands": ["red", "green", "swir16"]}, r"no band 'swir16'.*bands are"),
-        (np.zeros((64, 64, 3), np.uint8), {"bands": ["red", "green", "green"]}, r"name a band twice"),
-        (np.zeros((6, 6, 3), np.uint8), {}, r"6 x 6 px are smaller than one patch \(8 x 8 px = 80 m"),
-        ([np.zeros((64, 64, 3), np.uint8), np.zeros((32, 32, 3), np.uint8)], {}, r"must share a size"),
-        (np.zeros((2, 2, 64, 64, 3), np.uint8), {}, r"shape"),
-        ([], {}, r"empty"),
+        (np.zeros((64, 64, 4), np.uint8), {}, InvalidInputError, "images", r"has 3 bands .*shape \(64, 64, 4\)"),
+        (np.zeros((64, 64, 3), np.uint16), {}, InvalidInputError, "images", r"sentinel2_rgb.*expects uint8.*got uint16"),
+        (np.zeros((64, 64, 3), np.int64), {}, InvalidInputError, "images", r"expects uint8.*got int64"),
+        (np.zeros((64, 64, 3), np.uint8), {"bands": ["red", "green", "swir16"]}, InvalidOptionError, "bands",
+         r"no band 'swir16'.*bands are"),
+        (np.zeros((64, 64, 3), np.uint8), {"bands": ["red", "green", "green"]}, InvalidOptionError, "bands",
+         r"name a band twice"),
+        (np.zeros((64, 64, 3), np.uint8), {"bands": ["red", "green"]}, InvalidOptionError, "bands",
+         r"\['blue'\] missing from the given band names"),
+        (np.zeros((6, 6, 3), np.uint8), {}, InvalidInputError, "images", r"6 x 6 px are smaller than one patch \(8 x 8 px = 80 m"),
+        ([np.zeros((64, 64, 3), np.uint8), np.zeros((32, 32, 3), np.uint8)], {}, InvalidInputError, "images",
+         r"must share a size"),
+        (np.zeros((2, 2, 64, 64, 3), np.uint8), {}, InvalidInputError, "images", r"shape"),
+        (np.zeros((64, 64), np.uint8), {}, InvalidInputError, "images", r"image 0 is 2-D \(64, 64\) \(a single band\)"),
+        ([], {}, InvalidInputError, "images", r"empty"),
+        (np.zeros((64, 64, 3), np.uint8), {"batch_size": 0}, InvalidOptionError, "batch_size", r"batch_size must be >= 1, got 0"),
+        (np.zeros((64, 64, 3), np.uint8), {"layers": [7]}, InvalidOptionError, "layers", r"Block indexes \[7\] out of range"),
     ],
 )
-def test_bad_inputs_raise_clear_errors(model, images, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_inputs_raise_clear_errors(model, images, kwargs, error, field, message):
+    with pytest.raises(error, match=message) as info:
         model.embed(images, "sentinel2_rgb", **kwargs)
+    assert info.value.field == field
 
 
 def test_nan_and_inf_name_image_and_band(model):
     x = rgb_images(2, 64).astype(np.float32)
     x[1, 3, 4, 2] = np.nan
-    with pytest.raises(ValueError, match=r"image 1, band 'blue' contains NaN"):
+    with pytest.raises(InvalidInputError, match=r"image 1, band 'blue' contains NaN") as info:
         model.embed(x, "sentinel2_rgb")
+    assert info.value.field == "images"
     x[1, 3, 4, 2] = 0
     x[0, 0, 0, 0] = np.inf
-    with pytest.raises(ValueError, match=r"image 0, band 'red'"):
+    with pytest.raises(InvalidInputError, match=r"image 0, band 'red'"):
         model.embed(x, "sentinel2_rgb")
 
 
 def test_unknown_sensor_and_output(model):
-    with pytest.raises(ValueError, match=r"no stem for sensor 'landsat8'.*knows \['sentinel2_rgb', 'aerial'"):
+    with pytest.raises(InvalidOptionError, match=r"no stem for sensor 'landsat8'.*knows \['sentinel2_rgb', 'aerial'") as info:
         model.embed(rgb_images(1), "landsat8")
-    with pytest.raises(ValueError, match=r"output must be one of"):
+    assert info.value.field == "sensor"
+    with pytest.raises(InvalidOptionError, match=r"output must be one of") as info:
         model.embed(rgb_images(1), "sentinel2_rgb", output="pooled")
-    with pytest.raises(TypeError, match=r"numpy arrays, torch tensors or PIL images"):
+    assert info.value.field == "output"
+    # A wrong type stays a TypeError for callers who catch that.
+    with pytest.raises(TypeError, match=r"numpy arrays, torch tensors or PIL images") as type_info:
         model.embed("image.png", "sentinel2_rgb")
+    assert isinstance(type_info.value, InvalidTypeError) and type_info.value.field == "images"

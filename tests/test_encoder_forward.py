@@ -8,8 +8,10 @@ import copy
 import pytest
 import torch
 
-from factories import rgb_images, tiny_model
+from factories import TINY, rgb_images, tiny_model
+from xstars_models import XStars, get_sensor
 from xstars_models.encoder import SensorPatchEmbed, build_trunk
+from xstars_models.errors import InvalidOptionError
 
 
 def pixels(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -81,7 +83,7 @@ def test_forward_intermediates_per_sensor_match_timm_on_that_stem(sensor, size, 
     for got, want in zip(maps, want_maps):
         assert torch.allclose(got, want, atol=1e-5)
     # embed(layers=) and forward_tokens give the same blocks
-    embedded = model.embed(rgb_images(2, size), sensor, output="map", layers=[0, 1])
+    embedded = model.embed(rgb_images(2, size), sensor, output="map", layers=[0, 1], precision="fp32")
     for got, want in zip(embedded, maps):
         assert torch.allclose(got, want, atol=1e-5)
 
@@ -96,12 +98,21 @@ def test_forward_intermediates_pass_timm_options_through():
     assert len(early) == 1 and torch.allclose(early[0], full[0], atol=1e-6)
     (patches, prefix), = with_prefix[1]
     assert patches.shape == (1, 64, model.embed_dim) and prefix.shape == (1, 1, model.embed_dim)
-    with pytest.raises(ValueError, match=r"indices=\[\] chooses no block"):
+    with pytest.raises(InvalidOptionError, match=r"indices=\[\] chooses no block") as info:
         model.forward_intermediates(x, "aerial", indices=[])
-    with pytest.raises(ValueError, match=r"Block indexes \[5\] out of range for a 2-block encoder"):
+    assert info.value.field == "indices"
+    with pytest.raises(InvalidOptionError, match=r"Block indexes \[5\] out of range for a 2-block encoder") as info:
         model.forward_intermediates(x, "aerial", indices=[5])
-    with pytest.raises(ValueError, match=r"no stem for sensor 'landsat'"):
+    assert info.value.field == "indices"
+    with pytest.raises(InvalidOptionError, match=r"Asked for the last 3 blocks of a 2-block encoder") as info:
+        model.forward_intermediates(x, "aerial", indices=3)
+    assert info.value.field == "indices"
+    with pytest.raises(InvalidOptionError, match=r"output_fmt must be 'NCHW' or 'NLC', got 'NHWC'") as info:
+        model.forward_intermediates(x, "aerial", indices=1, output_fmt="NHWC")
+    assert info.value.field == "output_fmt"
+    with pytest.raises(InvalidOptionError, match=r"no stem for sensor 'landsat'") as info:
         model.forward_intermediates(x, "landsat", indices=1)
+    assert info.value.field == "sensor"
 
 
 def test_routing_ends_with_the_call_even_when_it_fails():
@@ -115,6 +126,14 @@ def test_routing_ends_with_the_call_even_when_it_fails():
         assert torch.allclose(model.trunk.forward_features(primary), model(pixels(1, 64), "sentinel2_rgb"), atol=1e-6)
 
 
+def test_a_stem_copied_from_a_trunk_without_patch_bias_starts_with_zero_bias():
+    model = XStars.new("vit_tiny_patch16_224", ["sentinel2_rgb"], **{**TINY, "pre_norm": True})  # CLIP-style
+    assert model.trunk.patch_embed.proj.bias is None
+    model.add_sensor(get_sensor("aerial_rgb").with_gsd(5.0, name="aerial"), init_from="sentinel2_rgb")
+    assert torch.count_nonzero(model.stems["aerial"].proj.bias) == 0
+    assert model.embed(rgb_images(1, 128), "aerial").shape == (1, model.embed_dim)
+
+
 def test_trunk_keeps_timm_keys_and_refuses_non_vit_architectures():
     model = tiny_model()
     assert isinstance(model.trunk.patch_embed, SensorPatchEmbed)
@@ -122,5 +141,6 @@ def test_trunk_keeps_timm_keys_and_refuses_non_vit_architectures():
     assert {k for k in model.trunk.state_dict() if k.startswith("patch_embed.")} == {
         "patch_embed.proj.weight", "patch_embed.proj.bias"
     }
-    with pytest.raises(ValueError, match=r"'resnet18' is not a timm VisionTransformer"):
+    with pytest.raises(InvalidOptionError, match=r"'resnet18' is not a timm VisionTransformer") as info:
         build_trunk("resnet18", 3)
+    assert info.value.field == "arch"

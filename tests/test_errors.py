@@ -11,7 +11,7 @@ import pytest
 
 import xstars_models
 from xstars_models.cli import main
-from xstars_models.errors import ChecksumError, MissingExtraError, XStarsError
+from xstars_models.errors import ChecksumError, InvalidTypeError, MissingExtraError, XStarsError
 
 
 def _package_exceptions() -> list[type[BaseException]]:
@@ -43,6 +43,7 @@ def test_every_exception_of_the_package_is_an_xstars_error_and_a_builtin():
 
 def test_typed_errors_still_catch_as_their_builtin():
     assert issubclass(ChecksumError, RuntimeError) and issubclass(MissingExtraError, ImportError)
+    assert issubclass(InvalidTypeError, TypeError)
     assert xstars_models.XStarsError is XStarsError
 
 
@@ -61,6 +62,8 @@ def _list_raising(monkeypatch, error: BaseException) -> None:
         FileNotFoundError(2, "No such file or directory", "absent.tif"),
         ModuleNotFoundError("No module named 'rasterio'", name="rasterio"),
         MissingExtraError("Reading samples needs rasterio: pip install 'xstars-models[geo]'."),
+        # A deliberate TypeError is typed, so it is a message; a bare TypeError stays a bug (below).
+        InvalidTypeError("targets must be a sequence of paths, got the string 'attn.qkv'.", field="targets"),
     ],
     ids=lambda e: type(e).__name__,
 )

@@ -13,6 +13,8 @@ import torch
 from factories import registry_entry, rgb_images, tiny_model
 from xstars_models import ChecksumError, ModelNotFoundError, OfflineFilesMissingError, XStars, register_model
 from xstars_models import manifest as manifest_module
+from xstars_models.errors import InvalidOptionError
+from xstars_models.hub import HubOptions, resolve_model
 
 
 @pytest.fixture(autouse=True)
@@ -82,8 +84,9 @@ def test_missing_files_offline_are_named(published, hf_cache, hub_server, hf_off
 
 def test_local_files_only_without_cache(published, hf_cache, hub_server):
     _, _, repo_id, commit = published
-    with pytest.raises(OfflineFilesMissingError, match=r"\['config.json'\]"):
+    with pytest.raises(OfflineFilesMissingError, match=r"\['config.json'\]") as info:
         XStars.from_pretrained(repo_id, revision=commit, local_files_only=True)
+    assert info.value.field == "local_files_only"
     assert hub_server.requests == []
 
 
@@ -107,7 +110,8 @@ def test_manifest_and_config_disagreeing_is_rejected(published, hf_cache):
     entry = registry_entry(folder, repo_id, commit)
     entry["files"]["stem-aerial.safetensors"]["sha256"] = "0" * 64
     register_model("tiny-tampered", entry)
-    with pytest.raises(ChecksumError, match=r"config.json records stem-aerial.safetensors as sha256 [0-9a-f]{64} but the manifest"):
+    message = r"config.json records stem-aerial.safetensors as sha256 [0-9a-f]{64} but the manifest"
+    with pytest.raises(ChecksumError, match=message):
         XStars.from_pretrained("tiny-tampered")
 
 
@@ -126,10 +130,12 @@ def test_unknown_repo_and_revision(hf_cache, hub_server, published):
     _, _, repo_id, _ = published
     with pytest.raises(ModelNotFoundError, match="Hub repo 'org/does-not-exist' not found"):
         XStars.from_pretrained("org/does-not-exist")
-    with pytest.raises(ModelNotFoundError, match="has no revision 'v9'"):
+    with pytest.raises(ModelNotFoundError, match="has no revision 'v9'") as info:
         XStars.from_pretrained(repo_id, revision="v9")
-    with pytest.raises(ValueError, match="Two revisions given"):
+    assert info.value.field == "revision"
+    with pytest.raises(InvalidOptionError, match=r"Two revisions given for .*: 'main' in the name and revision='v2'\.") as info:
         XStars.from_pretrained(f"{repo_id}@main", revision="v2")
+    assert info.value.field == "revision"
 
 
 def test_registry_ids_are_pinned(published, hf_cache):
@@ -138,5 +144,24 @@ def test_registry_ids_are_pinned(published, hf_cache):
     config = json.loads((folder / "config.json").read_text())
     assert entry["files"]["model.safetensors"] == config["files"]["model.safetensors"]
     register_model("tiny-pinned", entry)
-    with pytest.raises(ValueError, match=rf"pinned to revision {commit}; .*name the Hub repo instead: {repo_id}@main"):
+    message = rf"pinned to revision {commit}; to load revision='main', name the Hub repo instead: {repo_id}@main"
+    with pytest.raises(InvalidOptionError, match=message) as info:
         XStars.from_pretrained("tiny-pinned", revision="main")
+    assert info.value.field == "revision"
+
+
+def test_hub_options_are_keyword_only_frozen_and_checked(published, hf_cache, hub_server):
+    _, _, repo_id, commit = published
+    with pytest.raises(TypeError):
+        HubOptions(commit)  # keyword-only: a positional revision cannot land in another setting
+    options = HubOptions(revision=commit, local_files_only=True)
+    with pytest.raises(AttributeError):
+        options.revision = "main"  # frozen: built once in from_pretrained, passed down unchanged
+    with pytest.raises(InvalidOptionError, match="revision must be a branch, tag or commit id") as info:
+        HubOptions(revision=3)
+    assert info.value.field == "revision"
+    XStars.from_pretrained(repo_id, revision=commit)  # fills the cache
+    hub_server.clear_log()
+    resolved = resolve_model(repo_id, options)
+    assert resolved.revision == commit and resolved.source == f"hub:{repo_id}"
+    assert hub_server.requests == []

@@ -12,6 +12,7 @@ from affine import Affine
 
 from xstars_models import get_sensor
 from xstars_models.data import GeoPairDataset, RasterSource
+from xstars_models.errors import InvalidInputError
 from xstars_models.io import missing_mask
 from xstars_models.io.mosaic import Mosaic
 from xstars_models.scenes.reading import Scene
@@ -47,6 +48,9 @@ def test_missing_mask_policy(pixel, nodata, zero_nodata, missing):
 def test_nodata_the_dtype_cannot_hold_matches_nothing():
     block = np.full((3, 2, 2), 255, np.uint8)
     assert not missing_mask(block, -9999.0).any() and missing_mask(block, 255.0).all()
+    with pytest.raises(InvalidInputError, match=r"expects C x H x W pixels, got shape \(2, 2\)") as info:
+        missing_mask(block[0])
+    assert info.value.field == "block"
 
 
 def test_training_pairs_and_scenes_agree_on_missing_pixels(tmp_path):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from factories import tiny_model
 from xstars_models.cli import main
+from xstars_models.errors import InvalidInputError, InvalidOptionError
 from xstars_models.evaluation import (
     LandcoverChips,
     balanced_accuracy,
@@ -21,6 +22,7 @@ from xstars_models.evaluation import (
     landcover_scores,
     landcover_table,
     linear_probe_accuracy,
+    linear_probe_predict,
     load_landcover_chips,
     spatial_folds,
 )
@@ -62,12 +64,21 @@ def test_balanced_accuracy_weights_classes_equally():
 
 def test_bad_inputs_are_named():
     x, y = clusters()
-    with pytest.raises(ValueError, match="k must be in 1..90"):
+    with pytest.raises(InvalidOptionError, match="k must be in 1..90") as info:
         knn_predict(x, y, x, k=0)
-    with pytest.raises(ValueError, match="test features must be M x 8"):
+    assert info.value.field == "k"
+    with pytest.raises(InvalidInputError, match="test features must be M x 8") as info:
         knn_predict(x, y, x[:, :3])
-    with pytest.raises(ValueError, match="non-negative integer"):
+    assert info.value.field == "test_x"
+    with pytest.raises(InvalidInputError, match="non-negative integer") as info:
         knn_accuracy(x, y.double(), x, y)
+    assert info.value.field == "train_y"
+    with pytest.raises(InvalidInputError, match="non-negative integer") as info:
+        knn_accuracy(x, y, x, y.double())
+    assert info.value.field == "test_y"
+    with pytest.raises(InvalidOptionError, match="weight_decays must be a non-empty sequence") as info:
+        linear_probe_predict(x, y, x, weight_decays=())
+    assert info.value.field == "weight_decays"
 
 
 def test_bundled_chips_are_real_labelled_and_split_in_space():
@@ -96,8 +107,9 @@ def test_default_chips_are_the_area_pretraining_never_sees():
     lowest_unseen_row_px = (tile_top - unseen.bounds[:, 1].min()) / 10.0
     assert lowest_unseen_row_px <= PRETRAIN_FIRST_ROW_PX - 64  # at least one chip of gap
     assert set(unseen.labels.tolist()) == set(range(len(unseen.class_codes)))  # all classes present
-    with pytest.raises(ValueError, match="area must be one of"):
+    with pytest.raises(InvalidOptionError, match="area must be one of") as info:
         load_landcover_chips(area="north")
+    assert info.value.field == "area"
 
 
 def quarter_of_the_chips() -> LandcoverChips:
@@ -130,8 +142,9 @@ def test_spatial_folds_keep_blocks_whole_and_balanced():
     blocks_per_fold = [len(torch.unique(blocks[fold_of == f])) for f in range(3)]
     assert sorted(blocks_per_fold) == [1, 2, 2]  # 5 blocks dealt round-robin into 3 folds
     assert torch.equal(fold_of, spatial_folds(blocks, 3, seed=5))
-    with pytest.raises(ValueError, match=r"folds must be in 2\.\.5"):
+    with pytest.raises(InvalidOptionError, match=r"folds must be in 2\.\.5") as info:
         spatial_folds(blocks, 6)
+    assert info.value.field == "folds"
 
 
 def test_cross_validated_table_predicts_every_chip_once_out_of_fold():
@@ -184,5 +197,6 @@ def test_scores_of_features_from_elsewhere():
     shuffled = landcover_scores(informative[torch.randperm(len(chips.labels), generator=generator)], chips, folds=3)
     assert good["knn"]["acc"] > 0.95 and good["probe"]["acc"] > 0.95
     assert shuffled["knn"]["acc"] < good["majority"]["acc"] + 0.15 and shuffled["probe"]["acc"] < good["majority"]["acc"] + 0.15
-    with pytest.raises(ValueError, match=r"one row per chip \(101 x D\)"):
+    with pytest.raises(InvalidInputError, match=r"one row per chip \(101 x D\)") as info:
         landcover_scores(informative[:-1], chips)
+    assert info.value.field == "x"

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("serialization", "lora", "manifest", "hub", "card"),  # weight files, the registry, the Hub
     ("model",),  # XStars
     # what uses a model
-    ("training", "adapters", "scenes", "publish", "evaluation", "data", "losses", "heads", "integrations"),
+    ("training", "adapters", "scenes", "publish", "evaluation", "data", "losses", "integrations"),
     ("xstars",),  # XStars: the model plus the methods that call into the layer above
     ("convert", "demo", "cli", ""),  # what hands users an XStars, and the entry points
 ]

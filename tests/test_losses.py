@@ -15,8 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from xstars_models.heads import DINOHead
+from xstars_models.errors import InvalidInputError, InvalidOptionError
 from xstars_models.losses import DINOLoss, MaskedTokenLoss, MSADLoss, random_patch_mask
+from xstars_models.training.heads import DINOHead
 
 
 def per_position_msad(loss: MSADLoss, z_a: torch.Tensor, z_b: torch.Tensor, sensor_a: str, sensor_b: str) -> torch.Tensor:
@@ -110,8 +111,9 @@ def test_learnable_temperature_is_clamped() -> None:
     with torch.no_grad():
         loss.log_tau.fill_(-20.0)
     assert float(loss.temperature.detach()) == pytest.approx(0.01)
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(InvalidOptionError, match="temperature") as info:
         MSADLoss(8, ["a", "b"], temperature=0.001)
+    assert info.value.field == "temperature"
 
 
 @pytest.mark.parametrize("setting", ["default", "reference"])
@@ -129,14 +131,17 @@ def test_gradient_reaches_encoder_heads_and_temperature(setting: str) -> None:
 
 def test_sensor_heads_and_input_checks() -> None:
     loss = MSADLoss(8, ["a", "b"], width=8)
-    with pytest.raises(ValueError, match="no projection head for sensor 'c'"):
+    with pytest.raises(InvalidOptionError, match="no projection head for sensor 'c'") as info:
         loss(torch.randn(2, 5, 8), torch.randn(2, 5, 8), "a", "c")
+    assert info.value.field == "sensor"
     loss.add_sensor("c")
     assert torch.isfinite(loss(torch.randn(2, 5, 8), torch.randn(2, 5, 8), "a", "c"))
-    with pytest.raises(ValueError, match="already has a projection head for sensor 'c'"):
+    with pytest.raises(InvalidOptionError, match="already has a projection head for sensor 'c'") as info:
         loss.add_sensor("c")
-    with pytest.raises(ValueError, match=r"same batch and token grid.*a gives \(2, 5, 8\), b gives \(2, 9, 8\)"):
+    assert info.value.field == "sensor"
+    with pytest.raises(InvalidInputError, match=r"same batch and token grid.*a gives \(2, 5, 8\), b gives \(2, 9, 8\)") as info:
         loss(torch.randn(2, 5, 8), torch.randn(2, 9, 8), "a", "b")
+    assert info.value.field == "z_b"
     with pytest.raises(TypeError, match="sequence of sensor names"):
         MSADLoss(8, "ab")
 
@@ -200,8 +205,9 @@ def test_dino_temperature_schedule_and_centre() -> None:
     dino(torch.randn(12, 16), second, 1)
     expected = 0.9 * 0.1 * first.mean(0, keepdim=True) + 0.1 * second.mean(0, keepdim=True)
     assert torch.allclose(dino.center, expected, atol=1e-6)
-    with pytest.raises(ValueError, match="not 2 global views"):
+    with pytest.raises(InvalidInputError, match="not 2 global views") as info:
         dino(torch.randn(12, 16), torch.randn(7, 16), 0)
+    assert info.value.field == "teacher_out"
 
 
 def test_dino_loss_pairs_views_and_trains() -> None:
@@ -297,8 +303,9 @@ def test_masked_token_loss_weighs_each_image_once_and_centres_the_teacher() -> N
     matched = MaskedTokenLoss(5, student_temp=0.05, teacher_temp=0.05)
     shuffled = MaskedTokenLoss(5, student_temp=0.05, teacher_temp=0.05)
     assert matched(teacher, teacher, image, 0) < shuffled(teacher.roll(1, dims=1), teacher, image, 0)
-    with pytest.raises(ValueError, match="same M masked tokens"):
+    with pytest.raises(InvalidInputError, match="same M masked tokens") as info:
         loss(student, teacher[:3], image, 0)
+    assert info.value.field == "teacher_out"
 
 
 def test_random_patch_mask_draws_the_asked_fraction() -> None:
@@ -310,5 +317,6 @@ def test_random_patch_mask_draws_the_asked_fraction() -> None:
     # Every position is masked about as often as any other (no block of the grid favoured).
     per_position = mask.float().mean(0)
     assert per_position.min() > 0.25 and per_position.max() < 0.35
-    with pytest.raises(ValueError, match="0 < low <= high < 1"):
+    with pytest.raises(InvalidOptionError, match="0 < low <= high < 1") as info:
         random_patch_mask(2, 64, (0.0, 0.5))
+    assert info.value.field == "ratio"

@@ -63,54 +63,61 @@ def test_register_model_and_conflicts():
     registered = register_model("my-model", entry())
     assert get_model_entry("my-model") == registered
     register_model("my-model", entry())  # same entry again is fine
-    with pytest.raises(ManifestError, match="already registered"):
+    with pytest.raises(ManifestError, match=r"already registered \(from register_model\(\)\); pass overwrite=True\.") as info:
         register_model("my-model", entry(license="CC-BY-4.0"))
+    assert info.value.field == "model_id"
     assert register_model("my-model", entry(license="CC-BY-4.0"), overwrite=True).license == "CC-BY-4.0"
     assert register_model("other", registered).arch == "vit_tiny_patch16_224"
 
 
 @pytest.mark.parametrize(
-    "bad, message",
+    "bad, field, message",
     [
-        ({"source": {"repo_id": "org/model", "revision": "main"}}, r"revision 'main' must be a full 40-hex commit"),
-        ({"source": {"repo_id": "no-slash", "revision": COMMIT}}, r"repo_id 'no-slash' is not 'org/name'"),
-        ({"source": {"bundled": "../outside"}}, r"must be relative to the package folder"),
-        ({"source": {}}, r"'source' must be"),
-        ({"files": {"model.safetensors": {"sha256": SHA, "size": 1}}}, r"'config.json' included"),
-        ({"files": {"config.json": {"sha256": "xyz", "size": 1}}}, r"file 'config.json': sha256 must be 64"),
-        ({"files": {"config.json": {"sha256": SHA, "size": -1}}}, r"size must be a non-negative"),
-        ({"sensors": []}, r"'sensors' must be a non-empty list"),
-        ({"arch": ""}, r"'arch' must name"),
-        ({"weights": "x"}, r"unknown fields \['weights'\]"),
+        ({"source": {"repo_id": "org/model", "revision": "main"}}, "source.revision", r"revision 'main' must be a full 40-hex commit"),
+        ({"source": {"repo_id": "no-slash", "revision": COMMIT}}, "source.repo_id", r"repo_id 'no-slash' is not 'org/name'"),
+        ({"source": {"bundled": "../outside"}}, "source.bundled", r"must be relative to the package folder"),
+        ({"source": {}}, "source", r"'source' must be"),
+        ({"files": {"model.safetensors": {"sha256": SHA, "size": 1}}}, "files", r"'config.json' included"),
+        ({"files": {"config.json": {"sha256": "xyz", "size": 1}}}, "files.config.json.sha256", r"file 'config.json': sha256 must be 64"),
+        ({"files": {"config.json": {"sha256": SHA, "size": -1}}}, "files.config.json.size", r"size must be a non-negative"),
+        ({"files": {"config.json": {"sha256": SHA}}}, "files.config.json.size", r"file 'config.json': no 'size' recorded"),
+        ({"files": {"config.json": [SHA, 1]}}, "files.config.json", r"file 'config.json': expected \{'sha256'"),
+        ({"sensors": []}, "sensors", r"'sensors' must be a non-empty list"),
+        ({"arch": ""}, "arch", r"'arch' must name"),
+        ({"weights": "x"}, "weights", r"unknown fields \['weights'\]"),
     ],
 )
-def test_malformed_entries_name_the_field(tmp_path, bad, message):
+def test_malformed_entries_name_the_field(tmp_path, bad, field, message):
     path = write_manifest(tmp_path / "m.json", {"my-model": entry(**bad)})
     with pytest.raises(ManifestError, match=message) as err:
         load_manifest(path)
+    assert err.value.field == field
     assert str(path) in str(err.value) and "'my-model'" in str(err.value)
 
 
 def test_malformed_manifest_files(tmp_path):
     bad_json = tmp_path / "bad.json"
     bad_json.write_text("{")
-    with pytest.raises(ManifestError, match="not valid JSON"):
+    with pytest.raises(ManifestError, match=r"Manifest .*bad\.json: not valid JSON"):
         load_manifest(bad_json)
     (tmp_path / "v2.json").write_text(json.dumps({"format_version": 2, "models": {}}))
-    with pytest.raises(ManifestError, match="format_version 1"):
+    with pytest.raises(ManifestError, match="format_version 1") as info:
         load_manifest(tmp_path / "v2.json")
-    with pytest.raises(ManifestError, match="does not exist"):
+    assert info.value.field == "format_version"
+    with pytest.raises(ManifestError, match=r"absent\.json does not exist"):
         load_manifest(tmp_path / "absent.json")
-    with pytest.raises(ManifestError, match="ids use lowercase"):
+    with pytest.raises(ManifestError, match="ids use lowercase") as info:
         load_manifest(write_manifest(tmp_path / "id.json", {"My Model": entry()}))
+    assert info.value.field == "model_id"
 
 
 def test_conflicting_extra_manifest_is_an_error(tmp_path, monkeypatch):
     a = write_manifest(tmp_path / "a.json", {"my-model": entry()})
     b = write_manifest(tmp_path / "b.json", {"my-model": entry(license="other")})
     monkeypatch.setenv(MANIFEST_ENV, f"{a}:{b}")
-    with pytest.raises(ManifestError, match="redefines model 'my-model'"):
+    with pytest.raises(ManifestError, match="redefines model 'my-model'") as info:
         list_models()
+    assert info.value.field == "model_id"
 
 
 def test_unknown_id_lists_close_matches():

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from factories import tiny_model
+from xstars_models.errors import InvalidInputError
 from xstars_models.losses import DINOLoss, info_nce, koleo, sensor_gap
 from xstars_models.samples import sample_path
 from xstars_models.training import TrainConfig, pretrain
@@ -108,8 +109,9 @@ def test_koleo_is_minus_the_mean_log_nearest_neighbour_distance():
     # 0.04)), 2<->1 (sqrt(2)).
     expected = -np.mean(np.log([math.sqrt(0.8), math.sqrt(0.4), math.sqrt(2.0), math.sqrt(0.4)]))
     assert float(koleo(points * 3.0)) == pytest.approx(expected, abs=1e-6)  # scale-free: rows are normalised
-    with pytest.raises(ValueError, match="B >= 2"):
+    with pytest.raises(InvalidInputError, match="B >= 2") as info:
         koleo(points[:1])
+    assert info.value.field == "x"
 
 
 def test_info_nce_matches_the_closed_form():
@@ -118,8 +120,9 @@ def test_info_nce_matches_the_closed_form():
     # Cosine 1 with one's own row, 0 with the others: CE = -log(e^10 / (e^10 + 3)) each way.
     expected = -math.log(math.exp(10) / (math.exp(10) + batch - 1))
     assert float(info_nce(a, a.clone(), temperature=0.1)) == pytest.approx(expected, rel=1e-3)  # float32
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(InvalidInputError, match="one shape") as info:
         info_nce(a, a[:2])
+    assert info.value.field == "b"
 
 
 def test_cross_sensor_dino_term_compares_the_same_index():
@@ -224,8 +227,9 @@ def test_sensor_gap_is_the_distance_between_the_means_of_the_unit_rows():
     assert float(sensor_gap(a, b)) == pytest.approx(0.25 + 0.25)
     assert float(sensor_gap(a, a * 7.0)) == pytest.approx(0.0, abs=1e-7)  # scale-free
     assert float(sensor_gap(b, -b)) == pytest.approx(4.0)  # the largest gap: opposite directions
-    with pytest.raises(ValueError, match="one shape"):
+    with pytest.raises(InvalidInputError, match="one shape") as info:
         sensor_gap(a, b[:1])
+    assert info.value.field == "b"
 
 
 def test_gap_term_is_logged_and_weighted_in_pretrain_and_adapt(tmp_path):

@@ -18,6 +18,7 @@ from factories import tiny_model
 from toy_data import ToyPairs
 from xstars_models import XStars
 from xstars_models.cli import main
+from xstars_models.errors import BackendUnavailableError, InvalidOptionError
 from xstars_models.evaluation import load_landcover_chips
 from xstars_models.precision import Int8Linear, cpu_bf16_native, quantize_int8, resolve_precision
 from xstars_models.samples import list_samples, load_sample, sample_path
@@ -79,19 +80,36 @@ def test_auto_on_cuda_is_bf16_and_says_why():
 
 
 def test_unknown_precision_names_the_value_and_the_choices(tiny):
-    with pytest.raises(ValueError, match=r"precision must be one of \('auto', 'fp32', 'bf16', 'int8'\), got 'fp16'"):
+    with pytest.raises(InvalidOptionError, match=r"precision must be one of \('auto', 'fp32', 'bf16', 'int8'\), got 'fp16'") as info:
         tiny.embed(load_sample("sentinel2_rgb_coast")[:64, :64], SENSOR, progress=False, precision="fp16")
+    assert info.value.field == "precision"
 
 
 def test_int8_is_inference_only_and_cpu_only():
-    with pytest.raises(ValueError, match="inference only"):
+    from xstars_models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="inference only") as info:
         TrainConfig(precision="int8")
-    with pytest.raises(ValueError, match="inference only"):
+    assert info.value.field == "precision"
+    with pytest.raises(InvalidOptionError, match=r"^precision='int8' is for inference only") as info:
         resolve_precision("int8", "cpu", training=True)
-    with pytest.raises(ValueError, match="CPU only.*'cuda'.*bf16"):
+    assert info.value.field == "precision"
+    with pytest.raises(InvalidOptionError, match=r"^precision='int8' runs on CPU only.*'cuda'.*bf16") as info:
         resolve_precision("int8", "cuda")
-    with pytest.raises(ValueError, match="got 'half'"):
+    assert info.value.field == "precision"
+    # The command line names its own flag for the setting.
+    assert info.value.describe(lambda name, value: f"--{name} {value}").startswith("--precision int8 runs on CPU only")
+    with pytest.raises(ConfigError, match="got 'half'") as info:
         TrainConfig(precision="half")
+    assert info.value.field == "precision"
+
+
+def test_int8_without_quantised_kernels_is_a_typed_error(monkeypatch):
+    # A torch built without fbgemm/qnnpack: the property lives on the module's class.
+    monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", ["none"])
+    with pytest.raises(BackendUnavailableError, match=r"^precision='int8' needs torch's quantised linear kernels") as info:
+        Int8Linear(nn.Linear(4, 4))
+    assert info.value.field == "precision"
 
 
 def test_int8_linear_matches_the_float_layer_and_quantize_copies():
@@ -174,6 +192,7 @@ def test_embed_scene_runs_the_precision_and_keeps_the_map(bundled, tmp_path, pre
 
 def test_a_partial_scene_run_does_not_resume_under_another_precision(tiny, tmp_path, monkeypatch):
     import xstars_models.scenes.writers as writers
+    from xstars_models.errors import InvalidOptionError
 
     out = tmp_path / "map.tif"
     calls = {"n": 0}
@@ -189,8 +208,9 @@ def test_a_partial_scene_run_does_not_resume_under_another_precision(tiny, tmp_p
     with pytest.raises(KeyboardInterrupt):
         embed_scene(tiny, sample_path("sentinel2_rgb_inland"), SENSOR, out=out, progress=False, precision="fp32")
     monkeypatch.setattr(writers.Partial, "commit", real_commit)
-    with pytest.raises(ValueError, match='precision: "fp32" then, "int8" now'):
+    with pytest.raises(InvalidOptionError, match='precision: "fp32" then, "int8" now') as info:
         embed_scene(tiny, sample_path("sentinel2_rgb_inland"), SENSOR, out=out, progress=False, precision="int8")
+    assert info.value.field == "resume"
 
 
 def test_cli_precision_flag_prints_what_ran(tiny, tmp_path, capsys):

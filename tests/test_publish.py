@@ -18,7 +18,7 @@ from hub_server import Fault
 from xstars_models import XStars, get_model_entry
 from xstars_models import manifest as manifest_module
 from xstars_models.cli import main
-from xstars_models.errors import ManifestError, PushIncompleteError
+from xstars_models.errors import InvalidOptionError, ManifestError, PushIncompleteError
 from xstars_models.manifest import MANIFEST_ENV
 
 
@@ -153,21 +153,24 @@ def test_pushed_trunk_loads_in_plain_timm(hub_server, hf_cache):
     "kwargs, error, message",
     [
         (dict(model_id="Not A Valid Id"), ManifestError, r"'Not A Valid Id': ids use lowercase letters"),
-        (dict(manifest_path="garbage"), ManifestError, r"garbage.json is not valid JSON"),
-        (dict(repo_id="no-namespace"), ValueError, r"Hub repo id 'no-namespace' is not 'org/name'"),
-        (dict(repo_id="org/name@v2"), ValueError, r"is not 'org/name'"),
-        (dict(revision="a" * 40), ValueError, r"must be a branch name"),
+        (dict(manifest_path="garbage"), ManifestError, r"garbage\.json: not valid JSON"),
+        (dict(repo_id="no-namespace"), InvalidOptionError, r"Hub repo id 'no-namespace' is not 'org/name'"),
+        (dict(repo_id="org/name@v2"), InvalidOptionError, r"is not 'org/name' .*pass revision='v2' for a branch"),
+        (dict(revision="a" * 40), InvalidOptionError, r"must be a branch name"),
     ],
 )
 def test_push_checks_everything_before_uploading(tmp_path, hub_server, hf_cache, kwargs, error, message):
+    field = "revision" if "revision" in kwargs else "repo_id"  # for the argument errors
     repo_id = kwargs.pop("repo_id", new_repo())
     manifest = tmp_path / "models.json"
     if kwargs.get("manifest_path") == "garbage":
         manifest = tmp_path / "garbage.json"
         manifest.write_text("{not json")
         kwargs.pop("manifest_path")
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as info:
         tiny_model().push_to_hub(repo_id, manifest_path=manifest, **kwargs)
+    if error is InvalidOptionError:  # the manifest's own errors are tested with the manifest
+        assert info.value.field == field
     assert hub_server.requests == []  # not even the repo was created
 
 
@@ -221,7 +224,9 @@ def test_manifest_entry_for_a_bundled_folder(tmp_path):
     entry = manifest_entry(model, None, None, folder, "cc-by-4.0", bundled="weights/tiny", description="tiny")
     assert entry["source"] == {"bundled": "weights/tiny"} and entry["description"] == "tiny"
     assert set(entry["files"]) == {p.name for p in folder.iterdir()} and entry["license"] == "cc-by-4.0"
-    with pytest.raises(ValueError, match="either repo_id and revision"):
+    with pytest.raises(InvalidOptionError, match="either repo_id and revision") as info:
         manifest_entry(model, "org/name", "0" * 40, folder, bundled="weights/tiny")
-    with pytest.raises(ValueError, match="either repo_id and revision"):
+    assert info.value.field == "bundled"
+    with pytest.raises(InvalidOptionError, match="either repo_id and revision") as info:
         manifest_entry(model, None, None, folder)
+    assert info.value.field == "bundled"

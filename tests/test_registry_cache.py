@@ -129,7 +129,8 @@ def published(tmp_path, hub_server):
 )
 def test_entry_must_describe_its_config(published, hf_cache, reads, override, message):
     register_model("bad-model", {**published, **override})
-    with pytest.raises(ManifestError, match=r"register_model\(\): model 'bad-model' is " + message):
+    with pytest.raises(ManifestError, match=r"register_model\(\): model 'bad-model' is " + message) as info:
         XStars.from_pretrained("bad-model")
+    assert info.value.field == next(iter(override))
     register_model("good-model", published)
     assert list(XStars.from_pretrained("good-model").sensors) == published["sensors"]

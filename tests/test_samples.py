@@ -12,7 +12,8 @@ from rasterio.windows import from_bounds
 
 from factories import HOMONIM, require_shared_data
 from xstars_models.data import GeoPairDataset, RasterSource
-from xstars_models.samples import co_registered_pair
+from xstars_models.errors import InvalidOptionError
+from xstars_models.samples import co_registered_pair, list_samples, sample_path
 
 PAIR = co_registered_pair()
 
@@ -57,3 +58,10 @@ def test_the_pair_is_an_exact_crop_of_the_open_rasters(name, source, bands):
         window = from_bounds(*sample.bounds, transform=original.transform)
         assert np.array_equal(sample.read(), original.read(bands, window=window.round_offsets().round_lengths()))
         assert sample.crs == original.crs and sample.nodata == original.nodata
+
+
+def test_an_unknown_sample_is_refused_naming_the_samples():
+    assert "sentinel2_rgb_coast" in list_samples() and sample_path("sentinel2_rgb_coast").is_file()
+    with pytest.raises(InvalidOptionError, match=r"No sample named 'moon'; samples: \[.*'sentinel2_rgb_coast'") as info:
+        sample_path("moon")
+    assert info.value.field == "name"

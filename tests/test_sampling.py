@@ -9,6 +9,7 @@ import torch
 
 from factories import tiny_model
 from toy_data import ToyPairs
+from xstars_models.errors import ConfigError, InvalidInputError, InvalidOptionError
 from xstars_models.training import TrainConfig, pretrain
 from xstars_models.training.sampling import NeighbourBatchSampler, StepBatchSampler, window_centres
 
@@ -28,8 +29,9 @@ def line_of_windows(n: int, spacing: float = 100.0) -> list[tuple[float, float, 
 
 def test_window_centres_are_the_middle_of_the_bounds():
     assert window_centres([(0, 10, 640, 650), (100, 0, 740, 640)]).tolist() == [[320.0, 330.0], [420.0, 320.0]]
-    with pytest.raises(ValueError, match="left, bottom, right, top"):
+    with pytest.raises(InvalidInputError, match="left, bottom, right, top") as info:
         window_centres([(0, 1, 2)])
+    assert info.value.field == "windows"
 
 
 def test_neighbour_batches_are_groups_of_nearest_windows_and_resume_exactly():
@@ -48,14 +50,16 @@ def test_neighbour_batches_are_groups_of_nearest_windows_and_resume_exactly():
 
 @pytest.mark.parametrize("group, batch", [(4, 6), (1, 6), (30, 30)])
 def test_bad_neighbour_groups_are_refused(group, batch):
-    with pytest.raises(ValueError, match="Neighbour groups"):
+    with pytest.raises(InvalidOptionError, match="Neighbour groups") as info:
         NeighbourBatchSampler(window_centres(line_of_windows(20)), group, batch, steps=1)
+    assert info.value.field == "group"
 
 
 def test_config_refuses_a_group_of_one_or_one_that_does_not_divide_the_batch():
     for group in (1, 3):
-        with pytest.raises(ValueError, match="neighbour_group"):
+        with pytest.raises(ConfigError, match="neighbour_group must be 0") as info:
             TrainConfig(batch_size=8, neighbour_group=group)
+        assert info.value.field == "neighbour_group"
 
 
 class RecordingPairs(ToyPairs):
@@ -80,5 +84,6 @@ def test_pretrain_draws_neighbour_batches_and_names_a_data_set_without_windows(t
     pretrain(tiny_model(extra_sensors=("aerial",)), pairs, TrainConfig(**settings), out_dir=tmp_path / "a", device="cpu", progress=False)
     batch = pairs.requested[2:]  # after the 2 items of the fixed monitor batch
     assert len(batch) == 4 and all(abs(a - b) == 1 for a, b in (batch[:2], batch[2:]))
-    with pytest.raises(ValueError, match=r"no `windows` bounds; use a GeoPairDataset"):
+    with pytest.raises(InvalidInputError, match=r"no `windows` bounds; use a GeoPairDataset or set neighbour_group=0\.") as info:
         pretrain(tiny_model(extra_sensors=("aerial",)), ToyPairs(12), TrainConfig(**settings), out_dir=tmp_path / "b", device="cpu", progress=False)
+    assert info.value.field == "pairs"

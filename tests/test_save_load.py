@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from factories import TINY, rgb_images, tiny_model
 from xstars_models import ChecksumError, StateDictMismatchError, XStars, get_sensor
 from xstars_models import serialization
+from xstars_models.errors import ConfigError
 
 
 @pytest.fixture()
@@ -106,9 +107,52 @@ def test_config_without_hash_for_a_weight_file_is_rejected(saved):
     config = json.loads((folder / "config.json").read_text())
     del config["files"]["stem-aerial.safetensors"]
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"no sha256 recorded for weight files \['stem-aerial.safetensors'\]"):
+    with pytest.raises(ConfigError, match=r"no sha256 recorded for weight files \['stem-aerial.safetensors'\]") as info:
         XStars.from_pretrained(folder)
+    assert info.value.field == "files"
 
+
+
+def _set(config: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split("/")
+    for key in parents:
+        config = config[key]
+    config[last] = value
+
+
+@pytest.mark.parametrize(
+    "key, value, field, message",
+    [
+        ("format_version", 2, "format_version", r"format_version 2 is not supported"),
+        ("arch", "resnet18", "arch", r"field 'arch' 'resnet18' is not a timm VisionTransformer"),
+        ("arch", "no_such_net", "arch", r"field 'arch' 'no_such_net' is not a timm architecture"),
+        ("arch_kwargs/depth", "2", "arch_kwargs.depth", r"field 'arch_kwargs.depth' must be a positive whole number, got '2'"),
+        ("arch_kwargs/img_size", [64, 0], "arch_kwargs.img_size", r"'arch_kwargs.img_size' must be a positive whole number"),
+        ("sensors/aerial/patch_size", 0, "sensors.aerial.patch_size", r"sensor 'aerial': patch_size must be a positive integer"),
+        ("sensors/aerial", {"patch_size": 16}, "sensors.aerial", r"sensor 'aerial': expected \{'spec'"),
+        ("primary_sensor", "aerial", "primary_sensor", r"primary_sensor 'aerial' must be the first"),
+        ("files/model.safetensors/sha256", "xyz", "files.model.safetensors.sha256", r"file 'model.safetensors': sha256 must be 64"),
+        ("files/model.safetensors", {"sha256": "0" * 64}, "files.model.safetensors.size", r"no 'size' recorded"),
+    ],
+)
+def test_malformed_config_json_names_the_key(saved, key, value, field, message):
+    _, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    _set(config, key, value)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=message) as info:
+        XStars.from_pretrained(folder)
+    assert info.value.field == field
+    assert str(folder / "config.json") in str(info.value)
+
+
+def test_config_json_that_is_not_json_names_the_file(saved):
+    _, folder = saved
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"config\.json: not valid JSON") as info:
+        XStars.from_pretrained(folder)
+    assert info.value.field is None
+    assert str(folder / "config.json") in str(info.value)
 
 def test_interrupted_save_leaves_no_partial_files(tmp_path, monkeypatch):
     model = tiny_model()
@@ -143,6 +187,8 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path, monkeypatch):
 
 
 def test_add_sensor_picks_patch_size_from_gsd_and_copies_nearest_wavelength():
+    from xstars_models.errors import InvalidOptionError
+
     model = tiny_model(extra_sensors=())
     stem = model.add_sensor(get_sensor("spot67").with_gsd(5.0), init_from="sentinel2_rgb")
     assert stem.patch_size == 16 and stem.token_ground_m == 80.0
@@ -151,10 +197,12 @@ def test_add_sensor_picks_patch_size_from_gsd_and_copies_nearest_wavelength():
     resized = timm.layers.resample_patch_embed(source, [16, 16])
     assert torch.allclose(target[:, 0], resized[:, 2]) and torch.allclose(target[:, 2], resized[:, 0])
     assert torch.allclose(target[:, 3], resized[:, 0])  # nir: nearest is red
-    with pytest.raises(ValueError, match=r"80 m, which is 2.667 px, not a whole number"):
+    with pytest.raises(InvalidOptionError, match=r"80 m, which is 2.667 px, not a whole number") as info:
         model.add_sensor(get_sensor("landsat8"))
-    with pytest.raises(ValueError, match="already has a sensor named 'spot67'"):
+    assert info.value.field == "patch_size"
+    with pytest.raises(InvalidOptionError, match="already has a sensor named 'spot67'") as info:
         model.add_sensor(get_sensor("spot67").with_gsd(5.0))
+    assert info.value.field == "name"
 
 
 def test_nearest_wavelength_init_gives_same_tokens_for_upsampled_image():
@@ -162,8 +210,8 @@ def test_nearest_wavelength_init_gives_same_tokens_for_upsampled_image():
     model.add_sensor(get_sensor("sentinel2_rgb").with_gsd(5.0, name="s2_5m"), init_from="sentinel2_rgb")
     x = rgb_images(1, 64)
     up = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
-    a = model.embed(x, "sentinel2_rgb", output="map")
-    b = model.embed(up, "s2_5m", output="map")
+    a = model.embed(x, "sentinel2_rgb", output="map", precision="fp32")
+    b = model.embed(up, "s2_5m", output="map", precision="fp32")
     assert torch.allclose(a, b, atol=1e-3)
 
 
@@ -182,7 +230,7 @@ def test_trunk_weights_load_in_plain_timm(saved):
     normed = (torch.from_numpy(x).permute(0, 3, 1, 2).float() * spec.scale - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
     with torch.inference_mode():
         expected = plain.forward_features(normed)[:, 0]
-    assert torch.allclose(model.embed(x, "sentinel2_rgb"), expected, atol=1e-5)
+    assert torch.allclose(model.embed(x, "sentinel2_rgb", precision="fp32"), expected, atol=1e-5)
 
 
 def test_saved_folder_loads_in_timm_local_dir_with_no_arguments(saved):
@@ -196,7 +244,7 @@ def test_saved_folder_loads_in_timm_local_dir_with_no_arguments(saved):
     spec = model.sensors["sentinel2_rgb"].spec
     normed = (torch.from_numpy(x).permute(0, 3, 1, 2).float() * spec.scale - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
     with torch.inference_mode():
-        assert torch.allclose(trunk.forward_features(normed)[:, 0], model.embed(x, "sentinel2_rgb"), atol=1e-5)
+        assert torch.allclose(trunk.forward_features(normed)[:, 0], model.embed(x, "sentinel2_rgb", precision="fp32"), atol=1e-5)
 
 
 def test_config_without_timm_keys_still_loads(saved):

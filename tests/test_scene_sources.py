@@ -18,6 +18,7 @@ from rasterio.windows import Window
 from factories import tiny_model
 from range_server import RangeServer
 from xstars_models.cli import main
+from xstars_models.errors import InvalidInputError, InvalidOptionError
 from xstars_models.samples import sample_path
 from xstars_models.scenes import embed_scene
 from xstars_models.scenes.stac import open_stac_item, pick_assets
@@ -94,12 +95,18 @@ def test_bounds_and_window_select_the_same_area(model, served, tmp_path):
     by_bounds = embed_scene(model, f"{base}/scene.tif", SENSOR, out=tmp_path / "b.tif", bounds=bounds, tile=64, progress=False)
     np.testing.assert_array_equal(read_map(by_bounds.path)[0], read_map(by_window.path)[0])
     assert read_map(by_bounds.path)[1]["transform"] == read_map(by_window.path)[1]["transform"]
-    with pytest.raises(ValueError, match=r"bounds .* do not overlap the scene, which spans"):
+    with pytest.raises(InvalidOptionError, match=r"bounds .* do not overlap the scene, which spans") as info:
         embed_scene(model, root / "scene.tif", SENSOR, out=tmp_path / "x.tif", bounds=(0, 0, 10, 10), progress=False)
-    with pytest.raises(ValueError, match=r"window \(row 2000, col 0, height 128, width 128\) is not inside the scene's 2048 x 2048"):
+    assert info.value.field == "bounds"
+    with pytest.raises(InvalidOptionError, match=r"window \(row 2000, col 0, height 128, width 128\) is not inside the scene's 2048 x 2048") as info:
         embed_scene(model, root / "scene.tif", SENSOR, out=tmp_path / "x.tif", window=(2000, 0, 128, 128), progress=False)
-    with pytest.raises(ValueError, match="bounds= or window=, not both"):
+    assert info.value.field == "window"
+    with pytest.raises(InvalidOptionError, match="bounds= or window=, not both") as info:
         embed_scene(model, root / "scene.tif", SENSOR, out=tmp_path / "x.tif", bounds=bounds, window=WINDOW, progress=False)
+    assert info.value.field == "window"
+    with pytest.raises(InvalidOptionError, match=r"transform= and crs= are for array sources") as info:
+        embed_scene(model, root / "scene.tif", SENSOR, out=tmp_path / "x.tif", crs="EPSG:32618", progress=False)
+    assert info.value.field == "crs"
 
 
 def write_item(root: Path, base: str, assets: dict[str, tuple[str, list[dict]]], extra: dict | None = None) -> pystac.Item:
@@ -171,14 +178,16 @@ def test_asset_choice_follows_band_names_and_data_types():
     # 16-bit reflectance: the visual asset's uint8 does not fit; per-band COGs before JPEG 2000.
     reflectance = get_sensor("sentinel2").select(["B04", "B03", "B02", "B08"])
     assert pick_assets(item, reflectance) == [("red", 1), ("green", 1), ("blue", 1), ("nir", 1)]
-    with pytest.raises(ValueError, match=r"no asset with band 'coastal' \(B01\) of sensor 'sentinel2'\. Assets with eo:bands: blue: \['b02'\].*Passed over for a data type other than uint16: \['visual'\]"):
+    with pytest.raises(InvalidInputError, match=r"no asset with band 'coastal' \(B01\) of sensor 'sentinel2'\. Assets with eo:bands: blue: \['b02'\].*Passed over for a data type other than uint16: \['visual'\]") as info:
         pick_assets(item, get_sensor("sentinel2"))
+    assert info.value.field == "source"
 
 
 def test_remote_sources_need_an_explicit_out(model, served):
     _, _, _, base = served
-    with pytest.raises(ValueError, match="out= is required when the scene is a URL or a STAC Item"):
+    with pytest.raises(InvalidOptionError, match="out= is required when the scene is a URL or a STAC Item") as info:
         embed_scene(model, f"{base}/scene.tif", SENSOR, progress=False)
+    assert info.value.field == "out"
     with pytest.raises(FileNotFoundError, match=r"Cannot open .*/missing\.tif as a raster over HTTP"):
         embed_scene(model, f"{base}/missing.tif", SENSOR, out=Path("unused.tif"), progress=False)
 

@@ -13,10 +13,12 @@ import numpy as np
 import pyarrow.parquet
 import pytest
 import rasterio
+import torch
 from affine import Affine
 
 from factories import tiny_model
 from xstars_models.cli import main
+from xstars_models.errors import InvalidInputError, InvalidOptionError, InvalidTypeError
 from xstars_models.samples import sample_path
 from xstars_models.scenes import embed_scene
 
@@ -180,9 +182,13 @@ def test_interrupted_run_resumes_without_redoing_finished_strips(model, tmp_path
     assert not out.exists()
     record = json.loads((tmp_path / "map.tif.partial.json").read_text())
     assert record["strips_done"] == 3
+    # The keys of the record's settings are those of earlier versions: their partial runs resume.
+    assert set(record["settings"]) == {"source", "sensor", "patch_px", "output", "tile_px", "overlap_px",
+                                       "resample_scale", "nodata", "max_nodata", "precision", "whiten", "model"}
 
-    with pytest.raises(ValueError, match=r"tile_px.*resume=False"):
+    with pytest.raises(InvalidOptionError, match=r"tile_px.*resume=False") as refused:
         embed_scene(model, SAMPLE, SENSOR, out=out, **{**options, "tile": 128})
+    assert refused.value.field == "resume"
 
     calls.clear()
     monkeypatch.setattr(model, "forward_tokens", counting(fail_after=None))
@@ -293,22 +299,34 @@ def test_array_source_matches_file_source(model, pixels, tmp_path):
     np.testing.assert_array_equal(from_array[0], from_file[0])
     assert from_array[1]["transform"] == from_file[1]["transform"]
     assert from_array[1]["crs"] == from_file[1]["crs"]
-    with pytest.raises(ValueError, match="out= is required"):
+    with pytest.raises(InvalidOptionError, match="out= is required") as info:
         embed_scene(model, pixels, SENSOR, progress=False)
+    assert info.value.field == "out"
 
 
 def test_clear_errors(model, tmp_path, monkeypatch):
     out = tmp_path / "x.tif"
-    with pytest.raises(ValueError, match=r"tile=60 px.*'sentinel2_rgb'.*8 px"):
+    with pytest.raises(InvalidOptionError, match=r"tile=60 px.*'sentinel2_rgb'.*8 px") as info:
         embed_scene(model, SAMPLE, SENSOR, out=out, tile=60, progress=False)
-    with pytest.raises(ValueError, match="overlap=64 px must be smaller than tile=64"):
+    assert info.value.field == "tile"
+    with pytest.raises(InvalidOptionError, match="overlap=64 px must be smaller than tile=64") as info:
         embed_scene(model, SAMPLE, SENSOR, out=out, tile=64, overlap=64, progress=False)
-    with pytest.raises(ValueError, match=r"sentinel2_rgb_inland\.tif: 3 bands.*'sentinel2' has 13 bands"):
+    assert info.value.field == "overlap"
+    with pytest.raises(InvalidInputError, match=r"sentinel2_rgb_inland\.tif: 3 bands.*'sentinel2' has 13 bands") as info:
         embed_scene(model, SAMPLE, "sentinel2", out=out, progress=False)
-    with pytest.raises(ValueError, match=r"geographic CRS.*reproject"):
+    assert info.value.field == "source"
+    with pytest.raises(InvalidInputError, match=r"geographic CRS.*reproject") as info:
         embed_scene(model, copy_sample(tmp_path, "lonlat.tif", crs="EPSG:4326"), SENSOR, out=out, progress=False)
-    with pytest.raises(ValueError, match=r"writes a \.parquet"):
+    assert info.value.field == "source"
+    with pytest.raises(InvalidOptionError, match=r"x\.tif'?: output='cls' writes a \.parquet") as info:
         embed_scene(model, SAMPLE, SENSOR, out=out, output="cls", progress=False)
+    assert info.value.field == "out"
+    with pytest.raises(InvalidInputError, match=r"array \(3, 4, 4\): 4 x 4 px .* smaller than one 8 x 8 px patch") as info:
+        embed_scene(model, np.zeros((3, 4, 4), np.uint8), SENSOR, out=out, progress=False)
+    assert info.value.field == "source"
+    with pytest.raises(InvalidTypeError, match="source must be a C x H x W numpy array.*got int") as info:
+        embed_scene(model, 42, SENSOR, out=out, progress=False)
+    assert info.value.field == "source"
     monkeypatch.setitem(sys.modules, "rasterio", None)
     with pytest.raises(ImportError, match=r"xstars-models\[geo\]"):
         embed_scene(model, SAMPLE, SENSOR, out=out, progress=False)
@@ -341,3 +359,155 @@ def test_cli_scene_errors_are_one_line(model, tmp_path, capsys):
     assert main(["embed-scene", str(folder), str(SAMPLE), "--sensor", SENSOR, "--tile", "100", "--out", str(tmp_path / "x.tif")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("xstars embed-scene: error:") and "100" in err and err.count("\n") == 1
+    # The option at fault is named by its flag, not by the API's keyword.
+    assert "xstars embed-scene: error: --tile 100 px: must be a whole number" in err and "tile=" not in err
+
+
+def test_options_are_checked_once_and_name_the_option():
+    import pickle
+
+    from rasterio.windows import Window
+
+    from xstars_models.errors import UnknownOptionError
+    from xstars_models.scenes import SceneOptions
+
+    for bad, field in [
+        (dict(output="pooled"), "output"), (dict(tile=60.5), "tile"), (dict(overlap=None), "overlap"),
+        (dict(batch_size=0), "batch_size"), (dict(max_nodata=2), "max_nodata"), (dict(max_nodata=float("nan")), "max_nodata"),
+        (dict(precision="fp16"), "precision"), (dict(device="gpu7"), "device"), (dict(bounds=(0, 0, 0, 1)), "bounds"),
+        (dict(window=(0, 0, 1.5, 2)), "window"), (dict(bounds=(0, 0, 1, 1), window=(0, 0, 1, 1)), "window"),
+    ]:
+        with pytest.raises(InvalidOptionError) as info:
+            SceneOptions(**bad)
+        assert info.value.field == field, bad
+    with pytest.raises(InvalidOptionError, match="max_nodata is a fraction of a tile's pixels"):
+        SceneOptions(max_nodata=-0.1)
+    with pytest.raises(InvalidOptionError, match=r"bounds=\(0, 0, 0, 1\) must be \(left, bottom, right, top\)"):
+        SceneOptions(bounds=(0, 0, 0, 1))
+
+    # An unknown keyword names itself and the options there are; it is still the TypeError Python raises.
+    with pytest.raises(UnknownOptionError, match=r"'tiles'.*tile, overlap, output") as info:
+        SceneOptions.from_call(None, (), {"tiles": 64})
+    assert info.value.field == "tiles" and isinstance(info.value, TypeError)
+    with pytest.raises(TypeError, match="multiple values for argument 'tile'"):
+        SceneOptions.from_call(None, (64,), {"tile": 64})
+
+    # Values are normalised, so that equal options compare, hash and pickle alike.
+    options = SceneOptions(tile=np.int64(128), window=Window(8, 16, 64, 32), max_nodata=np.float32(0.25), device="cpu")
+    assert (options.tile, options.window, options.max_nodata) == (128, (16, 8, 32, 64), 0.25)
+    assert type(options.tile) is int and pickle.loads(pickle.dumps(options)) == options
+    assert hash(options) == hash(SceneOptions(tile=128, window=(16, 8, 32, 64), max_nodata=0.25, device="cpu"))
+    with pytest.raises(AttributeError):
+        options.tile = 64  # frozen
+
+    # Keywords replace the values of options=, which is left as it was.
+    merged = SceneOptions.from_call(options, (), {"overlap": 32, "output": "cls"})
+    assert (merged.tile, merged.overlap, merged.output, options.overlap) == (128, 32, "cls", 0)
+    assert SceneOptions.from_call(options, (), {}) is options
+    with pytest.raises(InvalidTypeError) as info:
+        SceneOptions.from_call({"tile": 64}, (), {})  # type: ignore[arg-type]
+    assert info.value.field == "options"
+    assert options.settings() == {"output": "map", "tile_px": 128, "overlap_px": 0, "max_nodata": 0.25,
+                                  "precision": "auto", "whiten": False}
+
+
+def test_options_object_keywords_and_positional_calls_write_the_same(model, tmp_path):
+    from xstars_models.scenes import SceneOptions
+
+    expected = read_map(embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "kw.tif", tile=128, overlap=64, batch_size=3,
+                                    progress=False).path)[0]
+    options = SceneOptions(tile=128, overlap=64, batch_size=3, progress=False)
+    by_object = embed_scene(model, SAMPLE, SENSOR, tmp_path / "obj.tif", options=options)
+    # Calls written before SceneOptions: tile, overlap, output, batch_size, device positionally.
+    by_position = model.embed_scene(SAMPLE, SENSOR, tmp_path / "pos.tif", 128, 64, "map", 3, "cpu", progress=False)
+    overridden = model.embed_scene(SAMPLE, SENSOR, tmp_path / "over.tif",
+                                   options=SceneOptions(tile=256, batch_size=3, progress=False), tile=128, overlap=64)
+    for result in (by_object, by_position, overridden):
+        assert result.tiles == 9
+        np.testing.assert_array_equal(read_map(result.path)[0], expected)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'overlaps'"):
+        model.embed_scene(SAMPLE, SENSOR, tmp_path / "x.tif", overlaps=64)
+    assert not (tmp_path / "x.tif").exists()
+
+
+def test_the_strip_runner_commits_each_strip_through_the_writer_protocol(model, pixels, tmp_path):
+    """The runner knows the writer only as a SceneWriter: per strip, begin_strip, add for each
+    batch, then commit; the partial record follows each commit, counting skipped tiles."""
+    import contextlib
+
+    from xstars_models.precision import resolve_precision
+    from xstars_models.scenes import SceneOptions
+    from xstars_models.scenes.sources import open_scene
+    from xstars_models.scenes.strips import run_strips
+    from xstars_models.scenes.tiling import Plan
+    from xstars_models.scenes.writers import Partial, Progress
+
+    class Recorder:
+        transform = Affine.identity()
+
+        def __init__(self):
+            self.calls = []
+
+        def start(self, record):
+            raise AssertionError("the runner does not start writers")
+
+        def begin_strip(self, token_missing, tile_missing):
+            self.calls.append(("begin", tuple(token_missing.shape), len(tile_missing)))
+
+        def add(self, strip, cols, tokens):
+            self.calls.append(("add", strip, list(cols), tokens.shape[0]))
+
+        def commit(self, strip):
+            record = json.loads(partial.json.read_text()) if partial.json.exists() else {"strips_done": 0}
+            self.calls.append(("commit", strip, record["strips_done"]))
+            return None
+
+        def finish(self, out):
+            raise AssertionError("the runner does not finish writers")
+
+    holes = pixels.astype(np.float32)
+    holes[:, :128, :128] = np.nan  # tile (0, 0) of 2 x 2 all missing
+    options = SceneOptions(tile=128, batch_size=1, progress=False)
+    partial = Partial(tmp_path / "x.tif", {"k": 1})
+    writer, progress = Recorder(), Progress()
+    spec = model.check_sensor(SENSOR).spec
+    with contextlib.ExitStack() as stack:
+        scene = open_scene(holes, spec, SENSOR, options, stack)
+        plan = Plan.build(scene, 8, 128, 0, SENSOR)
+        run_strips(model, scene, plan, writer, partial, progress, sensor=SENSOR, options=options,
+                   device=torch.device("cpu"), autocast=resolve_precision("fp32", "cpu").autocast)
+    # Commits see the record of the strip before: the strip is recorded only after its commit.
+    assert [c for c in writer.calls if c[0] != "add"] == [
+        ("begin", (16, 32), 2), ("commit", 0, 0), ("begin", (16, 32), 2), ("commit", 1, 1)]
+    assert [c for c in writer.calls if c[0] == "add"] == [("add", 0, [1], 1), ("add", 1, [0], 1), ("add", 1, [1], 1)]
+    assert (progress.strips_done, progress.embedded, progress.skipped) == (2, 3, 1)
+    record = json.loads(partial.json.read_text())
+    assert (record["strips_done"], record["skipped"], record["settings"]) == (2, 1, {"k": 1})
+
+
+@pytest.mark.parametrize("output, suffix", [("map", ".tif"), ("cls", ".parquet")])
+def test_a_failed_final_write_leaves_no_output_and_a_resumable_partial(model, tmp_path, monkeypatch, output, suffix):
+    import rasterio.shutil
+
+    import xstars_models.scenes.writers as writers
+
+    def copy_dies_half_way(source, target, **options):
+        Path(target).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    def write_dies_half_way(handle, *args):
+        handle.write(b"half a file")
+        raise OSError("disk full")
+
+    if output == "map":
+        monkeypatch.setattr(rasterio.shutil, "copy", copy_dies_half_way)
+    else:
+        monkeypatch.setattr(writers, "write_geoparquet", write_dies_half_way)
+    out = tmp_path / f"t{suffix}"
+    with pytest.raises(OSError, match="disk full"):
+        embed_scene(model, SAMPLE, SENSOR, out=out, tile=128, output=output, progress=False)
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+    monkeypatch.undo()
+    result = embed_scene(model, SAMPLE, SENSOR, out=out, tile=128, output=output, progress=False)
+    assert (result.resumed, result.embedded) == (4, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]

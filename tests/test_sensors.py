@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
 from xstars_models import Band, SensorSpec, get_sensor, list_sensors, register_sensor
 from xstars_models import sensors as sensors_module
+from xstars_models.errors import ConfigError, InvalidOptionError
 
 
 def test_builtins_cover_the_sensors_and_official_normalisation():
@@ -33,40 +35,75 @@ def test_round_trip_and_views():
 
 
 @pytest.mark.parametrize(
-    "change, message",
+    "change, field, message",
     [
-        (dict(gsd_m=0), r"GSD 0 m must be > 0"),
-        (dict(dtype="int64"), r"dtype 'int64' is not one of"),
-        (dict(name="bad name"), r"Sensor name 'bad name'"),
-        (dict(bands=()), r"has no bands"),
-        (dict(scale=0), r"scale must be non-zero"),
+        (dict(gsd_m=0), "gsd_m", r"GSD 0 m must be > 0"),
+        (dict(dtype="int64"), "dtype", r"dtype 'int64' is not one of"),
+        (dict(name="bad name"), "name", r"Sensor name 'bad name'"),
+        (dict(bands=()), "bands", r"has no bands"),
+        (dict(scale=0), "scale", r"scale must be non-zero"),
+        (dict(units="kelvin"), "units", r"units 'kelvin' is not one of"),
     ],
 )
-def test_invalid_specs(change, message):
-    with pytest.raises(ValueError, match=message):
+def test_invalid_specs(change, field, message):
+    with pytest.raises(ConfigError, match=message) as info:
         dataclasses.replace(get_sensor("sentinel2_rgb"), **change)
+    assert info.value.field == field
 
 
 def test_band_checks():
-    with pytest.raises(ValueError, match=r"665 is not in micrometres .*665 nm is 0.665"):
+    with pytest.raises(ConfigError, match=r"665 is not in micrometres .*665 nm is 0.665") as info:
         Band("red", 665, 0.03, 0.1, 0.1)
-    with pytest.raises(ValueError, match="std 0 must be > 0"):
+    assert info.value.field == "center_um"
+    with pytest.raises(ConfigError, match="std 0 must be > 0") as info:
         Band("red", 0.665, 0.03, 0.1, 0)
+    assert info.value.field == "std"
     bands = (Band("red", 0.665, 0.03, 0.1, 0.1), Band("red", 0.56, 0.03, 0.1, 0.1))
-    with pytest.raises(ValueError, match=r"band names repeated: \['red'\]"):
+    with pytest.raises(ConfigError, match=r"band names repeated: \['red'\]") as info:
         SensorSpec("dup", bands, 10.0)
-    with pytest.raises(ValueError, match=r"Sensor spec has unknown fields \['colour'\]"):
+    assert info.value.field == "bands"
+    with pytest.raises(ConfigError, match=r"Sensor spec has unknown fields \['colour'\]") as info:
         SensorSpec.from_dict({**get_sensor("sentinel2_rgb").to_dict(), "colour": 1})
+    assert info.value.field == "colour"
+
+
+def test_spec_errors_name_the_dotted_field_and_the_file(tmp_path):
+    data = get_sensor("sentinel2_rgb").to_dict()
+    data["bands"][1]["std"] = 0
+    with pytest.raises(ConfigError, match="std 0 must be > 0") as info:
+        SensorSpec.from_dict(data)
+    assert info.value.field == "bands.1.std"
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"spec\.json: Band 'green': std 0 must be > 0") as info:
+        SensorSpec.from_json(path)
+    assert info.value.field == "bands.1.std"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"spec\.json: not valid JSON") as info:
+        SensorSpec.from_json(path)
+    assert info.value.field is None
+
+
+def test_unknown_band_names_the_argument_that_gave_it():
+    spec = get_sensor("sentinel2")
+    with pytest.raises(InvalidOptionError, match=r"has no band 'B13'; its bands are \['coastal \(B01\)'") as info:
+        spec.select(["B04", "B13"])
+    assert info.value.field == "bands"
+    with pytest.raises(InvalidOptionError) as info:
+        spec.band_index("B13", field="model_bands")
+    assert info.value.field == "model_bands"
 
 
 def test_registry_of_sensors(monkeypatch):
     monkeypatch.setattr(sensors_module, "_BUILTINS", dict(sensors_module._BUILTINS))
-    with pytest.raises(ValueError, match=r"Unknown sensor 'sentinel-2'\. Did you mean \['sentinel2'"):
+    with pytest.raises(InvalidOptionError, match=r"Unknown sensor 'sentinel-2'\. Did you mean \['sentinel2'") as info:
         get_sensor("sentinel-2")
+    assert info.value.field == "sensor"
     custom = get_sensor("aerial_rgb").with_gsd(0.2, name="my_drone")
     assert register_sensor(custom) is custom and get_sensor("my_drone") == custom
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(InvalidOptionError, match=r"already registered; pass overwrite=True to replace it") as info:
         register_sensor(custom.with_gsd(0.1))
+    assert info.value.field == "spec" and info.value.settings == {"overwrite": True}
 
 
 # The built-in statistics, pinned: a model normalises with them, so a silent edit (two bands swapped,

@@ -25,6 +25,7 @@ from terratorch.utils import InvalidModelError  # noqa: E402
 
 from factories import rgb_images, tiny_model  # noqa: E402
 from xstars_models import XStars, get_sensor  # noqa: E402
+from xstars_models.errors import InvalidInputError, InvalidOptionError, SensorMismatchError  # noqa: E402
 
 S2_HLS = [
     "COASTAL_AEROSOL", "BLUE", "GREEN", "RED", "RED_EDGE_1", "RED_EDGE_2", "RED_EDGE_3",
@@ -100,34 +101,53 @@ def test_terratorch_band_names_pick_the_one_sensor_with_exactly_those_bands(save
 
 
 def test_bands_of_several_sensors_need_sensor_and_never_guess(saved):
-    with pytest.raises(ValueError, match=r"fit several sensors: sentinel2_rgb \(10 m GSD\); aerial \(5 m GSD\)\. Pass sensor="):
+    several = r"fit several sensors: sentinel2_rgb \(10 m GSD\); aerial \(5 m GSD\)\. Pass sensor="
+    with pytest.raises(InvalidOptionError, match=several) as info:
         BACKBONE_REGISTRY.build(f"xstars_{saved}", model_bands=["RED", "GREEN", "BLUE"])
-    with pytest.raises(ValueError, match=r"Name the input bands \(model_bands=\[\.\.\.\]\) or the stem \(sensor=\.\.\.\)"):
+    assert info.value.field == "sensor"
+    neither = r"Name the input bands \(model_bands=\[\.\.\.\]\) or the stem \(sensor=\.\.\.\)"
+    with pytest.raises(InvalidOptionError, match=neither) as info:
         BACKBONE_REGISTRY.build(f"xstars_{saved}")
+    assert info.value.field == "model_bands"
 
 
 def test_bands_that_fit_no_sensor_are_refused_naming_what_each_needs(saved):
-    with pytest.raises(ValueError, match=r"match no sensor.*sentinel2_rgb \(10 m\): \['red', 'green', 'blue'\]"):
+    with pytest.raises(SensorMismatchError, match=r"match no sensor.*sentinel2_rgb \(10 m\): \['red', 'green', 'blue'\]") as info:
         BACKBONE_REGISTRY.build(f"xstars_{saved}", model_bands=["RED", "GREEN", "NIR_NARROW"])
-    with pytest.raises(ValueError, match=r"not the bands of sensor 'aerial', which needs exactly \['red', 'green', 'blue'\]"):
+    assert info.value.field == "model_bands"
+    not_aerial = r"not the bands of sensor 'aerial', which needs exactly \['red', 'green', 'blue'\]"
+    with pytest.raises(SensorMismatchError, match=not_aerial) as info:
         BACKBONE_REGISTRY.build(f"xstars_{saved}", model_bands=["RED", "GREEN"], sensor="aerial")
-    with pytest.raises(ValueError, match="model_bands entry 3 is not a band name"):
+    assert info.value.field == "model_bands"
+    with pytest.raises(InvalidOptionError, match="model_bands entry 3 is not a band name") as info:
         BACKBONE_REGISTRY.build(f"xstars_{saved}", model_bands=["RED", "GREEN", 3], sensor="aerial")
+    assert info.value.field == "model_bands"
     with pytest.raises(ValueError, match="no stem for sensor 'landsat8'"):
         BACKBONE_REGISTRY.build(f"xstars_{saved}", sensor="landsat8")
 
 
 def test_bad_arguments_and_inputs_are_refused_with_the_fix(saved):
     name = f"xstars_{saved}"
-    with pytest.raises(ValueError, match=r"out_indices \[2\] must be .* in -2\.\.1 \(the trunk has 2 blocks\)"):
+    with pytest.raises(InvalidOptionError, match=r"out_indices \[2\] must be .* in -2\.\.1 \(the trunk has 2 blocks\)") as info:
         BACKBONE_REGISTRY.build(name, sensor="aerial", out_indices=[2])
-    with pytest.raises(ValueError, match=r"got also \['img_size'\]"):
+    assert info.value.field == "out_indices"
+    with pytest.raises(InvalidOptionError, match=r"got also \['img_size'\]") as info:
         BACKBONE_REGISTRY.build(name, sensor="aerial", img_size=224)
+    assert info.value.field == "img_size"
+    with pytest.raises(InvalidOptionError, match=r"keyword arguments only, got positional \(1,\)") as info:
+        BACKBONE_REGISTRY.build(name, 1, sensor="aerial")
+    assert info.value.field == "args"
     backbone = BACKBONE_REGISTRY.build(name, sensor="aerial")
-    with pytest.raises(ValueError, match=r"expects B x 3 x H x W images with bands \['red', 'green', 'blue'\], got shape \(2, 4, 64, 64\)"):
+    with pytest.raises(InvalidOptionError, match=r"order must be a permutation of 0\.\.2 for sensor 'aerial'") as info:
+        xt.XStarsBackbone(backbone.model, "aerial", order=[0, 0, 1])
+    assert info.value.field == "order"
+    shape = r"expects B x 3 x H x W images with bands \['red', 'green', 'blue'\], got shape \(2, 4, 64, 64\)"
+    with pytest.raises(InvalidInputError, match=shape) as info:
         backbone(torch.zeros(2, 4, 64, 64))
-    with pytest.raises(ValueError, match="60 x 64 px are not a whole number of 16 px patches"):
+    assert info.value.field == "x"
+    with pytest.raises(InvalidInputError, match="60 x 64 px are not a whole number of 16 px patches") as info:
         backbone(torch.zeros(2, 3, 60, 64))
+    assert info.value.field == "x"
 
 
 def test_pretrained_false_is_the_same_configuration_with_fresh_weights(saved):

@@ -39,7 +39,7 @@ def test_hf_hub_create_model_loads_the_trunk_with_no_arguments(hub_server, hf_ca
     ).view(1, 3, 1, 1)
     with torch.inference_mode():
         tokens = trunk.forward_features(normed)
-    torch.testing.assert_close(tokens[:, 1:], model.embed(x, "sentinel2_rgb", output="patch"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tokens[:, 1:], model.embed(x, "sentinel2_rgb", output="patch", precision="fp32"), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("primary", ["sentinel2_rgb", "sentinel2"])
@@ -56,4 +56,4 @@ def test_model_card_timm_snippet_runs_as_written(primary, hub_server, hf_cache):
     dn = rng.integers(1, high, (spec.num_bands, 64, 64)).astype(spec.dtype)
     namespace = {"dn": dn}
     exec(snippet, namespace)  # the card's own code, JSON literals and all
-    torch.testing.assert_close(namespace["tokens"][:, 0], model.embed(dn, primary), atol=1e-5, rtol=0)
+    torch.testing.assert_close(namespace["tokens"][:, 0], model.embed(dn, primary, precision="fp32"), atol=1e-5, rtol=0)

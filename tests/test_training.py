@@ -18,8 +18,9 @@ import torch
 from factories import tiny_model, window_of
 from toy_data import ToyPairs
 from xstars_models import XStars, get_sensor
+from xstars_models.errors import ConfigError, InvalidInputError, InvalidOptionError
 from xstars_models.training import TrainConfig, adapt, pretrain
-from xstars_models.training.checkpoint import load_checkpoint
+from xstars_models.training.checkpoint import CheckpointExistsError, load_checkpoint
 
 WORKER = Path(__file__).with_name("train_worker.py")
 
@@ -95,8 +96,11 @@ def test_training_time_counts_across_resumed_sessions(tmp_path):
 
 def test_existing_checkpoint_without_resume_is_an_error(tmp_path):
     pretrain(two_sensor_model(), ToyPairs(8), small_config(steps=2), out_dir=tmp_path, device="cpu", progress=False)
-    with pytest.raises(FileExistsError, match="checkpoint at step 2; pass resume=True"):
+    with pytest.raises(FileExistsError, match="checkpoint at step 2; pass resume=True") as info:
         pretrain(two_sensor_model(), ToyPairs(8), small_config(steps=2), out_dir=tmp_path, device="cpu", progress=False)
+    assert isinstance(info.value, CheckpointExistsError) and info.value.field == "resume"
+    as_flag = info.value.describe(lambda name, value: "--resume" if (name, value) == ("resume", True) else "?")
+    assert as_flag.endswith("pass --resume to continue it, or choose a new output folder.")
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
@@ -156,10 +160,10 @@ def test_adapt_trains_what_the_mode_says(tmp_path, mode):
     )
     assert trunk_changed == (mode == "full")
     assert adapted.lineage["adapt_mode"] == mode
-    out = adapted.embed(ToyPairs(2).aerial.numpy(), "aerial", output="map", layout="CHW")
+    out = adapted.embed(ToyPairs(2).aerial.numpy(), "aerial", output="map", layout="CHW", precision="fp32")
     assert out.shape == (2, 32, 8, 8)
     reloaded = XStars.from_pretrained(adapted.save_pretrained(tmp_path / "saved"))  # LoRA merged on save
-    assert torch.allclose(reloaded.embed(ToyPairs(2).aerial.numpy(), "aerial", output="map", layout="CHW"), out, atol=1e-4)
+    assert torch.allclose(reloaded.embed(ToyPairs(2).aerial.numpy(), "aerial", output="map", layout="CHW", precision="fp32"), out, atol=1e-4)
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -216,8 +220,9 @@ def test_photometric_augmentation_follows_the_config():
         assert torch.allclose(view.mean(dim=(1, 2)), colour, rtol=0.02)
         grey = jittered(image, torch.Generator().manual_seed(seed))[0]
         assert torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
-    with pytest.raises(ValueError, match="color_jitter must be in"):
+    with pytest.raises(ConfigError, match=r"crops.color_jitter: expected a number in \[0, 1\), got 1.5") as info:
         TrainConfig(color_jitter=1.5)
+    assert info.value.field == "crops.color_jitter"
 
 
 def test_native_crops_follow_the_config():
@@ -233,8 +238,9 @@ def test_native_crops_follow_the_config():
     image = torch.rand(3, size + 8, size + 8) * 200
     view = native(image, torch.Generator().manual_seed(0))[0]
     assert window_of(view, image) is not None, "the global view is a window of the image at its own resolution"
-    with pytest.raises(ValueError, match="native-resolution views"):
+    with pytest.raises(InvalidInputError, match="native-resolution views") as info:
         native(torch.rand(3, size - 1, size - 1))
+    assert info.value.field == "images"
 
 
 def test_pretraining_an_adapted_model_trains_its_trunk(tmp_path):
@@ -282,14 +288,16 @@ def test_anchor_keeps_pretraining_near_the_starting_model(tmp_path):
 
 def test_adapt_refuses_an_anchor(tmp_path):
     new = get_sensor("aerial_rgb").with_gsd(5.0, name="aerial")
-    with pytest.raises(ValueError, match="anchor_weight=1.0 is for pretrain"):
+    with pytest.raises(ConfigError, match="anchor.weight=1.0 is a setting of pretrain") as info:
         adapt(tiny_model(extra_sensors=()), new, ToyPairs(8), config=small_config(anchor_weight=1.0), out_dir=tmp_path,
               device="cpu", progress=False)
+    assert info.value.field == "anchor.weight" and str(info.value).endswith("so it would ignore it. Set it to 0.")
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before any training
 
 
 def test_masked_patches_do_not_reach_the_encoder():
     """iBOT's mask: a masked patch's pixels have no effect on any token; unmasked they do."""
-    from xstars_models.heads import DINOHead
+    from xstars_models.training.heads import DINOHead
     from xstars_models.training.terms import DINONet
 
     model = tiny_model(extra_sensors=()).eval()
@@ -306,8 +314,9 @@ def test_masked_patches_do_not_reach_the_encoder():
         plain = [net(image, "sentinel2_rgb")[1] for image in (x, changed)]
     assert torch.allclose(*masked)
     assert not torch.allclose(*plain, atol=1e-4)
-    with pytest.raises(ValueError, match="no mask token"):
+    with pytest.raises(InvalidOptionError, match="no mask token") as info:
         DINONet(model, DINOHead(model.embed_dim, 16)).forward_with_bottleneck(x, "sentinel2_rgb", mask)
+    assert info.value.field == "mask"
 
 
 def test_ibot_term_trains_a_mask_token_that_is_not_saved(tmp_path):
@@ -321,7 +330,7 @@ def test_ibot_term_trains_a_mask_token_that_is_not_saved(tmp_path):
     assert state["student.mask_token"].abs().sum() > 0
     assert "dino.ibot_aerial.center" in state and "dino.ibot_sentinel2_rgb.center" in state
     assert set(trained.state_dict()) == plain_keys
-    assert trained.training_record["settings"]["ibot_weight"] == 1.0
+    assert trained.training_record["settings"]["ibot"]["weight"] == 1.0
 
 
 def test_adapt_runs_the_ibot_term_on_the_new_sensor(tmp_path):
@@ -334,10 +343,12 @@ def test_adapt_runs_the_ibot_term_on_the_new_sensor(tmp_path):
 
 
 def test_ibot_config_is_checked():
-    with pytest.raises(ValueError, match="global_crops >= 2"):
+    with pytest.raises(ConfigError, match="crops.n_global >= 2") as info:
         TrainConfig(ibot_weight=1.0, global_crops=1)
-    with pytest.raises(ValueError, match="mask_ratio"):
+    assert info.value.field == "ibot.weight"
+    with pytest.raises(ConfigError, match=r"fractions of the patches with 0 < low <= high < 1, got \(0.2, 1.0\)") as info:
         TrainConfig(mask_ratio=(0.2, 1.0))
+    assert info.value.field == "ibot.mask_ratio"
 
 
 def test_native_msad_views_are_windows_over_the_same_ground():
@@ -362,7 +373,8 @@ def test_native_msad_views_are_windows_over_the_same_ground():
     views = TrainingViews(pairs, {}, sizes, seed=0, native=True)
     assert torch.equal(monitor_images(views, "s2", 64, 1)[0], s2[:, 16:80, 16:80])
     other_ground = [{"images": {"s2": s2, "aerial": aerial[:, :160, :160]}}]
-    with pytest.raises(ValueError, match="same ground in every sensor"):
+    with pytest.raises(InvalidInputError, match="same ground in every sensor") as info:
         TrainingViews(other_ground, {}, sizes, seed=0, native=True)[0, 0]
+    assert info.value.field == "images"
     with pytest.raises(ValueError, match="'aerial'.*need images of at least"):
         TrainingViews(pairs, {}, {"s2": 64, "aerial": 200}, seed=0, native=True)[0, 0]

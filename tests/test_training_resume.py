@@ -167,13 +167,13 @@ def test_a_rename_failing_during_a_save_keeps_the_previous_checkpoint_and_no_tem
 @pytest.mark.parametrize(
     ("change", "shown"),
     [
-        (dict(lr=2e-3), "lr: 0.001 in the checkpoint, 0.002 now"),
-        (dict(batch_size=2), "batch_size: 4 in the checkpoint, 2 now"),
-        (dict(seed=1), "seed: 0 in the checkpoint, 1 now"),
-        (dict(alpha=0.5), "alpha: 0.1 in the checkpoint, 0.5 now"),
-        (dict(dino_out_dim=32), "dino_out_dim: 64 in the checkpoint, 32 now"),
-        (dict(global_scale=(0.5, 1.0)), "global_scale: (0.4, 1.0) in the checkpoint, (0.5, 1.0) now"),
-        (dict(color_jitter=0.1), "color_jitter: 0.3 in the checkpoint, 0.1 now"),
+        (dict(lr=2e-3), "\n  optim.lr: 0.001 in the checkpoint, 0.002 now"),
+        (dict(batch_size=2), "\n  batch_size: 4 in the checkpoint, 2 now"),
+        (dict(seed=1), "\n  seed: 0 in the checkpoint, 1 now"),
+        (dict(alpha=0.5), "\n  msad.alpha: 0.1 in the checkpoint, 0.5 now"),
+        (dict(dino_out_dim=32), "\n  dino.out_dim: 64 in the checkpoint, 32 now"),
+        (dict(global_scale=(0.5, 1.0)), "\n  crops.global_scale: (0.4, 1.0) in the checkpoint, (0.5, 1.0) now"),
+        (dict(color_jitter=0.1), "\n  crops.color_jitter: 0.3 in the checkpoint, 0.1 now"),
         (dict(steps=1), "steps=1 is below the checkpoint's step 2"),
     ],
 )
@@ -192,7 +192,7 @@ def test_resume_lists_every_changed_setting(tmp_path):
     with pytest.raises(ResumeMismatchError) as caught:
         run_pretrain(tmp_path, small_config(steps=4, lr=2e-3, seed=3), resume=True)
     message = str(caught.value)
-    assert "lr: 0.001 in the checkpoint, 0.002 now" in message and "seed: 0 in the checkpoint, 3 now" in message
+    assert "optim.lr: 0.001 in the checkpoint, 0.002 now" in message and "seed: 0 in the checkpoint, 3 now" in message
     assert "steps" not in message.split("now")[0]  # more steps is allowed, so not listed as a difference
 
 
@@ -205,15 +205,53 @@ def test_resume_may_change_steps_workers_checkpointing_and_precision(tmp_path):
 
 
 def test_a_setting_added_after_the_checkpoint_was_written_compares_as_its_default(tmp_path):
-    """Checkpoints of long runs outlive releases: one written before ``grey_p`` existed resumes
-    with the default (what the run used), and refuses another value."""
+    """Checkpoints of long runs outlive releases: one written before ``crops.grey_p`` existed
+    resumes with the default (what the run used), and refuses another value."""
     run_pretrain(tmp_path, small_config(steps=2))
     checkpoint = torch.load(tmp_path / "last.pt", weights_only=False)
-    del checkpoint["config"]["grey_p"]
+    del checkpoint["config"]["crops"]["grey_p"]
     torch.save(checkpoint, tmp_path / "last.pt")
-    with pytest.raises(ResumeMismatchError, match="grey_p: 0.2 in the checkpoint, 0.0 now"):
+    with pytest.raises(ResumeMismatchError, match="crops.grey_p: 0.2 in the checkpoint, 0.0 now"):
         run_pretrain(tmp_path, small_config(steps=4, grey_p=0.0), resume=True)
     assert run_pretrain(tmp_path, small_config(steps=4), resume=True).training_record["resumed_from"] == 2
+
+
+# small_config's settings as TrainConfig.to_dict wrote them before the settings were grouped
+# (the 41 flat names of xstars_models/training/config.py up to commit 5d2c116).
+FLAT_SMALL_CONFIG = {
+    "steps": 2, "batch_size": 4, "lr": 0.001, "min_lr": 1e-06, "warmup_steps": 1, "weight_decay": 0.04, "alpha": 0.1,
+    "teacher_momentum": 0.5, "dino_out_dim": 64, "dino_bottleneck": 256, "student_temp": 0.1, "teacher_temp": 0.04,
+    "warmup_teacher_temp": 0.04, "warmup_teacher_temp_steps": 0, "global_tokens": 8, "local_tokens": 4, "global_crops": 2,
+    "local_crops": 2, "global_scale": (0.4, 1.0), "local_scale": (0.05, 0.4), "native_crops": False, "checkpoint_every": 2,
+    "grad_clip": 3.0, "freeze_last_layer_steps": 0, "num_workers": 0, "seed": 0, "precision": "auto",
+    "share_msad_view": True, "koleo_weight": 0.0, "contrast_weight": 0.0, "contrast_temp": 0.1, "gap_weight": 0.0,
+    "neighbour_group": 0, "cross_sensor_dino": False, "monitor_every": 50, "monitor_images": 128, "color_jitter": 0.3,
+    "grey_p": 0.2, "anchor_weight": 0.0, "ibot_weight": 0.0, "mask_ratio": (0.1, 0.5),
+}
+
+
+def test_a_checkpoint_with_flat_settings_resumes_and_names_a_change_by_its_dotted_name(tmp_path):
+    """A checkpoint written before the settings were grouped holds them flat; resuming maps them
+    into the groups: the same settings resume, a changed one is refused naming it as it is now
+    called. One written before ``precision`` existed holds ``amp`` (how a run computes, so free
+    to change, as ``precision`` is)."""
+    run_pretrain(tmp_path, small_config(steps=2))
+    checkpoint = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert len(FLAT_SMALL_CONFIG) == 41 and checkpoint["config"]["optim"]["lr"] == FLAT_SMALL_CONFIG["lr"]
+    checkpoint["config"] = dict(FLAT_SMALL_CONFIG)
+    torch.save(checkpoint, tmp_path / "last.pt")
+    with pytest.raises(ResumeMismatchError) as caught:
+        run_pretrain(tmp_path, small_config(steps=4, teacher_momentum=0.9, local_crops=3), resume=True)
+    problems = [line.strip() for line in str(caught.value).splitlines() if line.startswith("  ")]
+    assert problems == [
+        "crops.n_local: 2 in the checkpoint, 3 now", "dino.teacher_momentum: 0.5 in the checkpoint, 0.9 now",
+    ]
+    pre_precision = {k: v for k, v in FLAT_SMALL_CONFIG.items() if k != "precision"}
+    checkpoint["config"] = {**pre_precision, "amp": True}
+    torch.save(checkpoint, tmp_path / "last.pt")
+    trained = run_pretrain(tmp_path, small_config(steps=4, precision="fp32"), resume=True)
+    assert trained.training_record["resumed_from"] == 2
+    assert load_checkpoint(tmp_path)["config"] == small_config(steps=4, precision="fp32").to_dict()
 
 
 def test_resume_of_another_model_names_the_checkpoint_and_the_keys(tmp_path):
@@ -285,7 +323,7 @@ class _Pair(nn.Module):
         nn.init.constant_(self.linear.bias, fill)
 
 
-@pytest.mark.filterwarnings("ignore:teacher_momentum=0.75")
+@pytest.mark.filterwarnings("ignore:dino.teacher_momentum=0.75")
 def test_teacher_follows_the_student_by_ema_with_the_scheduled_momentum(tmp_path):
     """Teacher 0, student 1 and a zero gradient (the student stays 1): with momentum m the
     teacher becomes m * teacher + (1 - m) * student. Momentum 0.75 at step 0, cosine to 1 over 2

@@ -16,9 +16,10 @@ from factories import tiny_model
 from toy_data import ToyPairs
 from xstars_models import StateDictMismatchError, XStars
 from xstars_models.config import WHITENING_NAME, XStarsConfig
+from xstars_models.errors import InvalidInputError, InvalidOptionError
 from xstars_models.evaluation import recall_at_k, retrieval_table
 from xstars_models.training import TrainConfig, fit_global_whitening, pretrain
-from xstars_models.whitening import fit_whitening
+from xstars_models.whitening import GlobalWhitening, fit_whitening
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -63,27 +64,40 @@ def test_shrinkage_moves_the_projection_towards_a_rotation():
 
 
 @pytest.mark.parametrize(
-    "features, shrinkage, message",
+    "features, shrinkage, error, message",
     [
-        ({"cls": {"a": torch.randn(5, 4), "b": torch.randn(5, 4)}}, 0.0, "shrinkage must be > 0"),
-        ({"cls": {"a": torch.randn(1, 4), "b": torch.randn(5, 4)}}, 0.01, "N >= 2"),
-        ({"cls": {"a": torch.full((5, 4), float("nan")), "b": torch.randn(5, 4)}}, 0.01, "NaN or inf"),
-        ({"cls": {"a": torch.randn(5, 4), "b": torch.randn(5, 3)}}, 0.01, "different widths"),
-        ({"cls": {"a": torch.ones(5, 4), "b": torch.ones(5, 4)}}, 0.01, "collapsed"),
-        ({"cls": {}}, 0.01, "no sensors"),
+        ({"cls": {"a": torch.randn(5, 4), "b": torch.randn(5, 4)}}, 0.0, InvalidOptionError, "shrinkage must be > 0"),
+        ({"cls": {"a": torch.randn(1, 4), "b": torch.randn(5, 4)}}, 0.01, InvalidInputError, "N >= 2"),
+        ({"cls": {"a": torch.full((5, 4), float("nan")), "b": torch.randn(5, 4)}}, 0.01, InvalidInputError, "NaN or inf"),
+        ({"cls": {"a": torch.randn(5, 4), "b": torch.randn(5, 3)}}, 0.01, InvalidInputError, "different widths"),
+        ({"cls": {"a": torch.ones(5, 4), "b": torch.ones(5, 4)}}, 0.01, InvalidInputError, "collapsed"),
+        ({"cls": {}}, 0.01, InvalidInputError, "no sensors"),
     ],
 )
-def test_fit_refuses_bad_features(features, shrinkage, message):
-    with pytest.raises(ValueError, match=message):
+def test_fit_refuses_bad_features(features, shrinkage, error, message):
+    with pytest.raises(error, match=message) as info:
         fit_whitening(features, shrinkage)
+    assert info.value.field == ("shrinkage" if error is InvalidOptionError else "features")
 
 
 def test_apply_names_the_sensor_and_pool_it_was_not_fit_for():
     whitening = fit_whitening({"cls": _features()})
-    with pytest.raises(ValueError, match=r"fit on sensors \['a', 'b'\], not 'landsat'.*fit_global_whitening"):
+    with pytest.raises(InvalidOptionError, match=r"fit on sensors \['a', 'b'\], not 'landsat'.*fit_global_whitening.*or embed without whitening \(whiten=False\)") as info:
         whitening.apply(torch.zeros(2, 8), "cls", "landsat")
-    with pytest.raises(ValueError, match="not 'mean'"):
+    assert info.value.field == "sensor" and info.value.settings == {"whiten": False}
+    with pytest.raises(InvalidOptionError, match="not 'mean'") as info:
         whitening.apply(torch.zeros(2, 8), "mean", "a")
+    assert info.value.field == "output"
+
+
+def test_centres_and_projections_that_do_not_fit_are_refused():
+    good = fit_whitening({"cls": _features()})
+    with pytest.raises(InvalidInputError, match="matching centres and projections") as info:
+        GlobalWhitening(good.centres, {"mean": good.projections["cls"]}, 0.01)
+    assert info.value.field == "projections"
+    with pytest.raises(InvalidInputError, match="do not fit") as info:
+        GlobalWhitening(good.centres, {"cls": good.projections["cls"][:4]}, 0.01)
+    assert info.value.field == "centres"
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +118,15 @@ def test_embed_whiten_applies_the_fitted_whitening(whitened_model):
 
 def test_embed_whiten_errors_name_the_fix(whitened_model):
     images = ToyPairs(2).aerial
-    with pytest.raises(ValueError, match="fit_global_whitening"):
+    with pytest.raises(InvalidOptionError, match="^whiten=True needs a fitted whitening.*fit_global_whitening") as info:
         tiny_model(extra_sensors=("aerial",)).embed(images, "aerial", whiten=True)
-    with pytest.raises(ValueError, match="not output='patch'"):
+    assert info.value.field == "whiten"
+    with pytest.raises(InvalidOptionError, match="not output='patch'") as info:
         whitened_model.embed(images, "aerial", output="patch", whiten=True)
-    with pytest.raises(ValueError, match="layers"):
+    assert info.value.field == "output"
+    with pytest.raises(InvalidOptionError, match="not output='cls' with layers=1") as info:
         whitened_model.embed(images, "aerial", layers=1, whiten=True)
+    assert info.value.field == "layers"
 
 
 def test_whitening_is_saved_with_the_model_and_loaded_strictly(whitened_model, tmp_path):
@@ -158,8 +175,9 @@ def test_retrieval_table_whitened_rows_and_their_baselines(whitened_model):
     without = retrieval_table(whitened_model, pairs, "aerial", "sentinel2_rgb", features)["rows"]
     assert "model (cls-whitened)" in without and "random init (cls-whitened)" not in without
     assert without["model (cls-whitened)"] == rows["model (cls-whitened)"]
-    with pytest.raises(ValueError, match="has none"):
+    with pytest.raises(InvalidOptionError, match="has none") as info:
         retrieval_table(tiny_model(extra_sensors=("aerial",)), pairs, "aerial", "sentinel2_rgb", features)
+    assert info.value.field == "features"
 
 
 def test_cli_embed_whiten(whitened_model, tmp_path):
@@ -173,7 +191,9 @@ def test_cli_embed_whiten(whitened_model, tmp_path):
     expected = whitened_model.embed(np.load(image), "aerial", progress=False, whiten=True)[0]
     assert np.allclose(np.load(out), expected.numpy(), atol=1e-5)
     refused = subprocess.run([*cli, "--whiten", "--output", "patch"], capture_output=True, text=True)
-    assert refused.returncode == 2 and "whiten=True applies to the final" in refused.stderr
+    # The command names its own flags, not the API's keywords.
+    assert refused.returncode == 2 and "xstars embed: error: --whiten applies to the final" in refused.stderr
+    assert "not --output patch" in refused.stderr and "whiten=True" not in refused.stderr
 
 
 def test_shrinkage_choice_takes_the_most_regularised_within_one_standard_error():

@@ -27,9 +27,10 @@ import copy
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -37,7 +38,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .config import FileRecord
-from .errors import ChecksumError
+from .errors import ChecksumError, ConfigError, InvalidInputError, InvalidOptionError, InvalidTypeError
 from .lora import apply_lora, base_state_dict, load_lora_state_dict, lora_config, lora_state_dict
 from .model import ModelT, XStarsBase
 from .sensors import SensorSpec
@@ -90,51 +91,60 @@ class AdapterInfo:
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, str], source: str) -> AdapterInfo:
-        """Parse and validate; errors name ``source`` and the field at fault."""
+        """Parse and validate.
+
+        Raises:
+            InvalidInputError: not an adapter, or one of another format version (``field="path"``).
+            ConfigError: a missing or malformed metadata entry (``field`` its key, dotted inside
+                ``sensor_spec``).
+        """
         fmt = metadata.get("format")
         if fmt != ADAPTER_FORMAT:
             if isinstance(fmt, str) and fmt.startswith("xstars-adapter/"):
-                raise ValueError(
+                raise InvalidInputError(
                     f"{source}: adapter format {fmt!r} is not supported (this xstars-models reads "
-                    f"{ADAPTER_FORMAT!r}); upgrade xstars-models."
+                    f"{ADAPTER_FORMAT!r}); upgrade xstars-models.",
+                    field="path",
                 )
-            raise ValueError(
+            raise InvalidInputError(
                 f"{source} is not an X-STARS adapter: its safetensors metadata 'format' is {fmt!r}, "
-                f"not {ADAPTER_FORMAT!r}. Full models are folders loaded with XStars.from_pretrained()."
+                f"not {ADAPTER_FORMAT!r}. Full models are folders loaded with XStars.from_pretrained().",
+                field="path",
             )
 
         def get(key: str, as_json: bool = False) -> Any:
             if key not in metadata:
-                raise ValueError(f"{source}: adapter metadata has no {key!r}.")
+                raise ConfigError(f"{source}: adapter metadata has no {key!r}.", field=key)
             if not as_json:
                 return metadata[key]
             try:
                 return json.loads(metadata[key])
             except json.JSONDecodeError as err:
-                raise ValueError(f"{source}: adapter metadata {key!r} is not valid JSON ({err}).") from None
+                raise ConfigError(f"{source}: adapter metadata {key!r} is not valid JSON ({err}).", field=key) from None
 
         revision = get("base_revision", as_json=True)
         if revision is not None and not isinstance(revision, str):
-            raise ValueError(f"{source}: base_revision must be a string or null, got {revision!r}.")
+            raise ConfigError(f"{source}: base_revision must be a string or null, got {revision!r}.", field="base_revision")
         for key in ("base_weights_sha256", "tensors_sha256"):
             if not _SHA256.match(get(key)):
-                raise ValueError(f"{source}: {key} must be 64 lowercase hex characters, got {get(key)!r}.")
+                raise ConfigError(f"{source}: {key} must be 64 lowercase hex characters, got {get(key)!r}.", field=key)
         try:
             spec = SensorSpec.from_dict(get("sensor_spec", as_json=True))
-        except (TypeError, ValueError, KeyError) as err:
-            raise ValueError(f"{source}: sensor_spec: {err}") from None
+        except (TypeError, ValueError, KeyError) as err:  # ConfigError names the key inside the spec
+            inner = getattr(err, "field", None)
+            raise ConfigError(f"{source}: sensor_spec: {err}", field="sensor_spec" + (f".{inner}" if inner else "")) from None
         patch_size = get("patch_size", as_json=True)
         if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
-            raise ValueError(f"{source}: patch_size must be a positive integer, got {patch_size!r}.")
+            raise ConfigError(f"{source}: patch_size must be a positive integer, got {patch_size!r}.", field="patch_size")
         mode = get("mode")
         if mode not in ADAPTER_MODES:
-            raise ValueError(f"{source}: mode must be one of {ADAPTER_MODES}, got {mode!r}.")
+            raise ConfigError(f"{source}: mode must be one of {ADAPTER_MODES}, got {mode!r}.", field="mode")
         lora = get("lora", as_json=True)
         if mode == "lora":
             if not isinstance(lora, dict) or set(lora) != {"rank", "alpha", "targets"}:
-                raise ValueError(f"{source}: 'lora' must hold rank, alpha and targets in lora mode, got {lora!r}.")
+                raise ConfigError(f"{source}: 'lora' must hold rank, alpha and targets in lora mode, got {lora!r}.", field="lora")
         elif lora is not None:
-            raise ValueError(f"{source}: a {mode!r} adapter must have lora = null, got {lora!r}.")
+            raise ConfigError(f"{source}: a {mode!r} adapter must have lora = null, got {lora!r}.", field="lora")
         return cls(
             base_model=get("base_model"),
             base_revision=revision,
@@ -178,10 +188,11 @@ def _base_reference(model: XStarsBase) -> tuple[str, str | None]:
     elif model.name_or_path:
         name, revision = model.name_or_path, model.revision
     else:
-        raise ValueError(
+        raise InvalidInputError(
             "The model does not say which base it was adapted from (no lineage['base_model'] and no "
             "name_or_path): load the base with XStars.from_pretrained() before adapting it, or set "
-            "model.lineage = {'base_model': ..., 'base_revision': ...}."
+            "model.lineage = {'base_model': ..., 'base_revision': ...}.",
+            field="model",
         )
     if revision and _REPO_AT_REF.match(name) and not Path(name).expanduser().exists():
         # A base loaded as "org/name@main" records the commit as its revision, and from_pretrained
@@ -205,31 +216,41 @@ def save_adapter(model: XStarsBase, sensor: str, path: str | Path, mode: str | N
         The written file's sha256 and size (give the sha256 to :func:`load_adapter` to check it).
 
     Raises:
-        ValueError: ``mode="full"`` (a fully fine-tuned trunk is a new model: use
-            ``save_pretrained``), LoRA layers in ``"stem"`` mode or none in ``"lora"`` mode, or a
-            model that does not name its base.
+        InvalidOptionError: ``mode="full"`` (a fully fine-tuned trunk is a new model: use
+            ``save_pretrained``), LoRA layers in ``"stem"`` mode or none in ``"lora"`` mode
+            (``field="mode"``), the primary or an unknown ``sensor``.
+        InvalidInputError: a model that does not name its base (``field="model"``).
     """
     lora = lora_config(model.trunk)
     mode = mode or model.lineage.get("adapt_mode") or ("lora" if lora else "stem")
     if mode == "full":
-        raise ValueError(
+        raise InvalidOptionError(
             "A full fine-tune changes the whole trunk, so it cannot be stored as an adapter of its "
-            "base: save it with model.save_pretrained(folder) (after merge_lora() if LoRA is applied)."
+            "base: save it with model.save_pretrained(folder) (after merge_lora() if LoRA is applied).",
+            field="mode",
         )
     if mode not in ADAPTER_MODES:
-        raise ValueError(f"mode must be one of {ADAPTER_MODES} (or 'full' via save_pretrained), got {mode!r}.")
+        raise InvalidOptionError(
+            f"mode must be one of {ADAPTER_MODES} (or 'full' via save_pretrained), got {mode!r}.", field="mode"
+        )
     stem = model.check_sensor(sensor)
     if sensor == model.primary_sensor:
-        raise ValueError(
+        raise InvalidOptionError(
             f"{sensor!r} is the model's primary sensor, whose stem is part of the trunk; an adapter "
-            "holds a stem added on top of the base."
+            "holds a stem added on top of the base.",
+            field="sensor",
         )
     if mode == "lora" and lora is None:
-        raise ValueError("mode='lora' but the model's trunk has no LoRA layers (see xstars_models.lora.apply_lora).")
+        raise InvalidOptionError(
+            "{mode} but the model's trunk has no LoRA layers (see xstars_models.lora.apply_lora).",
+            field="mode",
+            settings={"mode": mode},
+        )
     if mode == "stem" and lora is not None:
-        raise ValueError(
-            "The model's trunk has LoRA layers, which a 'stem' adapter would leave out: save with "
-            "mode='lora'."
+        raise InvalidOptionError(
+            "The model's trunk has LoRA layers, which a 'stem' adapter would leave out: save with {mode}.",
+            field="mode",
+            settings={"mode": "lora"},
         )
     base_model, base_revision = _base_reference(model)
     tensors = {_STEM + k: v for k, v in model.stems[sensor].state_dict().items()}
@@ -252,7 +273,7 @@ def save_adapter(model: XStarsBase, sensor: str, path: str | Path, mode: str | N
 def _safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
     """The ``__metadata__`` of safetensors bytes, read from the header (8-byte little-endian
     length, then JSON) so that the bytes already hashed are the ones parsed."""
-    not_safetensors = ValueError(f"{source} is not an X-STARS adapter: not a valid safetensors file.")
+    not_safetensors = InvalidInputError(f"{source} is not an X-STARS adapter: not a valid safetensors file.", field="path")
     if len(data) < 8:
         raise not_safetensors
     length = int.from_bytes(data[:8], "little")
@@ -325,8 +346,12 @@ def load_adapter(
     Raises:
         ChecksumError: the file's sha256 differs from ``expected_sha256``, or its tensors from the
             hash the file records.
-        ValueError: not an adapter file; a base whose trunk weights are not those the adapter was
-            trained on (both sha256 named); a base that already has the sensor or LoRA layers.
+        InvalidInputError: not an adapter file (``field="path"``); a base whose trunk weights are
+            not those the adapter was trained on (both sha256 named) or that already has LoRA
+            layers (``field="base"``).
+        ConfigError: malformed adapter metadata (``field`` its key).
+        InvalidOptionError: a base that already has the adapter's sensor (``field="name"``).
+        InvalidTypeError: ``from_pretrained_kwargs`` together with a ``base``.
         StateDictMismatchError: adapter tensors that do not fit the base's architecture.
     """
     path = Path(path)
@@ -335,24 +360,31 @@ def load_adapter(
     lora_tensors = {k[len(_LORA) :]: v for k, v in tensors.items() if k.startswith(_LORA)}
     stray = sorted(k for k in tensors if not k.startswith((_STEM, _LORA)))
     if stray or (lora_tensors and info.mode != "lora"):
-        raise ValueError(f"{path}: tensors {stray or sorted(lora_tensors)} do not belong in a {info.mode!r} adapter.")
+        stray = stray or sorted(lora_tensors)
+        raise InvalidInputError(f"{path}: tensors {stray} do not belong in a {info.mode!r} adapter.", field="path")
     if base is None:
-        model = XStars.from_pretrained(info.base_model, revision=info.base_revision, **from_pretrained_kwargs)
+        model = model_class.from_pretrained(info.base_model, revision=info.base_revision, **from_pretrained_kwargs)
     else:
         if from_pretrained_kwargs:
-            raise TypeError(f"{sorted(from_pretrained_kwargs)} only apply when the base is loaded here (base=None).")
+            # Python's own refusal of a keyword is a TypeError; this one says why.
+            raise InvalidTypeError(
+                f"{sorted(from_pretrained_kwargs)} only apply when the base is loaded here (base=None).",
+                field=sorted(from_pretrained_kwargs)[0],
+            )
         model = copy.deepcopy(base)
     if lora_config(model.trunk) is not None:
-        raise ValueError(
+        raise InvalidInputError(
             "The base's trunk already has LoRA layers (from another adapter?); adapters are trained "
-            "on the plain base: load this one onto the base itself."
+            "on the plain base: load this one onto the base itself.",
+            field="base",
         )
     actual = trunk_sha256(model)
     if actual != info.base_weights_sha256:
-        raise ValueError(
+        raise InvalidInputError(
             f"Adapter {path} was trained on base {info.base_model!r} (revision {info.base_revision or 'none'}) "
             f"with trunk weights sha256 {info.base_weights_sha256}, but the base given has trunk weights "
-            f"sha256 {actual}. Load it onto that base (cast back to its dtype if it was cast)."
+            f"sha256 {actual}. Load it onto that base (cast back to its dtype if it was cast).",
+            field="base",
         )
     model.add_sensor(info.spec, patch_size=info.patch_size, name=info.sensor)
     load_state_dict_strict(model.stems[info.sensor], stem_tensors, f"adapter {path} (stem of {info.sensor!r})")

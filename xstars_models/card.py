@@ -79,7 +79,9 @@ def model_card(
         f"trunk with timm's own keys (its patch embedding is the `{primary}` stem); each other sensor's patch "
         "embedding is in `stem-<sensor>.safetensors`." + _whitening_note(config.whitening),
         "## Lineage\n\n" + (_json_block(config.lineage) if config.lineage else "Trained from scratch."),
-        "## Training\n\n" + _monitors_table(config.training) + (_json_block(config.training) if config.training else "Not recorded."),
+        "## Training\n\n"
+        + _monitors_table(config.training)
+        + (_json_block(config.training) if config.training else "Not recorded."),
         "## Metrics\n\n" + (_json_block(config.metrics) if config.metrics else "Not evaluated."),
         "## Usage\n\n```python\n"
         "from xstars_models import XStars\n"

@@ -11,15 +11,42 @@ from typing import Any
 
 import timm
 
+from .errors import ConfigError, XStarsError
 from .sensors import SensorSpec
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FileRecord", "StemConfig", "XStarsConfig", "stem_file_name"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "FileRecord",
+    "StemConfig",
+    "XStarsConfig",
+    "parse_file_records",
+    "read_json",
+    "stem_file_name",
+]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WHITENING_NAME = "whitening.safetensors"
 FORMAT_VERSION = 1
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def read_json(
+    path: str | Path,
+    data: bytes | None = None,
+    *,
+    error: type[XStarsError] = ConfigError,
+    where: str | None = None,
+    field: str | None = None,
+) -> Any:
+    """The parsed contents of the JSON file ``path``, or of ``data`` when its bytes were already
+    read (and checked against a sha256). Text that is not JSON raises ``error`` (with ``field``)
+    naming the file as ``where`` (default: the path); a missing file raises FileNotFoundError."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8") if data is None else data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{where or path}: not valid JSON ({err}).", field=field) from None
 
 
 def stem_file_name(sensor: str) -> str:
@@ -49,12 +76,36 @@ class FileRecord:
 
     def __post_init__(self) -> None:
         if not isinstance(self.sha256, str) or not _SHA256.match(self.sha256):
-            raise ValueError(f"sha256 must be 64 lowercase hex characters, got {self.sha256!r}.")
+            raise ConfigError(f"sha256 must be 64 lowercase hex characters, got {self.sha256!r}.", field="sha256")
         if not isinstance(self.size, int) or self.size < 0:
-            raise ValueError(f"size must be a non-negative integer of bytes, got {self.size!r}.")
+            raise ConfigError(f"size must be a non-negative integer of bytes, got {self.size!r}.", field="size")
+
+    @classmethod
+    def from_dict(cls, data: Any) -> FileRecord:
+        """Parse ``{"sha256": ..., "size": ...}`` as ``config.json`` and manifests record a file;
+        the error's field is the key at fault."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"expected {{'sha256': ..., 'size': ...}}, got {data!r}.")
+        for key in ("sha256", "size"):
+            if key not in data:
+                raise ConfigError(f"no {key!r} recorded.", field=key)
+        return cls(data["sha256"], data["size"])
 
     def to_dict(self) -> dict[str, Any]:
         return {"sha256": self.sha256, "size": self.size}
+
+
+def parse_file_records(files: dict[str, Any], where: str, error: type[XStarsError] = ConfigError) -> dict[str, FileRecord]:
+    """The ``files`` object of ``config.json`` or of a manifest entry (file name -> ``{"sha256":
+    ..., "size": bytes}``) as records. An invalid record raises ``error`` naming ``where`` and the
+    file, with the field ``files.NAME.KEY``."""
+    records: dict[str, FileRecord] = {}
+    for name, record in files.items():
+        try:
+            records[name] = FileRecord.from_dict(record)
+        except ConfigError as err:
+            raise error(f"{where}: file {name!r}: {err}", field=".".join(filter(None, ["files", name, err.field]))) from None
+    return records
 
 
 @dataclass
@@ -148,47 +199,49 @@ class XStarsConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> XStarsConfig:
-        """Parse and validate; errors name ``source`` and the field at fault."""
+        """Parse and validate; errors (:class:`~.errors.ConfigError`) name ``source`` and carry
+        the dotted key at fault (``"sensors.aerial.patch_size"``)."""
 
-        def fail(message: str) -> ValueError:
-            return ValueError(f"{source}: {message}")
+        def fail(message: str, field: str | None) -> ConfigError:
+            return ConfigError(f"{source}: {message}", field=field)
 
         if not isinstance(data, dict):
-            raise fail(f"expected a JSON object, got {type(data).__name__}.")
+            raise fail(f"expected a JSON object, got {type(data).__name__}.", None)
         version = data.get("format_version")
         if version != FORMAT_VERSION:
             raise fail(
                 f"format_version {version!r} is not supported (this xstars-models reads "
-                f"{FORMAT_VERSION}); upgrade the package or re-save the model."
+                f"{FORMAT_VERSION}); upgrade the package or re-save the model.",
+                "format_version",
             )
         for key, kind in (("arch", str), ("arch_kwargs", dict), ("sensors", dict), ("files", dict)):
             if not isinstance(data.get(key), kind):
-                raise fail(f"field {key!r} must be a {kind.__name__}, got {data.get(key)!r}.")
+                raise fail(f"field {key!r} must be a {kind.__name__}, got {data.get(key)!r}.", key)
         if not data["sensors"]:
-            raise fail("'sensors' is empty.")
+            raise fail("'sensors' is empty.", "sensors")
         sensors: dict[str, StemConfig] = {}
         for name, entry in data["sensors"].items():
+            if not isinstance(entry, dict) or not {"spec", "patch_size"} <= set(entry):
+                raise fail(f"sensor {name!r}: expected {{'spec': ..., 'patch_size': ...}}, got {entry!r}.", f"sensors.{name}")
             try:
                 spec = SensorSpec.from_dict(entry["spec"])
-                patch = entry["patch_size"]
             except (KeyError, TypeError, ValueError) as err:
-                raise fail(f"sensor {name!r}: {err}") from None
+                inner = getattr(err, "field", None)  # a typed error of the spec names its own key
+                raise fail(f"sensor {name!r}: {err}", f"sensors.{name}.spec" + (f".{inner}" if inner else "")) from None
+            patch = entry["patch_size"]
             if not isinstance(patch, int) or patch < 1:
-                raise fail(f"sensor {name!r}: patch_size must be a positive integer, got {patch!r}.")
+                raise fail(
+                    f"sensor {name!r}: patch_size must be a positive integer, got {patch!r}.", f"sensors.{name}.patch_size"
+                )
             sensors[name] = StemConfig(spec, patch)
         if data.get("primary_sensor", next(iter(sensors))) != next(iter(sensors)):
             raise fail(
-                f"primary_sensor {data.get('primary_sensor')!r} must be the first of 'sensors' "
-                f"{list(sensors)}."
+                f"primary_sensor {data.get('primary_sensor')!r} must be the first of 'sensors' {list(sensors)}.",
+                "primary_sensor",
             )
         if not isinstance(data.get("whitening", {}), dict):
-            raise fail(f"field 'whitening' must be a dict, got {data['whitening']!r}.")
-        files: dict[str, FileRecord] = {}
-        for name, record in data["files"].items():
-            try:
-                files[name] = FileRecord(record["sha256"], record["size"])
-            except (KeyError, TypeError, ValueError) as err:
-                raise fail(f"files[{name!r}]: {err}") from None
+            raise fail(f"field 'whitening' must be a dict, got {data['whitening']!r}.", "whitening")
+        files = parse_file_records(data["files"], source)
         config = cls(
             arch=data["arch"],
             arch_kwargs=data["arch_kwargs"],
@@ -201,14 +254,10 @@ class XStarsConfig:
         )
         missing = [f for f in config.weight_files if f not in files]
         if missing:
-            raise fail(f"no sha256 recorded for weight files {missing}.")
+            raise fail(f"no sha256 recorded for weight files {missing}.", "files")
         return config
 
     @classmethod
     def from_file(cls, path: str | Path) -> XStarsConfig:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}).") from None
-        return cls.from_dict(data, source=str(path))
+        """Read and validate a ``config.json``; errors name the file."""
+        return cls.from_dict(read_json(path), source=str(path))

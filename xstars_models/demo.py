@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from .errors import XStarsError
-from .xstars import XStars
 from .samples import list_samples, load_sample
 from .visualize import pca_rgb, stretch_rgb
+from .xstars import XStars
 
 DEFAULT_MODEL = "xstars-s2-aerial"
 
@@ -39,7 +39,7 @@ def run(model_name: str, sensor: str, out: Path) -> dict[str, Path]:
     for image, colour in zip(images, colours):
         size = image.shape[:2]
         left = Image.fromarray(stretch_rgb(image))
-        right = Image.fromarray(colour).resize(size[::-1], Image.NEAREST)
+        right = Image.fromarray(colour).resize(size[::-1], Image.Resampling.NEAREST)
         pair = Image.new("RGB", (size[1] * 2 + 8, size[0]), "white")
         pair.paste(left, (0, 0))
         pair.paste(right, (size[1] + 8, 0))

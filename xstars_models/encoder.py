@@ -16,8 +16,9 @@ a forward pass to that sensor.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, cast
 
 import timm
 import torch
@@ -26,6 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .config import StemConfig
+from .errors import ConfigError, InvalidOptionError
 from .sensors import SensorSpec
 
 __all__ = ["SensorNorm", "SensorPatchEmbed", "StemConfig", "XStarsEncoder", "build_trunk"]
@@ -37,6 +39,9 @@ class SensorNorm(nn.Module):
     The constants come from the :class:`SensorSpec` stored in the model's config, so they are
     non-persistent buffers rather than weights.
     """
+
+    gain: torch.Tensor
+    bias: torch.Tensor
 
     def __init__(self, spec: SensorSpec) -> None:
         super().__init__()
@@ -58,10 +63,10 @@ class SensorPatchEmbed(PatchEmbed):
         super().__init__(*args, **kwargs)
         # A tuple, not a module attribute: nn.Module would register the stem as a submodule and
         # its weights would leak into the trunk's (timm) state dict.
-        self._route: tuple[nn.Module, ...] = ()
+        self._route: tuple[PatchEmbed, ...] = ()
 
     @contextmanager
-    def routed_to(self, stem: nn.Module | None) -> Iterator[None]:
+    def routed_to(self, stem: PatchEmbed | None) -> Iterator[None]:
         """Within the block, images go through ``stem`` (``None``: this, the primary's, embedding).
         A model must not run two sensors at once from different threads."""
         previous = self._route
@@ -92,13 +97,19 @@ def is_vit_arch(arch: str) -> bool:
 
 def build_trunk(arch: str, in_chans: int, **arch_kwargs: Any) -> VisionTransformer:
     """A timm ViT without classifier that accepts any image size (position embeddings are
-    interpolated to the token grid), with a :class:`SensorPatchEmbed`."""
+    interpolated to the token grid), with a :class:`SensorPatchEmbed`.
+
+    Raises:
+        InvalidOptionError: ``arch`` is not a timm ViT (``field="arch"``).
+    """
     if not is_vit_arch(arch):
-        raise ValueError(
+        raise InvalidOptionError(
             f"Architecture {arch!r} is not a timm VisionTransformer; X-STARS encoders need one "
-            "(e.g. 'vit_small_patch16_224')."
+            "(e.g. 'vit_small_patch16_224').",
+            field="arch",
         )
-    return timm.create_model(
+    # is_vit_arch checked that the entrypoint builds a VisionTransformer.
+    return cast(VisionTransformer, timm.create_model(
         arch,
         pretrained=False,
         num_classes=0,
@@ -106,7 +117,7 @@ def build_trunk(arch: str, in_chans: int, **arch_kwargs: Any) -> VisionTransform
         in_chans=in_chans,
         embed_layer=SensorPatchEmbed,
         **arch_kwargs,
-    )
+    ))
 
 
 def _make_patch_embed(stem: StemConfig, embed_dim: int) -> PatchEmbed:
@@ -129,12 +140,16 @@ class XStarsEncoder(nn.Module):
             ``embed_dim``, ``depth``...). ``img_size`` only sets the position-embedding grid.
         sensors: stems by sensor name, the primary first. The primary's patch size must equal
             the trunk's.
+
+    Raises:
+        InvalidOptionError: no sensors, or ``arch`` not a timm ViT.
+        ConfigError: the primary sensor's patch size is not the trunk's (``"arch_kwargs.patch_size"``).
     """
 
     def __init__(self, arch: str, arch_kwargs: dict[str, Any], sensors: dict[str, StemConfig]) -> None:
         super().__init__()
         if not sensors:
-            raise ValueError("An encoder needs at least one sensor.")
+            raise InvalidOptionError("An encoder needs at least one sensor.", field="sensors")
         self.arch = arch
         self.arch_kwargs = dict(arch_kwargs)
         self.primary_sensor = next(iter(sensors))
@@ -142,9 +157,10 @@ class XStarsEncoder(nn.Module):
         self.trunk = build_trunk(arch, primary.spec.num_bands, **self.arch_kwargs)
         trunk_patch = self.trunk.patch_embed.patch_size[0]
         if primary.patch_size != trunk_patch:
-            raise ValueError(
+            raise ConfigError(
                 f"Primary sensor {self.primary_sensor!r} has patch size {primary.patch_size} px but "
-                f"the trunk {arch!r} uses {trunk_patch} px; set arch_kwargs['patch_size']."
+                f"the trunk {arch!r} uses {trunk_patch} px; set arch_kwargs['patch_size'].",
+                field="arch_kwargs.patch_size",
             )
         self.sensors: dict[str, StemConfig] = {self.primary_sensor: primary}
         self.stems = nn.ModuleDict()
@@ -160,25 +176,37 @@ class XStarsEncoder(nn.Module):
     def depth(self) -> int:
         return len(self.trunk.blocks)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the trunk's weights are (and so where inputs must go)."""
+        return next(self.trunk.parameters()).device
+
     def _attach(self, name: str, stem: StemConfig, patch_embed: PatchEmbed) -> None:
         if name in self.sensors:
-            raise ValueError(f"The model already has a sensor named {name!r}.")
+            raise InvalidOptionError(f"The model already has a sensor named {name!r}.", field="name")
         self.sensors[name] = stem
         self.stems[name] = patch_embed
         self.norms[name] = SensorNorm(stem.spec)
 
-    def patch_embed_for(self, sensor: str) -> nn.Module:
+    def patch_embed_for(self, sensor: str) -> PatchEmbed:
         """The patch embedding of ``sensor`` (the trunk's own for the primary sensor)."""
         self.check_sensor(sensor)
-        return self.trunk.patch_embed if sensor == self.primary_sensor else self.stems[sensor]
+        # Both are PatchEmbed (SensorPatchEmbed is one); nn.Module's attribute access types them as Module.
+        return cast(PatchEmbed, self.trunk.patch_embed if sensor == self.primary_sensor else self.stems[sensor])
 
     def check_sensor(self, sensor: str) -> StemConfig:
+        """The stem of ``sensor``.
+
+        Raises:
+            InvalidOptionError: the model has no such sensor (``field="sensor"``).
+        """
         try:
             return self.sensors[sensor]
         except KeyError:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"This model has no stem for sensor {sensor!r}; it knows {list(self.sensors)}. "
-                "Add one with add_sensor() or adapt()."
+                "Add one with add_sensor() or adapt().",
+                field="sensor",
             ) from None
 
     def add_sensor(
@@ -199,6 +227,10 @@ class XStarsEncoder(nn.Module):
                 band copies the kernel of the band with the nearest centre wavelength, resized to
                 the new patch size. ``None`` keeps a random initialisation.
             name: the name the model knows the sensor by (default ``spec.name``).
+
+        Raises:
+            InvalidOptionError: no whole ``patch_size`` fits the GSDs, a ``name`` the model already
+                has, an unknown ``init_from``.
         """
         name = name or spec.name
         ground = self.sensors[self.primary_sensor].token_ground_m
@@ -206,10 +238,11 @@ class XStarsEncoder(nn.Module):
             exact = ground / spec.gsd_m
             patch_size = round(exact)
             if patch_size < 1 or not math.isclose(exact, patch_size, rel_tol=1e-6):
-                raise ValueError(
+                raise InvalidOptionError(
                     f"Sensor {name!r} at {spec.gsd_m:g} m GSD: tokens of the primary sensor cover "
                     f"{ground:g} m, which is {exact:.3f} px, not a whole number. Pass patch_size "
-                    f"explicitly, or resample the imagery to a GSD that divides {ground:g} m."
+                    f"explicitly, or resample the imagery to a GSD that divides {ground:g} m.",
+                    field="patch_size",
                 )
         stem = StemConfig(spec, int(patch_size))
         patch_embed = _make_patch_embed(stem, self.embed_dim)
@@ -220,8 +253,10 @@ class XStarsEncoder(nn.Module):
                     self.patch_embed_for(init_from), self.sensors[init_from].spec, spec, stem.patch_size
                 )
                 patch_embed.proj.weight.copy_(weight)
-                patch_embed.proj.bias.copy_(bias)
-        self._attach(name, stem, patch_embed.to(self.trunk.cls_token.device))
+                if patch_embed.proj.bias is not None:
+                    # A trunk without a patch bias (pre-norm ViTs) adds nothing there: the new stem starts at zero.
+                    patch_embed.proj.bias.copy_(bias) if bias is not None else patch_embed.proj.bias.zero_()
+        self._attach(name, stem, patch_embed.to(self.device))
         return stem
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -248,18 +283,20 @@ class XStarsEncoder(nn.Module):
             chosen by ``indices`` (timm convention: int = that many last blocks, sequence =
             those block indexes, None = all); and the token grid size.
         """
-        take = _take_indices(self.depth, indices)
-        grid = self.patch_embed_for(sensor).dynamic_feat_size(tuple(x.shape[-2:]))
+        take = take_indices(self.depth, indices)
+        grid = self.patch_embed_for(sensor).dynamic_feat_size((x.shape[-2], x.shape[-1]))
         x = self.norms[sensor](x)
         with self._routed(sensor):
             if not take:
                 return self.trunk.forward_features(x), [], grid
-            final, taken = self.trunk.forward_intermediates(
-                x, indices=take, return_prefix_tokens=True, output_fmt="NLC"
+            # Not intermediates_only: timm returns (final, intermediates), each intermediate as
+            # (patch tokens, prefix tokens) with return_prefix_tokens.
+            final, taken = cast(
+                "tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]",
+                self.trunk.forward_intermediates(x, indices=take, return_prefix_tokens=True, output_fmt="NLC"),
             )
-        if self.trunk.num_prefix_tokens:
-            taken = [torch.cat([prefix, patches], dim=1) for patches, prefix in taken]
-        return final, taken, grid
+        # Prefix tokens (CLS...) first, as in the final output; a trunk without any has empty prefixes.
+        return final, [torch.cat([prefix, patches], dim=1) for patches, prefix in taken], grid
 
     def forward_intermediates(
         self,
@@ -274,10 +311,14 @@ class XStarsEncoder(nn.Module):
         final tokens and the patch tokens of the chosen blocks as B x D x h x w."""
         output_fmt = kwargs.get("output_fmt", "NCHW")
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
-        take = _take_indices(self.depth, indices)
+            raise InvalidOptionError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.", field="output_fmt")
+        take = take_indices(self.depth, indices)
         if not take:
-            raise ValueError(f"indices={indices!r} chooses no block; forward_tokens() gives the final tokens alone.")
+            raise InvalidOptionError(
+                "{indices} chooses no block; forward_tokens() gives the final tokens alone.",
+                field="indices",
+                settings={"indices": indices},
+            )
         self.check_sensor(sensor)
         with self._routed(sensor):
             return self.trunk.forward_intermediates(self.norms[sensor](x), indices=take, **kwargs)
@@ -287,28 +328,33 @@ class XStarsEncoder(nn.Module):
         return self.forward_tokens(x, sensor, indices=[])[0]
 
 
-def _take_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
-    """Block indexes (ascending, non-negative) chosen by timm's ``indices`` convention, with a
-    ValueError naming a bad one (timm only asserts)."""
+def take_indices(depth: int, indices: int | Sequence[int] | None, field: str = "indices") -> list[int]:
+    """Block indexes (ascending, non-negative) chosen by timm's ``indices`` convention.
+
+    Raises:
+        InvalidOptionError: a count or index outside the ``depth`` blocks (timm only asserts);
+            ``field`` is the caller's name for ``indices`` (``"layers"`` in ``embed``).
+    """
     if indices is None:
         return list(range(depth))
     if isinstance(indices, int):
         if not 0 <= indices <= depth:
-            raise ValueError(f"Asked for the last {indices} blocks of a {depth}-block encoder.")
+            raise InvalidOptionError(f"Asked for the last {indices} blocks of a {depth}-block encoder.", field=field)
         return list(range(depth - indices, depth))
     taken = {i if i >= 0 else depth + i for i in indices}
     bad = sorted(i for i in taken if not 0 <= i < depth)
     if bad:
-        raise ValueError(f"Block indexes {list(indices)} out of range for a {depth}-block encoder.")
+        raise InvalidOptionError(f"Block indexes {list(indices)} out of range for a {depth}-block encoder.", field=field)
     return sorted(taken)
 
 
 def _nearest_wavelength_kernel(
     source: PatchEmbed, source_spec: SensorSpec, target_spec: SensorSpec, patch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Patch-embedding kernel for ``target_spec`` built from ``source``'s, band by nearest centre
-    wavelength, resized with timm's pseudo-inverse patch resampling (FlexiViT) so that an image
-    up-sampled by the patch-size ratio gives the same tokens."""
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Patch-embedding kernel and bias (``None`` where ``source`` has none) for ``target_spec``
+    built from ``source``'s, band by nearest centre wavelength, resized with timm's pseudo-inverse
+    patch resampling (FlexiViT) so that an image up-sampled by the patch-size ratio gives the same
+    tokens."""
     weight = source.proj.weight  # D x C_src x p x p
     picks = [
         min(range(source_spec.num_bands), key=lambda k: abs(source_spec.bands[k].center_um - band.center_um))
@@ -317,4 +363,5 @@ def _nearest_wavelength_kernel(
     weight = weight[:, picks]
     if weight.shape[-1] != patch_size:
         weight = resample_patch_embed(weight, [patch_size, patch_size])
-    return weight, source.proj.bias.detach().clone()
+    bias = source.proj.bias
+    return weight, None if bias is None else bias.detach().clone()

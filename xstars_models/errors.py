@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 __all__ = [
     "BackendUnavailableError",
@@ -27,6 +28,7 @@ __all__ = [
     "HubServerError",
     "InvalidInputError",
     "InvalidOptionError",
+    "InvalidTypeError",
     "ManifestError",
     "MissingExtraError",
     "ModelNotFoundError",
@@ -34,6 +36,7 @@ __all__ = [
     "PushIncompleteError",
     "SensorMismatchError",
     "StateDictMismatchError",
+    "UnknownOptionError",
     "XStarsError",
     "user_stacklevel",
 ]
@@ -158,3 +161,13 @@ class SensorMismatchError(XStarsError, ValueError):
 
 class StateDictMismatchError(XStarsError, RuntimeError):
     """Weights do not match the architecture: missing, unexpected or mis-shaped tensors."""
+
+
+class InvalidTypeError(XStarsError, TypeError):
+    """An argument is of a type the function does not take, e.g. a string where a list of names
+    belongs (``field``: its name)."""
+
+
+class UnknownOptionError(InvalidOptionError, TypeError):
+    """A keyword argument the function does not take (``field``: that keyword); the message lists
+    the ones it does. Also a ``TypeError``, what Python raises for an unexpected keyword."""

@@ -5,11 +5,10 @@ for and which sha256 each must have. Building a model from the files is :mod:`.m
 
 from __future__ import annotations
 
-import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import timm
 from huggingface_hub import constants, hf_hub_download
@@ -26,18 +25,52 @@ from huggingface_hub.errors import (
 try:  # the HTTP library huggingface_hub is built on: httpx2 from 2.0, httpx before
     import httpx2 as _http
 except ImportError:  # pragma: no cover - huggingface_hub 1.x
-    import httpx as _http
+    import httpx as _http  # type: ignore[no-redef]
 
-from .config import CONFIG_NAME, FileRecord, XStarsConfig
+from .config import CONFIG_NAME, FileRecord, XStarsConfig, read_json
 from .encoder import is_vit_arch
-from .errors import ChecksumError, HubServerError, ManifestError, ModelNotFoundError, OfflineFilesMissingError
-from .manifest import ModelEntry, get_model_entry, is_registered
+from .errors import (
+    ChecksumError,
+    ConfigError,
+    HubServerError,
+    InvalidOptionError,
+    ManifestError,
+    ModelNotFoundError,
+    OfflineFilesMissingError,
+)
+from .manifest import COMMIT_RE, REPO_ID, ModelEntry, get_model_entry, is_registered
 from .serialization import read_verified
 
-__all__ = ["NETWORK_ERRORS", "ResolvedModel", "describe_network_failure", "resolve_model"]
+__all__ = ["NETWORK_ERRORS", "HubOptions", "ResolvedModel", "describe_network_failure", "resolve_model"]
 
-_REPO_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)(@(?P<rev>[A-Za-z0-9._/-]+))?$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# A Hub model named with an optional revision: ``org/name`` or ``org/name@v2``.
+_REPO_REF = re.compile(rf"^(?P<repo>{REPO_ID})(@(?P<rev>[A-Za-z0-9._/-]+))?$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HubOptions:
+    """How to fetch a model's files from the Hub, with ``huggingface_hub``'s names and meanings.
+
+    Attributes:
+        revision: branch, tag or commit of a Hub repo; ``None`` for ``main`` (or the commit a
+            registry id is pinned to).
+        cache_dir: Hub cache folder; ``None`` for huggingface_hub's (``HF_HUB_CACHE``).
+        local_files_only: use only the local cache, never the network.
+        token: Hub token, ``False`` for none, ``None`` for the stored one.
+        force_download: download every file again, replacing the cached copies.
+    """
+
+    revision: str | None = None
+    cache_dir: str | Path | None = None
+    local_files_only: bool = False
+    token: str | bool | None = None
+    force_download: bool = False
+
+    def __post_init__(self) -> None:
+        if self.revision is not None and not isinstance(self.revision, str):
+            raise InvalidOptionError(
+                f"revision must be a branch, tag or commit id (a string), got {self.revision!r}.", field="revision"
+            )
 
 
 @dataclass(frozen=True)
@@ -73,13 +106,6 @@ def _hub_repair(name: str) -> str:
     )
 
 
-def _parse_config_bytes(data: bytes, where: str) -> XStarsConfig:
-    try:
-        return XStarsConfig.from_dict(json.loads(data), source=where)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err}).") from None
-
-
 _POSITIVE_INT_KWARGS = ("patch_size", "embed_dim", "depth", "num_heads")
 
 
@@ -87,20 +113,27 @@ def _check_arch(config: XStarsConfig, where: str) -> XStarsConfig:
     """Refuse a config whose trunk timm cannot build as an X-STARS ViT, naming the field, before
     any weights are read (timm would fail later with a TypeError from deep inside)."""
     arch = config.arch
-    if not timm.is_model(arch):
-        raise ValueError(f"{where}: field 'arch' {arch!r} is not a timm architecture; X-STARS models use a "
-                         "timm ViT such as 'vit_small_patch16_224'.")
-    if not is_vit_arch(arch):
-        raise ValueError(f"{where}: field 'arch' {arch!r} is not a timm VisionTransformer; X-STARS models use a "
-                         "timm ViT such as 'vit_small_patch16_224'.")
+    for known, kind in ((timm.is_model, "architecture"), (is_vit_arch, "VisionTransformer")):
+        if not known(arch):
+            raise ConfigError(
+                f"{where}: field 'arch' {arch!r} is not a timm {kind}; X-STARS models use a timm ViT such as "
+                "'vit_small_patch16_224'.",
+                field="arch",
+            )
     for key in _POSITIVE_INT_KWARGS:
         value = config.arch_kwargs.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"{where}: field 'arch_kwargs.{key}' must be a positive whole number, got {value!r}.")
+            raise ConfigError(
+                f"{where}: field 'arch_kwargs.{key}' must be a positive whole number, got {value!r}.",
+                field=f"arch_kwargs.{key}",
+            )
     size = config.arch_kwargs.get("img_size")
     sides = size if isinstance(size, list) and len(size) == 2 else [size]
     if size is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
-        raise ValueError(f"{where}: field 'arch_kwargs.img_size' must be a positive whole number (or two), got {size!r}.")
+        raise ConfigError(
+            f"{where}: field 'arch_kwargs.img_size' must be a positive whole number (or two), got {size!r}.",
+            field="arch_kwargs.img_size",
+        )
     return config
 
 
@@ -139,22 +172,45 @@ class _HubFiles:
     """Downloads files of one repo at one revision, collecting those missing from an offline cache
     so the error can name all of them at once. A failing server stops at the first file."""
 
-    def __init__(self, repo_id: str, revision: str | None, cache_dir, local_files_only: bool, token, force_download: bool):
+    def __init__(self, repo_id: str, revision: str | None, options: HubOptions) -> None:
         self.repo_id, self.revision = repo_id, revision
-        self.local_files_only = local_files_only
-        self.kwargs = dict(
-            cache_dir=cache_dir, local_files_only=local_files_only, token=token, force_download=force_download,
-            library_name="xstars-models",
-        )
-        self.missing: list[str] = []
+        self.options = options
 
-    def get(self, filename: str) -> Path | None:
+    def download(self, filenames: Iterable[str], name: str) -> dict[str, Path]:
+        """Local paths of ``filenames`` (of the model called ``name`` in messages)."""
+        paths: dict[str, Path] = {}
+        missing: list[str] = []
+        for filename in filenames:
+            path = self._get(filename)
+            if path is None:
+                missing.append(filename)
+            else:
+                paths[filename] = path
+        if missing:
+            raise OfflineFilesMissingError(
+                f"Files {missing} of {name} (Hub repo {self.repo_id!r}, revision "
+                f"{self.revision or 'main'}) are not in the local cache and downloading is off "
+                "({local_files_only} or HF_HUB_OFFLINE=1). Download them once while online: "
+                f"`xstars download {name}` or XStars.from_pretrained({name!r}).",
+                field="local_files_only",
+                settings={"local_files_only": True},
+            )
+        return paths
+
+    def _get(self, filename: str) -> Path | None:
+        """The file's local path; ``None`` when it is not cached and downloading is off."""
+        options = self.options
         try:
-            path = Path(hf_hub_download(self.repo_id, filename, revision=self.revision, **self.kwargs))
+            path = Path(
+                hf_hub_download(
+                    self.repo_id, filename, revision=self.revision, cache_dir=options.cache_dir,
+                    local_files_only=options.local_files_only, token=options.token,
+                    force_download=options.force_download, library_name="xstars-models",
+                )
+            )
         except LocalEntryNotFoundError as err:
             cause = err.__cause__
-            if self.local_files_only or constants.is_offline_mode() or isinstance(cause, OfflineModeIsEnabled):
-                self.missing.append(filename)
+            if options.local_files_only or constants.is_offline_mode() or isinstance(cause, OfflineModeIsEnabled):
                 return None
             # The client reports a server that failed (5xx, timeout) as a file missing from the
             # cache; say what actually happened.
@@ -164,7 +220,9 @@ class _HubFiles:
                 f"Hub repo {self.repo_id!r} not found (or private: pass token=...)."
             ) from None
         except RevisionNotFoundError:
-            raise ModelNotFoundError(f"Hub repo {self.repo_id!r} has no revision {self.revision!r}.") from None
+            raise ModelNotFoundError(
+                f"Hub repo {self.repo_id!r} has no revision {self.revision!r}.", field="revision"
+            ) from None
         except EntryNotFoundError:
             raise ModelNotFoundError(
                 f"Hub repo {self.repo_id!r} at revision {self.revision or 'main'} has no file {filename!r}; "
@@ -177,7 +235,7 @@ class _HubFiles:
             if isinstance(err.__cause__, NETWORK_ERRORS):
                 raise self._server_error(filename, err.__cause__) from None
             raise
-        if not _COMMIT.match(self.revision or "") and _COMMIT.match(path.parent.name):
+        if not COMMIT_RE.match(self.revision or "") and COMMIT_RE.match(path.parent.name):
             # Pin the rest of the files to the commit the first one came from, so a push that lands
             # between two downloads (of ``main`` or any branch) cannot mix files of two commits.
             self.revision = path.parent.name
@@ -191,23 +249,15 @@ class _HubFiles:
             "network, not your cache or settings: try again later."
         )
 
-    def raise_if_missing(self, name: str) -> None:
-        if self.missing:
-            raise OfflineFilesMissingError(
-                f"Files {self.missing} of {name} (Hub repo {self.repo_id!r}, revision "
-                f"{self.revision or 'main'}) are not in the local cache and downloading is off "
-                "({local_files_only} or HF_HUB_OFFLINE=1). Download them once while online: "
-                f"`xstars download {name}` or XStars.from_pretrained({name!r}).",
-                field="local_files_only",
-                settings={"local_files_only": True},
-            )
 
-
-def _from_registry(entry: ModelEntry, revision: str | None, cache_dir, local_files_only, token, force_download) -> ResolvedModel:
+def _from_registry(entry: ModelEntry, options: HubOptions) -> ResolvedModel:
+    revision = options.revision
     if revision is not None and revision != entry.revision:
-        raise ValueError(
+        raise InvalidOptionError(
             f"Registry model {entry.model_id!r} is pinned to revision {entry.revision or 'bundled'}; "
-            f"to load revision {revision!r}, name the Hub repo instead: {entry.repo_id or 'org/name'}@{revision}."
+            f"to load {{revision}}, name the Hub repo instead: {entry.repo_id or 'org/name'}@{revision}.",
+            field="revision",
+            settings={"revision": revision},
         )
     if entry.bundled_path is not None:
         folder = entry.bundled_path
@@ -220,16 +270,18 @@ def _from_registry(entry: ModelEntry, revision: str | None, cache_dir, local_fil
                 "the installation is incomplete, reinstall xstars-models."
             )
     else:
-        hub = _HubFiles(entry.repo_id, entry.revision, cache_dir, local_files_only, token, force_download)
-        paths = {name: hub.get(name) for name in entry.files}
-        hub.raise_if_missing(entry.model_id)
+        assert entry.repo_id is not None  # an entry without a bundled folder names its repo (_parse_entry)
+        paths = _HubFiles(entry.repo_id, entry.revision, options).download(entry.files, entry.model_id)
         repair = _hub_repair(entry.model_id)
     where = f"{entry.model_id}/{CONFIG_NAME}"
-    config = _check_arch(_parse_config_bytes(read_verified(paths[CONFIG_NAME], entry.files[CONFIG_NAME], where, repair), where), where)
+    verified = read_verified(paths[CONFIG_NAME], entry.files[CONFIG_NAME], where, repair)
+    config = _check_arch(XStarsConfig.from_dict(read_json(where, verified), source=where), where)
     _check_entry_matches_config(entry, config, where)
     for name in config.weight_files:
         if name not in entry.files:
-            raise ManifestError(f"{entry.origin}: model {entry.model_id!r} lists no sha256 for {name!r}.")
+            raise ManifestError(
+                f"{entry.origin}: model {entry.model_id!r} lists no sha256 for {name!r}.", field=f"files.{name}"
+            )
         if config.files[name] != entry.files[name]:
             raise ChecksumError(
                 f"{entry.model_id}: config.json records {name} as sha256 {config.files[name].sha256} "
@@ -248,47 +300,46 @@ def _check_entry_matches_config(entry: ModelEntry, config: XStarsConfig, where: 
         raise ManifestError(
             f"{entry.origin}: model {entry.model_id!r} is listed with arch {entry.arch!r} and sensors "
             f"{list(entry.sensors)}, but its {where} has arch {config.arch!r} and sensors "
-            f"{list(config.sensors)}. Correct the manifest entry (publish.manifest_entry writes it from the model)."
+            f"{list(config.sensors)}. Correct the manifest entry (publish.manifest_entry writes it from the model).",
+            field="arch" if entry.arch != config.arch else "sensors",
         )
 
 
-def _from_hub(repo_id: str, revision: str | None, cache_dir, local_files_only, token, force_download) -> ResolvedModel:
-    hub = _HubFiles(repo_id, revision, cache_dir, local_files_only, token, force_download)
+def _from_hub(repo_id: str, revision: str | None, options: HubOptions) -> ResolvedModel:
+    hub = _HubFiles(repo_id, revision, options)
     name = repo_id if revision is None else f"{repo_id}@{revision}"
-    config_path = hub.get(CONFIG_NAME)
-    hub.raise_if_missing(name)
+    config_path = hub.download([CONFIG_NAME], name)[CONFIG_NAME]
     config = _check_arch(XStarsConfig.from_file(config_path), f"{name}/{CONFIG_NAME}")
-    paths = {file: hub.get(file) for file in config.weight_files}
-    hub.raise_if_missing(name)
+    paths = hub.download(config.weight_files, name)
     return ResolvedModel(
         config, paths, {n: config.files[n] for n in paths}, f"hub:{repo_id}", hub.revision, _hub_repair(name)
     )
 
 
-def resolve_model(
-    name_or_path: str | Path,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-    force_download: bool = False,
-) -> ResolvedModel:
+def resolve_model(name_or_path: str | Path, options: HubOptions | None = None) -> ResolvedModel:
     """Find (downloading if needed and allowed) the files of a model.
 
     ``name_or_path`` is tried as, in order: an existing local folder, a registry id, a Hub repo id
-    ``org/name`` or ``org/name@revision``. The weight files are *not* read here; the records they
+    ``org/name`` or ``org/name@revision``. ``options`` say how to download (default: ``main``,
+    the default cache, network allowed). The weight files are *not* read here; the records they
     must match travel with the paths.
     """
+    options = options or HubOptions()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _from_folder(path)
     name = str(name_or_path)
-    if is_registered(name):
-        return _from_registry(get_model_entry(name), revision, cache_dir, local_files_only, token, force_download)
     match = _REPO_REF.match(name)
-    if match is None:
-        get_model_entry(name)  # raises ModelNotFoundError with close matches
+    if is_registered(name) or match is None:
+        # A name that is neither a registry id nor a Hub repo id: get_model_entry raises
+        # ModelNotFoundError with close matches.
+        return _from_registry(get_model_entry(name), options)
     repo_id, ref = match["repo"], match["rev"]
+    revision = options.revision
     if ref is not None and revision is not None and ref != revision:
-        raise ValueError(f"Two revisions given for {repo_id!r}: {ref!r} in the name and revision={revision!r}.")
-    return _from_hub(repo_id, ref or revision, cache_dir, local_files_only, token, force_download)
+        raise InvalidOptionError(
+            f"Two revisions given for {repo_id!r}: {ref!r} in the name and {{revision}}.",
+            field="revision",
+            settings={"revision": revision},
+        )
+    return _from_hub(repo_id, ref or revision, options)

@@ -12,13 +12,13 @@ timm's keys without merging.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import StateDictMismatchError
+from .errors import InvalidInputError, InvalidOptionError, InvalidTypeError, StateDictMismatchError
 from .serialization import state_dict_mismatch
 
 __all__ = [
@@ -46,25 +46,29 @@ class LoRALinear(nn.Module):
         alpha: the update is scaled by ``alpha / rank``, so that changing the rank does not change
             the size of the update for a given learning rate.
         dropout: dropout on the update's input (training only).
+
+    Raises:
+        InvalidTypeError: ``base`` is not an ``nn.Linear``.
+        InvalidOptionError: a bad ``rank`` or ``dropout``.
     """
 
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}.")
+            raise InvalidTypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}.", field="base")
         if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}.")
+            raise InvalidOptionError(f"LoRA rank must be a positive integer, got {rank!r}.", field="rank")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}.")
+            raise InvalidOptionError(f"LoRA dropout must be in [0, 1), got {dropout!r}.", field="dropout")
         # Remembered so that merge_lora() gives the layer back as it was found.
         self._base_requires_grad = base.weight.requires_grad
         self.base = base.requires_grad_(False)
         self.rank = rank
         self.alpha = float(alpha)
         self.scaling = self.alpha / rank
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **factory))
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=dtype))
         # The same initialisation as a fresh nn.Linear, so A x has the scale of a linear layer's
         # output; B = 0 makes the whole update zero at start.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -124,18 +128,22 @@ def apply_lora(
         The replaced layers' paths in the trunk (``blocks.0.attn.qkv``, ...).
 
     Raises:
-        ValueError: LoRA already applied, or a target that is not an ``nn.Linear`` in every block.
-            Nothing is changed then.
+        InvalidOptionError: no ``targets``, or a target that is not an ``nn.Linear`` in every block.
+        InvalidInputError: LoRA already applied to ``trunk``.
+        InvalidTypeError: ``targets`` given as one string, or a ``trunk`` without ``blocks``.
+        Nothing is changed when any is raised.
     """
     if isinstance(targets, str):
-        raise TypeError(f"targets must be a sequence of paths, got the string {targets!r}.")
+        raise InvalidTypeError(f"targets must be a sequence of paths, got the string {targets!r}.", field="targets")
     if not targets:
-        raise ValueError("apply_lora needs at least one target.")
+        raise InvalidOptionError("apply_lora needs at least one target.", field="targets")
     blocks = getattr(trunk, "blocks", None)
     if not isinstance(blocks, nn.Sequential):
-        raise TypeError(f"apply_lora expects a timm VisionTransformer with .blocks, got {type(trunk).__name__}.")
+        raise InvalidTypeError(
+            f"apply_lora expects a timm VisionTransformer with .blocks, got {type(trunk).__name__}.", field="trunk"
+        )
     if _lora_layers(trunk):
-        raise ValueError("LoRA is already applied to this trunk; merge_lora() it first.")
+        raise InvalidInputError("LoRA is already applied to this trunk; merge_lora() it first.", field="trunk")
     found: dict[str, nn.Linear] = {}
     problems = []
     for i, block in enumerate(blocks):
@@ -151,7 +159,9 @@ def apply_lora(
                 continue
             found[path] = layer
     if problems:
-        raise ValueError(f"Cannot apply LoRA to targets {list(targets)}: " + "; ".join(problems[:10]) + ".")
+        raise InvalidOptionError(
+            f"Cannot apply LoRA to targets {list(targets)}: " + "; ".join(problems[:10]) + ".", field="targets"
+        )
     # Validate everything before replacing anything, so an error leaves the trunk untouched.
     for path, layer in found.items():
         _replace(trunk, path, LoRALinear(layer, rank, alpha, dropout))
@@ -162,15 +172,17 @@ def lora_config(trunk: nn.Module) -> dict[str, object] | None:
     """``{"rank", "alpha", "targets"}`` of the LoRA applied to ``trunk``, or ``None`` without LoRA.
 
     Raises:
-        ValueError: layers with different ranks or alphas, which one apply_lora() call cannot
-            reproduce.
+        InvalidInputError: layers with different ranks or alphas, which one apply_lora() call cannot
+            reproduce (``field="trunk"``).
     """
     layers = _lora_layers(trunk)
     if not layers:
         return None
     settings = {(layer.rank, layer.alpha) for layer in layers.values()}
     if len(settings) > 1:
-        raise ValueError(f"LoRA layers of this trunk use different (rank, alpha): {sorted(settings)}.")
+        raise InvalidInputError(
+            f"LoRA layers of this trunk use different (rank, alpha): {sorted(settings)}.", field="trunk"
+        )
     (rank, alpha), = settings
     targets: list[str] = []
     for path in layers:

@@ -8,19 +8,22 @@ the package) and the sha256 and size of every file, so a download can be verifie
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from .config import CONFIG_NAME, FileRecord
+from .config import CONFIG_NAME, FileRecord, parse_file_records, read_json
 from .errors import ManifestError, ModelNotFoundError
 
 __all__ = [
+    "COMMIT_RE",
     "MANIFEST_ENV",
     "MANIFEST_NAME",
+    "REPO_ID",
+    "REPO_ID_RE",
     "ModelEntry",
     "get_model_entry",
     "list_models",
@@ -32,7 +35,10 @@ MANIFEST_NAME = "weights_manifest.json"
 MANIFEST_ENV = "XSTARS_MANIFEST"
 FORMAT_VERSION = 1
 _ID = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# The Hub's repo ids and commit ids, for every module that checks one (hub, publish).
+REPO_ID = r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
+"""A Hub repo id, ``org/name``, as a regular-expression fragment (no anchors)."""
+REPO_ID_RE = re.compile(rf"^{REPO_ID}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -85,48 +91,46 @@ class ModelEntry:
 
 
 def _parse_entry(model_id: str, data: Any, origin: str) -> ModelEntry:
-    def fail(message: str) -> ManifestError:
-        return ManifestError(f"{origin}: model {model_id!r}: {message}")
+    """One manifest entry, validated; an error's field is the entry's key at fault, dotted
+    (``"source.revision"``, ``"files.config.json.sha256"``), or ``"model_id"`` for the id."""
+
+    def fail(message: str, field: str) -> ManifestError:
+        return ManifestError(f"{origin}: model {model_id!r}: {message}", field=field)
 
     if not _ID.match(model_id):
-        raise fail("ids use lowercase letters, digits, '.', '_' and '-' (e.g. 'xstars-s2-aerial').")
+        raise fail("ids use lowercase letters, digits, '.', '_' and '-' (e.g. 'xstars-s2-aerial').", "model_id")
     if not isinstance(data, dict):
-        raise fail(f"entry must be an object, got {type(data).__name__}.")
+        raise fail(f"entry must be an object, got {type(data).__name__}.", "model_id")
     unknown = sorted(set(data) - {"arch", "sensors", "source", "files", "license", "citation", "description"})
     if unknown:
-        raise fail(f"unknown fields {unknown}.")
+        raise fail(f"unknown fields {unknown}.", unknown[0])
     if not isinstance(data.get("arch"), str) or not data["arch"]:
-        raise fail("'arch' must name a timm architecture.")
+        raise fail("'arch' must name a timm architecture.", "arch")
     sensors = data.get("sensors")
     if not isinstance(sensors, list) or not sensors or not all(isinstance(s, str) for s in sensors):
-        raise fail("'sensors' must be a non-empty list of sensor names.")
+        raise fail("'sensors' must be a non-empty list of sensor names.", "sensors")
     source = data.get("source")
-    if not isinstance(source, dict) or not (set(source) in ({"bundled"}, {"repo_id", "revision"})):
-        raise fail("'source' must be {'bundled': path} or {'repo_id': 'org/name', 'revision': '<40 hex>'}.")
+    if not isinstance(source, dict) or set(source) not in ({"bundled"}, {"repo_id", "revision"}):
+        raise fail("'source' must be {'bundled': path} or {'repo_id': 'org/name', 'revision': '<40 hex>'}.", "source")
     if "repo_id" in source:
         if not isinstance(source["repo_id"], str) or not REPO_ID_RE.match(source["repo_id"]):
-            raise fail(f"repo_id {source['repo_id']!r} is not 'org/name'.")
+            raise fail(f"repo_id {source['repo_id']!r} is not 'org/name'.", "source.repo_id")
         if not isinstance(source["revision"], str) or not COMMIT_RE.match(source["revision"]):
             raise fail(
                 f"revision {source['revision']!r} must be a full 40-hex commit id, not a branch or "
-                "tag, so that the files cannot change under the recorded sha256."
+                "tag, so that the files cannot change under the recorded sha256.",
+                "source.revision",
             )
     elif not isinstance(source["bundled"], str) or Path(source["bundled"]).is_absolute() or ".." in Path(source["bundled"]).parts:
-        raise fail(f"bundled path {source['bundled']!r} must be relative to the package folder.")
+        raise fail(f"bundled path {source['bundled']!r} must be relative to the package folder.", "source.bundled")
     files = data.get("files")
     if not isinstance(files, dict) or CONFIG_NAME not in files:
-        raise fail(f"'files' must list every file with sha256 and size, {CONFIG_NAME!r} included.")
-    records = {}
-    for name, record in files.items():
-        try:
-            records[name] = FileRecord(record["sha256"], record["size"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise fail(f"file {name!r}: {err}") from None
+        raise fail(f"'files' must list every file with sha256 and size, {CONFIG_NAME!r} included.", "files")
     return ModelEntry(
         model_id=model_id,
         arch=data["arch"],
         sensors=tuple(sensors),
-        files=records,
+        files=parse_file_records(files, f"{origin}: model {model_id!r}", ManifestError),
         repo_id=source.get("repo_id"),
         revision=source.get("revision"),
         bundled=source.get("bundled"),
@@ -141,18 +145,17 @@ def load_manifest(path: str | Path) -> dict[str, ModelEntry]:
     """Read and validate one manifest file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, error=ManifestError, where=f"Manifest {path}")
     except FileNotFoundError:
         raise ManifestError(f"Manifest {path} does not exist.") from None
-    except json.JSONDecodeError as err:
-        raise ManifestError(f"Manifest {path} is not valid JSON: {err}.") from None
     if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
         raise ManifestError(
             f"Manifest {path}: expected an object with format_version {FORMAT_VERSION}, got "
-            f"{data.get('format_version') if isinstance(data, dict) else type(data).__name__!r}."
+            f"{data.get('format_version') if isinstance(data, dict) else type(data).__name__!r}.",
+            field="format_version",
         )
     if set(data) != {"format_version", "models"} or not isinstance(data["models"], dict):
-        raise ManifestError(f"Manifest {path}: expected exactly the keys 'format_version' and 'models'.")
+        raise ManifestError(f"Manifest {path}: expected exactly the keys 'format_version' and 'models'.", field="models")
     return {mid: _parse_entry(mid, entry, str(path)) for mid, entry in data["models"].items()}
 
 
@@ -181,7 +184,7 @@ def _manifest_paths() -> list[Path]:
 def _files_key(paths: list[Path]) -> tuple:
     """What identifies the manifests' contents without reading them: each path with its inode,
     size, modification and change times in ns (an edit or an atomic replace changes them)."""
-    key = []
+    key: list[tuple] = []
     for path in paths:
         try:
             stat = path.stat()
@@ -205,8 +208,8 @@ def _file_entries() -> dict[str, ModelEntry]:
         for model_id, entry in load_manifest(extra).items():
             if model_id in entries and entries[model_id] != entry:
                 raise ManifestError(
-                    f"{extra} redefines model {model_id!r} from {entries[model_id].origin}; "
-                    "choose another id."
+                    f"{extra} redefines model {model_id!r} from {entries[model_id].origin}; choose another id.",
+                    field="model_id",
                 )
             entries[model_id] = entry
     _file_cache = (key, entries)
@@ -231,7 +234,9 @@ def register_model(model_id: str, entry: Mapping[str, Any] | ModelEntry, overwri
     existing = _all_entries().get(model_id)
     if existing is not None and existing != parsed and not overwrite:
         raise ManifestError(
-            f"Model {model_id!r} is already registered (from {existing.origin}); pass overwrite=True."
+            f"Model {model_id!r} is already registered (from {existing.origin}); pass {{overwrite}}.",
+            field="model_id",
+            settings={"overwrite": True},
         )
     _registered[model_id] = parsed
     return parsed

@@ -9,15 +9,17 @@ import copy
 import logging
 import re
 import weakref
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 from tqdm.auto import tqdm
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, WHITENING_NAME, StemConfig, XStarsConfig, stem_file_name
-from .encoder import XStarsEncoder
-from .hub import resolve_model
+from .encoder import XStarsEncoder, take_indices
+from .errors import InvalidOptionError
+from .hub import HubOptions, resolve_model
 from .inputs import ImageInput, check_token_count, to_batch, trim_to_patches
 from .lora import lora_config, merge_lora
 from .precision import Precision, quantize_int8, resolve_precision
@@ -82,6 +84,10 @@ class XStarsBase(XStarsEncoder):
                 (each token covers the same ground as a primary-sensor token).
             arch_kwargs: ``timm.create_model`` overrides (``patch_size``, ``img_size``, ``depth``,
                 ``embed_dim``, ``num_heads``...).
+
+        Raises:
+            InvalidOptionError: no ``sensors``, an unknown sensor name, an ``arch`` that is not a
+                timm ViT or whose patch size cannot be read, a ``patch_sizes`` entry that does not fit.
         """
         if isinstance(sensors, Mapping):
             named = {name: get_sensor(s) if isinstance(s, str) else s for name, s in sensors.items()}
@@ -89,7 +95,7 @@ class XStarsBase(XStarsEncoder):
             specs = [get_sensor(s) if isinstance(s, str) else s for s in sensors]
             named = {spec.name: spec for spec in specs}
         if not named:
-            raise ValueError("A model needs at least one sensor.")
+            raise InvalidOptionError("A model needs at least one sensor.", field="sensors")
         primary_name, primary = next(iter(named.items()))
         trunk_patch = arch_kwargs.get("patch_size") or _arch_patch_size(arch)
         model = cls(XStarsConfig(arch, dict(arch_kwargs), {primary_name: StemConfig(primary, trunk_patch)}))
@@ -160,11 +166,18 @@ class XStarsBase(XStarsEncoder):
 
         Raises:
             ModelNotFoundError: unknown id (with close matches) or missing Hub repo.
+            InvalidOptionError: a ``revision`` that contradicts the name's (``org/name@rev``) or
+                the commit a registry id is pinned to.
+            ConfigError: a ``config.json`` that is malformed or names a trunk timm cannot build.
             OfflineFilesMissingError: files not cached while downloads are off.
             ChecksumError: a file's bytes differ from the recorded sha256 or size.
             StateDictMismatchError: weights that do not fit the architecture.
         """
-        resolved = resolve_model(name_or_path, revision, cache_dir, local_files_only, token, force_download)
+        options = HubOptions(
+            revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+            force_download=force_download,
+        )
+        resolved = resolve_model(name_or_path, options)
         tensors = {
             name: read_verified_safetensors(path, resolved.records[name], "cpu", name, resolved.repair)
             for name, path in resolved.paths.items()
@@ -181,6 +194,28 @@ class XStarsBase(XStarsEncoder):
         model.name_or_path = str(name_or_path)
         model.revision = resolved.revision
         return model.to(map_location).eval()
+
+    # The return type follows ``layers``: one tensor without it, a list of them (one per block) with it.
+    @overload
+    def embed(
+        self, images: ImageInput, sensor: str, output: str = ..., layers: None = None, batch_size: int = ...,
+        device: str | torch.device | None = ..., progress: bool = ..., bands: Sequence[str] | None = ...,
+        layout: str | None = ..., precision: str = ..., max_tokens: int | None = ..., whiten: bool = ...,
+    ) -> torch.Tensor: ...
+
+    @overload
+    def embed(
+        self, images: ImageInput, sensor: str, output: str, layers: int | Sequence[int], batch_size: int = ...,
+        device: str | torch.device | None = ..., progress: bool = ..., bands: Sequence[str] | None = ...,
+        layout: str | None = ..., precision: str = ..., max_tokens: int | None = ..., whiten: bool = ...,
+    ) -> list[torch.Tensor]: ...
+
+    @overload
+    def embed(
+        self, images: ImageInput, sensor: str, output: str = ..., *, layers: int | Sequence[int], batch_size: int = ...,
+        device: str | torch.device | None = ..., progress: bool = ..., bands: Sequence[str] | None = ...,
+        layout: str | None = ..., precision: str = ..., max_tokens: int | None = ..., whiten: bool = ...,
+    ) -> list[torch.Tensor]: ...
 
     @torch.inference_mode()
     def embed(
@@ -218,9 +253,8 @@ class XStarsBase(XStarsEncoder):
             progress: show a progress bar when there is more than one batch.
             bands: band names of the input channels when they are not in the sensor's order.
             layout: ``"HWC"`` or ``"CHW"`` when the band count cannot tell (e.g. 3 x W x 3).
-            precision: ``"auto"`` (bf16 autocast on CUDA and on CPUs with bf16 matrix units, fp32
-                elsewhere; logged at INFO level), ``"fp32"``, ``"bf16"`` or ``"int8"`` (CPU:
-                the trunk's Linear layers quantised, see :mod:`xstars_models.precision`).
+            precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"int8"``: see
+                :mod:`xstars_models.precision`; what ran is logged at INFO level.
             max_tokens: the most tokens (patches) one image may have; a larger one is refused
                 with a pointer to :meth:`embed_scene`, which embeds a scene tile by tile in bounded
                 memory. ``None`` embeds any size in one pass (memory and time grow with the
@@ -231,19 +265,26 @@ class XStarsBase(XStarsEncoder):
 
         Returns:
             float32 CPU tensor(s) in the ``output`` layout, whatever the precision.
+
+        Raises:
+            InvalidOptionError: a bad ``output``, ``batch_size``, ``layers``, ``sensor``,
+                ``bands``, ``layout``, ``precision`` or ``whiten`` (``field`` names it).
+            InvalidInputError: ``images`` that do not fit the sensor (bands, dtype, units, NaN,
+                size, ``max_tokens``); ``field="images"``.
         """
         if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}.")
+            raise InvalidOptionError(f"output must be one of {OUTPUTS}, got {output!r}.", field="output")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+            raise InvalidOptionError(f"batch_size must be >= 1, got {batch_size}.", field="batch_size")
+        if layers is not None:
+            take_indices(self.depth, layers, field="layers")
         stem = self.check_sensor(sensor)
-        if whiten:
-            self.check_whiten(output, layers, sensor)
+        whitening = self.check_whiten(output, layers, sensor) if whiten else None
         batch = trim_to_patches(to_batch(images, stem.spec, stem.patch_size, bands, layout), stem.patch_size, sensor)
         check_token_count(batch, stem.patch_size, sensor, max_tokens)
         if device is not None:
             self.to(device)
-        target = self.trunk.cls_token.device
+        target = self.device
         resolved = self.resolve_precision(precision)
         logger.info("embed %s: precision %s", sensor, resolved)
         was_training = self.training
@@ -260,24 +301,36 @@ class XStarsBase(XStarsEncoder):
             self.train(was_training)
         if layers is None:
             out = torch.cat(results)
-            return self.whitening.apply(out, output, sensor) if whiten else out
+            return whitening.apply(out, output, sensor) if whitening is not None else out
         return [torch.cat(per_layer) for per_layer in zip(*results)]
 
-    def check_whiten(self, output: str, layers: Any = None, sensor: str | None = None) -> None:
-        """Raise ``ValueError`` unless ``whiten=True`` can apply to ``output`` (and ``layers``,
-        ``sensor``), before any image is embedded."""
-        if self.whitening is None:
-            raise ValueError(
-                "whiten=True needs a fitted whitening and this model has none (models made by training have none until "
-                "one is fit): model.whitening = xstars_models.training.fit_global_whitening(model, training_pairs)."
+    def check_whiten(self, output: str, layers: Any = None, sensor: str | None = None) -> GlobalWhitening:
+        """The whitening that ``whiten=True`` applies to ``output`` (and ``layers``, ``sensor``),
+        checked before any image is embedded.
+
+        Raises:
+            InvalidOptionError: the model has no whitening (``field="whiten"``), or it does not
+                cover ``output``, ``layers`` or ``sensor`` (``field`` names which).
+        """
+        whitening = self.whitening
+        if whitening is None:
+            raise InvalidOptionError(
+                "{whiten} needs a fitted whitening and this model has none (models made by training have none until "
+                "one is fit): model.whitening = xstars_models.training.fit_global_whitening(model, training_pairs).",
+                field="whiten",
+                settings={"whiten": True},
             )
-        if output not in self.whitening.pools or layers is not None:
-            raise ValueError(
-                f"whiten=True applies to the final {self.whitening.pools} outputs, not output={output!r}"
-                f"{'' if layers is None else f' with layers={layers!r}'}."
+        if output not in whitening.pools or layers is not None:
+            raise InvalidOptionError(
+                f"{{whiten}} applies to the final {whitening.pools} outputs, not {{output}}"
+                + ("" if layers is None else " with {layers}")
+                + ".",
+                field="output" if output not in whitening.pools else "layers",
+                settings={"whiten": True, "output": output, "layers": layers},
             )
         if sensor is not None:
-            self.whitening.check(output, sensor)
+            whitening.check(output, sensor)
+        return whitening
 
     def int8_copy(self) -> XStarsBase:
         """An inference copy of this model whose trunk Linear layers are int8 (CPU), made once
@@ -294,9 +347,9 @@ class XStarsBase(XStarsEncoder):
     def resolve_precision(self, precision: str = "auto", device: str | torch.device | None = None) -> Precision:
         """What ``precision`` means for this model on ``device`` (default: where it is), with the
         reason: see :func:`xstars_models.precision.resolve_precision`."""
-        return resolve_precision(precision, self.trunk.cls_token.device if device is None else device)
+        return resolve_precision(precision, self.device if device is None else device)
 
-    def _embed_chunk(self, x: torch.Tensor, sensor: str, output: str, layers) -> Any:
+    def _embed_chunk(self, x: torch.Tensor, sensor: str, output: str, layers: int | Sequence[int] | None) -> Any:
         final, intermediates, grid = self.forward_tokens(x, sensor, [] if layers is None else layers)
         prefix = self.trunk.num_prefix_tokens
         if layers is None:
@@ -320,5 +373,5 @@ def _format(tokens: torch.Tensor, output: str, grid: tuple[int, int], prefix: in
 def _arch_patch_size(arch: str) -> int:
     match = re.search(r"patch(\d+)", arch)
     if match is None:
-        raise ValueError(f"Cannot read the patch size from architecture {arch!r}; pass patch_size=.")
+        raise InvalidOptionError(f"Cannot read the patch size from architecture {arch!r}; pass patch_size=.", field="arch")
     return int(match[1])

@@ -47,14 +47,14 @@ import copy
 import functools
 import platform
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from .errors import BackendUnavailableError
+from .errors import BackendUnavailableError, InvalidOptionError
 
 __all__ = [
     "PRECISIONS",
@@ -141,7 +141,7 @@ def cpu_bf16_native(flags: set[str] | None = None, machine: str | None = None) -
     return False, f"bf16 support is not detected on {machine or 'this'} CPUs"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _this_cpu_bf16() -> tuple[bool, str]:
     return cpu_bf16_native()
 
@@ -155,21 +155,26 @@ def resolve_precision(precision: str, device: torch.device | str, training: bool
         training: ``True`` for training, where ``"int8"`` is refused.
 
     Raises:
-        ValueError: an unknown precision, ``"int8"`` for training or on a non-CPU device.
+        InvalidOptionError: an unknown precision, ``"int8"`` for training or on a non-CPU device
+            (``field="precision"``).
     """
     device_type = torch.device(device).type
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+        raise InvalidOptionError(f"precision must be one of {PRECISIONS}, got {precision!r}.", field="precision")
     if precision == "int8":
         if training:
-            raise ValueError(
-                "precision='int8' is for inference only (int8 layers have no gradients); "
-                "train with precision='auto', 'bf16' or 'fp32'."
+            raise InvalidOptionError(
+                "{precision} is for inference only (int8 layers have no gradients); "
+                "train with precision 'auto', 'bf16' or 'fp32'.",
+                field="precision",
+                settings={"precision": precision},
             )
         if device_type != "cpu":
-            raise ValueError(
-                f"precision='int8' runs on CPU only (torch's fbgemm/qnnpack kernels), not on {device_type!r}; "
-                "use precision='bf16' (or 'auto') there."
+            raise InvalidOptionError(
+                f"{{precision}} runs on CPU only (torch's fbgemm/qnnpack kernels), not on {device_type!r}; "
+                "use precision 'bf16' (or 'auto') there.",
+                field="precision",
+                settings={"precision": precision},
             )
         return Precision("int8", precision, device_type, "int8 Linear layers, fp32 elsewhere")
     if precision == "fp32":
@@ -199,8 +204,10 @@ class Int8Linear(nn.Module):
         engines = torch.backends.quantized.supported_engines
         if not hasattr(torch.ops.quantized, "linear_dynamic") or all(e == "none" for e in engines):
             raise BackendUnavailableError(
-                f"precision='int8' needs torch's quantised linear kernels, which this torch "
-                f"({torch.__version__}, engines {engines}) does not have; use precision='fp32' or 'bf16'."
+                f"{{precision}} needs torch's quantised linear kernels, which this torch "
+                f"({torch.__version__}, engines {engines}) does not have; use precision 'fp32' or 'bf16'.",
+                field="precision",
+                settings={"precision": "int8"},
             )
         weight = linear.weight.detach().float().cpu()
         scales = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12).double()
@@ -227,7 +234,7 @@ def quantize_int8(module: nn.Module, inplace: bool = False) -> nn.Module:
     eval mode: a copy (``module`` left unchanged) unless ``inplace``.
 
     Raises:
-        RuntimeError: this torch lacks the quantised linear kernels.
+        BackendUnavailableError: this torch lacks the quantised linear kernels.
     """
     quantized = (module if inplace else copy.deepcopy(module)).cpu().eval()
     for name, child in list(_linears(quantized)):

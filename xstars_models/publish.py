@@ -15,7 +15,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalToke
 
 from .card import CITATION, model_card
 from .config import CONFIG_NAME, XStarsConfig
-from .errors import HubServerError, PushIncompleteError
+from .errors import HubServerError, InvalidOptionError, PushIncompleteError
 from .hub import NETWORK_ERRORS, describe_network_failure
 from .manifest import COMMIT_RE, FORMAT_VERSION, REPO_ID_RE, load_manifest
 from .serialization import atomic_write_bytes
@@ -42,9 +42,16 @@ def manifest_entry(
     """The registry entry for files in ``folder``: published as ``repo_id`` at commit
     ``revision``, or shipped inside the package at ``bundled`` (a path below ``xstars_models/``;
     then ``repo_id`` and ``revision`` are ``None``). Lists ``config.json``, the weight files and
-    the model card (``README.md``) when there is one, each with its sha256 and size in bytes."""
+    the model card (``README.md``) when there is one, each with its sha256 and size in bytes.
+
+    Raises:
+        InvalidOptionError: both or neither of a Hub repo and ``bundled`` (``field="bundled"``).
+    """
     if (bundled is None) == (repo_id is None or revision is None):
-        raise ValueError("manifest_entry needs either repo_id and revision (a Hub repo) or bundled (a package folder).")
+        raise InvalidOptionError(
+            "manifest_entry needs either repo_id and revision (a Hub repo) or bundled (a package folder).",
+            field="bundled",
+        )
     files = {
         p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
         for p in sorted(Path(folder).iterdir())
@@ -85,12 +92,18 @@ def _manifest_with(path: Path, model_id: str, entry: dict[str, Any]) -> str:
 
 def _check_push_arguments(repo_id: str, revision: str | None, token: str | bool | None) -> None:
     if not isinstance(repo_id, str) or not REPO_ID_RE.match(repo_id):
-        raise ValueError(
+        # "org/name@v2": the part after "@" is the branch the user meant.
+        branch = repo_id.partition("@")[2] if isinstance(repo_id, str) else ""
+        raise InvalidOptionError(
             f"Hub repo id {repo_id!r} is not 'org/name' (letters, digits, '.', '_', '-'; no revision: "
-            "pass revision= for a branch)."
+            "pass {revision} for a branch).",
+            field="repo_id",
+            settings={"revision": branch or "main"},
         )
     if revision is not None and (not _BRANCH.match(revision) or COMMIT_RE.match(revision)):
-        raise ValueError(f"revision {revision!r} must be a branch name to commit to (e.g. 'main' or 'v2').")
+        raise InvalidOptionError(
+            f"revision {revision!r} must be a branch name to commit to (e.g. 'main' or 'v2').", field="revision"
+        )
     if token is False or (token is None and get_token() is None):
         raise PermissionError(
             f"Pushing to {repo_id!r} needs a Hub token with write access, and none was found: pass token=..., "
@@ -123,7 +136,7 @@ def push_to_hub(
     entry are checked before anything is uploaded.
 
     Raises:
-        ValueError, ManifestError: a bad repo id, branch, model id or manifest; nothing uploaded.
+        InvalidOptionError, ManifestError: a bad repo id, branch, model id or manifest; nothing uploaded.
         PermissionError: no token, or the Hub rejected it; the token never appears in the message.
         HubServerError: the Hub failed (HTTP error status, timeout, dropped connection).
         PushIncompleteError: the commit landed but writing the manifest failed; names the commit.
@@ -140,7 +153,7 @@ def push_to_hub(
             _manifest_with(Path(manifest_path), model_id, manifest_entry(model, repo_id, "0" * 40, folder, license))
             parent = Path(manifest_path).parent
             if parent.exists() and not parent.is_dir():
-                raise ValueError(f"manifest_path {manifest_path}: {parent} is not a folder.")
+                raise InvalidOptionError(f"manifest_path {manifest_path}: {parent} is not a folder.", field="manifest_path")
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
             if revision not in (None, "main"):

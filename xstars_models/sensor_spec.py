@@ -8,10 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+from .errors import ConfigError, InvalidOptionError
 from .units import check_units_token
 
 __all__ = ["Band", "SensorSpec"]
@@ -22,7 +24,7 @@ _INTEGER_DTYPES = {"uint8": (0, 255), "uint16": (0, 65535), "int16": (-32768, 32
 
 @dataclass(frozen=True)
 class Band:
-    """One spectral band.
+    """One spectral band. A bad value raises :class:`~.errors.ConfigError` naming its field.
 
     Attributes:
         name: STAC EO common name (``red``, ``nir08``, ``swir16``...), unique within a sensor.
@@ -43,21 +45,23 @@ class Band:
 
     def __post_init__(self) -> None:
         if not self.name:
-            raise ValueError("Band name must be a non-empty STAC EO common name such as 'red'.")
+            raise ConfigError("Band name must be a non-empty STAC EO common name such as 'red'.", field="name")
         if not 0.2 < self.center_um < 20.0:
-            raise ValueError(
+            raise ConfigError(
                 f"Band {self.name!r}: centre wavelength {self.center_um} is not in micrometres "
-                "(expected 0.2-20 um; 665 nm is 0.665)."
+                "(expected 0.2-20 um; 665 nm is 0.665).",
+                field="center_um",
             )
         if self.width_um <= 0:
-            raise ValueError(f"Band {self.name!r}: bandwidth {self.width_um} um must be > 0.")
+            raise ConfigError(f"Band {self.name!r}: bandwidth {self.width_um} um must be > 0.", field="width_um")
         if not self.std > 0:
-            raise ValueError(f"Band {self.name!r}: std {self.std} must be > 0.")
+            raise ConfigError(f"Band {self.name!r}: std {self.std} must be > 0.", field="std")
 
 
 @dataclass(frozen=True)
 class SensorSpec:
-    """What a sensor delivers and how to normalise it.
+    """What a sensor delivers and how to normalise it. A bad value raises
+    :class:`~.errors.ConfigError` naming its field (``"gsd_m"``, ``"bands.2.std"``).
 
     A raw value ``v`` of band ``k`` becomes ``((v * scale + offset) - bands[k].mean) / bands[k].std``.
 
@@ -92,25 +96,26 @@ class SensorSpec:
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
-            raise ValueError(
-                f"Sensor name {self.name!r} must be non-empty and use letters, digits, '_' or '-'."
+            raise ConfigError(
+                f"Sensor name {self.name!r} must be non-empty and use letters, digits, '_' or '-'.", field="name"
             )
         object.__setattr__(self, "bands", tuple(self.bands))
         if not self.bands:
-            raise ValueError(f"Sensor {self.name!r} has no bands.")
+            raise ConfigError(f"Sensor {self.name!r} has no bands.", field="bands")
         names = [b.name for b in self.bands]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
-            raise ValueError(f"Sensor {self.name!r}: band names repeated: {duplicated}.")
+            raise ConfigError(f"Sensor {self.name!r}: band names repeated: {duplicated}.", field="bands")
         if not self.gsd_m > 0:
-            raise ValueError(f"Sensor {self.name!r}: GSD {self.gsd_m} m must be > 0.")
+            raise ConfigError(f"Sensor {self.name!r}: GSD {self.gsd_m} m must be > 0.", field="gsd_m")
         if self.dtype not in _INTEGER_DTYPES and self.dtype != "float32":
-            raise ValueError(
+            raise ConfigError(
                 f"Sensor {self.name!r}: dtype {self.dtype!r} is not one of "
-                f"{sorted(_INTEGER_DTYPES) + ['float32']}."
+                f"{sorted(_INTEGER_DTYPES) + ['float32']}.",
+                field="dtype",
             )
         if self.scale == 0:
-            raise ValueError(f"Sensor {self.name!r}: scale must be non-zero.")
+            raise ConfigError(f"Sensor {self.name!r}: scale must be non-zero.", field="scale")
         if not self.units:
             # Specs saved before units were recorded: 8-bit imagery is display brightness.
             object.__setattr__(self, "units", "display" if self.dtype == "uint8" else "unspecified")
@@ -137,14 +142,18 @@ class SensorSpec:
         """Range of valid digital numbers for integer sensors, ``None`` for float sensors."""
         return _INTEGER_DTYPES.get(self.dtype)
 
-    def band_index(self, name: str) -> int:
-        """Position of a band given by common name or sensor alias (case-insensitive)."""
+    def band_index(self, name: str, *, field: str = "bands") -> int:
+        """Position of a band given by common name or sensor alias (case-insensitive).
+
+        Raises:
+            InvalidOptionError: no such band; ``field`` is the caller's argument that named it.
+        """
         key = name.lower()
         for i, band in enumerate(self.bands):
             if band.name.lower() == key or (band.alias is not None and band.alias.lower() == key):
                 return i
         known = [b.name if b.alias is None else f"{b.name} ({b.alias})" for b in self.bands]
-        raise ValueError(f"Sensor {self.name!r} has no band {name!r}; its bands are {known}.")
+        raise InvalidOptionError(f"Sensor {self.name!r} has no band {name!r}; its bands are {known}.", field=field)
 
     def select(self, bands: list[str] | tuple[str, ...], name: str | None = None) -> SensorSpec:
         """A view of this sensor with only ``bands`` (by name or alias), in that order."""
@@ -160,37 +169,55 @@ class SensorSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SensorSpec:
-        """Build a spec from :meth:`to_dict` output, with errors naming the bad field."""
+        """Build a spec from :meth:`to_dict` output.
+
+        Raises:
+            ConfigError: with ``field`` the key at fault (``"gsd_m"``, ``"bands.2.std"``).
+            TypeError: a value of the wrong type that the fields' own checks do not catch.
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"Sensor spec has unknown fields {unknown}; expected {sorted(known)}.")
+            raise ConfigError(f"Sensor spec has unknown fields {unknown}; expected {sorted(known)}.", field=unknown[0])
         missing = sorted({"name", "bands", "gsd_m"} - set(data))
         if missing:
-            raise ValueError(f"Sensor spec is missing fields {missing}.")
+            raise ConfigError(f"Sensor spec is missing fields {missing}.", field=missing[0])
         band_fields = {f.name for f in dataclasses.fields(Band)}
         bands = []
         for i, band in enumerate(data["bands"]):
             extra = sorted(set(band) - band_fields)
             if extra:
-                raise ValueError(
+                raise ConfigError(
                     f"Sensor {data['name']!r} band {i}: unknown fields {extra}; "
-                    f"expected {sorted(band_fields)}."
+                    f"expected {sorted(band_fields)}.",
+                    field=f"bands.{i}.{extra[0]}",
                 )
-            bands.append(Band(**band))
+            try:
+                bands.append(Band(**band))
+            except ConfigError as err:
+                raise ConfigError(*err.args, field=f"bands.{i}.{err.field}", settings=err.settings) from None
         return cls(**{**data, "bands": tuple(bands)})
 
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> SensorSpec:
         """Read a spec from a JSON file of :meth:`to_dict`'s fields (``json.dumps(spec.to_dict())``);
-        every error names the file."""
+        every error names the file.
+
+        Raises:
+            ConfigError: not JSON (``field`` ``None``), or a bad spec (``field`` the key at fault).
+            OSError: the file cannot be read.
+        """
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err}).") from None
+            raise ConfigError(f"{path}: not valid JSON ({err}).") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object of sensor spec fields, got {type(data).__name__}.")
+            raise ConfigError(f"{path}: expected a JSON object of sensor spec fields, got {type(data).__name__}.")
         try:
             return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err.args[0]}", field=err.field, settings=err.settings) from None
         except (ValueError, TypeError) as err:
-            raise ValueError(f"{path}: {err}") from None
+            # A value of the wrong type (a string where a number belongs) fails inside the
+            # dataclass checks with a builtin error; it still says which file.
+            raise ConfigError(f"{path}: {err}") from None

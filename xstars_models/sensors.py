@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 
+from .errors import InvalidOptionError
 from .sensor_spec import Band, SensorSpec
 
 __all__ = [
@@ -80,25 +81,35 @@ _BUILTINS: dict[str, SensorSpec] = {}
 
 
 def register_sensor(spec: SensorSpec, overwrite: bool = False) -> SensorSpec:
-    """Make ``spec`` available by name to :func:`get_sensor` and the command line."""
+    """Make ``spec`` available by name to :func:`get_sensor` and the command line.
+
+    Raises:
+        InvalidOptionError: another spec of that name is registered (``field="spec"``).
+    """
     if spec.name in _BUILTINS and not overwrite and _BUILTINS[spec.name] != spec:
-        raise ValueError(
+        raise InvalidOptionError(
             f"A different sensor named {spec.name!r} is already registered; "
-            "pass overwrite=True to replace it."
+            "pass {overwrite} to replace it.",
+            field="spec",
+            settings={"overwrite": True},
         )
     _BUILTINS[spec.name] = spec
     return spec
 
 
 def get_sensor(name: str) -> SensorSpec:
-    """A registered sensor by name; the error lists close matches."""
+    """A registered sensor by name.
+
+    Raises:
+        InvalidOptionError: no such sensor (``field="sensor"``); the message lists close matches.
+    """
     try:
         return _BUILTINS[name]
     except KeyError:
         close = difflib.get_close_matches(name, list(_BUILTINS), n=3, cutoff=0.4)
         hint = f" Did you mean {close}?" if close else ""
-        raise ValueError(
-            f"Unknown sensor {name!r}.{hint} Known sensors: {sorted(_BUILTINS)}."
+        raise InvalidOptionError(
+            f"Unknown sensor {name!r}.{hint} Known sensors: {sorted(_BUILTINS)}.", field="sensor"
         ) from None
 
 

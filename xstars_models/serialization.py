@@ -3,11 +3,13 @@ diff. Every read goes through :func:`read_verified`, which hashes the very bytes
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Mapping
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError
@@ -16,9 +18,11 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from .config import FileRecord
-from .errors import ChecksumError, StateDictMismatchError
+from .errors import ChecksumError, InvalidInputError, StateDictMismatchError
 
 __all__ = [
+    "atomic_open",
+    "atomic_path",
     "atomic_write_bytes",
     "file_record",
     "load_state_dict_strict",
@@ -38,30 +42,54 @@ def file_record(path: str | Path) -> FileRecord:
     return FileRecord(sha256_bytes(data), len(data))
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Replace ``path`` in one step with a file written under another name: yields a new, empty
+    temporary file beside it (``.NAME.<random>.tmp``) for the caller to fill by name (a library
+    that writes files itself, such as GDAL); when the block ends the file is flushed to disk
+    (fsync) and renamed onto ``path``, so readers see the old file or the whole new one, never a
+    partial one. On any error, the temporary file is removed and ``path`` left as it was.
+
+    The file gets the permissions a plain ``open(path, "wb")`` would give it (0o666 less the
+    umask); a writer that replaces the temporary file rather than writing into it decides its own."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp, fd = _create_beside(path)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:  # rb+: Windows fsyncs only files open for writing
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file handle whose contents replace ``path`` in one step when the block ends without
+    an error (see :func:`atomic_path`); for writers that stream into an open file."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        yield handle
+        handle.flush()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> FileRecord:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place, so readers see
-    the old file or the whole new one, never a partial one.
+    the old file or the whole new one, never a partial one (:func:`atomic_path`).
 
     The file gets the permissions a plain ``open(path, "wb")`` would give it (0o666 less the
     umask). A failed write (a full disk, a file size limit) removes the temporary file, leaves
     ``path`` as it was and raises an ``OSError`` that names ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, fd = _create_beside(path)
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_open(path) as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         # The OS error names the temporary file, or nothing (ENOSPC), not the file the caller asked for.
         message = f"{path}: {err.strerror or err}; nothing was written (a previous version, if any, is unchanged)"
         raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return FileRecord(sha256_bytes(data), len(data))
 
 
@@ -121,7 +149,9 @@ def read_verified_safetensors(
     try:
         tensors = load_safetensors_bytes(data)
     except SafetensorError as err:  # the recorded sha256 is of a file that was never valid
-        raise ValueError(f"{name or Path(path).name} at {path} is not a readable safetensors file ({err}).") from None
+        raise InvalidInputError(
+            f"{name or Path(path).name} at {path} is not a readable safetensors file ({err}).", field="path"
+        ) from None
     return {k: v.to(map_location) for k, v in tensors.items()}
 
 

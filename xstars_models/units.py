@@ -15,6 +15,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .errors import ConfigError, InvalidInputError
+
 __all__ = ["UNITS", "UnitsSpec", "check_units_token", "check_value_range", "expected_input"]
 
 
@@ -22,10 +24,20 @@ class UnitsSpec(Protocol):
     """What the unit contract reads of a :class:`~xstars_models.sensors.SensorSpec` (a protocol,
     so that this module, which ``sensors`` imports, needs nothing from it)."""
 
-    units: str
-    dtype: str
-    scale: float
-    offset: float
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def units(self) -> str: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def scale(self) -> float: ...
+
+    @property
+    def offset(self) -> float: ...
 
     @property
     def value_range(self) -> tuple[float, float] | None: ...
@@ -57,16 +69,22 @@ def expected_input(spec: UnitsSpec) -> str:
 
 
 def check_value_range(
-    values: np.ndarray | torch.Tensor, spec: UnitsSpec, what: str, valid: np.ndarray | None = None
+    values: np.ndarray | torch.Tensor,
+    spec: UnitsSpec,
+    what: str,
+    valid: np.ndarray | None = None,
+    *,
+    field: str | None = None,
 ) -> None:
     """Refuse floating-point ``values`` that cannot be ``spec``'s digital numbers.
 
     Integer inputs are checked by their data type elsewhere; float inputs of a sensor with float32
     digital numbers have no known range and pass. ``valid`` (broadcastable to ``values``) marks the
-    pixels to look at, e.g. all but nodata; NaN and infinite values are ignored here.
+    pixels to look at, e.g. all but nodata; NaN and infinite values are ignored here. ``field``
+    is the caller's argument that carried ``values`` (``"images"``, ``"source"``), for the error.
 
     Raises:
-        ValueError: values above the data type's range, below zero by more than one DN for
+        InvalidInputError: values above the data type's range, below zero by more than one DN for
             unsigned types, or all within [-1, 1] with fractions (already scaled or normalised),
             naming the expected units and the conversion.
     """
@@ -83,23 +101,26 @@ def check_value_range(
     smallest, largest = float(array.min()), float(array.max())
     expected = f"Sensor {spec.name!r} expects {expected_input(spec)}"
     if largest > high:
-        raise ValueError(
+        raise InvalidInputError(
             f"{what}: values up to {largest:g} exceed {high}. {expected}. Is this imagery of another "
             f"bit depth (e.g. 16-bit reflectance for an 8-bit sensor)? Use a sensor whose dtype and "
-            "scale match it, or convert it to the sensor's digital numbers."
+            "scale match it, or convert it to the sensor's digital numbers.",
+            field=field,
         )
     if smallest < low - (_NEGATIVE_SLACK_DN if low == 0 else 0):
-        raise ValueError(
+        raise InvalidInputError(
             f"{what}: values down to {smallest:g} are below {low}. {expected}; negative values suggest "
             "imagery that is already normalised (mean/std): pass the raw digital numbers, the model "
-            "normalises them itself."
+            "normalises them itself.",
+            field=field,
         )
     if largest <= 1.0 and smallest >= -1.0 and high > 1 and bool((array != np.floor(array)).any()):
-        raise ValueError(
+        raise InvalidInputError(
             f"{what}: float values within [{smallest:g}, {largest:g}] look already scaled or normalised. "
             f"{expected}: multiply scaled values by {1 / spec.scale:g}"
             + (f" after subtracting {spec.offset:g}" if spec.offset else "")
-            + " to get digital numbers."
+            + " to get digital numbers.",
+            field=field,
         )
 
 
@@ -110,9 +131,10 @@ def _is_float(values: np.ndarray | torch.Tensor) -> bool:
 
 
 def check_units_token(units: str, sensor: str) -> None:
-    """Refuse a ``units`` token outside :data:`UNITS`."""
+    """Refuse a ``units`` token outside :data:`UNITS` (:class:`~.errors.ConfigError`, ``field="units"``)."""
     if units not in UNITS:
-        raise ValueError(
+        raise ConfigError(
             f"Sensor {sensor!r}: units {units!r} is not one of {sorted(UNITS)} (what value * scale + "
-            "offset measures; 'unspecified' if unknown)."
+            "offset measures; 'unspecified' if unknown).",
+            field="units",
         )

@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from .adapters import load_adapter, save_adapter
 from .config import FileRecord
 from .model import XStarsBase
 from .publish import push_to_hub
-from .scenes import SceneResult, embed_scene
+from .scenes import SceneOptions, SceneResult, embed_scene
 from .sensors import SensorSpec
 from .training import adapt
 
@@ -69,23 +68,22 @@ class XStars(XStarsBase):
 
     def embed_scene(
         self,
-        source: str | Path | np.ndarray,
+        source: str | Path | np.ndarray | Any,
         sensor: str,
         out: str | Path | None = None,
-        tile: int | None = None,
-        overlap: int = 0,
-        output: str = "map",
-        batch_size: int = 16,
-        device: str | torch.device | None = None,
+        *positional: Any,
+        options: SceneOptions | None = None,
         **kwargs: Any,
     ) -> SceneResult:
         """Embed a whole scene (a GeoTIFF path, an ``http(s)://`` COG URL, a STAC Item or a
         C x H x W array of the sensor's digital numbers) tile by tile with bounded memory, into a
         georeferenced feature-map Cloud-Optimised GeoTIFF (``output="map"``) or a GeoParquet file
-        of one vector per tile with its footprint (``"cls"``). ``tile`` and
-        ``overlap`` are in pixels at the sensor's GSD. See :func:`xstars_models.scenes.embed_scene`
-        for the GSD check, nodata, resuming and the other options (``resample``, ``max_nodata``,
-        ``progress``, ``resume``, ``precision``, ``compile``); needs the ``geo`` extra (rasterio).
-        ``precision="auto"`` runs bf16 where the hardware is faster at it; ``"fp32"`` forces full
-        precision, ``"int8"`` quantised Linear layers (CPU); see :mod:`xstars_models.precision`."""
-        return embed_scene(self, source, sensor, out, tile, overlap, output, batch_size, device, **kwargs)
+        of one vector per tile with its footprint (``"cls"``); needs the ``geo`` extra (rasterio).
+
+        The options (``tile`` and ``overlap`` in pixels at the sensor's GSD, ``output``,
+        ``batch_size``, ``device``, ``resample``, ``max_nodata``, ``precision``, ``whiten``...) are
+        the fields of :class:`~xstars_models.scenes.SceneOptions`: pass one as ``options=``, or the
+        fields by keyword (replacing those of ``options``); ``tile, overlap, output, batch_size,
+        device`` may also come positionally after ``out``. See
+        :func:`xstars_models.scenes.embed_scene` for the GSD check, nodata and resuming."""
+        return embed_scene(self, source, sensor, out, *positional, options=options, **kwargs)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..errors import XStarsError, api_setting
 from . import embedding, evaluating, models, publishing, training
@@ -82,7 +83,9 @@ def _command_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         if action is None:
             return api_setting(name, value)
         option = max(action.option_strings, key=len)
-        return option if action.nargs == 0 else f"{option} {value}"
+        if action.nargs == 0:  # an on/off flag: given for its own value, left out for the other
+            return option if value in (None, action.const) else f"no {option}"
+        return f"{option} {value}"
 
     return flag
 
@@ -102,7 +105,7 @@ def _user_message(err: Exception, flag: Callable[[str, Any], str]) -> str | None
     text = err.describe(flag) or type(err).__name__
     if err.field is not None:
         option = flag(err.field, None).split(" ")[0]
-        if option.startswith("--"):
+        if option.startswith("--") and option not in text:
             text = f"argument {option}: {text}"
     return text
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 import argparse
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidInputError, InvalidOptionError
 from ..io import read_raster
 from ..model import OUTPUTS
-from ..scenes import SCENE_OUTPUTS
+from ..scenes import SCENE_OUTPUTS, SceneOptions
 
 SCENE_EPILOG = """\
 The scene is read window by window (memory does not grow with its size); its GSD (metres, from the
@@ -47,24 +49,29 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser(
         "embed-scene",
-        help="embed a whole scene (GeoTIFF, COG URL or STAC Item) tile by tile into a feature-map COG (.tif) or per-tile vectors (GeoParquet)",
+        help="embed a whole scene (GeoTIFF, COG URL or STAC Item) tile by tile into a feature-map COG (.tif) "
+             "or per-tile vectors (GeoParquet)",
         epilog=SCENE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="registry id, Hub repo (org/name[@rev]) or folder")
-    p.add_argument("source", help="GeoTIFF of the scene (bands in the sensor's order), http(s):// URL of a COG, or STAC Item JSON (path or URL)")
+    p.add_argument("source", help="GeoTIFF of the scene (bands in the sensor's order), http(s):// URL of a COG, "
+                                  "or STAC Item JSON (path or URL)")
     p.add_argument("--sensor", required=True, help="the model's sensor name for this imagery")
     p.add_argument("--out", help="output .tif (map) or .parquet (cls); default beside a local source")
-    p.add_argument("--bounds", type=float, nargs=4, metavar=("LEFT", "BOTTOM", "RIGHT", "TOP"),
-                   help="embed only this area, in the scene's CRS units")
-    p.add_argument("--window", type=int, nargs=4, metavar=("ROW", "COL", "HEIGHT", "WIDTH"),
-                   help="embed only this area, in input pixels")
+    area = p.add_mutually_exclusive_group()
+    area.add_argument("--bounds", type=float, nargs=4, metavar=("LEFT", "BOTTOM", "RIGHT", "TOP"),
+                      help="embed only this area, in the scene's CRS units")
+    area.add_argument("--window", type=int, nargs=4, metavar=("ROW", "COL", "HEIGHT", "WIDTH"),
+                      help="embed only this area, in input pixels")
     p.add_argument("--overviews", action="store_true", help="add overviews to the map COG")
     p.add_argument("--output", default="map", choices=SCENE_OUTPUTS)
     p.add_argument("--whiten", action="store_true",
-                   help="with --output cls: whiten the tile vectors with the model's fitted whitening (to compare across sensors)")
-    p.add_argument("--tile", type=int, help="tile side in pixels (multiple of the patch size)")
-    p.add_argument("--overlap", type=int, default=0, help="tile overlap in pixels (multiple of the patch size)")
+                   help="with --output cls: whiten the tile vectors with the model's fitted whitening "
+                        "(to compare across sensors)")
+    p.add_argument("--tile", type=int, help="tile side in pixels at the sensor's GSD (multiple of the patch size)")
+    p.add_argument("--overlap", type=int, default=0,
+                   help="tile overlap in pixels at the sensor's GSD (multiple of the patch size)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", help="cpu, cuda, cuda:1... (default cpu)")
     p.add_argument("--resample", action="store_true", help="resample windows to the sensor's GSD")
@@ -91,7 +98,7 @@ def read_image(path: Path) -> np.ndarray:
     for .npy (4-D: a batch of images)."""
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg"):
-        raise ValueError(f"{path}: unsupported file type {suffix!r}; use .tif, .png, .jpg or .npy")
+        raise InvalidInputError(f"{path}: unsupported file type {suffix!r}; use .tif, .png, .jpg or .npy", field="files")
     if suffix in (".tif", ".tiff", ".jp2"):
         return read_raster(path, purpose=f"{path}: reading GeoTIFF/JP2")
     try:
@@ -116,7 +123,7 @@ def result_keys(files: Sequence[Path]) -> list[str]:
     seen: dict[Path, Path] = {}
     for file, real in zip(files, resolved):
         if real in seen:
-            raise ValueError(f"{file} and {seen[real]} are the same file; give each input once.")
+            raise InvalidInputError(f"{file} and {seen[real]} are the same file; give each input once.", field="files")
         seen[real] = file
     keys = [f.stem for f in files]
     clashing = [i for i, key in enumerate(keys) if keys.count(key) > 1]
@@ -128,24 +135,28 @@ def result_keys(files: Sequence[Path]) -> list[str]:
         for i in clashing:
             keys[i] = relative[i].as_posix() if whole else bare[i]
     if len(set(keys)) < len(keys):
-        raise ValueError(f"input files {[str(f) for f in files]} give repeated array names {keys}; rename them.")
+        raise InvalidInputError(
+            f"input files {[str(f) for f in files]} give repeated array names {keys}; rename them.", field="files"
+        )
     return keys
 
 
 def _embed(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..xstars import XStars
     from ..outputs import refuse_input_as_output
     from ..serialization import atomic_write_bytes
+    from ..xstars import XStars
 
     out = Path(args.out)
     files = [Path(f) for f in args.files]
     if out.suffix not in (".npy", ".npz"):
-        raise ValueError(f"--out {out}: use a .npy or .npz file name")
+        raise InvalidOptionError("{out}: use a .npy or .npz file name", field="out", settings={"out": str(out)})
     if out.suffix == ".npy" and len(files) != 1:
-        raise ValueError(f"--out {out}: .npy holds one array; use .npz for {len(files)} files")
-    refuse_input_as_output(out, files, "--out")
+        raise InvalidOptionError(
+            f"{{out}}: .npy holds one array; use .npz for {len(files)} files", field="out", settings={"out": str(out)}
+        )
+    refuse_input_as_output(out, files)
     keys = result_keys(files)
     model = XStars.from_pretrained(args.model, local_files_only=args.offline)
     print(f"precision: {model.resolve_precision(args.precision)}")
@@ -162,26 +173,28 @@ def _embed(args: argparse.Namespace) -> int:
     if out.suffix == ".npy":
         np.save(buffer, next(iter(results.values())))
     else:
-        np.savez(buffer, **results)
+        # numpy's stub takes any ** keyword for its allow_pickle flag; these are arrays by name.
+        np.savez(buffer, **results)  # type: ignore[arg-type]
     atomic_write_bytes(out, buffer.getvalue())
     print(f"wrote {out}")
     return 0
 
 
 def _embed_scene(args: argparse.Namespace) -> int:
-    from ..xstars import XStars
     from ..outputs import refuse_input_as_output
+    from ..xstars import XStars
 
     if args.out is not None and Path(args.source).exists():
-        refuse_input_as_output(args.out, [args.source], "--out")
-    model = XStars.from_pretrained(args.model, local_files_only=args.offline)
-    result = model.embed_scene(
-        args.source, sensor=args.sensor, out=args.out, tile=args.tile, overlap=args.overlap,
-        output=args.output, batch_size=args.batch_size, device=args.device, resample=args.resample,
-        bounds=args.bounds, window=args.window, overviews=args.overviews,
-        max_nodata=args.max_nodata, progress=not args.no_progress, resume=not args.restart,
-        precision=args.precision, compile=args.compile, whiten=args.whiten,
+        refuse_input_as_output(args.out, [args.source])
+    # Checked before the model is loaded: a bad option fails at once.
+    options = SceneOptions(
+        tile=args.tile, overlap=args.overlap, output=args.output, batch_size=args.batch_size, device=args.device,
+        resample=args.resample, max_nodata=args.max_nodata, progress=not args.no_progress, resume=not args.restart,
+        bounds=args.bounds, window=args.window, overviews=args.overviews, precision=args.precision,
+        compile=args.compile, whiten=args.whiten,
     )
+    model = XStars.from_pretrained(args.model, local_files_only=args.offline)
+    result = model.embed_scene(args.source, args.sensor, args.out, options=options)
     print(
         f"{args.source}: {result.tiles} tiles ({result.embedded} embedded now, {result.resumed} "
         f"resumed, {result.skipped} skipped for nodata) in {result.seconds:.1f} s -> {result.path}"

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidOptionError
 from ..evaluation.common import FEATURES
 
 EVAL_EPILOG = """\
@@ -77,8 +78,11 @@ def _retrieval(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     from ..data import default_footprint_m, raster_pairs
     from ..evaluation import retrieval_table
 
-    if not (args.sensor_a and args.a and args.sensor_b and args.b):
-        raise ValueError("--task retrieval needs --sensor-a NAME --a FILE... --sensor-b NAME --b FILE...")
+    missing = [name for name in ("sensor_a", "a", "sensor_b", "b") if not getattr(args, name)]
+    if missing:
+        raise InvalidOptionError(
+            "--task retrieval needs --sensor-a NAME --a FILE... --sensor-b NAME --b FILE...", field=missing[0]
+        )
     specs = {name: model.check_sensor(name).spec for name in (args.sensor_a, args.sensor_b)}
     # The pretraining token grid: position embeddings are then used as trained.
     footprint = args.footprint_m or default_footprint_m(model, args.sensor_a)

@@ -36,7 +36,7 @@ def _list(args: argparse.Namespace) -> int:
         print("no registered models" + (f" with sensor {args.sensor!r}" if args.sensor else ""))
     for model_id, sensors in models.items():
         entry = get_model_entry(model_id)
-        where = "bundled" if entry.bundled else f"{entry.repo_id}@{entry.revision[:8]}"
+        where = "bundled" if entry.bundled else f"{entry.repo_id}@{(entry.revision or '')[:8]}"
         print(f"{model_id:28s} {entry.arch:28s} {', '.join(sensors):40s} {where}")
     return 0
 
@@ -90,10 +90,10 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from ..hub import resolve_model
+    from ..hub import HubOptions, resolve_model
     from ..serialization import read_verified
 
-    resolved = resolve_model(args.model, local_files_only=True)
+    resolved = resolve_model(args.model, HubOptions(local_files_only=True))
     for name, path in resolved.paths.items():
         read_verified(path, resolved.records[name], name, resolved.repair)
         print(f"ok  {name}  sha256 {resolved.records[name].sha256}")

@@ -23,13 +23,17 @@ def _is_record(value: Any) -> bool:
     return isinstance(value, dict) and bool(value) and all(not isinstance(v, (dict, list)) for v in value.values())
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _table(rows: list[dict[str, Any]], indent: str) -> list[str]:
     """Columns in order of first appearance; numbers right-aligned, text left-aligned."""
     columns: list[str] = []
     for row in rows:
         columns += [key for key in row if key not in columns]
     cells = [[_cell(row.get(col)) for col in columns] for row in rows]
-    numeric = [all(isinstance(row.get(col), (int, float)) and not isinstance(row.get(col), bool) for row in rows) for col in columns]
+    numeric = [all(_is_number(row.get(col)) for row in rows) for col in columns]
     widths = [max(len(col), *(len(r[i]) for r in cells)) for i, col in enumerate(columns)]
 
     def line(values: list[str]) -> str:

@@ -4,11 +4,12 @@ frozen copy), from paired imagery given as co-registered rasters or an MSC-Franc
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from ..errors import InvalidInputError, InvalidOptionError
 
 ADAPT_EPILOG = """\
 Pairs come either from co-registered rasters of the two sensors (--new/--old, cut into windows of
@@ -17,7 +18,9 @@ the last --val-fraction of the area along --split-axis is held out and never tra
 MSC-France style folder (--msc-root with --new-folder/--old-folder: ROOT/FOLDER/CITY/TILE, same tile
 names in both folders).
 
-Training settings: any field of xstars_models.training.TrainConfig, from --config FILE.json and/or
+Training settings: any setting of xstars_models.training.TrainConfig, from --config FILE.json
+(nested by group as the run's config.json records them, e.g. {"optim": {"lr": 1e-4}}, with dotted
+names, e.g. {"msad.alpha": 1.0}, or with the flat names of the flags, e.g. {"alpha": 1.0}) and/or
 the flags below (flags win). Crop sizes are in tokens per side, learning rates per step.
 
 examples:
@@ -35,7 +38,9 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="base model: registry id, Hub repo (org/name[@rev]) or folder")
-    p.add_argument("--sensor", required=True, help="the new sensor: a built-in name (xstars info lists bands) or a sensor-spec .json")
+    p.add_argument(
+        "--sensor", required=True, help="the new sensor: a built-in name (xstars info lists bands) or a sensor-spec .json"
+    )
     p.add_argument("--gsd", type=float, help="the new sensor's ground sampling distance in metres (overrides the spec's)")
     p.add_argument("--name", help="name of the new stem (default: the spec's name)")
     p.add_argument("--old-sensor", help="the base model's sensor in the pairs (default: its primary sensor)")
@@ -44,7 +49,9 @@ def register(sub: Any) -> None:
     data.add_argument("--old", nargs="+", metavar="FILE", help="raster(s) of the old sensor, same area and CRS")
     data.add_argument("--new-bands", nargs="+", type=int, help="1-based bands of --new to read, in the sensor's order")
     data.add_argument("--old-bands", nargs="+", type=int, help="1-based bands of --old to read, in the sensor's order")
-    data.add_argument("--footprint-m", type=float, help="pair footprint in metres (default: global_tokens tokens of the old sensor)")
+    data.add_argument(
+        "--footprint-m", type=float, help="pair footprint in metres (default: crops.global_tokens tokens of the old sensor)"
+    )
     data.add_argument("--stride-m", type=float, help="distance between pair windows in metres (default: the footprint)")
     data.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction of the area (default 0.2)")
     data.add_argument("--split-axis", choices=("x", "y"), default="y", help="axis of the spatial split")
@@ -58,51 +65,59 @@ def register(sub: Any) -> None:
     run = p.add_argument_group("run")
     run.add_argument("--mode", default="stem", choices=("stem", "lora", "full"), help="what is trained (default stem)")
     run.add_argument("--lora-rank", type=int, default=8)
-    run.add_argument("--config", help="TrainConfig fields as JSON, e.g. {\"steps\": 500, \"alpha\": 1.0}")
+    run.add_argument("--config", help="TrainConfig settings as JSON, e.g. {\"steps\": 500, \"msad\": {\"alpha\": 1.0}}")
     run.add_argument("--run-dir", default="runs/adapt", help="checkpoints (last.pt) and metrics.jsonl")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
     run.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
     run.add_argument("--offline", action="store_true", help="load the base model from the local cache only")
     run.add_argument("--out", required=True, help="save the adapted model into this folder")
     run.add_argument("--adapter", help="also save the small adapter file (stem, LoRA) here")
-    _add_train_config_flags(p.add_argument_group("TrainConfig fields"))
+    _add_train_config_flags(p.add_argument_group("TrainConfig settings (flag: setting)"))
     p.set_defaults(func=_adapt, setting_flags={("resume", True): "--resume"})
 
 
 def _add_train_config_flags(group: argparse._ArgumentGroup) -> None:
+    """One flag per setting, named as the setting was before the settings were grouped
+    (``--alpha`` for ``msad.alpha``); its destination is the dotted name, so that an error about a
+    setting names its flag."""
     from ..training import TrainConfig
+    from ..training.config import FLAT_NAMES
 
-    for field in dataclasses.fields(TrainConfig):
-        if isinstance(field.default, tuple):  # ranges like global_scale: set in --config only
+    defaults = TrainConfig.defaults()
+    for name, dotted in FLAT_NAMES.items():
+        default = defaults[dotted]
+        if isinstance(default, tuple):  # ranges like crops.global_scale: set in --config only
             continue
-        flag = "--" + field.name.replace("_", "-")
-        if field.default is None or isinstance(field.default, bool):
-            group.add_argument(flag, dest=f"train_{field.name}", action=argparse.BooleanOptionalAction, default=None,
-                               help=f"default {field.default}")
+        flag = "--" + name.replace("_", "-")
+        about = f"{dotted}, default {default}" if dotted != name else f"default {default}"
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=dotted, action=argparse.BooleanOptionalAction, default=None, help=about)
         else:
-            group.add_argument(flag, dest=f"train_{field.name}", type=type(field.default), default=None,
-                               metavar=type(field.default).__name__.upper(), help=f"default {field.default}")
+            kind = type(default)
+            group.add_argument(flag, dest=dotted, type=kind, default=None, metavar=kind.__name__.upper(), help=about)
 
 
 def train_config(args: argparse.Namespace) -> Any:
-    """The TrainConfig of ``--config`` (if any) with the flags that were given on top (flags win),
-    checked by :meth:`TrainConfig.from_dict`, whose errors name the file or the flag."""
+    """The TrainConfig of ``--config`` (if any; its errors name the file) with the flags that were
+    given on top (flags win; their errors are named by the flag)."""
     from ..training import TrainConfig
+    from ..training.config import FLAT_NAMES
 
-    settings = _read_json(args.config, "--config") if args.config else {}
-    flags = {k.removeprefix("train_"): v for k, v in vars(args).items() if k.startswith("train_") and v is not None}
-    if isinstance(settings, dict):
-        settings = {**settings, **flags}
-    return TrainConfig.from_dict(
-        settings, source=f"--config {args.config}", field_sources={name: "--" + name.replace("_", "-") for name in flags}
-    )
+    config = TrainConfig()
+    if args.config:
+        config = TrainConfig.from_dict(_read_json(args.config, "config"), source=f"--config {args.config}")
+    flags = {dotted: getattr(args, dotted) for dotted in FLAT_NAMES.values() if getattr(args, dotted, None) is not None}
+    if not flags:
+        return config
+    # An empty source: the command prefixes the flag of the setting at fault itself.
+    return TrainConfig.from_dict({**config.dotted(), **flags}, field_sources={dotted: "" for dotted in flags})
 
 
-def _read_json(path: str, flag: str) -> Any:
+def _read_json(path: str, field: str) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{flag} {path}: not valid JSON ({err}).") from None
+        raise InvalidInputError(f"{path}: not valid JSON ({err}).", field=field) from None
 
 
 def new_sensor_spec(args: argparse.Namespace) -> Any:
@@ -117,23 +132,28 @@ def new_sensor_spec(args: argparse.Namespace) -> Any:
 def _pairs(args: argparse.Namespace, base: Any, new: Any, old_sensor: str, config: Any) -> tuple[Any, str]:
     rasters, msc = bool(args.new or args.old), bool(args.msc_root)
     if rasters == msc:
-        raise ValueError("give the pairs either as rasters (--new FILE --old FILE) or as a folder (--msc-root ROOT), not both or neither")
+        raise InvalidOptionError(
+            "give the pairs either as rasters (--new FILE --old FILE) or as a folder (--msc-root ROOT), not both or neither"
+        )
     if msc:
         from ..data import MSCFrancePairs
 
         if not (args.new_folder and args.old_folder):
-            raise ValueError("--msc-root needs --new-folder and --old-folder (e.g. --new-folder SPOT --old-folder Sentinel)")
+            raise InvalidOptionError(
+                "--msc-root needs --new-folder and --old-folder (e.g. --new-folder SPOT --old-folder Sentinel)",
+                field="old_folder" if args.new_folder else "new_folder",
+            )
         pairs = MSCFrancePairs(
             args.msc_root, sensors=(args.old_folder, args.new_folder), cities=args.cities,
             sensor_names={args.old_folder: old_sensor, args.new_folder: new.name},
         )
         return pairs, f"MSC-France layout {args.msc_root}: {args.new_folder} <-> {args.old_folder}, {len(pairs)} pairs"
     if not (args.new and args.old):
-        raise ValueError("raster pairs need both --new FILE... and --old FILE...")
+        raise InvalidOptionError("raster pairs need both --new FILE... and --old FILE...", field="old" if args.new else "new")
     from ..data import default_footprint_m, raster_pairs
 
     # Each pair is one global crop of the old sensor.
-    footprint = args.footprint_m or default_footprint_m(base, old_sensor, tokens=config.global_tokens)
+    footprint = args.footprint_m or default_footprint_m(base, old_sensor, tokens=config.crops.global_tokens)
     inputs = {new.name: (new, args.new, args.new_bands), old_sensor: (base.sensors[old_sensor].spec, args.old, args.old_bands)}
     return raster_pairs(inputs, footprint, args.stride_m, "train", args.val_fraction, args.split_axis, args.resample)
 

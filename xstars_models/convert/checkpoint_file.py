@@ -9,8 +9,9 @@ import hashlib
 import logging
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -49,21 +50,24 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             raise CheckpointFormatError(
                 f"{path}: refused to load: it contains the Python objects {unsafe}, which safe loading "
                 "(torch.load(weights_only=True)) does not allow besides tensors, plain containers and "
-                "argparse.Namespace; nothing in it was run. An official X-STARS checkpoint holds no such object."
+                "argparse.Namespace; nothing in it was run. An official X-STARS checkpoint holds no such object.",
+                field="checkpoint",
             ) from None
         raise CheckpointFormatError(
             f"{path}: safe loading (torch.load(weights_only=True)) refused it (pickle.UnpicklingError); nothing "
             "in it was run. The file is damaged, is not a torch.save file, or holds Python objects besides "
-            "tensors, plain containers and argparse.Namespace."
+            "tensors, plain containers and argparse.Namespace.",
+            field="checkpoint",
         ) from None
     except Exception as err:  # torch reports a damaged or foreign file with many exception types
         raise CheckpointFormatError(
-            f"{path} is not a readable torch.save file ({type(err).__name__}: {err})."
+            f"{path} is not a readable torch.save file ({type(err).__name__}: {err}).", field="checkpoint"
         ) from err
     if not isinstance(loaded, dict):
         raise CheckpointFormatError(
             f"{path} holds a {type(loaded).__name__}, not the dict of an official X-STARS checkpoint "
-            "('student', 'teacher', 'optimizer', 'epoch', 'args', 'dino_loss')."
+            "('student', 'teacher', 'optimizer', 'epoch', 'args', 'dino_loss').",
+            field="checkpoint",
         )
     return loaded
 
@@ -86,22 +90,27 @@ def network_state(loaded: dict[str, Any], key: str, path: Path) -> Mapping[str, 
         if "student" not in loaded and "teacher" not in loaded:
             raise CheckpointFormatError(
                 f"{path} is not an official X-STARS training checkpoint: it has no 'student' or "
-                f"'teacher' entry; its top-level keys are {shown}."
+                f"'teacher' entry; its top-level keys are {shown}.",
+                field="checkpoint",
             )
         other = "student" if key == "teacher" else "teacher"
-        raise CheckpointFormatError(f"{path} has no {key!r} network (keys {shown}); try key={other!r}.")
+        raise CheckpointFormatError(
+            f"{path} has no {key!r} network (keys {shown}); try {{key}}.", field="key", settings={"key": other}
+        )
     state = loaded[key]
     if not isinstance(state, Mapping) or not state:
         raise CheckpointFormatError(
             f"{path}: {key!r} should be a non-empty state dict (names -> tensors), got "
-            f"{type(state).__name__}{' (empty)' if isinstance(state, Mapping) else ''}."
+            f"{type(state).__name__}{' (empty)' if isinstance(state, Mapping) else ''}.",
+            field="checkpoint",
         )
     bad = [f"{k!r}: {type(v).__name__}" for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
     if bad:
         raise CheckpointFormatError(
             f"{path}: {key!r} should map names to tensors; found {bad[:5]}"
             + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-            + "."
+            + ".",
+            field="checkpoint",
         )
     return state
 
@@ -122,12 +131,15 @@ def backbone_state(state: Mapping[str, torch.Tensor], key: str, path: Path) -> d
         if name in out:
             raise CheckpointFormatError(
                 f"{path}: {key!r} has both {sources[name]!r} and {original!r}, which are the same "
-                f"backbone tensor {name!r} once prefixes are stripped."
+                f"backbone tensor {name!r} once prefixes are stripped.",
+                field="checkpoint",
             )
         out[name] = tensor
         sources[name] = original
     if not out:
-        raise CheckpointFormatError(f"{path}: {key!r} has no backbone tensors, only {dropped} DINO head tensors.")
+        raise CheckpointFormatError(
+            f"{path}: {key!r} has no backbone tensors, only {dropped} DINO head tensors.", field="checkpoint"
+        )
     logger.debug("%s: %d backbone tensors, %d DINO head tensors dropped.", path.name, len(out), dropped)
     return out
 
@@ -141,5 +153,6 @@ def args_of(loaded: dict[str, Any], path: Path) -> dict[str, Any]:
     if isinstance(args, Mapping):
         return dict(args)
     raise CheckpointFormatError(
-        f"{path}: 'args' should be the run's argparse.Namespace, got {type(args).__name__}."
+        f"{path}: 'args' should be the run's argparse.Namespace, got {type(args).__name__}.",
+        field="checkpoint",
     )

@@ -17,17 +17,18 @@ import dataclasses
 import logging
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import timm
 import torch
 from torch import nn
 
-from ..errors import CheckpointFormatError, StateDictMismatchError
-from ..xstars import XStars
+from ..errors import CheckpointFormatError, InvalidOptionError, StateDictMismatchError
 from ..sensors import SensorSpec, get_sensor
 from ..serialization import load_state_dict_strict
+from ..xstars import XStars
 from .checkpoint_file import args_of, backbone_state, load_checkpoint, network_state, sha256_file
 
 __all__ = ["OFFICIAL_ARCHS", "OFFICIAL_SENSORS", "convert_official_checkpoint"]
@@ -96,13 +97,16 @@ def convert_official_checkpoint(
         ``training_record["args"]`` the run's settings.
 
     Raises:
-        CheckpointFormatError: not a readable official checkpoint, or unsafe content.
+        CheckpointFormatError: not a readable official checkpoint, or unsafe content
+            (``field="checkpoint"``; ``"key"`` when the other network is there).
         StateDictMismatchError: backbone tensors that do not fit the architecture (missing,
             unexpected and mis-shaped keys listed, named after prefix stripping).
-        ValueError: unknown ``arch``, ``key`` or ``sensor``, or a trunk that is not DINO's ViT.
+        InvalidOptionError: unknown ``arch``, ``key`` or ``sensor``, one the checkpoint cannot
+            tell, or a trunk that is not DINO's ViT (``field`` names the argument).
+        FileNotFoundError: no file at ``checkpoint``.
     """
     if key not in ("teacher", "student"):
-        raise ValueError(f"key must be 'teacher' or 'student', got {key!r}.")
+        raise InvalidOptionError(f"key must be 'teacher' or 'student', got {key!r}.", field="key")
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path}.")
@@ -113,7 +117,7 @@ def convert_official_checkpoint(
     after = path.stat()
     # The hash is taken on one read and the tensors on another: make sure both saw the same file.
     if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
-        raise CheckpointFormatError(f"{path} changed while it was being converted; try again.")
+        raise CheckpointFormatError(f"{path} changed while it was being converted; try again.", field="checkpoint")
 
     weights = backbone_state(network_state(loaded, key, path), key, path)
     args = args_of(loaded, path)
@@ -163,14 +167,17 @@ def _resolve_arch(
         logger.info("%s: building %r as asked, not the checkpoint's args.arch %r.", path.name, arch, args.get("arch"))
     choices = f"official names {list(OFFICIAL_ARCHS)} or a timm ViT name such as 'vit_small_patch16_224'"
     if not isinstance(name, str) or not name:
-        raise ValueError(f"{path}: the checkpoint's args name no architecture; pass arch= ({choices}).")
+        raise InvalidOptionError(f"{path}: the checkpoint's args name no architecture; pass arch= ({choices}).", field="arch")
     kwargs: dict[str, Any] = {}
+    patch: int | None
+    default_img: int | None
     if name in OFFICIAL_ARCHS:
-        patch = args.get("patch_size")
-        if not isinstance(patch, int) or patch < 1:
-            patch = _weights_patch_size(weights)
+        given = args.get("patch_size")
+        patch = given if isinstance(given, int) and given >= 1 else _weights_patch_size(weights)
         if patch is None:
-            raise ValueError(f"{path}: cannot tell the patch size (no args.patch_size, no patch_embed weights).")
+            raise CheckpointFormatError(
+                f"{path}: cannot tell the patch size (no args.patch_size, no patch_embed weights).", field="checkpoint"
+            )
         timm_name = f"{name}_patch{patch}_224"
         if not timm.is_model(timm_name):
             # timm registers only the usual patch sizes; the others are the same model with
@@ -183,7 +190,7 @@ def _resolve_arch(
         patch = _weights_patch_size(weights)
         default_img = _name_img_size(name)
     else:
-        raise ValueError(f"Unknown architecture {name!r}; use one of the {choices}.")
+        raise InvalidOptionError(f"Unknown architecture {name!r}; use one of the {choices}.", field="arch")
     # The official ViTs size their position embeddings for 224 px whatever --inp_dim is, but
     # read the grid off the weights so that a checkpoint trained otherwise still loads strictly.
     grid = _weights_pos_grid(weights)
@@ -222,10 +229,11 @@ def _resolve_sensor(
     else:
         spec = get_sensor(OFFICIAL_SENSORS.get(sensor, sensor))
     if spec.band_names != ("red", "green", "blue") or spec.dtype != "uint8" or not math.isclose(spec.scale, 1 / 255):
-        raise ValueError(
+        raise InvalidOptionError(
             f"Sensor {spec.name!r} ({', '.join(spec.band_names)}; {spec.dtype} x {spec.scale:.6g}) cannot "
             "feed an official X-STARS trunk, which was trained on 8-bit red, green, blue images scaled "
-            f"to 0-1; use one of {sorted(OFFICIAL_SENSORS.values())} or such a spec."
+            f"to 0-1; use one of {sorted(OFFICIAL_SENSORS.values())} or such a spec.",
+            field="sensor",
         )
     return spec.name, _with_checkpoint_normalisation(spec, args, path)
 
@@ -239,15 +247,17 @@ def _default_official_sensor(args: Mapping[str, Any], path: Path) -> str:
     sensors = [sensors] if isinstance(sensors, str) else list(sensors or [])
     official = adapt if isinstance(adapt, str) and adapt else (sensors[0] if len(sensors) == 1 else None)
     if official is None:
-        raise ValueError(
+        raise InvalidOptionError(
             f"{path}: cannot tell which sensor the trunk is for (args.sensors={sensors or None}, no "
             f"args.adapt_sensor); pass sensor= one of {sorted(OFFICIAL_SENSORS.values())} "
-            "(all sensors of a from-scratch run share the patch embedding and normalisation)."
+            "(all sensors of a from-scratch run share the patch embedding and normalisation).",
+            field="sensor",
         )
     if official not in OFFICIAL_SENSORS:
-        raise ValueError(
+        raise InvalidOptionError(
             f"{path}: the checkpoint's sensor {official!r} is not one of the official "
-            f"{sorted(OFFICIAL_SENSORS)}; pass sensor= a registered sensor name or SensorSpec."
+            f"{sorted(OFFICIAL_SENSORS)}; pass sensor= a registered sensor name or SensorSpec.",
+            field="sensor",
         )
     return OFFICIAL_SENSORS[official]
 
@@ -281,7 +291,8 @@ def _with_checkpoint_normalisation(spec: SensorSpec, args: Mapping[str, Any], pa
             raise CheckpointFormatError(
                 f"{path}: args.{label} should be {spec.num_bands} finite numbers (R, G, B on a 0-1 scale"
                 f"{', each > 0' if label == 'std' else ''}), got {stats!r}: the inputs the weights were trained "
-                "on cannot be reproduced from it. Nothing was written."
+                "on cannot be reproduced from it. Nothing was written.",
+                field="checkpoint",
             )
         values.append(tuple(float(v) for v in stats))
     mean_t, std_t = values
@@ -316,9 +327,10 @@ def _check_dino_trunk(trunk: nn.Module, timm_name: str) -> None:
         }
     )
     if problems:
-        raise ValueError(
+        raise InvalidOptionError(
             f"timm {timm_name!r} is not DINO's ViT: {'; '.join(problems)}. Use an official arch name "
-            f"{list(OFFICIAL_ARCHS)} or a plain 'vit_<size>_patch<p>_224'."
+            f"{list(OFFICIAL_ARCHS)} or a plain 'vit_<size>_patch<p>_224'.",
+            field="arch",
         )
 
 

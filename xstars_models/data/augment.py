@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidInputError, InvalidOptionError
 from ..sensors import SensorSpec
 
 __all__ = ["MultiCropAugment", "check_native_size", "resize"]
@@ -28,13 +29,14 @@ def _default_generator() -> torch.Generator:
 
 
 def check_native_size(sensor: str, size: int, shape: tuple[int, ...], kind: str = "") -> None:
-    """Raise ValueError unless an image of ``shape`` (..., H, W) holds a ``size``-pixel square
+    """Raise InvalidInputError unless an image of ``shape`` (..., H, W) holds a ``size``-pixel square
     window: views at the sensor's own resolution (``native``) are cut, never resized.
     ``kind`` names the views in the message (e.g. ``"MSAD "``)."""
     if min(shape[-2:]) < size:
-        raise ValueError(
+        raise InvalidInputError(
             f"Sensor {sensor!r}: native-resolution {kind}views of {size} px need images of at least that size, got "
-            f"{tuple(shape[-2:])}; give larger training images or turn native crops off."
+            f"{tuple(shape[-2:])}; give larger training images or turn native crops off.",
+            field="images",
         )
 
 
@@ -88,9 +90,12 @@ class MultiCropAugment:
     ) -> None:
         for label, scale in (("global_scale", global_scale), ("local_scale", local_scale)):
             if not 0.0 < scale[0] <= scale[1] <= 1.0:
-                raise ValueError(f"{label} must be area fractions 0 < low <= high <= 1, got {scale}.")
+                raise InvalidOptionError(f"{label} must be area fractions 0 < low <= high <= 1, got {scale}.", field=label)
         if global_size < 1 or local_size < 1:
-            raise ValueError(f"Crop sizes must be >= 1 px, got global {global_size}, local {local_size}.")
+            raise InvalidOptionError(
+                f"Crop sizes must be >= 1 px, got global {global_size}, local {local_size}.",
+                field="global_size" if global_size < 1 else "local_size",
+            )
         self.spec, self.jitter, self.blur_p = spec, jitter, blur_p
         self.noise_p, self.noise_std, self.native = noise_p, noise_std, native
         self.grey_p = grey_p if set(spec.band_names) == {"red", "green", "blue"} else 0.0
@@ -98,9 +103,10 @@ class MultiCropAugment:
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         if image.ndim != 3 or image.shape[0] != self.spec.num_bands:
-            raise ValueError(
+            raise InvalidInputError(
                 f"Sensor {self.spec.name!r}: augmentation expects C x H x W with C = {self.spec.num_bands}, "
-                f"got {tuple(image.shape)}."
+                f"got {tuple(image.shape)}.",
+                field="image",
             )
         if self.native:
             check_native_size(self.spec.name, max((size for size, _ in self.plan), default=0), image.shape)

@@ -3,9 +3,11 @@ of the same ground footprint: what ``xstars adapt`` and ``xstars eval`` train an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from ..errors import InvalidInputError
 from ..io import GSD_WARN, gsd_mismatch, import_rasterio, pixel_size_m
 
 __all__ = ["check_raster_gsd", "raster_pairs"]
@@ -31,7 +33,7 @@ def raster_pairs(
     if not resample:
         for name, (spec, files, _) in inputs.items():
             for file in files:
-                check_raster_gsd(file, spec.gsd_m, name)
+                check_raster_gsd(file, spec.gsd_m, name, field="inputs")
     sources = {
         name: RasterSource(files, bands, round(footprint_m / spec.gsd_m)) for name, (spec, files, bands) in inputs.items()
     }
@@ -46,17 +48,24 @@ def raster_pairs(
     return pairs, description
 
 
-def check_raster_gsd(path: str | Path, gsd_m: float, sensor: str) -> None:
+def check_raster_gsd(path: str | Path, gsd_m: float, sensor: str, *, field: str = "path") -> None:
     """Refuse a raster whose pixel size (metres) is more than 10% off ``gsd_m``: its windows would
-    be resampled silently to a scale the model never saw at that size."""
+    be resampled silently to a scale the model never saw at that size.
+
+    Raises:
+        InvalidInputError: naming both sizes and the two ways out; its ``field`` is ``field``,
+            the caller's argument that carried ``path``.
+    """
     with import_rasterio().open(path) as src:
         if src.crs is None or src.crs.is_geographic:  # no metric pixel size to compare
             return
         pixel_m = pixel_size_m(src.transform, src.crs)
     worst = gsd_mismatch(pixel_m, gsd_m)
     if worst > GSD_WARN:
-        raise ValueError(
+        raise InvalidInputError(
             f"{path}: pixel size {pixel_m[0]:g} m but sensor {sensor!r} has a GSD of {gsd_m:g} m ({worst:.0%} apart). "
             f"Give the sensor's real GSD (spec.with_gsd({pixel_m[0]:g}); for the new sensor of `xstars adapt`: "
-            f"--gsd {pixel_m[0]:g}), or pass resample=True (--resample) to read windows resampled to {gsd_m:g} m."
+            f"--gsd {pixel_m[0]:g}), or pass {{resample}} to read windows resampled to {gsd_m:g} m.",
+            field=field,
+            settings={"resample": True},
         )

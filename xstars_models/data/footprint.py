@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..errors import InvalidOptionError
+
 if TYPE_CHECKING:
     from ..model import XStarsBase
 
@@ -22,6 +24,6 @@ def default_footprint_m(model: XStarsBase, sensor: str, tokens: int | None = Non
     model's ``sensor``: ``tokens x patch size x GSD``. ``adapt`` passes its config's
     ``global_tokens``, so that each pair is one global crop of the old sensor."""
     if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
-        raise ValueError(f"tokens must be a whole number >= 1, got {tokens!r}.")
+        raise InvalidOptionError(f"tokens must be a whole number >= 1, got {tokens!r}.", field="tokens")
     grid = pretraining_grid(model) if tokens is None else tokens
     return grid * model.check_sensor(sensor).token_ground_m

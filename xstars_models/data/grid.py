@@ -6,8 +6,9 @@ projected rasters this package handles); no file access."""
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
+from ..errors import InvalidOptionError
 from ..io.mosaic import Bounds
 
 __all__ = ["Bounds", "grid_windows", "intersect_bounds", "split_regions"]
@@ -50,17 +51,17 @@ def split_regions(
     whole extent.
     """
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+        raise InvalidOptionError(f"split must be one of {SPLITS}, got {split!r}.", field="split")
     if split == "all":
         return [extent]
     if axis not in AXES:
-        raise ValueError(f"split_axis must be 'x' or 'y', got {axis!r}.")
+        raise InvalidOptionError(f"split_axis must be 'x' or 'y', got {axis!r}.", field="split_axis")
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}.")
+        raise InvalidOptionError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}.", field="val_fraction")
     if gap_m < 0:
-        raise ValueError(f"gap_m must be >= 0 metres, got {gap_m}.")
+        raise InvalidOptionError(f"gap_m must be >= 0 metres, got {gap_m}.", field="gap_m")
     if blocks < 1:
-        raise ValueError(f"split_blocks must be >= 1, got {blocks}.")
+        raise InvalidOptionError(f"split_blocks must be >= 1, got {blocks}.", field="split_blocks")
     lo, hi = (extent[0], extent[2]) if axis == "x" else (extent[1], extent[3])
     block = (hi - lo) / blocks
     val = [(lo + (k + 1 - val_fraction) * block, lo + (k + 1) * block) for k in range(blocks)]
@@ -93,9 +94,9 @@ def grid_windows(
     Windows run left to right, then top to bottom; the order is deterministic.
     """
     if not tile_m > 0:
-        raise ValueError(f"Tile footprint must be > 0 metres, got {tile_m}.")
+        raise InvalidOptionError(f"Tile footprint must be > 0 metres, got {tile_m}.", field="tile_m")
     if not stride_m > 0:
-        raise ValueError(f"Stride must be > 0 metres, got {stride_m}.")
+        raise InvalidOptionError(f"Stride must be > 0 metres, got {stride_m}.", field="stride_m")
     left, bottom, right, top = region
     x0, y0 = origin
     rx, ry = res

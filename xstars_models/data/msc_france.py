@@ -4,13 +4,16 @@ names across sensors, one ground footprint per name."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from ..errors import InvalidInputError, InvalidOptionError
 
 __all__ = ["MSCFrancePairs"]
 
@@ -50,18 +53,23 @@ class MSCFrancePairs(Dataset):
         mode: str | None = "RGB",
     ) -> None:
         if unpaired not in UNPAIRED:
-            raise ValueError(f"unpaired must be one of {UNPAIRED}, got {unpaired!r}.")
+            raise InvalidOptionError(f"unpaired must be one of {UNPAIRED}, got {unpaired!r}.", field="unpaired")
         if isinstance(sensors, str) or not sensors:
-            raise ValueError(f"sensors must be a non-empty list of folder names such as ['SPOT', 'Sentinel'], got {sensors!r}.")
+            raise InvalidOptionError(
+                f"sensors must be a non-empty list of folder names such as ['SPOT', 'Sentinel'], got {sensors!r}.",
+                field="sensors",
+            )
         sensor_names = dict(sensor_names or {})
         stray = sorted(set(sensor_names) - set(sensors))
         if stray:
-            raise ValueError(f"sensor_names renames folders {stray} that are not in sensors {list(sensors)}.")
+            raise InvalidOptionError(
+                f"sensor_names renames folders {stray} that are not in sensors {list(sensors)}.", field="sensor_names"
+            )
         self.root = Path(root)
         self.sensors = tuple(sensors)
         self.names = {folder: sensor_names.get(folder, folder) for folder in self.sensors}
         if len(set(self.names.values())) != len(self.names):
-            raise ValueError(f"Two sensor folders map to the same name: {self.names}.")
+            raise InvalidOptionError(f"Two sensor folders map to the same name: {self.names}.", field="sensor_names")
         self.transform, self.mode = transform, mode
 
         if not self.root.is_dir():
@@ -85,7 +93,9 @@ class MSCFrancePairs(Dataset):
         else:
             absent = [c for c in cities if c not in known]
             if absent:
-                raise ValueError(f"Cities {absent} are in no sensor folder under {self.root}; cities there: {known}.")
+                raise InvalidOptionError(
+                    f"Cities {absent} are in no sensor folder under {self.root}; cities there: {known}.", field="cities"
+                )
 
         self.items: list[tuple[str, str]] = []
         self.skipped: list[tuple[str, str, tuple[str, ...]]] = []
@@ -100,15 +110,18 @@ class MSCFrancePairs(Dataset):
         if self.skipped and unpaired == "error":
             city, tile, missing = self.skipped[0]
             has = [f for f in self.sensors if f not in missing]
-            raise ValueError(
+            raise InvalidInputError(
                 f"MSC-France tile {tile!r} of city {city!r} is in {has} but missing for sensor(s) {list(missing)} "
                 f"(no {[str(self.root / f / city / f'{tile}.png') for f in missing]}); "
-                f"{len(self.skipped)} tile(s) are not in every sensor. Pass unpaired='skip' to leave them out."
+                f"{len(self.skipped)} tile(s) are not in every sensor. Pass {{unpaired}} to leave them out.",
+                field="root",
+                settings={"unpaired": "skip"},
             )
         if not self.items:
-            raise ValueError(
+            raise InvalidInputError(
                 f"No tile is present in every sensor folder {list(self.sensors)} under {self.root} "
-                f"(cities {list(cities)}); expected the layout {_LAYOUT}."
+                f"(cities {list(cities)}); expected the layout {_LAYOUT}.",
+                field="root",
             )
 
     def __len__(self) -> int:

@@ -4,15 +4,28 @@ random state."""
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidOptionError
 from ..model import XStarsBase
 
-__all__ = ["FEATURES", "WHITENED", "embedding_features", "pixel_features", "random_init_like"]
+__all__ = ["FEATURES", "WHITENED", "PairData", "embedding_features", "pixel_features", "random_init_like"]
 
 WHITENED = "-whitened"
 FEATURES = ("cls", "mean", "patch", "cls" + WHITENED, "mean" + WHITENED)
+
+
+class PairData(Protocol):
+    """What the evaluations read pairs from: a map-style data set with a length (a torch
+    ``Dataset`` such as :class:`~xstars_models.data.GeoPairDataset`) whose items hold
+    ``{"images": {sensor: C x H x W digital numbers}}``."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
 
 
 def embedding_features(model: XStarsBase, images: torch.Tensor, sensor: str, kind: str) -> torch.Tensor:
@@ -21,12 +34,15 @@ def embedding_features(model: XStarsBase, images: torch.Tensor, sensor: str, kin
     (``cls-whitened``, ``mean-whitened``), or the ``patch`` tokens L2-normalised one by one and
     flattened (N x tokens*D), which compares footprints token by token as MSAD aligns them."""
     if kind not in FEATURES:
-        raise ValueError(f"features must be one of {FEATURES}, got {kind!r}.")
+        raise InvalidOptionError(f"features must be one of {FEATURES}, got {kind!r}.", field="features")
     if kind == "patch":
         patches = model.embed(images, sensor, output="patch", progress=False)
+        assert isinstance(patches, torch.Tensor)  # one tensor: no layers asked for
         return F.normalize(patches, dim=-1).flatten(1)
     output, whitened = kind.removesuffix(WHITENED), kind.endswith(WHITENED)
-    return model.embed(images, sensor, output=output, progress=False, whiten=whitened)
+    features = model.embed(images, sensor, output=output, progress=False, whiten=whitened)
+    assert isinstance(features, torch.Tensor)  # one tensor: no layers asked for
+    return features
 
 
 def pixel_features(images: torch.Tensor, grid: int) -> dict[str, torch.Tensor]:

@@ -6,15 +6,17 @@ initialisation, and raw pixels (mean colour, and the image area-averaged to the 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..errors import InvalidInputError, InvalidOptionError
 from ..model import XStarsBase
 from ..training.whitening import fit_global_whitening
-from .common import FEATURES, WHITENED, embedding_features, pixel_features, random_init_like
+from .common import FEATURES, WHITENED, PairData, embedding_features, pixel_features, random_init_like
 
 __all__ = ["cross_sensor_retrieval", "recall_at_k", "retrieval_table"]
 
@@ -28,18 +30,18 @@ def recall_at_k(queries: torch.Tensor, gallery: torch.Tensor, ks: Sequence[int] 
     return {f"r@{k}": float((rank < k).double().mean()) for k in ks}
 
 
-def _stack(pairs: Dataset, sensor: str) -> torch.Tensor:
+def _stack(pairs: PairData, sensor: str) -> torch.Tensor:
     return torch.stack([pairs[i]["images"][sensor] for i in range(len(pairs))])
 
 
 def cross_sensor_retrieval(
-    model: XStarsBase, pairs: Dataset, sensor_a: str, sensor_b: str, features: str = "patch", ks: Sequence[int] = (1, 5)
+    model: XStarsBase, pairs: PairData, sensor_a: str, sensor_b: str, features: str = "patch", ks: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
     """Recall@k from ``sensor_a`` to ``sensor_b`` images and back, keys like ``a->b r@1``."""
     if features not in FEATURES:
-        raise ValueError(f"features must be one of {FEATURES}, got {features!r}.")
+        raise InvalidOptionError(f"features must be one of {FEATURES}, got {features!r}.", field="features")
     if len(pairs) < 2:
-        raise ValueError(f"Retrieval needs at least 2 pairs, got {len(pairs)}.")
+        raise InvalidInputError(f"Retrieval needs at least 2 pairs, got {len(pairs)}.", field="pairs")
     a = embedding_features(model, _stack(pairs, sensor_a), sensor_a, features)
     b = embedding_features(model, _stack(pairs, sensor_b), sensor_b, features)
     return {
@@ -68,7 +70,7 @@ def _stem_transfer_baseline(random_init: XStarsBase, sensor_a: str, sensor_b: st
 
 def retrieval_table(
     model: XStarsBase,
-    pairs: Dataset,
+    pairs: PairData,
     sensor_a: str,
     sensor_b: str,
     features: Sequence[str] = ("patch", "mean"),
@@ -88,13 +90,15 @@ def retrieval_table(
     if transferred is not None:
         baselines["random init + stem transfer"] = transferred
     whitened = [kind for kind in features if kind.endswith(WHITENED)]
-    if whitened and model.whitening is None:
-        raise ValueError(f"features {whitened} need the model's fitted whitening and it has none (model.whitening).")
-    if whitened and whitening_pairs is not None:
+    fitted = model.whitening
+    if whitened and fitted is None:
+        raise InvalidOptionError(
+            f"features {whitened} need the model's fitted whitening and it has none (model.whitening).", field="features"
+        )
+    if whitened and fitted is not None and whitening_pairs is not None:
         for baseline in baselines.values():
             baseline.whitening = fit_global_whitening(
-                baseline, whitening_pairs, (sensor_a, sensor_b), model.whitening.pools, model.whitening.shrinkage,
-                progress=False,
+                baseline, whitening_pairs, (sensor_a, sensor_b), fitted.pools, fitted.shrinkage, progress=False
             )
     rows: dict[str, dict[str, float]] = {}
     for kind in features:

@@ -33,13 +33,19 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Set
+from collections.abc import Iterator, Sequence, Set
 from enum import Enum
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from ..errors import InvalidInputError, InvalidOptionError, SensorMismatchError
+from ..inputs import band_order
+from ..manifest import is_registered, list_models
+from ..model import XStarsBase
+from ..sensors import SensorSpec
 
 # Importing TerraTorch 1.2 changes the whole process: its Clay v1.5 backbone module sets torch's
 # float32 matmul precision to "medium" and its embedding task makes every UserWarning "once".
@@ -50,11 +56,6 @@ with warnings.catch_warnings():
     from terratorch.registry import BACKBONE_REGISTRY
     from terratorch.utils import InvalidModelError
 torch.set_float32_matmul_precision(_matmul_precision)
-
-from ..inputs import band_order
-from ..manifest import is_registered, list_models
-from ..model import XStarsBase
-from ..sensors import SensorSpec
 
 __all__ = [
     "SOURCE",
@@ -92,9 +93,10 @@ TERRATORCH_BAND_NAMES: dict[str, str] = {
 def _band_name(band: Any) -> str:
     value = band.value if isinstance(band, Enum) else band
     if not isinstance(value, str):
-        raise ValueError(
+        raise InvalidOptionError(
             f"model_bands entry {band!r} is not a band name; X-STARS picks the sensor stem by band names, "
-            f"so give TerraTorch names ({', '.join(TERRATORCH_BAND_NAMES)}) or the sensor's own band names."
+            f"so give TerraTorch names ({', '.join(TERRATORCH_BAND_NAMES)}) or the sensor's own band names.",
+            field="model_bands",
         )
     return TERRATORCH_BAND_NAMES.get(value.upper(), value)
 
@@ -128,8 +130,9 @@ def select_sensor(model: XStarsBase, model_bands: Sequence[Any] | None, sensor: 
         ``(sensor, order)``: ``x[:, order]`` puts input channels in the sensor's band order.
 
     Raises:
-        ValueError: the bands fit no sensor (or not ``sensor``), fit several and ``sensor`` is
-            not given, or neither argument is given.
+        SensorMismatchError: the bands fit no sensor, or not ``sensor`` (``field="model_bands"``).
+        InvalidOptionError: the bands fit several sensors and ``sensor`` is not given, or neither
+            argument is given.
     """
     if sensor is not None:
         stem = model.check_sensor(sensor)
@@ -138,28 +141,32 @@ def select_sensor(model: XStarsBase, model_bands: Sequence[Any] | None, sensor: 
         names = [_band_name(b) for b in model_bands]
         order = _channel_order(stem.spec, names)
         if order is None:
-            raise ValueError(
+            raise SensorMismatchError(
                 f"model_bands {list(model_bands)} (as band names {names}) are not the bands of sensor "
-                f"{sensor!r}, which needs exactly {list(stem.spec.band_names)}. The model's sensors: {_describe(model)}."
+                f"{sensor!r}, which needs exactly {list(stem.spec.band_names)}. The model's sensors: {_describe(model)}.",
+                field="model_bands",
             )
         return sensor, order
     if model_bands is None:
-        raise ValueError(
-            f"Name the input bands (model_bands=[...]) or the stem (sensor=...); the model's sensors: {_describe(model)}."
+        raise InvalidOptionError(
+            f"Name the input bands (model_bands=[...]) or the stem (sensor=...); the model's sensors: {_describe(model)}.",
+            field="model_bands",
         )
     names = [_band_name(b) for b in model_bands]
     fits = {name: order for name, stem in model.sensors.items() if (order := _channel_order(stem.spec, names)) is not None}
     if not fits:
-        raise ValueError(
+        raise SensorMismatchError(
             f"model_bands {list(model_bands)} (as band names {names}) match no sensor of this model; each needs "
             f"exactly its bands, in any order: {_describe(model)}. Give those bands, or adapt the model to your "
-            "sensor first (XStars.adapt)."
+            "sensor first (XStars.adapt).",
+            field="model_bands",
         )
     if len(fits) > 1:
         options = "; ".join(f"{name} ({model.sensors[name].spec.gsd_m:g} m GSD)" for name in fits)
-        raise ValueError(
+        raise InvalidOptionError(
             f"model_bands {list(model_bands)} fit several sensors: {options}. Pass sensor= the one whose "
-            "imagery (and ground sampling distance) you feed."
+            "imagery (and ground sampling distance) you feed.",
+            field="sensor",
         )
     return next(iter(fits.items()))
 
@@ -196,16 +203,19 @@ class XStarsBackbone(nn.Module):
         bands = stem.spec.num_bands
         self.order = list(range(bands)) if order is None else [int(i) for i in order]
         if sorted(self.order) != list(range(bands)):
-            raise ValueError(f"order must be a permutation of 0..{bands - 1} for sensor {sensor!r}, got {self.order}.")
+            raise InvalidOptionError(
+                f"order must be a permutation of 0..{bands - 1} for sensor {sensor!r}, got {self.order}.", field="order"
+            )
         depth = model.depth
         if out_indices is None:
             out_indices = [depth - 1 - step * max(depth // 4, 1) for step in range(min(4, depth))][::-1]
         wanted = [int(i) for i in out_indices]
         bad = [i for i in wanted if not -depth <= i < depth]
         if bad or not wanted:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"out_indices {list(out_indices)} must be a non-empty list of block indexes in {-depth}..{depth - 1} "
-                f"(the trunk has {depth} blocks)."
+                f"(the trunk has {depth} blocks).",
+                field="out_indices",
             )
         self.out_indices = [i % depth for i in wanted]
         # TerraTorch pads images to a multiple of the first `patch_size` it finds among the
@@ -227,15 +237,17 @@ class XStarsBackbone(nn.Module):
         """Feature maps of ``x``: B x C x H x W digital numbers of the sensor (float), channels as
         named by ``model_bands``, H and W multiples of ``patch_size`` pixels."""
         if x.ndim != 4 or x.shape[1] != len(self.order):
-            raise ValueError(
+            raise InvalidInputError(
                 f"Sensor {self.sensor!r} expects B x {len(self.order)} x H x W images with bands {list(self.band_names)}, "
-                f"got shape {tuple(x.shape)}."
+                f"got shape {tuple(x.shape)}.",
+                field="x",
             )
         p = self.patch_size
         if x.shape[-2] % p or x.shape[-1] % p:
-            raise ValueError(
+            raise InvalidInputError(
                 f"Sensor {self.sensor!r}: images of {x.shape[-2]} x {x.shape[-1]} px are not a whole number of "
-                f"{p} px patches; crop or pad them (TerraTorch's factories pad when the task's padding is set)."
+                f"{p} px patches; crop or pad them (TerraTorch's factories pad when the task's padding is set).",
+                field="x",
             )
         taken = sorted(set(self.out_indices))
         maps = self.model.forward_intermediates(
@@ -264,17 +276,20 @@ def xstars_backbone(
     ``sensor`` and :class:`XStarsBackbone` for ``out_indices`` / ``norm``.
 
     Raises:
-        ValueError: an argument TerraTorch passed that this backbone does not know, or bands
-            that select no single sensor.
+        InvalidOptionError: an argument TerraTorch passed that this backbone does not know
+            (``field``: the first of them).
+        SensorMismatchError, InvalidOptionError: bands that select no single sensor (see
+            :func:`select_sensor`).
     """
     if unused:
-        raise ValueError(
+        raise InvalidOptionError(
             f"X-STARS backbones take model_bands, sensor, out_indices, pretrained, norm, revision and "
-            f"local_files_only; got also {sorted(unused)}."
+            f"local_files_only; got also {sorted(unused)}.",
+            field=sorted(unused)[0],
         )
-    model = XStars.from_pretrained(name_or_path, revision=revision, local_files_only=local_files_only)
+    model = XStarsBase.from_pretrained(name_or_path, revision=revision, local_files_only=local_files_only)
     if not pretrained:
-        model = XStars(model.config)
+        model = XStarsBase(model.config)
     chosen, order = select_sensor(model, model_bands, sensor)
     # from_pretrained returns an inference model; a backbone starts in training mode like any new
     # module, and the task switches it (Lightning warns about sub-modules left in eval mode).
@@ -298,7 +313,7 @@ class XStarsBackboneSource(Set):
         """The backbone for ``name``; TerraTorch's ``InvalidModelError`` for a name that is not an
         X-STARS model, so the registry can try its other sources."""
         if args:
-            raise ValueError(f"X-STARS backbones take keyword arguments only, got positional {args!r}.")
+            raise InvalidOptionError(f"X-STARS backbones take keyword arguments only, got positional {args!r}.", field="args")
         if not (is_registered(name) or os.path.isdir(name) or "/" in name):
             raise InvalidModelError(
                 f"{name!r} is not an X-STARS model (registry ids: {sorted(list_models())}; or a folder, or a Hub "

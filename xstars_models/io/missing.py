@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from ..errors import InvalidInputError
+
 __all__ = ["fill_missing", "missing_mask"]
 
 
@@ -23,7 +25,7 @@ def missing_mask(block: np.ndarray, nodata: float | None = None, zero_nodata: bo
         zero_nodata: also count pixels that are 0 in every band as missing.
     """
     if block.ndim != 3:
-        raise ValueError(f"missing_mask expects C x H x W pixels, got shape {block.shape}.")
+        raise InvalidInputError(f"missing_mask expects C x H x W pixels, got shape {block.shape}.", field="block")
     missing = np.zeros(block.shape[1:], dtype=bool)
     if block.dtype.kind == "f":
         missing |= ~np.isfinite(block).all(axis=0)

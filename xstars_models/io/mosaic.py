@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidInputError
 from .missing import fill_missing, missing_mask
 from .rasters import import_rasterio
 
@@ -50,38 +52,46 @@ class RasterFile:
 
 
 def inspect_file(path: str, sensor: str) -> RasterFile:
-    """Read ``path``'s header; refuse a missing file or a rotated or flipped geotransform."""
+    """Read ``path``'s header; refuse a missing file or a rotated or flipped geotransform (an
+    :class:`InvalidInputError` whose ``field`` is ``"sources"``, the data sets' argument that
+    carries the rasters)."""
     rasterio = import_rasterio()
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Sensor {sensor!r}: raster {path} does not exist.")
     with rasterio.open(path) as ds:
         a, b, _, d, e, _ = tuple(ds.transform)[:6]
         if b != 0 or d != 0 or a <= 0 or e >= 0:
-            raise ValueError(
+            raise InvalidInputError(
                 f"Sensor {sensor!r}: {path} has a rotated or flipped geotransform {tuple(ds.transform)[:6]}; "
-                "expected north-up pixels (warp it first, e.g. with gdalwarp)."
+                "expected north-up pixels (warp it first, e.g. with gdalwarp).",
+                field="sources",
             )
         return RasterFile(path, ds.crs, tuple(ds.bounds), (a, -e), ds.count, ds.nodata)
 
 
-def common_crs(files: dict[str, Sequence[RasterFile]]) -> str:
-    """The one projected, metre-based CRS of every file (sensor name -> its files), as a string."""
+def common_crs(files: Mapping[str, Sequence[RasterFile]]) -> str:
+    """The one projected, metre-based CRS of every file (sensor name -> its files), as a string;
+    else an :class:`InvalidInputError` whose ``field`` is ``"sources"``."""
     first_name, first_files = next(iter(files.items()))
     first_path, crs = first_files[0].path, first_files[0].crs
     if crs is None:
-        raise ValueError(f"Sensor {first_name!r}: {first_path} has no CRS, so it cannot be placed on the ground.")
+        raise InvalidInputError(
+            f"Sensor {first_name!r}: {first_path} has no CRS, so it cannot be placed on the ground.", field="sources"
+        )
     if not crs.is_projected or crs.linear_units_factor[1] != 1.0:
-        raise ValueError(
+        raise InvalidInputError(
             f"Sensor {first_name!r}: {first_path} is in {crs.to_string()!r}, whose units are not metres; "
-            "footprints are in metres, so reproject to a projected CRS (e.g. UTM) first."
+            "footprints are in metres, so reproject to a projected CRS (e.g. UTM) first.",
+            field="sources",
         )
     for name, sensor_files in files.items():
         for f in sensor_files:
             if f.crs != crs:
-                raise ValueError(
+                raise InvalidInputError(
                     f"Rasters must share one CRS: {f.path} (sensor {name!r}) is in "
                     f"{f.crs.to_string() if f.crs else None!r} but {first_path} (sensor {first_name!r}) is in "
-                    f"{crs.to_string()!r}; reproject one of them first (e.g. gdalwarp -t_srs)."
+                    f"{crs.to_string()!r}; reproject one of them first (e.g. gdalwarp -t_srs).",
+                    field="sources",
                 )
     return crs.to_string()
 

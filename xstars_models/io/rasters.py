@@ -7,15 +7,16 @@ import contextlib
 import math
 import os
 import warnings
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-from ..errors import MissingExtraError, user_stacklevel
+from ..errors import InvalidInputError, MissingExtraError, user_stacklevel
 
 __all__ = [
-    "GDAL_CACHE_BYTES", "GSD_SAME", "GSD_WARN", "REMOTE_GDAL_OPTIONS", "gsd_mismatch", "gsd_scale", "import_rasterio", "pixel_size_m",
-    "quiet_georef", "read_raster", "read_window", "resampling_for",
+    "GDAL_CACHE_BYTES", "GSD_SAME", "GSD_WARN", "REMOTE_GDAL_OPTIONS", "gsd_mismatch", "gsd_scale", "import_rasterio",
+    "pixel_size_m", "quiet_georef", "read_raster", "read_window", "resampling_for",
 ]
 
 GSD_SAME = 0.01  # relative difference between pixel size and GSD used without comment
@@ -77,8 +78,8 @@ def gsd_scale(
     pixel.
 
     Raises:
-        ValueError: more than :data:`GSD_WARN` apart without ``resample``, naming both sizes
-            and the two ways out.
+        InvalidInputError: more than :data:`GSD_WARN` apart without ``resample``, naming both
+            sizes and the two ways out (``field="source"``: the imagery).
     """
     worst = gsd_mismatch(pixel_m, gsd_m)
     if worst <= GSD_SAME:
@@ -94,10 +95,12 @@ def gsd_scale(
             stacklevel=user_stacklevel(),
         )
         return None
-    raise ValueError(
+    raise InvalidInputError(
         f"{what}: pixel size {shown} but sensor {sensor!r} has a GSD of {gsd_m:g} m "
-        f"({worst:.0%} apart). Pass resample=True to read windows resampled to {gsd_m:g} m "
-        f"(--resample on the command line), or use a sensor at the imagery's GSD (spec.with_gsd({pixel_m[0]:g}))."
+        f"({worst:.0%} apart). Pass {{resample}} to read windows resampled to {gsd_m:g} m, "
+        f"or use a sensor at the imagery's GSD (spec.with_gsd({pixel_m[0]:g})).",
+        field="source",
+        settings={"resample": True},
     )
 
 

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..distributed import is_distributed, world_size
+from ..errors import InvalidInputError, InvalidOptionError
 
 __all__ = ["DINOLoss", "entropy"]
 
@@ -35,6 +36,8 @@ class DINOLoss(nn.Module):
             and teacher view ``i`` are two sensors' images of one footprint.
     """
 
+    center: torch.Tensor
+
     def __init__(
         self,
         out_dim: int,
@@ -47,8 +50,13 @@ class DINOLoss(nn.Module):
         skip_same_view: bool = True,
     ) -> None:
         super().__init__()
-        if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0 or warmup_teacher_temp_steps < 0:
-            raise ValueError("DINOLoss temperatures must be > 0 and the warm-up length >= 0.")
+        temperatures = {"student_temp": student_temp, "teacher_temp": teacher_temp, "warmup_teacher_temp": warmup_teacher_temp}
+        bad = [name for name, value in temperatures.items() if value <= 0]
+        if bad or warmup_teacher_temp_steps < 0:
+            raise InvalidOptionError(
+                "DINOLoss temperatures must be > 0 and the warm-up length >= 0.",
+                field=bad[0] if bad else "warmup_teacher_temp_steps",
+            )
         self.n_global, self.student_temp, self.center_momentum = n_global, student_temp, center_momentum
         self.skip_same_view = skip_same_view
         self.teacher_temp, self.warmup_teacher_temp = teacher_temp, warmup_teacher_temp
@@ -70,9 +78,10 @@ class DINOLoss(nn.Module):
         0-d loss and then updates the centre with ``teacher_out``."""
         batch = teacher_out.shape[0] // self.n_global
         if batch == 0 or batch * self.n_global != teacher_out.shape[0] or student_out.shape[0] % batch:
-            raise ValueError(
+            raise InvalidInputError(
                 f"DINOLoss: teacher output {tuple(teacher_out.shape)} is not {self.n_global} global views "
-                f"of one batch, or student output {tuple(student_out.shape)} is not whole views of it."
+                f"of one batch, or student output {tuple(student_out.shape)} is not whole views of it.",
+                field="student_out" if batch and batch * self.n_global == teacher_out.shape[0] else "teacher_out",
             )
         log_p_student = self.student_log_probs(student_out).split(batch)
         p_teacher = self.teacher_probs(teacher_out, step)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidInputError, InvalidOptionError
 from .dino import DINOLoss
 
 __all__ = ["MaskedTokenLoss", "check_mask_ratio", "random_patch_mask"]
@@ -22,8 +23,14 @@ class MaskedTokenLoss(DINOLoss):
     CLS token. Each image counts once whatever its number of masked tokens, as in iBOT.
     """
 
-    def __init__(self, out_dim: int, **temperatures: float) -> None:
-        super().__init__(out_dim, n_global=1, **temperatures)
+    def __init__(
+        self, out_dim: int, student_temp: float = 0.1, teacher_temp: float = 0.04, warmup_teacher_temp: float = 0.04,
+        warmup_teacher_temp_steps: int = 0,
+    ) -> None:
+        super().__init__(
+            out_dim, n_global=1, student_temp=student_temp, teacher_temp=teacher_temp,
+            warmup_teacher_temp=warmup_teacher_temp, warmup_teacher_temp_steps=warmup_teacher_temp_steps,
+        )
 
     def forward(  # type: ignore[override]
         self, student_out: torch.Tensor, teacher_out: torch.Tensor, image_index: torch.Tensor, step: int
@@ -32,12 +39,13 @@ class MaskedTokenLoss(DINOLoss):
         (student: mask token in the input; teacher: the whole view); ``image_index``: the image
         (0..B-1) each token belongs to. Returns the 0-d loss, then updates the centre."""
         if student_out.shape != teacher_out.shape or image_index.shape != student_out.shape[:1]:
-            raise ValueError(
+            raise InvalidInputError(
                 f"MaskedTokenLoss: student {tuple(student_out.shape)}, teacher {tuple(teacher_out.shape)} and "
-                f"image index {tuple(image_index.shape)} must describe the same M masked tokens."
+                f"image index {tuple(image_index.shape)} must describe the same M masked tokens.",
+                field="teacher_out" if student_out.shape != teacher_out.shape else "image_index",
             )
         if not len(student_out):
-            raise ValueError("MaskedTokenLoss: no masked token in the batch (a mask ratio of 0?).")
+            raise InvalidInputError("MaskedTokenLoss: no masked token in the batch (a mask ratio of 0?).", field="student_out")
         per_token = -(self.teacher_probs(teacher_out, step) * self.student_log_probs(student_out)).sum(dim=-1)
         images, inverse, counts = image_index.unique(return_inverse=True, return_counts=True)
         per_token = per_token / counts[inverse]
@@ -58,8 +66,8 @@ def random_patch_mask(
     return (ranks < counts[:, None]).to(device)
 
 
-def check_mask_ratio(ratio: tuple[float, float], name: str = "mask ratio") -> None:
-    """Raise ValueError (naming ``name``) unless ``ratio`` is (low, high) fractions with
-    0 < low <= high < 1: at least one patch masked, at least one left."""
+def check_mask_ratio(ratio: tuple[float, float], name: str = "ratio") -> None:
+    """Raise :class:`InvalidOptionError` (``field=name``) unless ``ratio`` is (low, high)
+    fractions with 0 < low <= high < 1: at least one patch masked, at least one left."""
     if not 0 < ratio[0] <= ratio[1] < 1:
-        raise ValueError(f"{name} must be (low, high) with 0 < low <= high < 1, got {ratio!r}.")
+        raise InvalidOptionError(f"{name} must be (low, high) with 0 < low <= high < 1, got {ratio!r}.", field=name)

@@ -4,16 +4,38 @@ applied at every token position at once (``docs/method.md``)."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import all_gather_with_grad
-from ..heads import ProjectionHead
+from ..errors import InvalidInputError, InvalidOptionError
 
-__all__ = ["MSADLoss"]
+__all__ = ["MSADLoss", "ProjectionHead"]
+
+
+class ProjectionHead(nn.Module):
+    """The MSAD projection: ``LayerNorm(p + Dropout(fc(GELU(p))))`` with ``p = proj(x)``.
+
+    Args:
+        in_dim: input width.
+        width: output width (1024 in the official code).
+        dropout: on the residual branch (0.2 in the official code).
+    """
+
+    def __init__(self, in_dim: int, width: int = 256, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_dim, width)
+        self.fc = nn.Linear(width, width)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ... x in_dim -> ... x width (any leading shape, projected with one matmul)."""
+        projected = self.proj(x)
+        return self.norm(projected + self.dropout(self.fc(F.gelu(projected))))
 
 
 class MSADLoss(nn.Module):
@@ -78,13 +100,16 @@ class MSADLoss(nn.Module):
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        if isinstance(sensors, str):  # a string would give one head per character
+        if isinstance(sensors, str):  # a string would give one head per character; a wrong type is a TypeError
             raise TypeError(f"sensors must be a sequence of sensor names, got the string {sensors!r}.")
         low, high = temperature_range
         if temperature <= 0 or (learnable_temperature and not 0 < low <= temperature <= high):
-            raise ValueError(f"temperature must be > 0 (and within {temperature_range} when learnable), got {temperature}.")
+            raise InvalidOptionError(
+                f"temperature must be > 0 (and within {temperature_range} when learnable), got {temperature}.",
+                field="temperature",
+            )
         if not 0 <= label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}.")
+            raise InvalidOptionError(f"label_smoothing must be in [0, 1), got {label_smoothing}.", field="label_smoothing")
         self.width, self.dropout_p = width, dropout
         self.normalize, self.label_smoothing = normalize, label_smoothing
         self.has_cls, self.include_cls = has_cls, include_cls
@@ -111,7 +136,7 @@ class MSADLoss(nn.Module):
     def add_sensor(self, sensor: str) -> None:
         """Add a fresh projection head for a new sensor (e.g. in continual pretraining)."""
         if sensor in self.sensor_heads:
-            raise ValueError(f"MSADLoss already has a projection head for sensor {sensor!r}.")
+            raise InvalidOptionError(f"MSADLoss already has a projection head for sensor {sensor!r}.", field="sensor")
         reference = self.shared.proj.weight
         head = ProjectionHead(self.width, self.width, self.dropout_p)
         self.sensor_heads[sensor] = head.to(device=reference.device, dtype=reference.dtype)
@@ -127,7 +152,9 @@ class MSADLoss(nn.Module):
         """Tokens b x T x D -> embeddings b x N x E of the aligned positions, every token
         projected by one matmul per layer."""
         if sensor not in self.sensor_heads:
-            raise ValueError(f"MSADLoss has no projection head for sensor {sensor!r}; it has {list(self.sensor_heads)}.")
+            raise InvalidOptionError(
+                f"MSADLoss has no projection head for sensor {sensor!r}; it has {list(self.sensor_heads)}.", field="sensor"
+            )
         if self.has_cls and not self.include_cls:
             z = z[:, 1:]
         e = self.sensor_heads[sensor](self.shared(z))
@@ -137,10 +164,11 @@ class MSADLoss(nn.Module):
         """``z_a``, ``z_b``: b x T x D tokens of the same b footprints on the same token grid
         (T = N patch tokens, plus the CLS token first when ``has_cls``). Returns the 0-d loss."""
         if z_a.dim() != 3 or z_a.shape[:2] != z_b.shape[:2]:
-            raise ValueError(
+            raise InvalidInputError(
                 f"MSAD needs the same batch and token grid for both sensors: {sensor_a} gives "
                 f"{tuple(z_a.shape)}, {sensor_b} gives {tuple(z_b.shape)}. Choose patch sizes so tokens "
-                "cover the same ground and crop both images to the same footprint."
+                "cover the same ground and crop both images to the same footprint.",
+                field="z_a" if z_a.dim() != 3 else "z_b",
             )
         e_a, e_b = self.embed(z_a, sensor_a), self.embed(z_b, sensor_b)
         # The heads may run under bf16 autocast, but the B x B part stays in (at least) float32:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidInputError
+
 __all__ = ["info_nce", "koleo", "sensor_gap"]
 
 
@@ -16,7 +18,7 @@ def koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     ``-mean_i log(min_{j != i} ||u_i - u_j||)`` over the L2-normalised rows ``u`` of ``x``
     (B x D, B >= 2). Minimising it pushes each embedding away from its nearest neighbour."""
     if x.dim() != 2 or x.shape[0] < 2:
-        raise ValueError(f"koleo needs a B x D batch with B >= 2, got {tuple(x.shape)}.")
+        raise InvalidInputError(f"koleo needs a B x D batch with B >= 2, got {tuple(x.shape)}.", field="x")
     with torch.autocast(x.device.type, enabled=False):
         unit = F.normalize(x.float(), dim=-1)
         similarity = unit @ unit.T
@@ -31,7 +33,10 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1) -> torc
     ``a`` must pick row i of ``b`` among all B rows (cosine / ``temperature``) and back; the
     mean of the two cross-entropies, in nats (chance level ln B)."""
     if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"info_nce needs two B x D batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+        raise InvalidInputError(
+            f"info_nce needs two B x D batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}.",
+            field="a" if a.dim() != 2 else "b",
+        )
     with torch.autocast(a.device.type, enabled=False):
         logits = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T / temperature
         target = torch.arange(a.shape[0], device=a.device)
@@ -47,6 +52,9 @@ def sensor_gap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     under the cosine similarity of cross-sensor retrieval that offset ranks images by how much
     they point along it rather than by content. This term pulls the two means together."""
     if a.shape != b.shape or a.dim() != 2:
-        raise ValueError(f"sensor_gap needs two B x D batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
+        raise InvalidInputError(
+            f"sensor_gap needs two B x D batches of one shape, got {tuple(a.shape)} and {tuple(b.shape)}.",
+            field="a" if a.dim() != 2 else "b",
+        )
     with torch.autocast(a.device.type, enabled=False):
         return (F.normalize(a.float(), dim=-1).mean(0) - F.normalize(b.float(), dim=-1).mean(0)).square().sum()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InvalidOptionError
 from ..io import read_raster
 
 __all__ = ["co_registered_pair", "list_samples", "load_sample", "sample_path"]
@@ -30,7 +31,7 @@ def list_samples() -> list[str]:
 def sample_path(name: str) -> Path:
     path = _DIR / f"{name}.tif"
     if not path.is_file():
-        raise ValueError(f"No sample named {name!r}; samples: {list_samples()}.")
+        raise InvalidOptionError(f"No sample named {name!r}; samples: {list_samples()}.", field="name")
     return path
 
 

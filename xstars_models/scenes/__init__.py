@@ -5,7 +5,9 @@ large C x H x W array) in, georeferenced embeddings out.
 feature map — a float32 Cloud-Optimised GeoTIFF with one band per feature dimension and one pixel
 per token — or one vector per tile with its footprint, as GeoParquet (read by geopandas; a
 geometry column plus an ``embedding`` list column, the layout of the GeoParquet embedding datasets
-TorchGeo and TerraTorch use, though not tested against those libraries here).
+TorchGeo and TerraTorch use, though not tested against those libraries here). A job's settings
+(tile, overlap, output, batch size, precision...) are one :class:`SceneOptions`, checked when
+built, given as ``options=`` or field by field as keywords.
 
 Sources
     A URL is opened by GDAL, which reads the file's header and then only the byte ranges of the
@@ -80,7 +82,9 @@ Resuming
     ``overviews`` may change between runs.
 """
 
-from .embed import SCENE_OUTPUTS, SceneResult, embed_scene
+from .embed import SceneResult, embed_scene
+from .options import SCENE_OUTPUTS, SceneOptions
 from .tiling import default_tile
+from .writers import SceneWriter
 
-__all__ = ["SCENE_OUTPUTS", "SceneResult", "default_tile", "embed_scene"]
+__all__ = ["SCENE_OUTPUTS", "SceneOptions", "SceneResult", "SceneWriter", "default_tile", "embed_scene"]

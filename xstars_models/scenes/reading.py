@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import user_stacklevel
+from ..errors import InvalidInputError, user_stacklevel
 from ..io import fill_missing, gsd_scale, missing_mask, pixel_size_m, read_window, resampling_for
 from ..sensors import SensorSpec
 from ..units import check_value_range, expected_input
@@ -55,14 +55,16 @@ class Scene:
         count, height, width = array.shape if array is not None else (dataset.count, dataset.height, dataset.width)
         dtype = np.dtype(array.dtype if array is not None else dataset.dtypes[0])
         if count != spec.num_bands:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{what}: {count} bands, but sensor {sensor!r} has {spec.num_bands} bands "
-                f"{list(spec.band_names)} (in that order)."
+                f"{list(spec.band_names)} (in that order).",
+                field="source",
             )
         if dtype.kind != "f" and dtype.name != spec.dtype:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{what}: {dtype.name} pixels, but sensor {sensor!r} expects {expected_input(spec)} "
-                "(or floats in the same units)."
+                "(or floats in the same units).",
+                field="source",
             )
         self.dtype = dtype
         self.scale = self._gsd_scale(transform, crs, spec, sensor, resample)
@@ -98,10 +100,11 @@ class Scene:
                 )
             return None
         if crs is not None and crs.is_geographic:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{self.what} is in a geographic CRS ({crs.to_string()}, degrees), so its GSD in metres "
                 f"is unknown; reproject it to a projected CRS (e.g. UTM) at sensor {sensor!r}'s "
-                f"{spec.gsd_m:g} m GSD."
+                f"{spec.gsd_m:g} m GSD.",
+                field="source",
             )
         pixel_m = pixel_size_m(transform, crs)
         return gsd_scale(pixel_m, spec.gsd_m, sensor, self.what, resample)

@@ -10,12 +10,14 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..sensors import SensorSpec
+from ..errors import InvalidInputError, InvalidOptionError, InvalidTypeError
 from ..io import REMOTE_GDAL_OPTIONS, import_rasterio
+from ..sensors import SensorSpec
+from .options import SceneOptions
 from .reading import PixelWindow, Scene
 from .stac import open_stac_item
 
@@ -41,8 +43,8 @@ def _is_stac(source: Any) -> bool:
 
 
 def resolve_aoi(
-    bounds: Sequence[float] | None,
-    window: Any,
+    bounds: tuple[float, float, float, float] | None,
+    window: tuple[int, int, int, int] | None,
     transform: Affine,
     height: int,
     width: int,
@@ -50,22 +52,17 @@ def resolve_aoi(
 ) -> PixelWindow | None:
     """The area of interest as a whole-pixel window (row, col, height, width) of the input.
 
-    ``bounds`` (left, bottom, right, top in the scene's CRS units) become every pixel they touch;
-    ``window`` is (row, col, height, width) in input pixels or a ``rasterio.windows.Window``.
+    ``bounds`` (left, bottom, right, top in the scene's CRS units, checked by
+    :class:`SceneOptions`) become every pixel they touch; ``window`` (row, col, height, width in
+    input pixels) must lie inside the input's ``height`` x ``width`` pixels.
     """
-    if bounds is not None and window is not None:
-        raise ValueError(f"{what}: pass bounds= or window=, not both.")
     if window is not None:
-        if hasattr(window, "col_off"):  # rasterio.windows.Window
-            window = (window.row_off, window.col_off, window.height, window.width)
-        values = tuple(window)
-        if len(values) != 4 or not all(float(v).is_integer() for v in values):
-            raise ValueError(f"{what}: window={window!r} must be 4 whole numbers of pixels (row, col, height, width).")
-        row, col, h, w = (int(v) for v in values)
+        row, col, h, w = window
         if row < 0 or col < 0 or h < 1 or w < 1 or row + h > height or col + w > width:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"{what}: window (row {row}, col {col}, height {h}, width {w}) is not inside the scene's "
-                f"{height} x {width} pixels."
+                f"{height} x {width} pixels.",
+                field="window",
             )
         return row, col, h, w
     if bounds is None:
@@ -73,8 +70,6 @@ def resolve_aoi(
     from rasterio.transform import array_bounds
     from rasterio.windows import from_bounds
 
-    if len(bounds) != 4 or not (bounds[0] < bounds[2] and bounds[1] < bounds[3]):
-        raise ValueError(f"{what}: bounds={tuple(bounds)!r} must be (left, bottom, right, top) with left < right, bottom < top.")
     area = from_bounds(*bounds, transform=transform)
     row0 = max(0, math.floor(area.row_off + 1e-9))
     col0 = max(0, math.floor(area.col_off + 1e-9))
@@ -82,9 +77,10 @@ def resolve_aoi(
     col1 = min(width, math.ceil(area.col_off + area.width - 1e-9))
     if row1 <= row0 or col1 <= col0:
         south, west, north, east = array_bounds(height, width, transform)
-        raise ValueError(
+        raise InvalidOptionError(
             f"{what}: bounds {tuple(bounds)} do not overlap the scene, which spans "
-            f"({west:g}, {south:g}, {east:g}, {north:g}) (left, bottom, right, top) in its CRS."
+            f"({west:g}, {south:g}, {east:g}, {north:g}) (left, bottom, right, top) in its CRS.",
+            field="bounds",
         )
     return row0, col0, row1 - row0, col1 - col0
 
@@ -93,34 +89,31 @@ def open_scene(
     source: str | os.PathLike | np.ndarray | Any,
     spec: SensorSpec,
     sensor: str,
-    resample: bool,
-    transform: Affine | None,
-    crs: Any,
+    options: SceneOptions,
     stack: contextlib.ExitStack,
-    bounds: Sequence[float] | None = None,
-    window: Any = None,
 ) -> Scene:
-    """A :class:`Scene` reading ``source``; datasets it opens are closed with ``stack``."""
+    """A :class:`Scene` reading ``source`` with ``options``' ``resample``, ``transform``, ``crs``,
+    ``bounds`` and ``window``; datasets it opens are closed with ``stack``."""
     rasterio = import_rasterio()
     from affine import Affine
 
     if isinstance(source, np.ndarray):
         if source.ndim != 3:
-            raise ValueError(
-                f"Scene arrays must be C x H x W; got shape {source.shape} for sensor {sensor!r}."
+            raise InvalidInputError(
+                f"Scene arrays must be C x H x W; got shape {source.shape} for sensor {sensor!r}.", field="source"
             )
-        crs = rasterio.crs.CRS.from_user_input(crs) if crs is not None else None
-        transform = transform if transform is not None else Affine.identity()
+        crs = rasterio.crs.CRS.from_user_input(options.crs) if options.crs is not None else None
+        transform = options.transform if options.transform is not None else Affine.identity()
         data = np.ascontiguousarray(source)
         what = f"array {tuple(data.shape)}"
-        aoi = resolve_aoi(bounds, window, transform, data.shape[1], data.shape[2], what)
+        aoi = resolve_aoi(options.bounds, options.window, transform, data.shape[1], data.shape[2], what)
         fingerprint = {
-            "array_sha256": hashlib.sha256(memoryview(data).cast("B")).hexdigest(),
+            "array_sha256": hashlib.sha256(data.data.cast("B")).hexdigest(),
             "shape": list(data.shape),
             "dtype": data.dtype.name,
             "aoi": aoi,
         }
-        scene = Scene(what, None, data, transform, crs, spec.nodata, spec, sensor, resample, fingerprint, aoi)
+        scene = Scene(what, None, data, transform, crs, spec.nodata, spec, sensor, options.resample, fingerprint, aoi)
         if scene.scale is not None:
             # Resampled reads go through GDAL, so the array becomes an in-memory dataset.
             memfile = stack.enter_context(rasterio.io.MemoryFile())
@@ -134,12 +127,16 @@ def open_scene(
             scene._dataset, scene._array = dataset, None
         return scene
     if not isinstance(source, (str, os.PathLike)) and not _is_stac(source):
-        raise TypeError(
+        raise InvalidTypeError(
             "source must be a C x H x W numpy array, a raster file, an http(s):// URL of a GeoTIFF, "
-            f"or a STAC Item (pystac.Item, or the path or URL of its JSON); got {type(source).__name__}."
+            f"or a STAC Item (pystac.Item, or the path or URL of its JSON); got {type(source).__name__}.",
+            field="source",
         )
-    if transform is not None or crs is not None:
-        raise ValueError(f"{source}: transform= and crs= are for array sources; a file has its own.")
+    if options.transform is not None or options.crs is not None:
+        raise InvalidOptionError(
+            f"{source}: transform= and crs= are for array sources; a file has its own.",
+            field="transform" if options.transform is not None else "crs",
+        )
     if _is_stac(source):
         dataset, what, fingerprint = open_stac_item(source, spec, sensor, stack)
     elif is_remote(source):
@@ -159,10 +156,10 @@ def open_scene(
         shape=[dataset.count, dataset.height, dataset.width], dtype=dataset.dtypes[0],
         transform=list(dataset.transform)[:6],
     )
-    aoi = resolve_aoi(bounds, window, dataset.transform, dataset.height, dataset.width, what)
+    aoi = resolve_aoi(options.bounds, options.window, dataset.transform, dataset.height, dataset.width, what)
     fingerprint["aoi"] = aoi
     nodata = dataset.nodata if dataset.nodata is not None else spec.nodata
-    return Scene(what, dataset, None, dataset.transform, dataset.crs, nodata, spec, sensor, resample, fingerprint, aoi)
+    return Scene(what, dataset, None, dataset.transform, dataset.crs, nodata, spec, sensor, options.resample, fingerprint, aoi)
 
 
 def _open_url(rasterio: Any, url: str, stack: contextlib.ExitStack) -> Any:

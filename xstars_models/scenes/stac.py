@@ -18,9 +18,9 @@ import os
 from typing import Any
 from xml.sax.saxutils import escape
 
-from ..errors import MissingExtraError
-from ..sensors import Band, SensorSpec
+from ..errors import InvalidInputError, MissingExtraError
 from ..io import REMOTE_GDAL_OPTIONS, import_rasterio
+from ..sensors import Band, SensorSpec
 
 __all__ = ["open_stac_item", "pick_assets"]
 
@@ -38,7 +38,9 @@ def _load_item(source: Any) -> Any:
     try:
         return pystac.Item.from_file(os.fspath(source))
     except Exception as err:  # pystac raises many types (IO, JSON, schema) for a bad item
-        raise ValueError(f"{source}: not a readable STAC Item ({type(err).__name__}: {err}).") from None
+        raise InvalidInputError(
+            f"{source}: not a readable STAC Item ({type(err).__name__}: {err}).", field="source"
+        ) from None
 
 
 def _asset_bands(asset: Any) -> list[tuple[str, str]]:
@@ -71,7 +73,8 @@ def pick_assets(item: Any, spec: SensorSpec) -> list[tuple[str, int]]:
     """For each of ``spec``'s bands, in order: (asset key, 1-based band index in that asset).
 
     Raises:
-        ValueError: a band no asset provides, naming the item's assets and their bands.
+        InvalidInputError: (``field="source"``) a band no asset provides, naming the item's assets
+            and their bands.
     """
     assets = {key: _asset_bands(asset) for key, asset in item.assets.items() if _dtype_fits(asset, spec)}
     # Rank: GeoTIFFs first, then fewer bands, then the item's own order.
@@ -81,8 +84,9 @@ def pick_assets(item: Any, spec: SensorSpec) -> list[tuple[str, int]]:
     )
     for key in ranked:
         indexes = [next((i for i, e in enumerate(assets[key]) if _matches(b, e)), None) for b in spec.bands]
-        if all(i is not None for i in indexes):
-            return [(key, i + 1) for i in indexes]
+        matched = [i for i in indexes if i is not None]
+        if len(matched) == len(indexes):
+            return [(key, i + 1) for i in matched]
     picked = []
     for band in spec.bands:
         found = next(
@@ -91,11 +95,12 @@ def pick_assets(item: Any, spec: SensorSpec) -> list[tuple[str, int]]:
         if found is None:
             listing = "; ".join(f"{k}: {[n or c for n, c in v]}" for k, v in assets.items() if v) or "none"
             passed_over = sorted(set(item.assets) - set(assets))
-            raise ValueError(
+            raise InvalidInputError(
                 f"STAC item {item.id!r} has no asset with band {band.name!r}"
                 + (f" ({band.alias})" if band.alias else "")
                 + f" of sensor {spec.name!r}. Assets with eo:bands: {listing}."
-                + (f" Passed over for a data type other than {spec.dtype}: {passed_over}." if passed_over else "")
+                + (f" Passed over for a data type other than {spec.dtype}: {passed_over}." if passed_over else ""),
+                field="source",
             )
         picked.append(found)
     return picked
@@ -126,10 +131,12 @@ def open_stac_item(source: Any, spec: SensorSpec, sensor: str, stack: contextlib
             raise FileNotFoundError(f"{what}: cannot open asset {key!r} at {href} ({err}).") from None
     crss = {str(ds.crs) for ds in datasets.values()}
     if len(crss) > 1:
-        raise ValueError(f"{what}: the assets for sensor {sensor!r} are in different CRSs {sorted(crss)}.")
+        raise InvalidInputError(f"{what}: the assets for sensor {sensor!r} are in different CRSs {sorted(crss)}.", field="source")
     dtypes = {ds.dtypes[0] for ds in datasets.values()}
     if len(dtypes) > 1:
-        raise ValueError(f"{what}: the assets for sensor {sensor!r} have different data types {sorted(dtypes)}.")
+        raise InvalidInputError(
+            f"{what}: the assets for sensor {sensor!r} have different data types {sorted(dtypes)}.", field="source"
+        )
     # The finest asset sets the grid; coarser ones are resampled onto it by GDAL as they are read.
     grid = min(datasets.values(), key=lambda ds: abs(ds.transform.a))
     xml = _vrt(grid, [(hrefs[key], datasets[key], index) for key, index in picks])

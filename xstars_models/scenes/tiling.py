@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import user_stacklevel
+from ..errors import InvalidInputError, InvalidOptionError, user_stacklevel
 from .reading import Scene
 
 if TYPE_CHECKING:
-
     from ..model import XStarsBase
 
 
@@ -39,45 +38,63 @@ def ramps(starts: list[int], size: int) -> list[np.ndarray]:
 
 @dataclass(frozen=True)
 class Plan:
-    """The tiling of a scene of ``grid`` tokens into tiles of ``tile`` tokens (rows, cols)."""
+    """The tiling of a scene into tiles of ``tile_tokens`` (rows, cols), all in tokens but
+    ``patch_px``.
 
-    patch: int
-    grid: tuple[int, int]
-    tile: tuple[int, int]
-    rows: list[int]
-    cols: list[int]
+    Attributes:
+        patch_px: the sensor's patch size, in pixels at its GSD (the side of one token).
+        grid_tokens: the scene's (rows, cols) of whole tokens.
+        tile_tokens: (rows, cols) of a tile; the scene's when it is smaller than the tile asked for.
+        row_starts: first token row of each row of tiles (a *strip*), top to bottom.
+        col_starts: first token column of each column of tiles, left to right.
+    """
+
+    patch_px: int
+    grid_tokens: tuple[int, int]
+    tile_tokens: tuple[int, int]
+    row_starts: list[int]
+    col_starts: list[int]
 
     @classmethod
-    def build(cls, scene: Scene, patch: int, tile_px: int, overlap_px: int, sensor: str) -> Plan:
-        for name, value, lowest in (("tile", tile_px, patch), ("overlap", overlap_px, 0)):
-            if not isinstance(value, (int, np.integer)) or value < lowest or value % patch:
-                raise ValueError(
-                    f"{name}={value!r} px: must be a whole number of sensor {sensor!r}'s {patch} px "
-                    f"patches (at least {lowest} px), e.g. {max(lowest, patch * round(float(value) / patch))} px."
+    def build(cls, scene: Scene, patch_px: int, tile_px: int, overlap_px: int, sensor: str) -> Plan:
+        """Tiles of ``tile_px`` every ``tile_px - overlap_px`` pixels (at the sensor's GSD), both
+        whole numbers of ``patch_px``; see :mod:`xstars_models.scenes` ("Tiles")."""
+        for name, value, lowest in (("tile", tile_px, patch_px), ("overlap", overlap_px, 0)):
+            if value < lowest or value % patch_px:
+                raise InvalidOptionError(
+                    f"{{{name}}} px: must be a whole number of sensor {sensor!r}'s {patch_px} px "
+                    f"patches (at least {lowest} px), e.g. {max(lowest, patch_px * round(float(value) / patch_px))} px.",
+                    field=name,
+                    settings={name: value},
                 )
         if overlap_px >= tile_px:
-            raise ValueError(f"overlap={overlap_px} px must be smaller than tile={tile_px} px.")
-        grid = (scene.height // patch, scene.width // patch)
-        if min(grid) < 1:
-            raise ValueError(
-                f"{scene.what}: {scene.height} x {scene.width} px at sensor {sensor!r}'s GSD is smaller "
-                f"than one {patch} x {patch} px patch."
+            raise InvalidOptionError(
+                "{overlap} px must be smaller than {tile} px.",
+                field="overlap",
+                settings={"overlap": int(overlap_px), "tile": int(tile_px)},
             )
-        dropped = (scene.height - grid[0] * patch, scene.width - grid[1] * patch)
+        grid = (scene.height // patch_px, scene.width // patch_px)
+        if min(grid) < 1:
+            raise InvalidInputError(
+                f"{scene.what}: {scene.height} x {scene.width} px at sensor {sensor!r}'s GSD is smaller "
+                f"than one {patch_px} x {patch_px} px patch.",
+                field="source",
+            )
+        dropped = (scene.height - grid[0] * patch_px, scene.width - grid[1] * patch_px)
         if any(dropped):
             warnings.warn(
                 f"{scene.what}: {scene.height} x {scene.width} px is not a multiple of sensor {sensor!r}'s "
-                f"{patch} px patch; the last {dropped[0]} rows and {dropped[1]} columns are not embedded.",
+                f"{patch_px} px patch; the last {dropped[0]} rows and {dropped[1]} columns are not embedded.",
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
-        tokens, stride = tile_px // patch, (tile_px - overlap_px) // patch
+        tokens, stride = tile_px // patch_px, (tile_px - overlap_px) // patch_px
         tile = (min(tokens, grid[0]), min(tokens, grid[1]))
-        return cls(patch, grid, tile, _tile_starts(grid[0], tile[0], stride), _tile_starts(grid[1], tile[1], stride))
+        return cls(patch_px, grid, tile, _tile_starts(grid[0], tile[0], stride), _tile_starts(grid[1], tile[1], stride))
 
     @property
     def tiles(self) -> int:
-        return len(self.rows) * len(self.cols)
+        return len(self.row_starts) * len(self.col_starts)
 
 
 def default_tile(model: XStarsBase, sensor: str) -> int:

@@ -1,6 +1,6 @@
 """Writers: the partial output of an unfinished run, its carried-over accumulator rows, and the
 final files, streamed strip by strip: a Cloud-Optimised GeoTIFF for maps, GeoParquet for per-tile
-vectors."""
+vectors. Both writers are a :class:`SceneWriter`, all that the strip runner knows of them."""
 
 from __future__ import annotations
 
@@ -8,18 +8,23 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
 from ..errors import InvalidOptionError
-from ..serialization import atomic_write_bytes
-from .geoparquet import TileStrip, import_pyarrow, write_geoparquet
 from ..io import import_rasterio, quiet_georef
+from ..serialization import atomic_open, atomic_path, atomic_write_bytes
+from .geoparquet import TileStrip, import_pyarrow, write_geoparquet
 from .reading import Scene
 from .tiling import Plan, ramps
+
+if TYPE_CHECKING:
+    from affine import Affine
 
 _PARTIAL_FORMAT = "xstars-scene-partial/1"
 
@@ -28,14 +33,35 @@ _PARTIAL_FORMAT = "xstars-scene-partial/1"
 COG_BLOCK = 128
 
 
+@dataclass
+class Progress:
+    """How far a scene has got, counted as the partial run's record counts it.
+
+    Attributes:
+        strips_done: rows of tiles finished, earlier (interrupted) calls included.
+        skipped: tiles not embedded because of nodata, earlier calls included.
+        embedded: tiles embedded by this call.
+    """
+
+    strips_done: int = 0
+    skipped: int = 0
+    embedded: int = 0
+
+    @classmethod
+    def resumed(cls, record: dict[str, Any] | None) -> Progress:
+        """Where a run starts: from the partial run's ``record``, or from nothing."""
+        return cls() if record is None else cls(strips_done=record["strips_done"], skipped=record["skipped"])
+
+
 class Partial:
     """The files of an unfinished output: the partial data (``<out>.partial``), the accumulator
-    rows carried into the next strip, and the sidecar JSON recording the settings and the strips
-    already done."""
+    rows carried into the next strip, and the sidecar JSON recording the ``settings`` of the run
+    (what a resumed run must share with it) and the strips already done."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, settings: dict[str, Any]) -> None:
         self.base = out.with_name(out.name + ".partial")
         self.json = out.with_name(out.name + ".partial.json")
+        self.settings = settings
 
     def carry(self, strips_done: int) -> Path:
         return self.base.with_name(f"{self.base.name}.carry-{strips_done}.npz")
@@ -47,9 +73,13 @@ class Partial:
         for path in self.files():
             path.unlink(missing_ok=True)
 
-    def load(self, settings: dict[str, Any], resume: bool) -> dict[str, Any] | None:
+    def load(self, resume: bool) -> dict[str, Any] | None:
         """The recorded progress to resume from, or ``None`` to start over (after discarding any
-        partial files)."""
+        partial files: with ``resume=False``, or when there are none or they are unreadable).
+
+        Raises:
+            InvalidOptionError: (``field="resume"``) a partial run with other settings, naming them.
+        """
         if not resume or not self.json.is_file() or not self.base.is_file():
             self.discard()
             return None
@@ -61,7 +91,7 @@ class Partial:
         if record.get("format") != _PARTIAL_FORMAT:
             self.discard()
             return None
-        wanted = json.loads(json.dumps(settings))
+        wanted = json.loads(json.dumps(self.settings))
         before = record["settings"]
         changed = sorted(k for k in wanted.keys() | before.keys() if before.get(k) != wanted.get(k))
         if changed:
@@ -74,13 +104,15 @@ class Partial:
             )
         return record
 
-    def commit(self, settings: dict[str, Any], strips_done: int, counts: dict[str, int], carry: Path | None) -> None:
+    def commit(self, progress: Progress, carry: Path | None) -> None:
+        """Record ``progress`` (the strips done and the tiles skipped) with the carry file that the
+        next strip starts from, atomically; then remove the carries of earlier strips."""
         record = {
             "format": _PARTIAL_FORMAT,
-            "settings": settings,
-            "strips_done": strips_done,
+            "settings": self.settings,
+            "strips_done": progress.strips_done,
             "carry": carry.name if carry is not None else None,
-            **counts,
+            "skipped": progress.skipped,
         }
         atomic_write_bytes(self.json, json.dumps(record, indent=1).encode("utf-8"))
         # Carries of earlier strips go only once the record no longer names them.
@@ -92,6 +124,46 @@ class Partial:
 def _short(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+class SceneWriter(Protocol):
+    """Where the tiles of a scene go, strip by strip. The runner calls :meth:`start` once,
+    then for each strip (row of tiles) in order :meth:`begin_strip`, :meth:`add` for each batch and
+    :meth:`commit`, and :meth:`finish` after the last.
+
+    The ``commit`` contract: when ``commit(strip)`` returns, everything of strips up to ``strip``
+    that no later strip changes has been handed to the operating system in the partial data
+    (``<out>.partial``), and what the next strip adds to (the carry) is saved atomically (temporary
+    name, then rename) and returned, or ``None`` when there is none. Only after that does the runner
+    record the strip as done (:meth:`Partial.commit`, atomic too), so a run killed at any point
+    resumes from the last recorded strip: :meth:`start` restores that strip's carry and drops what
+    later strips wrote, and redoing a strip writes the same values again. :meth:`finish` turns
+    the partial data into ``out`` under a temporary name renamed into place
+    (:func:`xstars_models.serialization.atomic_path`), so ``out`` never exists half-written.
+
+    Attributes:
+        transform: the affine transform of the output's pixels (tokens for a map, the scene's
+            pixels at the sensor's GSD for tile vectors).
+    """
+
+    transform: Affine
+
+    def start(self, record: dict[str, Any] | None) -> None:
+        """Create the partial data, or reopen it at the recorded progress (``record``)."""
+
+    def begin_strip(self, token_missing: torch.Tensor, tile_missing: np.ndarray) -> None:
+        """Missing-pixel fractions of the strip's tokens (tile rows x scene width, in tokens) and
+        of its tiles (one per tile column)."""
+
+    def add(self, strip: int, cols: list[int], tokens: torch.Tensor) -> None:
+        """The final tokens (B x (prefix + h*w) x D) of tiles ``cols`` (indexes into the plan's
+        tile columns) of strip ``strip``."""
+
+    def commit(self, strip: int) -> Path | None:
+        """Write strip ``strip`` to the partial data; returns the carry saved for the next strip."""
+
+    def finish(self, out: Path) -> Path:
+        """Write the final file ``out`` from the partial data, remove the latter, return ``out``."""
 
 
 class MapWriter:
@@ -106,19 +178,19 @@ class MapWriter:
         from affine import Affine
 
         self.plan, self.partial, self.dim, self.prefix = plan, partial, dim, prefix
-        self.token_missing = torch.zeros(plan.tile[0], plan.grid[1], device=device)
-        th, tw = plan.tile
-        self.row_w = [torch.from_numpy(w).to(device) for w in ramps(plan.rows, th)]
-        self.col_w = torch.from_numpy(np.stack(ramps(plan.cols, tw))).to(device)  # tiles x tw
+        self.token_missing = torch.zeros(plan.tile_tokens[0], plan.grid_tokens[1], device=device)
+        th, tw = plan.tile_tokens
+        self.row_w = [torch.from_numpy(w).to(device) for w in ramps(plan.row_starts, th)]
+        self.col_w = torch.from_numpy(np.stack(ramps(plan.col_starts, tw))).to(device)  # tiles x tw
         # Scene token column of each token column of each tile in a tile-row: tiles x tw.
-        self.col_index = (torch.tensor(plan.cols)[:, None] + torch.arange(tw)).to(device)
+        self.col_index = (torch.tensor(plan.col_starts)[:, None] + torch.arange(tw)).to(device)
         # Token rows [base, base + th) of the scene, full width: the only rows still changing.
-        self.acc = torch.zeros(th, plan.grid[1], dim, device=device)
-        self.wsum = torch.zeros(th, plan.grid[1], device=device)
+        self.acc = torch.zeros(th, plan.grid_tokens[1], dim, device=device)
+        self.wsum = torch.zeros(th, plan.grid_tokens[1], device=device)
         self.base = 0
-        self.transform = scene.transform @ Affine.scale(plan.patch)
+        self.transform = scene.transform @ Affine.scale(plan.patch_px)
         self.profile = dict(
-            driver="GTiff", dtype="float32", count=dim, height=plan.grid[0], width=plan.grid[1],
+            driver="GTiff", dtype="float32", count=dim, height=plan.grid_tokens[0], width=plan.grid_tokens[1],
             crs=scene.crs, transform=self.transform, nodata=float("nan"), interleave="band",
             BIGTIFF="IF_SAFER",
         )
@@ -134,7 +206,7 @@ class MapWriter:
                 dst.update_tags(**self.tags)
             return
         done = record["strips_done"]
-        self.base = self.plan.rows[done] if done < len(self.plan.rows) else self.plan.grid[0]
+        self.base = self.plan.row_starts[done] if done < len(self.plan.row_starts) else self.plan.grid_tokens[0]
         if record["carry"] is not None:
             with np.load(self.partial.base.parent / record["carry"]) as carry:
                 rows = len(carry["wsum"])
@@ -147,7 +219,7 @@ class MapWriter:
 
     def add(self, strip: int, cols: list[int], tokens: torch.Tensor) -> None:
         """Add the final tokens (B x (prefix + h*w) x D) of tiles ``cols`` of tile-row ``strip``."""
-        th, tw = self.plan.tile
+        th, tw = self.plan.tile_tokens
         picked = torch.tensor(cols, device=self.col_w.device)
         # The whole batch in one scatter-add over scene columns (overlapping tiles accumulate),
         # rather than a handful of small tensor operations per tile.
@@ -165,13 +237,13 @@ class MapWriter:
         rasterio = import_rasterio()
         from rasterio.windows import Window
 
-        th = self.plan.tile[0]
-        nxt = self.plan.rows[strip + 1] if strip + 1 < len(self.plan.rows) else self.plan.grid[0]
+        th = self.plan.tile_tokens[0]
+        nxt = self.plan.row_starts[strip + 1] if strip + 1 < len(self.plan.row_starts) else self.plan.grid_tokens[0]
         done = nxt - self.base
         # 0 / 0 -> NaN: tokens no embedded tile covered.
         rows = (self.acc[:done] / self.wsum[:done, :, None]).permute(2, 0, 1).float().cpu().numpy()
         with quiet_georef(), rasterio.open(self.partial.base, "r+") as dst:
-            dst.write(rows, window=Window(0, self.base, self.plan.grid[1], done))
+            dst.write(rows, window=Window(0, self.base, self.plan.grid_tokens[1], done))
         kept = th - done
         self.acc[:kept] = self.acc[done:].clone()
         self.wsum[:kept] = self.wsum[done:].clone()
@@ -198,10 +270,10 @@ class MapWriter:
         )
         if self.overviews:
             # Halve until the coarsest level fits in one tile (at least one level).
-            levels = max(1, math.ceil(math.log2(max(self.plan.grid) / COG_BLOCK)))
+            levels = max(1, math.ceil(math.log2(max(self.plan.grid_tokens) / COG_BLOCK)))
             options.update(OVERVIEWS="IGNORE_EXISTING", OVERVIEW_COUNT=levels, OVERVIEW_RESAMPLING="AVERAGE")
-        with quiet_georef():
-            _atomic_file(out, lambda tmp: gdal_copy(self.partial.base, tmp, **options))
+        with quiet_georef(), atomic_path(out) as tmp:
+            gdal_copy(self.partial.base, tmp, **options)
         self.partial.base.unlink()
         return out
 
@@ -221,13 +293,13 @@ class ClsWriter:
         self.vectors = vectors
         self.record = 1 + dim
         self.transform = scene.transform
-        self._strip = np.full((len(plan.cols), self.record), np.nan, np.float32)
+        self._strip = np.full((len(plan.col_starts), self.record), np.nan, np.float32)
 
     def start(self, record: dict[str, Any] | None) -> None:
         done = 0 if record is None else record["strips_done"]
         with open(self.partial.base, "ab") as fh:
             # Records past the last committed strip are from an interrupted strip: drop them.
-            fh.truncate(done * len(self.plan.cols) * self.record * 4)
+            fh.truncate(done * len(self.plan.col_starts) * self.record * 4)
 
     def begin_strip(self, token_missing: torch.Tensor, tile_missing: np.ndarray) -> None:
         self._strip[:] = np.nan
@@ -247,20 +319,20 @@ class ClsWriter:
         """Input-pixel windows (row, col, height, width; in the whole input, area of interest
         included) and footprint rings (closed, counter-clockwise on a north-up map) of the tiles
         of tile-row ``i``."""
-        p, (th, tw) = self.plan.patch, self.plan.tile
+        p, (th, tw) = self.plan.patch_px, self.plan.tile_tokens
         sx, sy = self.scene.scale or (1.0, 1.0)
         row0, col0 = self.scene.origin
         t = self.transform
         windows, rings = [], []
-        for c in self.plan.cols:
-            r0, c0, h, w = self.plan.rows[i] * p, c * p, th * p, tw * p
+        for c in self.plan.col_starts:
+            r0, c0, h, w = self.plan.row_starts[i] * p, c * p, th * p, tw * p
             corners = [t @ (c0, r0), t @ (c0, r0 + h), t @ (c0 + w, r0 + h), t @ (c0 + w, r0)]
             windows.append((row0 + r0 * sy, col0 + c0 * sx, h * sy, w * sx))
             rings.append(corners + corners[:1])
         return np.asarray(windows, np.float64), np.asarray(rings, np.float64)
 
     def finish(self, out: Path) -> Path:
-        n_rows, n_cols = len(self.plan.rows), len(self.plan.cols)
+        n_rows, n_cols = len(self.plan.row_starts), len(self.plan.col_starts)
         strip_bytes = n_cols * self.record * 4
 
         def strips() -> Iterator[TileStrip]:
@@ -270,36 +342,12 @@ class ClsWriter:
                     windows, rings = self._tile_geometry(i)
                     yield (
                         np.arange(i * n_cols, (i + 1) * n_cols), np.full(n_cols, i), np.arange(n_cols),
-                        np.isfinite(records[:, 1:]).all(1), records[:, 0], windows, records[:, 1:], rings,
+                        np.asarray(np.isfinite(records[:, 1:]).all(1)), records[:, 0], windows, records[:, 1:], rings,
                     )
 
         corners = np.concatenate([self._tile_geometry(i)[1] for i in (0, n_rows - 1)])
         bbox = [float(v) for v in (*corners.reshape(-1, 2).min(0), *corners.reshape(-1, 2).max(0))]
-        _atomic_stream(out, lambda fh: write_geoparquet(fh, strips(), self.dim, self.scene.crs, bbox, self.meta))
+        with atomic_open(out) as handle:
+            write_geoparquet(handle, strips(), self.dim, self.scene.crs, bbox, self.meta)
         self.partial.base.unlink()
         return out
-
-
-def _atomic_file(path: Path, write: Callable[[Path], None]) -> None:
-    """Have ``write`` create a temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_stream(path: Path, write: Callable[[Any], None]) -> None:
-    """Stream into a temporary file beside ``path`` (fsync'ed) and rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as raw:
-            write(raw)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -6,17 +6,20 @@ from __future__ import annotations
 import io
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from ..errors import XStarsError
 from ..serialization import atomic_write_bytes
+from .config import TrainConfig, dotted_settings
 
 __all__ = [
     "CHECKPOINT_NAME",
     "RESUMABLE_CHANGES",
+    "CheckpointExistsError",
     "CheckpointUnreadableError",
     "ResumeMismatchError",
     "check_resume_config",
@@ -29,10 +32,10 @@ __all__ = [
 CHECKPOINT_NAME = "last.pt"
 
 # Settings a resumed run may change: how far it goes (``steps``, never below the checkpoint's
-# step), how it computes (``amp``/``precision``), how it loads data and how often it saves. Every
-# other setting shapes what the weights become, so changing it mid-run would make the result
-# belong to neither setting while the model's record names only one.
-RESUMABLE_CHANGES = frozenset({"steps", "amp", "precision", "num_workers", "checkpoint_every"})
+# step), how it computes (``precision``), how it loads data and how often it saves. Every other
+# setting shapes what the weights become, so changing it mid-run would make the result belong to
+# neither setting while the model's record names only one.
+RESUMABLE_CHANGES = frozenset({"steps", "precision", "num_workers", "checkpoint_every"})
 
 _REQUIRED_KEYS = ("step", "modules", "optimizer", "rng", "config")
 
@@ -44,6 +47,10 @@ class CheckpointUnreadableError(XStarsError, ValueError):
 class ResumeMismatchError(XStarsError, ValueError):
     """A run's ``last.pt`` was written with other settings or for another model than the ones
     given to resume it."""
+
+
+class CheckpointExistsError(XStarsError, FileExistsError):
+    """A run folder already holds a checkpoint and the run was not asked to resume it."""
 
 
 def checkpoint_path(run_dir: str | Path) -> Path:
@@ -111,20 +118,25 @@ def _shown(value: Any) -> str:
     return "(absent)" if value is _ABSENT else repr(_comparable(value))
 
 
-def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], step: int, path: Path) -> None:
-    """Refuse to resume a checkpoint at ``step``, written with settings ``saved``, with settings
-    ``current`` that differ in more than :data:`RESUMABLE_CHANGES` or stop before ``step``.
+def check_resume_config(saved: Mapping[str, Any], current: TrainConfig, step: int, path: Path) -> None:
+    """Refuse to resume a checkpoint at ``step``, written with settings ``saved`` (as
+    :meth:`TrainConfig.to_dict` writes them, or flat as before the settings were grouped), with
+    settings ``current`` that differ in more than :data:`RESUMABLE_CHANGES` or stop before
+    ``step``. A setting added after the checkpoint was written compares as its default (what the
+    run used).
 
     Raises:
-        ResumeMismatchError: listing every differing setting, both values.
+        ResumeMismatchError: listing every differing setting by its dotted name, both values.
     """
+    before = {**TrainConfig.defaults(), **dotted_settings(saved)}
+    now = current.dotted()
     problems = []
-    for name in sorted(set(saved) | set(current)):
-        old, new = saved.get(name, _ABSENT), current.get(name, _ABSENT)
+    for name in sorted(set(before) | set(now)):
+        old, new = before.get(name, _ABSENT), now.get(name, _ABSENT)
         if name not in RESUMABLE_CHANGES and _comparable(old) != _comparable(new):
             problems.append(f"  {name}: {_shown(old)} in the checkpoint, {_shown(new)} now")
-    if current.get("steps", step) < step:
-        problems.append(f"  steps={current['steps']} is below the checkpoint's step {step}")
+    if current.steps < step:
+        problems.append(f"  steps={current.steps} is below the checkpoint's step {step}")
     if problems:
         raise ResumeMismatchError(
             "\n".join([

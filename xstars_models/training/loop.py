@@ -8,8 +8,9 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,7 @@ from ..errors import user_stacklevel
 from ..precision import resolve_precision
 from ..serialization import atomic_write_bytes, state_dict_mismatch
 from .checkpoint import (
+    CheckpointExistsError,
     ResumeMismatchError,
     check_resume_config,
     checkpoint_path,
@@ -37,7 +39,8 @@ StepFn = Callable[[dict[str, Any], int], tuple[torch.Tensor, dict[str, float]]]
 
 
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
@@ -86,11 +89,12 @@ def _ema(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 def _warn_if_teacher_lags(config: TrainConfig, has_teacher: bool) -> None:
     """The recipes return the EMA teacher, which DINO's momentum (0.996 -> 1, tuned for
     hundreds of epochs) keeps close to its initial weights in a short run."""
-    kept = ema_initial_weight(config.steps, config.teacher_momentum)
+    momentum = config.dino.teacher_momentum
+    kept = ema_initial_weight(config.steps, momentum)
     if has_teacher and kept > 0.5:
         warnings.warn(
-            f"teacher_momentum={config.teacher_momentum} over {config.steps} steps: the returned EMA teacher "
-            f"keeps {kept:.0%} of its initial weights. For a short run lower teacher_momentum "
+            f"dino.teacher_momentum={momentum} over {config.steps} steps: the returned EMA teacher "
+            f"keeps {kept:.0%} of its initial weights. For a short run lower dino.teacher_momentum "
             "(e.g. 0.9 for a few hundred steps) or train for more steps.",
             stacklevel=user_stacklevel(),
         )
@@ -169,7 +173,7 @@ def train_loop(
     run_dir: str | Path,
     resume: bool = False,
     progress: bool = True,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | None = None,
     last_layer_params: list[nn.Parameter] | None = None,
 ) -> dict[str, Any]:
     """Train ``modules`` for ``config.steps`` steps.
@@ -186,35 +190,38 @@ def train_loop(
             :data:`~.checkpoint.RESUMABLE_CHANGES` may differ from the checkpoint's (``steps``
             only upward). Steps logged past the checkpoint are dropped from ``metrics.jsonl``,
             and temporary files of a save that never finished are deleted.
-        last_layer_params: parameters frozen for ``config.freeze_last_layer_steps`` steps.
+        last_layer_params: parameters frozen for ``config.optim.freeze_last_layer_steps`` steps.
+        device: where ``modules`` and the batches live (default: the CPU).
 
     Returns:
         A summary: steps run, final logged scalars, wall time, and whether it resumed.
 
     Raises:
         FloatingPointError: the loss became NaN or infinite (the last checkpoint is kept).
-        FileExistsError: ``run_dir`` holds a checkpoint and ``resume`` is off.
+        CheckpointExistsError: ``run_dir`` holds a checkpoint and ``resume`` is off (a
+            ``FileExistsError``).
         ResumeMismatchError: the checkpoint was written with other settings or another model.
         CheckpointUnreadableError: ``last.pt`` is truncated, corrupt or not a checkpoint.
     """
+    device = device or torch.device("cpu")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _warn_if_teacher_lags(config, bool(ema_pairs))
-    optimizer = torch.optim.AdamW(_param_groups(modules, config.weight_decay), lr=config.lr)
+    optim = config.optim
+    optimizer = torch.optim.AdamW(_param_groups(modules, optim.weight_decay), lr=optim.lr)
     is_main = rank() == 0
     start = 0
     path = checkpoint_path(run_dir)
     checkpoint = load_checkpoint(run_dir)
     if checkpoint is not None and not resume:
-        raise FileExistsError(
-            f"{run_dir} already holds a checkpoint at step {checkpoint['step']}; pass resume=True "
-            "to continue it, or choose a new output folder."
+        raise CheckpointExistsError(
+            f"{run_dir} already holds a checkpoint at step {checkpoint['step']}; pass {{resume}} "
+            "to continue it, or choose a new output folder.",
+            field="resume", settings={"resume": True},
         )
     if checkpoint is not None:
         start = int(checkpoint["step"])
-        # A setting added to TrainConfig after the checkpoint was written had its default then.
-        saved = {**{k: v for k, v in config.defaults().items() if k not in checkpoint["config"]}, **checkpoint["config"]}
-        check_resume_config(saved, config.to_dict(), start, path)
+        check_resume_config(checkpoint["config"], config, start, path)
         _resume_state(modules, optimizer, checkpoint, path)
         _restore_rng(checkpoint, device)
     saved_at = start if checkpoint is not None else None
@@ -235,7 +242,7 @@ def train_loop(
     bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not (progress and is_main))
     try:
         for step, batch in zip(range(start, config.steps), batches(start)):
-            lr = warmup_cosine(step, config.steps, config.lr, config.min_lr, config.warmup_steps)
+            lr = warmup_cosine(step, config.steps, optim.lr, optim.min_lr, optim.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with precision.autocast():
@@ -255,13 +262,13 @@ def train_loop(
             loss.backward()
             if is_distributed():
                 _sync_gradients(params)
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            if last_layer_params and step < config.freeze_last_layer_steps:
+            if optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+            if last_layer_params and step < optim.freeze_last_layer_steps:
                 for p in last_layer_params:
                     p.grad = None
             optimizer.step()
-            momentum = cosine(step, config.steps, config.teacher_momentum, 1.0)
+            momentum = cosine(step, config.steps, config.dino.teacher_momentum, 1.0)
             for teacher, student in ema_pairs:
                 _ema(teacher, student, momentum)
             logged = {"step": step + 1, "loss": loss_value, "lr": lr, "momentum": momentum, **scalars}

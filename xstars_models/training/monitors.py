@@ -93,8 +93,8 @@ def warn_if_collapsed(verdict: dict[str, Any], stacklevel: int = 2) -> None:
     if verdict["collapsed"]:
         warnings.warn(
             "COLLAPSED: the representations of this run collapsed, so the model it returns is not a "
-            "useful encoder: " + "; ".join(verdict["reasons"]) + ". See metrics.jsonl; try a lower lr, "
-            "a higher koleo_weight or contrast_weight, or a smaller dino_out_dim.",
+            "useful encoder: " + "; ".join(verdict["reasons"]) + ". See metrics.jsonl; try a lower optim.lr, "
+            "a higher dino.koleo_weight or contrast.weight, or a smaller dino.out_dim.",
             CollapseWarning,
             stacklevel=stacklevel + 1,
         )

@@ -5,11 +5,12 @@ each process a disjoint slice."""
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from ..distributed import rank, world_size
+from ..errors import InvalidInputError, InvalidOptionError
 
 __all__ = ["NeighbourBatchSampler", "StepBatchSampler", "window_centres"]
 
@@ -20,7 +21,7 @@ class StepBatchSampler:
 
     def __init__(self, n_items: int, batch_size: int, steps: int, start: int = 0, seed: int = 0) -> None:
         if n_items < 1:
-            raise ValueError("The training data set is empty.")
+            raise InvalidInputError("The training data set is empty.", field="pairs")
         self.n, self.batch, self.steps, self.start, self.seed = n_items, batch_size, steps, start, seed
         self.rank, self.world = rank(), world_size()
         self._cached: tuple[int, torch.Tensor] = (-1, torch.empty(0))
@@ -64,9 +65,10 @@ class NeighbourBatchSampler(StepBatchSampler):
     ) -> None:
         super().__init__(len(centres), batch_size, steps, start, seed)
         if group < 2 or batch_size % group or group > len(centres):
-            raise ValueError(
+            raise InvalidOptionError(
                 f"Neighbour groups of {group} items must be >= 2, divide the batch size ({batch_size}) and not "
-                f"exceed the {len(centres)} training windows."
+                f"exceed the {len(centres)} training windows.",
+                field="group",
             )
         self.group = group
         distances = torch.cdist(centres.double(), centres.double())
@@ -82,5 +84,7 @@ def window_centres(windows: Sequence[Sequence[float]]) -> torch.Tensor:
     """N x 2 centres (x, y) of windows given as (left, bottom, right, top) bounds."""
     bounds = torch.as_tensor([tuple(w) for w in windows], dtype=torch.float64)
     if bounds.ndim != 2 or bounds.shape[1] != 4:
-        raise ValueError(f"windows must be (left, bottom, right, top) bounds, got an array of shape {tuple(bounds.shape)}.")
+        raise InvalidInputError(
+            f"windows must be (left, bottom, right, top) bounds, got an array of shape {tuple(bounds.shape)}.", field="windows"
+        )
     return torch.stack([(bounds[:, 0] + bounds[:, 2]) / 2, (bounds[:, 1] + bounds[:, 3]) / 2], dim=1)

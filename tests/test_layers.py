@@ -16,11 +16,11 @@ ROOT = Path(xstars_models.__file__).resolve().parent
 # for ``scenes.embed``); "" is the package's own __init__, the facade over everything.
 LAYERS: list[tuple[str, ...]] = [
     # what describes sensors, imagery and a saved model's configuration
-    ("errors", "units", "sensor_spec", "sensors", "config", "inputs", "outputs", "precision", "distributed", "visualize", "io", "samples",
+    ("errors", "units", "sensors", "config", "inputs", "precision", "distributed", "visualize", "io", "samples",
      "whitening"),
     ("encoder",),  # the network
-    ("serialization", "lora", "manifest", "hub", "card"),  # weight files, the registry, the Hub
-    ("model",),  # XStars
+    ("serialization", "lora", "manifest", "hub"),  # weight files, the registry, the Hub
+    ("model",),  # XStarsBase
     # what uses a model
     ("training", "adapters", "scenes", "publish", "evaluation", "data", "losses", "integrations"),
     ("xstars",),  # XStars: the model plus the methods that call into the layer above

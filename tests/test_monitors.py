@@ -157,7 +157,7 @@ def test_xstars_adapt_says_when_the_run_collapsed(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "COLLAPSED: teacher entropy" in err and "is not a useful encoder" in err
     from xstars_models import XStars
-    from xstars_models.card import model_card
+    from xstars_models.publish.card import model_card
 
     saved = XStars.from_pretrained(tmp_path / "out")
     assert saved.training_record["monitors"]["collapsed"] is True
@@ -166,7 +166,7 @@ def test_xstars_adapt_says_when_the_run_collapsed(tmp_path, capsys):
 
 
 def test_model_card_shows_each_stage_monitors():
-    from xstars_models.card import model_card
+    from xstars_models.publish.card import model_card
 
     model = tiny_model(extra_sensors=())
     healthy = collapse_verdict({"teacher_entropy": 3.0, "cls_spread": 0.5, "rank": 20.0}, math.log(4096))

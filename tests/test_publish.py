@@ -185,7 +185,7 @@ def test_cli_push_with_a_bad_model_id_commits_nothing(tmp_path, hub_server, hf_c
 
 
 def test_failure_after_the_commit_names_the_commit_that_landed(tmp_path, hub_server, hf_cache, monkeypatch, capsys):
-    from xstars_models import publish
+    from xstars_models.publish import push as publish
 
     folder = tiny_model().save_pretrained(tmp_path / "model")
     repo_id = new_repo()

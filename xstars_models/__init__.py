@@ -10,13 +10,19 @@ from .encoder import StemConfig, XStarsEncoder
 from .errors import (
     CheckpointFormatError,
     ChecksumError,
+    ConfigError,
+    InvalidInputError,
+    InvalidOptionError,
+    InvalidTypeError,
     ManifestError,
     ModelNotFoundError,
     OfflineFilesMissingError,
+    SensorMismatchError,
     StateDictMismatchError,
     XStarsError,
 )
 from .manifest import ModelEntry, get_model_entry, list_models, register_model
+from .scenes import SceneOptions
 from .sensors import Band, SensorSpec, get_sensor, list_sensors, register_sensor
 from .xstars import XStars
 
@@ -26,10 +32,16 @@ __all__ = [
     "Band",
     "CheckpointFormatError",
     "ChecksumError",
+    "ConfigError",
+    "InvalidInputError",
+    "InvalidOptionError",
+    "InvalidTypeError",
     "ManifestError",
     "ModelEntry",
     "ModelNotFoundError",
     "OfflineFilesMissingError",
+    "SceneOptions",
+    "SensorMismatchError",
     "SensorSpec",
     "StateDictMismatchError",
     "StemConfig",

@@ -17,7 +17,7 @@ from .errors import InvalidInputError, InvalidOptionError, InvalidTypeError, use
 from .sensors import SensorSpec
 from .units import check_value_range
 
-__all__ = ["ImageInput", "band_order", "check_token_count", "to_batch", "trim_to_patches"]
+__all__ = ["ImageInput", "band_order", "check_token_count", "dn_tensor", "to_batch", "trim_to_patches"]
 
 ImageInput = Any  # np.ndarray | torch.Tensor | PIL.Image.Image | a sequence of those
 
@@ -232,10 +232,15 @@ def _single_chw(image: Any, spec: SensorSpec, layout: str | None, index: int) ->
 def _to_tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array.to(torch.float32)
-    array = np.ascontiguousarray(array)
+    return dn_tensor(np.ascontiguousarray(array)).to(torch.float32)
+
+
+def dn_tensor(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` for digital numbers of any storage type, sharing memory where it can:
+    uint16, which torch supports only in part, is widened to int32 (exact)."""
     if array.dtype == np.uint16:
-        array = array.astype(np.int32)  # torch.from_numpy has limited uint16 support
-    return torch.from_numpy(array).to(torch.float32)
+        array = array.astype(np.int32)
+    return torch.from_numpy(array)
 
 
 def check_token_count(batch: torch.Tensor, patch_size: int, sensor: str, max_tokens: int | None) -> None:

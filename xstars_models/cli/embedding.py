@@ -88,9 +88,8 @@ def _add_precision_flag(p: argparse.ArgumentParser) -> None:
     from ..precision import PRECISIONS
 
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto (default): bf16 on CUDA and on CPUs with bf16 matrix units (AMX), else fp32; "
-                        "fp32: full precision; bf16: bf16 autocast; int8: int8 Linear layers (CPU). "
-                        "Outputs are float32 either way; the precision used is printed.")
+                   help="auto (default): chosen for the device, as xstars_models.precision says; int8: int8 "
+                        "Linear layers (CPU). Outputs are float32 either way; the precision used is printed.")
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -144,7 +143,7 @@ def result_keys(files: Sequence[Path]) -> list[str]:
 def _embed(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..outputs import refuse_input_as_output
+    from ..io.outputs import refuse_input_as_output
     from ..serialization import atomic_write_bytes
     from ..xstars import XStars
 
@@ -181,7 +180,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _embed_scene(args: argparse.Namespace) -> int:
-    from ..outputs import refuse_input_as_output
+    from ..io.outputs import refuse_input_as_output
     from ..xstars import XStars
 
     if args.out is not None and Path(args.source).exists():

@@ -73,23 +73,11 @@ class GeoPairDataset(Dataset):
         sources: Mapping[str, RasterSource | PathLike | Sequence[PathLike]],
         footprint_m: float | None = None,
         *,
-        footprint_px: int | None = None,
-        reference: str | None = None,
-        stride_m: float | None = None,
-        max_nodata: float = 0.05,
-        split: str = "all",
-        val_fraction: float = 0.2,
-        split_axis: str = "y",
-        gap_m: float | None = None,
-        split_blocks: int = 1,
         transform: Callable[[dict[str, torch.Tensor]], Any] | None = None,
+        **plan_options: Any,
     ) -> None:
-        plan = plan_pairs(
-            sources, footprint_m, footprint_px=footprint_px, reference=reference, stride_m=stride_m,
-            max_nodata=max_nodata, split=split, val_fraction=val_fraction, split_axis=split_axis, gap_m=gap_m,
-            split_blocks=split_blocks,
-        )
-        self._read_from(plan, transform)
+        # The planning keywords (footprint_px ... split_blocks) are plan_pairs' own, documented above.
+        self._read_from(plan_pairs(sources, footprint_m, **plan_options), transform)
 
     @classmethod
     def from_plan(cls, plan: PairPlan, transform: Callable[[dict[str, torch.Tensor]], Any] | None = None) -> GeoPairDataset:

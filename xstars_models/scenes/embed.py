@@ -18,7 +18,7 @@ import torch
 
 from ..errors import InvalidOptionError
 from ..io import GDAL_CACHE_BYTES, import_rasterio
-from ..outputs import refuse_input_as_output
+from ..io.outputs import refuse_input_as_output
 from ..precision import resolve_precision
 from .options import SceneOptions
 from .reading import Scene

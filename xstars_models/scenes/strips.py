@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..inputs import dn_tensor
 from .options import SceneOptions
 from .reading import Scene
 from .tiling import Plan
@@ -47,9 +48,7 @@ def run_strips(
     def read(i: int) -> tuple[torch.Tensor, np.ndarray]:
         strip, missing = scene.read(plan.row_starts[i] * p, th * p, width * p)
         fraction = missing.reshape(th, p, width, p).mean(axis=(1, 3), dtype=np.float32)
-        if strip.dtype == np.uint16:
-            strip = strip.astype(np.int32)  # torch has only partial uint16 support
-        pixels = torch.from_numpy(strip)
+        pixels = dn_tensor(strip)
         # Page-locked memory lets the copy to the GPU overlap with compute.
         return (pixels.pin_memory() if cuda else pixels), fraction
 

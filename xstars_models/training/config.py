@@ -68,9 +68,9 @@ class TrainConfig:
         steps: optimisation steps in total (not epochs).
         batch_size: pairs per step on each process.
         seed: seeds the augmentation and the order of the batches.
-        precision: ``"auto"`` (bf16 autocast on CUDA and on CPUs with bf16 matrix units, fp32
-            elsewhere), ``"bf16"`` or ``"fp32"``; ``"int8"`` is inference only. The DINO teacher
-            softmax and the MSAD targets are computed in fp32 under any precision.
+        precision: ``"auto"``, ``"bf16"`` or ``"fp32"`` (see :mod:`xstars_models.precision`);
+            ``"int8"`` is inference only. The DINO teacher softmax and the MSAD targets are
+            computed in fp32 under any precision.
         num_workers: data-loading processes (0: in the training process).
         checkpoint_every: write ``last.pt`` every this many steps (and at the end).
         neighbour_group: 0 for batches drawn at random; ``g`` >= 2 for batches of

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .config import XStarsConfig
+from ..config import XStarsConfig
 
 __all__ = ["CITATION", "model_card"]
 

@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalTokenNotFoundError
 
+from ..config import CONFIG_NAME, XStarsConfig
+from ..errors import HubServerError, InvalidOptionError, PushIncompleteError
+from ..hub import NETWORK_ERRORS, describe_network_failure
+from ..manifest import COMMIT_RE, FORMAT_VERSION, REPO_ID_RE, load_manifest
+from ..serialization import atomic_write_bytes
 from .card import CITATION, model_card
-from .config import CONFIG_NAME, XStarsConfig
-from .errors import HubServerError, InvalidOptionError, PushIncompleteError
-from .hub import NETWORK_ERRORS, describe_network_failure
-from .manifest import COMMIT_RE, FORMAT_VERSION, REPO_ID_RE, load_manifest
-from .serialization import atomic_write_bytes
 
 if TYPE_CHECKING:
-    from .model import XStarsBase
+    from ..model import XStarsBase
 
 __all__ = ["manifest_entry", "push_to_hub", "write_manifest_entry"]
 

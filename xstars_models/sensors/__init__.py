@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import difflib
 
-from .errors import InvalidOptionError
-from .sensor_spec import Band, SensorSpec
+from ..errors import InvalidOptionError
+from .spec import Band, SensorSpec
 
 __all__ = [
     "Band",

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, InvalidOptionError
-from .units import check_units_token
+from ..errors import ConfigError, InvalidOptionError
+from ..units import check_units_token
 
 __all__ = ["Band", "SensorSpec"]
 

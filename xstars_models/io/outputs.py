@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import InvalidOptionError
+from ..errors import InvalidOptionError
 
 __all__ = ["refuse_input_as_output"]
 

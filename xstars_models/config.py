@@ -12,6 +12,7 @@ from typing import Any
 import timm
 
 from .errors import ConfigError, XStarsError
+from .io.jsonfile import read_json
 from .sensors import SensorSpec
 
 __all__ = [
@@ -21,7 +22,6 @@ __all__ = [
     "StemConfig",
     "XStarsConfig",
     "parse_file_records",
-    "read_json",
     "stem_file_name",
 ]
 
@@ -30,23 +30,6 @@ WEIGHTS_NAME = "model.safetensors"
 WHITENING_NAME = "whitening.safetensors"
 FORMAT_VERSION = 1
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def read_json(
-    path: str | Path,
-    data: bytes | None = None,
-    *,
-    error: type[XStarsError] = ConfigError,
-    where: str | None = None,
-    field: str | None = None,
-) -> Any:
-    """The parsed contents of the JSON file ``path``, or of ``data`` when its bytes were already
-    read (and checked against a sha256). Text that is not JSON raises ``error`` (with ``field``)
-    naming the file as ``where`` (default: the path); a missing file raises FileNotFoundError."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8") if data is None else data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise error(f"{where or path}: not valid JSON ({err}).", field=field) from None
 
 
 def stem_file_name(sensor: str) -> str:

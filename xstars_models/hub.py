@@ -27,7 +27,7 @@ try:  # the HTTP library huggingface_hub is built on: httpx2 from 2.0, httpx bef
 except ImportError:  # pragma: no cover - huggingface_hub 1.x
     import httpx as _http  # type: ignore[no-redef]
 
-from .config import CONFIG_NAME, FileRecord, XStarsConfig, read_json
+from .config import CONFIG_NAME, FileRecord, XStarsConfig
 from .encoder import is_vit_arch
 from .errors import (
     ChecksumError,
@@ -38,6 +38,7 @@ from .errors import (
     ModelNotFoundError,
     OfflineFilesMissingError,
 )
+from .io import read_json
 from .manifest import COMMIT_RE, REPO_ID, ModelEntry, get_model_entry, is_registered
 from .serialization import read_verified
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import CONFIG_NAME, FileRecord, parse_file_records, read_json
+from .config import CONFIG_NAME, FileRecord, parse_file_records
 from .errors import ManifestError, ModelNotFoundError
+from .io import read_json
 
 __all__ = [
     "COMMIT_RE",

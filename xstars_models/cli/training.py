@@ -4,12 +4,11 @@ frozen copy), from paired imagery given as co-registered rasters or an MSC-Franc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError, InvalidOptionError
+from ..io import read_json
 
 ADAPT_EPILOG = """\
 Pairs come either from co-registered rasters of the two sensors (--new/--old, cut into windows of
@@ -105,7 +104,8 @@ def train_config(args: argparse.Namespace) -> Any:
 
     config = TrainConfig()
     if args.config:
-        config = TrainConfig.from_dict(_read_json(args.config, "config"), source=f"--config {args.config}")
+        data = read_json(args.config, error=InvalidInputError, field="config")
+        config = TrainConfig.from_dict(data, source=f"--config {args.config}")
     flags = {dotted: getattr(args, dotted) for dotted in FLAT_NAMES.values() if getattr(args, dotted, None) is not None}
     if not flags:
         return config
@@ -113,11 +113,6 @@ def train_config(args: argparse.Namespace) -> Any:
     return TrainConfig.from_dict({**config.dotted(), **flags}, field_sources={dotted: "" for dotted in flags})
 
 
-def _read_json(path: str, field: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise InvalidInputError(f"{path}: not valid JSON ({err}).", field=field) from None
 
 
 def new_sensor_spec(args: argparse.Namespace) -> Any:

@@ -14,8 +14,9 @@ from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalTokenNotFoundError
 
 from ..config import CONFIG_NAME, XStarsConfig
-from ..errors import HubServerError, InvalidOptionError, PushIncompleteError
+from ..errors import HubServerError, InvalidOptionError, ManifestError, PushIncompleteError
 from ..hub import NETWORK_ERRORS, describe_network_failure
+from ..io import read_json
 from ..manifest import COMMIT_RE, FORMAT_VERSION, REPO_ID_RE, load_manifest
 from ..serialization import atomic_write_bytes
 from .card import CITATION, model_card
@@ -78,7 +79,7 @@ def _manifest_with(path: Path, model_id: str, entry: dict[str, Any]) -> str:
     """The text of manifest ``path`` with ``model_id`` added or replaced, checked to parse."""
     if path.exists():
         load_manifest(path)  # a malformed manifest is reported as such, naming the file
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json(path, error=ManifestError, where=f"Manifest {path}")
     else:
         data = {"format_version": FORMAT_VERSION, "models": {}}
     data["models"][model_id] = entry

@@ -6,14 +6,13 @@ sampling distance and digital-number units, as :class:`SensorSpec` (what a model
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InvalidOptionError
+from ..io.jsonfile import read_json
 from ..units import check_units_token
 
 __all__ = ["Band", "SensorSpec"]
@@ -207,10 +206,7 @@ class SensorSpec:
             ConfigError: not JSON (``field`` ``None``), or a bad spec (``field`` the key at fault).
             OSError: the file cannot be read.
         """
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err}).") from None
+        data = read_json(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a JSON object of sensor spec fields, got {type(data).__name__}.")
         try:

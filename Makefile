@@ -15,10 +15,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m xstars_models.demo --model xstars-s2-aerial --out demo_output
 
+# The type check runs beside the tests (it is single-threaded and takes ~15 s cold) and both must
+# pass; its report is in $(VENV)/mypy.log, printed after the tests' summary only when it fails.
 test: $(STAMP)
 	$(PY) -m ruff check xstars_models
-	$(PY) -m mypy
-	$(PY) -m pytest
+	$(PY) -m mypy > $(VENV)/mypy.log 2>&1 & mypy=$$!; \
+	$(PY) -m pytest; tests=$$?; \
+	if ! wait $$mypy; then cat $(VENV)/mypy.log; exit 1; fi; \
+	exit $$tests
 
 clean:
 	rm -rf $(VENV) demo_output

@@ -183,3 +183,25 @@ def test_subprocess_shows_no_traceback(files, tmp_path):
     argv = [sys.executable, "-m", "xstars_models.cli", "info", str(files["RESNET"])]
     proc = subprocess.run(argv, capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "resnet18" in proc.stderr
+
+
+def test_typed_errors_name_the_commands_flags_whatever_the_settings_values(monkeypatch, capsys):
+    # The command renders the error's settings by its flags: an on/off flag left off, a list value
+    # (unhashable, so never one of the command's special cases) and a field the message leaves
+    # unnamed, which then leads the line.
+    from xstars_models.cli import embedding
+    from xstars_models.errors import InvalidOptionError
+
+    def refuse(args):
+        raise InvalidOptionError(
+            "window outside the scene; try {bounds} or embed {whiten}", field="tile",
+            settings={"bounds": [0, 0, 10, 10], "whiten": False},
+        )
+
+    monkeypatch.setattr(embedding, "_embed_scene", refuse)
+    assert main(["embed-scene", "MODEL", "--sensor", "sentinel2_rgb", "scene.tif"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "xstars embed-scene: error: argument --tile: window outside the scene; try --bounds [0, 0, 10, 10] "
+        "or embed no --whiten\n"
+    )

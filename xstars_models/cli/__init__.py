@@ -77,8 +77,12 @@ def _command_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     by_dest = {a.dest: a for a in command._actions if a.option_strings}
 
     def flag(name: str, value: Any) -> str:
-        if (name, value) in overrides:
-            return overrides[name, value]
+        try:
+            override = overrides.get((name, value))
+        except TypeError:  # an unhashable value (a list of bounds) is never one of the overrides
+            override = None
+        if override is not None:
+            return override
         action = by_dest.get(name)
         if action is None:
             return api_setting(name, value)
@@ -91,8 +95,9 @@ def _command_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
 
 
 def _user_message(err: Exception, flag: Callable[[str, Any], str]) -> str | None:
-    """The whole message of a user-facing error, naming settings by this command's flags and
-    starting with the flag of the option at fault; ``None`` for a bug."""
+    """The whole message of a user-facing error, naming settings by this command's flags, led by
+    ``argument --flag:`` for the option at fault when the message does not name it; ``None`` for a
+    bug."""
     from ..hub import NETWORK_ERRORS, describe_network_failure
 
     if isinstance(err, NETWORK_ERRORS) and not isinstance(err, USER_ERRORS):

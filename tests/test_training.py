@@ -39,6 +39,7 @@ def test_pretrain_trains_encoder_and_msad_heads(tmp_path):
     model = two_sensor_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trained = pretrain(model, ToyPairs(8), small_config(), out_dir=tmp_path, device="cpu", progress=False)
+    assert type(trained) is type(model) is XStars
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert all(line["msad"] > 0 and line["dino"] > 0 for line in lines)
@@ -160,6 +161,7 @@ def test_adapt_trains_what_the_mode_says(tmp_path, mode):
     )
     assert trunk_changed == (mode == "full")
     assert adapted.lineage["adapt_mode"] == mode
+    assert type(adapted) is type(base) is XStars  # so the adapted model has embed_scene, push_to_hub...
     out = adapted.embed(ToyPairs(2).aerial.numpy(), "aerial", output="map", layout="CHW", precision="fp32")
     assert out.shape == (2, 32, 8, 8)
     reloaded = XStars.from_pretrained(adapted.save_pretrained(tmp_path / "saved"))  # LoRA merged on save

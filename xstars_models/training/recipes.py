@@ -115,6 +115,7 @@ def pretrain(
     config = config or TrainConfig()
     recipe = PretrainStep(model, config, _device(device))
     record = {"recipe": "pretrain", "sensors": recipe.sensors, "data": data_description}
+    # The teacher is a deep copy of ``model``, so of its class; the step objects do not carry the type.
     return _train(recipe, recipe.views(pairs), out_dir, resume, progress, record)  # type: ignore[return-value]
 
 
@@ -162,4 +163,4 @@ def adapt(
     record = {"recipe": "adapt", "mode": mode, "new_sensor": recipe.new, "old_sensor": recipe.old, "data": data_description}
     model = _train(recipe, recipe.views(pairs), out_dir, resume, progress, record)
     model.lineage = {"base_model": base.name_or_path, "base_revision": base.revision, "adapt_mode": mode}
-    return model  # type: ignore[return-value]
+    return model  # type: ignore[return-value]  # a deep copy of ``base``, so of its class

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from datetime import date
 from pathlib import Path
 from typing import Callable
@@ -28,7 +29,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from bench_scene import cpu_name, seconds, write_scene  # same folder: scene writer, timer, machine name
 from bench_train import SyntheticPairs
 from xstars_models import XStars, get_sensor
-from xstars_models.precision import resolve_precision
 from xstars_models.scenes import embed_scene
 from xstars_models.training import TrainConfig, adapt
 
@@ -85,7 +85,8 @@ def bench_embed(model: XStars, args: argparse.Namespace, device: torch.device) -
     for name in runs:
         if name == "raw":
             continue
-        label = f"auto = {resolve_precision('auto', device).name}" if name == "auto" else name
+        auto = model.resolve_precision("auto", device, tokens=(size // 8) ** 2, batch_size=args.batch)
+        label = f"auto = {auto.name}" if name == "auto" else name
         lines.append(f"| embed, {label} | {best[name] * 1e3:.1f} | {args.batch / best[name]:.0f} | {rate(best[name]):.0f} | "
                      f"{best['fp32'] / best[name]:.2f}x | {best['raw'] / best[name]:.2f}x |")
     return lines, flops / args.batch
@@ -117,6 +118,7 @@ def bench_scene(model: XStars, args: argparse.Namespace, device: torch.device, f
         label = f"auto = {results[name]['precision'].split(':')[0].split(' ')[0]}" if name == "auto" else name
         lines.append(f"| {label} | {value:.2f} | {tiles / value:.0f} | {tiles * flops_per_tile / value / 1e9:.0f} | "
                      f"{best['fp32'] / value:.2f}x |")
+    lines.append(f"\nauto: {results['auto']['precision']}")
     return lines
 
 
@@ -182,11 +184,15 @@ def main() -> None:
     device = torch.device(args.device)
     if args.train_steps < 4:
         parser.error(f"--train-steps must be at least 4 (2 warm-up steps are not timed), got {args.train_steps}")
+    # A fresh calibration cache, so that the first "auto" below measures (and shows what that costs).
+    os.environ["XSTARS_CACHE"] = tempfile.mkdtemp(prefix="xstars-bench-cache-")
     model = XStars.from_pretrained(args.model).to(device).eval()
     load_before = os.getloadavg()
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, device "
           f"{args.device}; {date.today().isoformat()}; model {args.model}")
-    print(f"auto resolves to: {resolve_precision('auto', device)}\n")
+    started = time.perf_counter()
+    auto = model.resolve_precision("auto", device)  # the default tile: what the scene runs use
+    print(f"auto resolves to: {auto}; calibration took {time.perf_counter() - started:.2f} s\n")
     lines, flops_per_tile = bench_embed(model, args, device)
     print("\n".join(lines) + "\n", flush=True)
     if not args.skip_scene:

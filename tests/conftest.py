@@ -36,6 +36,12 @@ os.environ.update({
 os.environ.pop("HF_HUB_OFFLINE", None)
 os.environ.pop("TRANSFORMERS_OFFLINE", None)
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+# precision="auto" would time each model on its first use (seconds per model and tile size) and
+# depend on this host's speed; the suite runs fp32 instead, deterministically. Tests of the
+# calibration delete XSTARS_PRECISION themselves. Its cache goes to a temporary folder, never
+# the user's.
+os.environ["XSTARS_PRECISION"] = "fp32"
+os.environ["XSTARS_CACHE"] = os.path.join(_HF_HOME, "xstars-cache")
 atexit.register(_SERVER.stop)
 
 

@@ -94,6 +94,9 @@ CASES = [
     (["eval", "MODEL", "--task", "segmentation"], "invalid choice: 'segmentation'"),
     (["eval", "MODEL", "--task", "landcover", "--features", "cls-whitened"], "got ('cls-whitened',) (land cover compares raw features"),
     (["eval", "MODEL", "--task", "landcover", "--features", "median"], "invalid choice: 'median'"),
+    (["export", "MODEL", "TMP/m.onnx", "--sensor", "aerial_rgb"], "argument --sensor: This model has no stem for sensor 'aerial_rgb'"),
+    (["export", "MODEL", "TMP/m.txt", "--sensor", "sentinel2_rgb"], "the ONNX file name must end in .onnx"),
+    (["export", "MODEL", "TMP/m.onnx", "--sensor", "sentinel2_rgb", "--opset", "13"], "argument --opset: opset 13 has no antialiased Resize"),
 ]
 
 

@@ -19,10 +19,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "units", "sensors", "config", "inputs", "precision", "distributed", "visualize", "io", "samples",
      "whitening"),
     ("encoder",),  # the network
-    ("serialization", "lora", "manifest", "hub"),  # weight files, the registry, the Hub
+    ("serialization", "lora", "manifest", "hub", "calibration"),  # weight files, the registry, the Hub
     ("model",),  # XStarsBase
     # what uses a model
-    ("training", "adapters", "scenes", "publish", "evaluation", "data", "losses", "integrations"),
+    ("training", "adapters", "scenes", "publish", "evaluation", "data", "losses", "integrations", "export"),
     ("xstars",),  # XStars: the model plus the methods that call into the layer above
     ("convert", "demo", "cli", ""),  # what hands users an XStars, and the entry points
 ]

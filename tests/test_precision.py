@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import xstars_models.calibration as calibration
 import xstars_models.precision as precision_module
 from factories import tiny_model
 from toy_data import ToyPairs
@@ -62,25 +63,194 @@ def test_cpu_bf16_detection_names_the_deciding_feature(flags, machine, native, s
     assert says in reason
 
 
+@pytest.fixture()
+def calibrating(monkeypatch, tmp_path):
+    """``"auto"`` as users get it (the suite forces fp32, see conftest.py), its cache in tmp_path;
+    returns the cache file."""
+    monkeypatch.delenv("XSTARS_PRECISION", raising=False)
+    monkeypatch.setenv("XSTARS_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "precision.json"
+
+
+def fake_timings(monkeypatch, fp32: float, bf16: float) -> list[dict]:
+    """Replace the timing of the model's runs by fixed seconds; returns the runs it was given."""
+    calls: list[dict] = []
+
+    def timed(runs):
+        calls.append(runs)
+        return {"fp32": fp32, "bf16": bf16}
+
+    monkeypatch.setattr(calibration, "time_runs", timed)
+    return calls
+
+
 @pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
-def test_auto_runs_what_the_detection_says(tiny, monkeypatch, native, expected):
+def test_auto_without_a_model_guesses_from_the_cpu_features(calibrating, monkeypatch, native, expected):
     monkeypatch.setattr(precision_module, "_this_cpu_bf16", lambda: (native, "patched"))
-    assert resolve_precision("auto", "cpu").name == expected
+    resolved = resolve_precision("auto", "cpu")
+    assert resolved.name == expected and "not measured: patched" in resolved.reason
+
+
+@pytest.mark.parametrize(("bf16_s", "expected"), [(0.5, "bf16"), (0.9, "fp32"), (1.6, "fp32")])
+def test_auto_runs_what_the_measurement_says(tiny, calibrating, monkeypatch, bf16_s, expected):
+    fake_timings(monkeypatch, 1.0, bf16_s)
     images = load_sample("sentinel2_rgb_coast")[:64, :64]
     auto = tiny.embed(images, SENSOR, output="patch", progress=False)
     forced = tiny.embed(images, SENSOR, output="patch", progress=False, precision=expected)
-    other = tiny.embed(images, SENSOR, output="patch", progress=False, precision="fp32" if native else "bf16")
+    other = tiny.embed(images, SENSOR, output="patch", progress=False, precision="bf16" if expected == "fp32" else "fp32")
     assert torch.equal(auto, forced)
     assert not torch.equal(auto, other)
 
 
-def test_auto_on_cuda_is_bf16_and_says_why():
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def run(self, seconds: float):
+        def advance() -> None:
+            self.now += seconds
+
+        return advance
+
+
+@pytest.mark.parametrize(
+    ("fp32_s", "bf16_s", "expected", "says"),
+    [(0.2, 0.1, "bf16", "bf16 2.00x fp32"), (0.2, 0.18, "fp32", "bf16 1.11x fp32"), (0.1, 0.2, "fp32", "bf16 0.50x fp32")],
+)
+def test_calibration_picks_bf16_only_when_at_least_15_percent_faster(calibrating, monkeypatch, fp32_s, bf16_s, expected, says):
+    clock = FakeClock()
+    monkeypatch.setattr(calibration, "clock", clock)
+    runs = {"fp32": clock.run(fp32_s), "bf16": clock.run(bf16_s), "int8": clock.run(fp32_s / 2)}
+    name, reason = calibration.calibrate("key", lambda: runs)
+    assert name == expected
+    assert reason.startswith(f"measured: {says}, int8 2.00x") and ">= 1.15x" in reason
+
+
+@pytest.mark.parametrize(("seconds", "calls"), [(0.01, 1 + 3), (1.0, 1 + 1)])
+def test_calibration_stays_within_its_budget(monkeypatch, seconds, calls):
+    # Fast runs: a warm-up and 3 timed rounds; runs whose warm-up already spent the 3 s budget:
+    # one timed round.
+    clock = FakeClock()
+    monkeypatch.setattr(calibration, "clock", clock)
+    counts = {"fp32": 0, "bf16": 0}
+
+    def run(name):
+        def once():
+            counts[name] += 1
+            clock.now += seconds
+
+        return once
+
+    best = calibration.time_runs({name: run(name) for name in counts})
+    assert counts == {"fp32": calls, "bf16": calls}
+    assert best == {"fp32": pytest.approx(seconds), "bf16": pytest.approx(seconds)}
+
+
+def test_calibration_is_cached_atomically_and_per_key(tiny, calibrating, monkeypatch):
+    calls = fake_timings(monkeypatch, 1.0, 0.5)
+    first = tiny.resolve_precision("auto", tokens=16)
+    assert first.name == "bf16" and first.reason.startswith("measured: bf16 2.00x fp32")
+    assert sorted(p.name for p in calibrating.parent.iterdir()) == ["precision.json"]  # no temporary file left
+    entries = json.loads(calibrating.read_text())["entries"]
+    (key, entry), = entries.items()
+    assert "16 tokens" in key and tiny.arch in key and "infer" in key and torch.__version__ in key
+    assert entry["choice"] == "bf16" and entry["fp32"] == 1.0 and entry["bf16"] == 0.5
+    again = tiny.resolve_precision("auto", tokens=16)
+    assert again.name == "bf16" and again.reason.startswith("cached: bf16 2.00x fp32")
+    assert len(calls) == 1
+    tiny.resolve_precision("auto", tokens=64)  # another tile size: measured again
+    assert len(calls) == 2
+    other = XStars.new("vit_small_patch16_224", {SENSOR: tiny.sensors[SENSOR].spec}, patch_sizes={SENSOR: 8},
+                       depth=1, embed_dim=48, num_heads=2)
+    other.resolve_precision("auto", tokens=16)  # another model: measured again
+    assert len(calls) == 3
+    assert len(json.loads(calibrating.read_text())["entries"]) == 3
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"version": 1, "entries": []}', '{"version": 1, "entries": {"k": 3}}'])
+def test_a_corrupt_cache_is_remeasured_and_rewritten(tiny, calibrating, monkeypatch, content):
+    calls = fake_timings(monkeypatch, 1.0, 0.5)
+    calibrating.parent.mkdir(parents=True)
+    calibrating.write_text(content)
+    if content.endswith("3}}"):  # a well-formed file with a malformed entry for this very key
+        key = calibration.calibration_key(tiny.device, tiny.arch, tiny.embed_dim, 16, False)
+        calibrating.write_text(json.dumps({"version": 1, "entries": {key: {"choice": "bf16"}}}))
+    with pytest.warns(UserWarning, match="measuring again"):
+        resolved = tiny.resolve_precision("auto", tokens=16)
+    assert resolved.reason.startswith("measured:") and len(calls) == 1
+    entries = json.loads(calibrating.read_text())["entries"]
+    assert [e["choice"] for e in entries.values()] == ["bf16"]
+
+
+def test_the_real_calibration_times_inference_and_training(tiny, calibrating):
+    # The tiny model takes milliseconds: this runs the real runs (fp32, bf16, int8; forward and
+    # backward for training) without faking anything.
+    for training in (False, True):
+        resolved = tiny.resolve_precision("auto", tokens=16, batch_size=2, training=training)
+        assert resolved.name in ("fp32", "bf16") and resolved.reason.startswith("measured: bf16 ")
+        assert ("int8" in resolved.reason) is not training
+    assert all(p.grad is None for p in tiny.parameters())  # the timed backward left no gradients
+    assert len(json.loads(calibrating.read_text())["entries"]) == 2
+
+
+def test_xstars_precision_forces_auto_and_a_bad_value_is_named(tiny, calibrating, monkeypatch):
+    calls = fake_timings(monkeypatch, 1.0, 0.5)
+    monkeypatch.setenv("XSTARS_PRECISION", "fp32")
+    resolved = tiny.resolve_precision("auto")
+    assert resolved.name == "fp32" and resolved.reason == "forced by XSTARS_PRECISION=fp32"
+    assert tiny.resolve_precision("bf16").name == "bf16"  # an explicit argument wins
+    monkeypatch.setenv("XSTARS_PRECISION", "int8")
+    assert tiny.resolve_precision("auto").name == "int8"
+    with pytest.raises(InvalidOptionError, match="XSTARS_PRECISION='int8' is not a precision for training") as info:
+        tiny.resolve_precision("auto", training=True)
+    assert info.value.field == "XSTARS_PRECISION"
+    monkeypatch.setenv("XSTARS_PRECISION", "fp16")
+    with pytest.raises(InvalidOptionError, match="XSTARS_PRECISION='fp16'") as info:
+        tiny.embed(load_sample("sentinel2_rgb_coast")[:64, :64], SENSOR, progress=False)
+    assert info.value.field == "XSTARS_PRECISION"
+    assert calls == []
+
+
+def test_the_suite_runs_auto_as_fp32_without_measuring(tiny, monkeypatch):
+    calls = fake_timings(monkeypatch, 1.0, 0.5)
+    assert tiny.resolve_precision("auto").name == "fp32"
+    assert calls == []
+
+
+def test_embed_scene_records_the_measured_precision(tiny, calibrating, monkeypatch, tmp_path):
+    calls = fake_timings(monkeypatch, 1.8, 1.0)
+    sample = sample_path("sentinel2_rgb_inland")
+    first = embed_scene(tiny, sample, SENSOR, out=tmp_path / "a.tif", progress=False, tile=64)
+    assert first.precision.startswith("bf16 (precision='auto'): measured: bf16 1.80x fp32")
+    second = embed_scene(tiny, sample, SENSOR, out=tmp_path / "b.tif", progress=False, tile=64)
+    assert second.precision.startswith("bf16 (precision='auto'): cached: bf16 1.80x fp32")
+    assert len(calls) == 1 and "64 tokens" in next(iter(json.loads(calibrating.read_text())["entries"]))
+    with rasterio.open(first.path) as written:
+        assert written.tags()["xstars_precision"] == "bf16"
+
+
+@pytest.mark.parametrize(("bf16_s", "expected"), [(0.5, "bf16"), (0.95, "fp32")])
+def test_training_auto_uses_the_measured_training_step(calibrating, monkeypatch, tmp_path, bf16_s, expected):
+    calls = fake_timings(monkeypatch, 1.0, bf16_s)
+    model = tiny_model(extra_sensors=("aerial",))
+    config = TrainConfig(steps=1, batch_size=4, dino_out_dim=64, local_crops=2, checkpoint_every=100)
+    trained = pretrain(model, ToyPairs(8), config, out_dir=tmp_path / "run", device="cpu", progress=False)
+    assert trained.training_record["precision"].startswith(f"{expected} (precision='auto'): measured:")
+    assert len(calls) == 1
+    assert "train" in next(iter(json.loads(calibrating.read_text())["entries"]))
+
+
+def test_auto_on_cuda_is_bf16_and_says_why(calibrating):
     resolved = resolve_precision("auto", "cuda")
     assert resolved.name == "bf16" and "CUDA" in str(resolved) and "precision='auto'" in str(resolved)
 
 
 def test_unknown_precision_names_the_value_and_the_choices(tiny):
-    with pytest.raises(InvalidOptionError, match=r"precision must be one of \('auto', 'fp32', 'bf16', 'int8'\), got 'fp16'") as info:
+    choices = r"\('auto', 'fp32', 'bf16', 'int8'\)"
+    with pytest.raises(InvalidOptionError, match=rf"precision must be one of {choices}, got 'fp16'") as info:
         tiny.embed(load_sample("sentinel2_rgb_coast")[:64, :64], SENSOR, progress=False, precision="fp16")
     assert info.value.field == "precision"
 

@@ -5,24 +5,25 @@ which adds the methods whose work lives in the layers that use a model (``adapt`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
-import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import torch
 from tqdm.auto import tqdm
 
+from .calibration import calibrate, calibration_key, model_runs
 from .config import CONFIG_NAME, WEIGHTS_NAME, WHITENING_NAME, StemConfig, XStarsConfig, stem_file_name
 from .encoder import XStarsEncoder, take_indices
-from .errors import InvalidOptionError
+from .errors import BackendUnavailableError, InvalidOptionError
 from .hub import HubOptions, resolve_model
 from .inputs import ImageInput, check_token_count, to_batch, trim_to_patches
 from .lora import lora_config, merge_lora
-from .precision import Precision, quantize_int8, resolve_precision
+from .precision import Precision, int8_copy, resolve_precision
 from .sensors import SensorSpec, get_sensor
 from .serialization import atomic_write_bytes, load_state_dict_strict, read_verified_safetensors, write_safetensors
 from .whitening import GlobalWhitening
@@ -42,9 +43,6 @@ logger = logging.getLogger(__name__)
 # the layers above return when given a model of it (adapt() of an XStars is an XStars).
 ModelT = TypeVar("ModelT", bound="XStarsBase")
 
-
-# Each model's int8 copy, with the weight versions it was made from (see XStarsBase.int8_copy).
-_INT8_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 class XStarsBase(XStarsEncoder):
     """A cross-sensor X-STARS encoder: one ViT trunk, one input stem per sensor, with loading,
@@ -285,7 +283,8 @@ class XStarsBase(XStarsEncoder):
         if device is not None:
             self.to(device)
         target = self.device
-        resolved = self.resolve_precision(precision)
+        tokens = (batch.shape[-2] // stem.patch_size) * (batch.shape[-1] // stem.patch_size)
+        resolved = self.resolve_precision(precision, tokens=tokens, batch_size=batch_size)
         logger.info("embed %s: precision %s", sensor, resolved)
         was_training = self.training
         self.eval()
@@ -333,21 +332,44 @@ class XStarsBase(XStarsEncoder):
         return whitening
 
     def int8_copy(self) -> XStarsBase:
-        """An inference copy of this model whose trunk Linear layers are int8 (CPU), made once
-        and reused until any weight of this model changes (in place, by loading or by moving)."""
-        key = tuple((t.data_ptr(), t._version) for t in [*self.parameters(), *self.buffers()])
-        cached = _INT8_COPIES.get(self)
-        if cached is None or cached[0] != key:
-            quantized = copy.deepcopy(self).cpu().eval()
-            quantize_int8(quantized.trunk, inplace=True)
-            cached = (key, quantized)
-            _INT8_COPIES[self] = cached
-        return cached[1]
+        """This model with int8 trunk Linear layers (CPU), for inference: see
+        :func:`xstars_models.precision.int8_copy`."""
+        return int8_copy(self)
 
-    def resolve_precision(self, precision: str = "auto", device: str | torch.device | None = None) -> Precision:
+    def resolve_precision(
+        self,
+        precision: str = "auto",
+        device: str | torch.device | None = None,
+        *,
+        tokens: int | None = None,
+        batch_size: int = 8,
+        training: bool = False,
+    ) -> Precision:
         """What ``precision`` means for this model on ``device`` (default: where it is), with the
-        reason: see :func:`xstars_models.precision.resolve_precision`."""
-        return resolve_precision(precision, self.device if device is None else device)
+        reason: see :func:`xstars_models.precision.resolve_precision`. ``"auto"`` on a CPU times
+        this model (:mod:`xstars_models.calibration`; cached per machine and workload).
+
+        Args:
+            tokens: patch tokens per image of the work to come (default: the trunk's pretraining
+                grid); part of the calibration's key.
+            batch_size: images per timed batch (at most 8 are timed, to keep it to seconds).
+            training: time a training step (forward and backward) instead of a forward.
+        """
+        where = torch.device(self.device if device is None else device)
+        tokens = tokens or int(self.trunk.patch_embed.grid_size[0] * self.trunk.patch_embed.grid_size[1])
+
+        def runs() -> dict[str, Callable[[], object]]:
+            int8 = None
+            if not training and where.type == "cpu":
+                with contextlib.suppress(BackendUnavailableError):  # int8 is only reported: skip it
+                    int8 = self.int8_copy()
+            return model_runs(self, where, tokens, min(batch_size, 8), training, int8)
+
+        def measure() -> tuple[str, str]:
+            return calibrate(calibration_key(where, self.arch, self.embed_dim, tokens, training), runs)
+
+        # Only a model where it is can be timed; elsewhere the CPU's features give the guess.
+        return resolve_precision(precision, where, training, measure if where == self.device else None)
 
     def _embed_chunk(self, x: torch.Tensor, sensor: str, output: str, layers: int | Sequence[int] | None) -> Any:
         final, intermediates, grid = self.forward_tokens(x, sensor, [] if layers is None else layers)

@@ -8,13 +8,17 @@
   projection, MLP: nearly all of a ViT's arithmetic) run as int8 x int8 -> int32 products with
   per-output-channel weight scales and activations quantised dynamically, per batch; the patch
   embedding, norms, attention softmax and everything else stay fp32.
-- ``"auto"`` (the default): bf16 where bf16 is faster than fp32 (CUDA; CPUs with a bf16 matrix
-  unit), fp32 elsewhere. :func:`resolve_precision` says which and why.
+- ``"auto"`` (the default): bf16 on CUDA; on a CPU, bf16 only where the model's own forward (or
+  training step) was *measured* at least :data:`BF16_MIN_SPEEDUP` times faster in bf16 than in
+  fp32 (:mod:`xstars_models.calibration`: a few seconds, once per machine and workload, cached).
+  Without a model to time (:func:`resolve_precision` called alone) the CPU's features give a
+  first guess. The environment variable ``XSTARS_PRECISION`` (``fp32``/``bf16``/``int8``) forces
+  what ``"auto"`` means, e.g. for reproducible runs; an explicit ``precision=`` argument wins over it.
 
 Whatever runs inside, results are returned as float32.
 
-Which CPUs count as bf16-native
--------------------------------
+Which CPUs count as bf16-native (the guess when nothing is measured)
+--------------------------------------------------------------------
 Only those where a bf16 matrix product beats fp32: x86 with AMX-BF16 (Sapphire Rapids and
 later, when the OS / hypervisor exposes AMX) and Arm with the BF16 extension (BFMMLA). AVX512-BF16
 alone does *not* count: its ``vdpbf16ps`` does 32 multiply-adds per instruction, the same as
@@ -45,11 +49,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import os
 import platform
 import warnings
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -57,17 +64,26 @@ from torch import nn
 from .errors import BackendUnavailableError, InvalidOptionError
 
 __all__ = [
+    "BF16_MIN_SPEEDUP",
+    "PRECISION_ENV",
     "PRECISIONS",
     "TRAINING_PRECISIONS",
     "Int8Linear",
     "Precision",
     "cpu_bf16_native",
+    "cpu_flags",
+    "decide",
+    "forced_precision",
+    "int8_copy",
     "quantize_int8",
     "resolve_precision",
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 TRAINING_PRECISIONS = ("auto", "fp32", "bf16")
+PRECISION_ENV = "XSTARS_PRECISION"
+# bf16 moves outputs a little (CLS cosine ~0.9999 to fp32), so it must pay clearly to be chosen.
+BF16_MIN_SPEEDUP = 1.15
 
 
 @dataclass(frozen=True)
@@ -98,7 +114,7 @@ class Precision:
         return f"{self.name}{asked}: {self.reason}"
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     """The CPU feature flags of the first processor in ``/proc/cpuinfo`` (``flags`` on x86,
     ``Features`` on Arm); empty where there is no such file (macOS, Windows)."""
     try:
@@ -123,7 +139,7 @@ def cpu_bf16_native(flags: set[str] | None = None, machine: str | None = None) -
     Returns:
         ``(native, reason)`` with a one-sentence reason naming the deciding feature.
     """
-    flags = _cpu_flags() if flags is None else flags
+    flags = cpu_flags() if flags is None else flags
     machine = (platform.machine() if machine is None else machine).lower()
     if machine in ("x86_64", "amd64", "i686", "x86"):
         if "amx_bf16" in flags:
@@ -146,21 +162,65 @@ def _this_cpu_bf16() -> tuple[bool, str]:
     return cpu_bf16_native()
 
 
-def resolve_precision(precision: str, device: torch.device | str, training: bool = False) -> Precision:
+def forced_precision(training: bool = False) -> str | None:
+    """What ``XSTARS_PRECISION`` forces ``"auto"`` to (``None`` when unset or empty).
+
+    Raises:
+        InvalidOptionError: a value that is not a precision (``field="XSTARS_PRECISION"``).
+    """
+    value = os.environ.get(PRECISION_ENV, "").strip().lower()
+    if not value:
+        return None
+    allowed = TRAINING_PRECISIONS if training else PRECISIONS
+    if value not in allowed or value == "auto":
+        raise InvalidOptionError(
+            f"The environment variable {PRECISION_ENV}={value!r} is not a precision"
+            f"{' for training' if training else ''}: use one of {allowed[1:]}, or unset it.",
+            field=PRECISION_ENV,
+        )
+    return value
+
+
+def decide(seconds: dict[str, float]) -> tuple[str, str]:
+    """fp32 or bf16 from measured seconds per batch (``"fp32"``, ``"bf16"``, optionally
+    ``"int8"``, reported only): bf16 when at least :data:`BF16_MIN_SPEEDUP` times faster.
+
+    Returns:
+        ``(name, summary)``, the summary like ``"bf16 1.80x fp32, int8 2.19x"``.
+    """
+    speedup = seconds["fp32"] / seconds["bf16"]
+    summary = f"bf16 {speedup:.2f}x fp32"
+    if isinstance(seconds.get("int8"), (int, float)) and seconds["int8"] > 0:
+        summary += f", int8 {seconds['fp32'] / seconds['int8']:.2f}x (opt-in only)"
+    return ("bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"), summary
+
+
+def resolve_precision(
+    precision: str,
+    device: torch.device | str,
+    training: bool = False,
+    measure: Callable[[], tuple[str, str]] | None = None,
+) -> Precision:
     """Resolve ``precision`` for ``device``.
 
     Args:
         precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"int8"``.
         device: where the computation runs.
         training: ``True`` for training, where ``"int8"`` is refused.
+        measure: for ``"auto"`` on a CPU: ``() -> (name, reason)`` that times the model
+            (:meth:`XStarsBase.resolve_precision` passes one); without it the CPU's features decide.
 
     Raises:
         InvalidOptionError: an unknown precision, ``"int8"`` for training or on a non-CPU device
-            (``field="precision"``).
+            (``field="precision"``); a bad ``XSTARS_PRECISION`` (``field="XSTARS_PRECISION"``).
     """
     device_type = torch.device(device).type
     if precision not in PRECISIONS:
         raise InvalidOptionError(f"precision must be one of {PRECISIONS}, got {precision!r}.", field="precision")
+    forced = forced_precision(training) if precision == "auto" else None
+    if forced is not None:
+        resolved = resolve_precision(forced, device, training)
+        return Precision(resolved.name, precision, device_type, f"forced by {PRECISION_ENV}={forced}")
     if precision == "int8":
         if training:
             raise InvalidOptionError(
@@ -184,8 +244,11 @@ def resolve_precision(precision: str, device: torch.device | str, training: bool
     if device_type == "cuda":
         return Precision("bf16", precision, device_type, "CUDA runs bf16 matrix products on tensor cores")
     if device_type == "cpu":
+        if measure is not None:
+            name, reason = measure()
+            return Precision(name, precision, device_type, reason)
         native, reason = _this_cpu_bf16()
-        return Precision("bf16" if native else "fp32", precision, device_type, reason)
+        return Precision("bf16" if native else "fp32", precision, device_type, f"not measured: {reason}")
     return Precision("fp32", precision, device_type, f"no bf16 default for {device_type!r} devices")
 
 
@@ -227,6 +290,24 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+# Each model's int8 copy, with the weight versions it was made from (see int8_copy).
+_INT8_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_Module = TypeVar("_Module", bound=nn.Module)
+
+
+def int8_copy(model: _Module, part: str = "trunk") -> _Module:
+    """An inference copy of ``model`` whose submodule ``part`` has int8 Linear layers (CPU), made
+    once and reused until any weight of ``model`` changes (in place, by loading or by moving)."""
+    key = tuple((t.data_ptr(), t._version) for t in [*model.parameters(), *model.buffers()])
+    cached = _INT8_COPIES.get(model)
+    if cached is None or cached[0] != key:
+        quantized = copy.deepcopy(model).cpu().eval()
+        quantize_int8(quantized.get_submodule(part), inplace=True)
+        cached = (key, quantized)
+        _INT8_COPIES[model] = cached
+    return cached[1]
 
 
 def quantize_int8(module: nn.Module, inplace: bool = False) -> nn.Module:

@@ -15,6 +15,7 @@ import numpy as np
 
 from .adapters import load_adapter, save_adapter
 from .config import FileRecord
+from .export import export_onnx
 from .model import XStarsBase
 from .publish import push_to_hub
 from .scenes import SceneOptions, SceneResult, embed_scene
@@ -87,3 +88,12 @@ class XStars(XStarsBase):
         device`` may also come positionally after ``out``. See
         :func:`xstars_models.scenes.embed_scene` for the GSD check, nodata and resuming."""
         return embed_scene(self, source, sensor, out, *positional, options=options, **kwargs)
+
+    def export_onnx(
+        self, path: str | Path, sensor: str, output: str = "cls", opset: int | None = None, **kwargs: Any
+    ) -> FileRecord:
+        """Write this model for ``sensor`` as an ONNX file whose input is the sensor's raw digital
+        numbers (float32 B x C x H x W, dynamic batch and size in whole patches) and whose output
+        is ``output`` (``"cls"``, ``"mean"`` or ``"map"``); see
+        :func:`xstars_models.export.export_onnx` for ``size``, ``int8`` and the metadata."""
+        return export_onnx(self, path, sensor, output, opset, **kwargs)

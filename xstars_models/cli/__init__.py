@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import XStarsError, api_setting
-from . import embedding, evaluating, models, publishing, training
+from . import embedding, evaluating, exporting, models, publishing, training
 
 __all__ = ["build_parser", "main"]
 
@@ -30,6 +30,7 @@ examples:
   xstars push ./xstars-s2-spot org/xstars-s2-spot
   xstars convert checkpoint.pth --arch vit_small --sensor sentinel2_rgb ./converted
   xstars eval xstars-s2-aerial --task landcover
+  xstars export xstars-s2-aerial --sensor sentinel2_rgb --output cls s2.onnx
 
 Run `xstars COMMAND --help` for each command's options.
 """
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (models, embedding, training, publishing, evaluating):
+    for group in (models, embedding, training, publishing, evaluating, exporting):
         group.register(sub)
     return parser
 

@@ -19,7 +19,6 @@ import torch
 from ..errors import InvalidOptionError
 from ..io import GDAL_CACHE_BYTES, import_rasterio
 from ..io.outputs import refuse_input_as_output
-from ..precision import resolve_precision
 from .options import SceneOptions
 from .reading import Scene
 from .sources import is_remote, open_scene
@@ -159,7 +158,11 @@ def embed_scene(
     if options.device is not None:
         model.to(options.device)
     target = model.device
-    resolved = resolve_precision(options.precision, target)
+    # The options as they run: the tile for this sensor, the precision for this device, timed
+    # (for "auto" on a CPU) on tiles of this size.
+    tile_px = default_tile(model, sensor) if options.tile is None else options.tile
+    resolved = model.resolve_precision(options.precision, target, tokens=(tile_px // stem.patch_size) ** 2,
+                                       batch_size=options.batch_size)
     logger.info("embed_scene %s: precision %s", sensor, resolved)
     out_path = _output_path(out, source, sensor, options.output)
     if isinstance(source, (str, os.PathLike)) and not is_remote(source):
@@ -169,8 +172,6 @@ def embed_scene(
     with contextlib.ExitStack() as stack:
         stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
         scene = open_scene(source, stem.spec, sensor, options, stack)
-        # The options as they run: the tile for this sensor, the precision for this device.
-        tile_px = default_tile(model, sensor) if options.tile is None else options.tile
         options = dataclasses.replace(options, tile=tile_px, precision=resolved.name)
         plan = Plan.build(scene, stem.patch_size, tile_px, options.overlap, sensor)
         partial = Partial(out_path, {
@@ -226,6 +227,7 @@ def _writer(
         "xstars_patch_px": str(plan.patch_px),
         "xstars_tile_px": str(options.tile),
         "xstars_overlap_px": str(options.overlap),
+        "xstars_precision": options.precision,  # what ran; SceneResult.precision says why
         "xstars_source": Path(scene.what).name if not isinstance(source, np.ndarray) else scene.what,
     }
     if getattr(model, "revision", None):

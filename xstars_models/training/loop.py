@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..distributed import is_distributed, rank, world_size
 from ..errors import user_stacklevel
-from ..precision import resolve_precision
+from ..model import XStarsBase
+from ..precision import Precision, resolve_precision
 from ..serialization import atomic_write_bytes, state_dict_mismatch
 from .checkpoint import (
     CheckpointExistsError,
@@ -164,6 +165,22 @@ def _keep_metrics_until(path: Path, step: int) -> tuple[dict[str, Any], float]:
     return {k: v for k, v in last.items() if k != "time_s"}, float(last.get("time_s", 0.0))
 
 
+def _training_precision(modules: nn.Module, precision: str, device: torch.device) -> Precision:
+    """``precision`` for training on ``device``: ``"auto"`` times a training step (forward and
+    backward) of the trained model among ``modules`` at fp32 and bf16, as inference does."""
+    trained = next((m for m in modules.modules() if isinstance(m, XStarsBase)
+                    and any(p.requires_grad for p in m.parameters())), None)
+    if trained is None:  # nothing of ours to time: the CPU's features decide
+        return resolve_precision(precision, device, training=True)
+    if not is_distributed():
+        return trained.resolve_precision(precision, device, training=True)
+    # Each rank would time itself and ranks could disagree; all must run the same arithmetic, so
+    # rank 0 decides for all.
+    decided = [trained.resolve_precision(precision, device, training=True) if rank() == 0 else None]
+    torch.distributed.broadcast_object_list(decided, src=0)
+    return cast(Precision, decided[0])
+
+
 def train_loop(
     modules: nn.ModuleDict,
     ema_pairs: list[tuple[nn.Module, nn.Module]],
@@ -228,7 +245,7 @@ def train_loop(
     if is_distributed():
         _broadcast_state(modules)
     params = [p for p in modules.parameters() if p.requires_grad]
-    precision = resolve_precision(config.precision, device, training=True)
+    precision = _training_precision(modules, config.precision, device)
     metrics_path = run_dir / "metrics.jsonl"
     logged: dict[str, float] = {}
     earlier_s = 0.0

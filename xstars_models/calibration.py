@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from .encoder import XStarsEncoder
-from .precision import BF16_MIN_SPEEDUP, cpu_flags, decide
+from .precision import BF16_MIN_SPEEDUP, cpu_flags, cpu_info, decide
 from .serialization import atomic_write_bytes
 
 __all__ = ["CACHE_ENV", "cache_path", "calibrate", "calibration_key", "model_runs", "time_runs"]
@@ -65,14 +65,9 @@ def cache_path() -> Path:
 
 
 def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "CPU part"):
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    names = ("model name", "Model", "CPU part")
+    found = next((value for key, value in cpu_info().items() if key in names), None)
+    return found if found is not None else platform.processor() or platform.machine()
 
 
 def calibration_key(device: torch.device, arch: str, embed_dim: int, tokens: int, training: bool) -> str:

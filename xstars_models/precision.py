@@ -72,6 +72,7 @@ __all__ = [
     "Precision",
     "cpu_bf16_native",
     "cpu_flags",
+    "cpu_info",
     "decide",
     "forced_precision",
     "int8_copy",
@@ -114,18 +115,26 @@ class Precision:
         return f"{self.name}{asked}: {self.reason}"
 
 
-def cpu_flags() -> set[str]:
-    """The CPU feature flags of the first processor in ``/proc/cpuinfo`` (``flags`` on x86,
-    ``Features`` on Arm); empty where there is no such file (macOS, Windows)."""
+@functools.cache
+def cpu_info() -> dict[str, str]:
+    """The fields of ``/proc/cpuinfo``, each at its first occurrence (the first processor's), in
+    the file's order; empty where there is no such file (macOS, Windows). Read once per process:
+    ``"auto"`` asks on every ``embed`` call, and the CPU does not change under a running process."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return {}
+    info: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of the first processor in ``/proc/cpuinfo`` (``flags`` on x86,
+    ``Features`` on Arm); empty where there is no such file (macOS, Windows)."""
+    return next((set(value.split()) for key, value in cpu_info().items() if key in ("flags", "Features")), set())
 
 
 def cpu_bf16_native(flags: set[str] | None = None, machine: str | None = None) -> tuple[bool, str]:

@@ -30,7 +30,7 @@ from .config import StemConfig
 from .errors import ConfigError, InvalidOptionError
 from .sensors import SensorSpec
 
-__all__ = ["SensorNorm", "SensorPatchEmbed", "StemConfig", "XStarsEncoder", "build_trunk"]
+__all__ = ["SensorNorm", "SensorPatchEmbed", "StemConfig", "XStarsEncoder", "build_trunk", "pool_tokens"]
 
 
 class SensorNorm(nn.Module):
@@ -365,3 +365,19 @@ def _nearest_wavelength_kernel(
         weight = resample_patch_embed(weight, [patch_size, patch_size])
     bias = source.proj.bias
     return weight, None if bias is None else bias.detach().clone()
+
+
+def pool_tokens(tokens: torch.Tensor, output: str, grid: tuple[int, int], prefix: int) -> torch.Tensor:
+    """B x (prefix + h*w) x D tokens as ``output`` lays them out (``"cls"``, ``"mean"``,
+    ``"patch"`` or ``"map"`` on the ``grid`` of h x w tokens: see ``XStarsBase.embed``), as
+    float32 on the CPU. Shapes are read from the tensors, so a traced graph keeps them dynamic."""
+    patches = tokens[:, prefix:]
+    if output == "cls":
+        out = tokens[:, 0]
+    elif output == "mean":
+        out = patches.mean(dim=1)
+    elif output == "patch":
+        out = patches
+    else:
+        out = patches.reshape(patches.shape[0], *grid, -1).permute(0, 3, 1, 2)
+    return out.float().cpu()

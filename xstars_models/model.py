@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .calibration import calibrate, calibration_key, model_runs
 from .config import CONFIG_NAME, WEIGHTS_NAME, WHITENING_NAME, StemConfig, XStarsConfig, stem_file_name
-from .encoder import XStarsEncoder, take_indices
+from .encoder import XStarsEncoder, pool_tokens, take_indices
 from .errors import BackendUnavailableError, InvalidOptionError
 from .hub import HubOptions, resolve_model
 from .inputs import ImageInput, check_token_count, to_batch, trim_to_patches
@@ -375,21 +375,8 @@ class XStarsBase(XStarsEncoder):
         final, intermediates, grid = self.forward_tokens(x, sensor, [] if layers is None else layers)
         prefix = self.trunk.num_prefix_tokens
         if layers is None:
-            return _format(final, output, grid, prefix)
-        return [_format(tokens, output, grid, prefix) for tokens in intermediates]
-
-
-def _format(tokens: torch.Tensor, output: str, grid: tuple[int, int], prefix: int) -> torch.Tensor:
-    patches = tokens[:, prefix:]
-    if output == "cls":
-        out = tokens[:, 0]
-    elif output == "mean":
-        out = patches.mean(dim=1)
-    elif output == "patch":
-        out = patches
-    else:
-        out = patches.reshape(len(tokens), *grid, -1).permute(0, 3, 1, 2)
-    return out.float().cpu()
+            return pool_tokens(final, output, grid, prefix)
+        return [pool_tokens(tokens, output, grid, prefix) for tokens in intermediates]
 
 
 def _arch_patch_size(arch: str) -> int:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..config import FileRecord
+from ..encoder import pool_tokens
 from ..errors import InvalidOptionError, MissingExtraError
 from ..model import XStarsBase
 from ..serialization import atomic_write_bytes
@@ -46,15 +47,9 @@ class _Pooled(nn.Module):
 
     def forward(self, digital_numbers: torch.Tensor) -> torch.Tensor:
         tokens = self.model.forward_tokens(digital_numbers, self.sensor, indices=[])[0]
-        if self.output == "cls":
-            return tokens[:, 0]
-        patches = tokens[:, self.prefix :]
-        if self.output == "mean":
-            return patches.mean(dim=1)
         # The grid from the input's own shape, so that the graph keeps it dynamic.
-        height = digital_numbers.shape[-2] // self.patch
-        width = digital_numbers.shape[-1] // self.patch
-        return patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], height, width)
+        grid = (digital_numbers.shape[-2] // self.patch, digital_numbers.shape[-1] // self.patch)
+        return pool_tokens(tokens, self.output, grid, self.prefix)
 
 
 def export_onnx(

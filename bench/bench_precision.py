@@ -14,26 +14,33 @@ same count for every precision), so GFLOP/s is model arithmetic per second, not 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
 import time
 from datetime import date
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_scene import cpu_name, seconds, write_scene  # same folder: scene writer, timer, machine name
 from bench_train import SyntheticPairs
+import xstars_models.model
+import xstars_models.scenes.embed
 from xstars_models import XStars, get_sensor
 from xstars_models.scenes import embed_scene
 from xstars_models.training import TrainConfig, adapt
 
 SENSOR = "sentinel2_rgb"
 INFERENCE = ("fp32", "bf16", "int8", "auto")
+# bf16 as it ran before the weights were cast once (precision.bf16_copy): autocast re-casting the
+# fp32 weights on every call. Kept as a variant so the gain of the cast stays measured.
+AUTOCAST_ONLY = "bf16 autocast only"
 TRAINING = ("fp32", "bf16", "auto")
 
 
@@ -49,6 +56,44 @@ def interleaved_best(runs: dict[str, Callable[[], float]], repeats: int) -> dict
 def variants(device: torch.device, names: tuple[str, ...]) -> list[str]:
     """The variants that can run on ``device`` (int8 is CPU only)."""
     return [n for n in names if not (n == "int8" and device.type != "cpu")]
+
+
+@contextlib.contextmanager
+def autocast_only() -> Iterator[None]:
+    """bf16 runs with the model's own fp32 weights under autocast, as before precision.bf16_copy
+    (the callers' ``inference_copy`` swapped for one that returns the model)."""
+    saved = xstars_models.model.inference_copy, xstars_models.scenes.embed.inference_copy
+    same = lambda model, precision, part="trunk": model  # noqa: E731
+    xstars_models.model.inference_copy = xstars_models.scenes.embed.inference_copy = same
+    try:
+        yield
+    finally:
+        xstars_models.model.inference_copy, xstars_models.scenes.embed.inference_copy = saved
+
+
+def run_as(variant: str) -> tuple[str, Callable[[], contextlib.AbstractContextManager]]:
+    """The precision to ask for and the context (a new one per run) to run ``variant`` in."""
+    return ("bf16", autocast_only) if variant == AUTOCAST_ONLY else (variant, contextlib.nullcontext)
+
+
+def matmul_peak(model: XStars, rows: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> tuple[float, int]:
+    """The host's matrix-product rate (GFLOP/s, all torch threads) on the trunk's Linear layer shapes
+    (one of each distinct shape, FLOP-weighted as one block runs them), at the best of ``rows``
+    (tokens per product): what the hardware gives these shapes, the reference for a model's rate."""
+    shapes = sorted({(m.in_features, m.out_features) for m in model.trunk.modules() if type(m) is nn.Linear})
+    best = (0.0, rows[0])
+    for n in rows:
+        mats = [(torch.randn(n, k, device=device, dtype=dtype), torch.randn(k, o, device=device, dtype=dtype))
+                for k, o in shapes]
+        flops = sum(2 * n * k * o for k, o in shapes)
+
+        def once(mats: list[tuple[torch.Tensor, torch.Tensor]] = mats) -> None:
+            for a, b in mats:
+                torch.mm(a, b)
+
+        once()
+        best = max(best, (flops / min(seconds(once, device) for _ in range(20)) / 1e9, n))
+    return best
 
 
 def forward_flops(model: XStars, x: torch.Tensor) -> int:
@@ -68,11 +113,16 @@ def bench_embed(model: XStars, args: argparse.Namespace, device: torch.device) -
         with torch.inference_mode():
             return seconds(lambda: model.trunk.forward_features(x), device)
 
-    def embed(precision: str) -> Callable[[], float]:
-        return lambda: seconds(lambda: model.embed(images, SENSOR, batch_size=args.batch, progress=False,
-                                                   precision=precision), device)
+    def embed(variant: str) -> Callable[[], float]:
+        precision, context = run_as(variant)
 
-    runs = {"raw": raw, **{p: embed(p) for p in variants(device, INFERENCE)}}
+        def once() -> float:
+            with context():
+                return seconds(lambda: model.embed(images, SENSOR, batch_size=args.batch, progress=False,
+                                                   precision=precision), device)
+        return once
+
+    runs = {"raw": raw, **{p: embed(p) for p in variants(device, (*INFERENCE, AUTOCAST_ONLY))}}
     for run in runs.values():  # warm-up (and the int8 copy, made once per model)
         run()
     best = interleaved_best(runs, args.repeats)
@@ -98,27 +148,43 @@ def bench_scene(model: XStars, args: argparse.Namespace, device: torch.device, f
         write_scene(scene, args.scene, args.scene)
         results: dict[str, dict] = {}
 
-        def run(precision: str) -> Callable[[], float]:
+        def run(variant: str) -> Callable[[], float]:
+            precision, context = run_as(variant)
+
             def once() -> float:
-                result = embed_scene(model, scene, SENSOR, out=Path(folder) / f"{precision}.tif", device=device,
-                                     progress=False, resume=False, precision=precision)
-                results[precision] = {"tiles": result.tiles, "precision": result.precision}
+                out = Path(folder) / f"{variant.replace(' ', '-')}.tif"
+                out.unlink(missing_ok=True)
+                with context():
+                    result = embed_scene(model, scene, SENSOR, out=out, device=device, progress=False, resume=False,
+                                         precision=precision)
+                results[variant] = {"tiles": result.tiles, "precision": result.precision}
                 return result.seconds
             return once
 
-        runs = {p: run(p) for p in variants(device, INFERENCE)}
+        runs = {p: run(p) for p in variants(device, (*INFERENCE, AUTOCAST_ONLY))}
         runs["fp32"]()  # warm-up: file cache, allocator
         best = interleaved_best(runs, args.scene_repeats)
     tiles = results["fp32"]["tiles"]
+    # The scene's products have batch x tokens rows (16 x 65 for 64 px tiles); larger ones show
+    # whether the hardware would do better with more rows.
+    stem = model.check_sensor(SENSOR)
+    per_batch = 16 * ((64 // stem.patch_size) ** 2 + model.trunk.num_prefix_tokens)
+    peaks = {dtype: matmul_peak(model, (per_batch, 4 * per_batch, 16 * per_batch), device, dtype)
+             for dtype in (torch.float32, torch.bfloat16)}
     lines = [
-        f"| {args.scene} x {args.scene} px scene ({tiles} tiles of 64 px) | seconds | tiles/s | GFLOP/s | vs fp32 |",
-        "|---|---|---|---|---|",
+        f"| {args.scene} x {args.scene} px scene ({tiles} tiles of 64 px) | seconds | tiles/s | GFLOP/s | vs fp32 | "
+        "% of fp32 matmul peak | % of bf16 matmul peak |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, value in best.items():
         label = f"auto = {results[name]['precision'].split(':')[0].split(' ')[0]}" if name == "auto" else name
-        lines.append(f"| {label} | {value:.2f} | {tiles / value:.0f} | {tiles * flops_per_tile / value / 1e9:.0f} | "
-                     f"{best['fp32'] / value:.2f}x |")
+        rate = tiles * flops_per_tile / value / 1e9
+        lines.append(f"| {label} | {value:.2f} | {tiles / value:.0f} | {rate:.0f} | {best['fp32'] / value:.2f}x | "
+                     f"{100 * rate / peaks[torch.float32][0]:.0f}% | {100 * rate / peaks[torch.bfloat16][0]:.0f}% |")
     lines.append(f"\nauto: {results['auto']['precision']}")
+    for dtype, (peak, rows) in peaks.items():
+        lines.append(f"{dtype} matmul peak on the trunk's Linear shapes: {peak:.0f} GFLOP/s ({rows} rows; "
+                     f"{torch.get_num_threads()} threads)")
     return lines
 
 

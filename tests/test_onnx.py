@@ -40,6 +40,21 @@ def test_onnx_matches_pytorch_at_two_sizes_and_batches(model, tmp_path, output):
         np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_onnx_takes_the_rasters_own_integer_type(model, tmp_path, dtype):
+    path = tmp_path / f"{dtype}.onnx"
+    model.export_onnx(path, sensor="sentinel2", output="cls", input_dtype=dtype)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == f"tensor({dtype})"
+    top = 255 if dtype == "uint8" else 10000
+    x = np.random.default_rng(2).integers(0, top, (2, model.sensors["sentinel2"].spec.num_bands, 32, 32)).astype(dtype)
+    expected = model.embed(torch.from_numpy(x.astype(np.float32)), "sentinel2", "cls", precision="fp32", progress=False)
+    got = session.run(None, {"digital_numbers": x})[0]
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=0)
+    with pytest.raises(Exception, match="tensor\\(float\\)|type"):  # the graph takes only its own type
+        session.run(None, {"digital_numbers": x.astype(np.float32)})
+
+
 def test_onnx_metadata_and_int8_variant(model, tmp_path):
     onnx = pytest.importorskip("onnx")
     model.name_or_path, model.revision = "tiny-test", "abc123"
@@ -82,6 +97,7 @@ def test_bundled_model_cls_matches(tmp_path):
         ({"sensor": "aerial", "output": "patch"}, "output"),
         ({"sensor": "aerial", "output": "cls", "opset": 17}, "opset"),
         ({"sensor": "aerial", "output": "cls", "size": 40}, "size"),
+        ({"sensor": "aerial", "output": "cls", "input_dtype": "int16"}, "input_dtype"),
     ],
 )
 def test_bad_options_are_typed(model, tmp_path, kwargs, field):
@@ -99,8 +115,9 @@ def test_bad_path_is_typed(model, tmp_path):
 
 def test_cli_writes_the_file_and_errors_in_one_line(tmp_path, capsys):
     out = tmp_path / "s2.onnx"
-    assert main(["export", "xstars-s2-aerial", str(out), "--sensor", "sentinel2_rgb", "--offline"]) == 0
+    assert main(["export", "xstars-s2-aerial", str(out), "--sensor", "sentinel2_rgb", "--offline", "--input-dtype", "uint8"]) == 0
     assert out.stat().st_size > 0 and "sha256" in capsys.readouterr().out
+    assert ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_inputs()[0].type == "tensor(uint8)"
     assert main(["export", "xstars-s2-aerial", str(tmp_path / "x.onnx"), "--sensor", "nope", "--offline"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("xstars export: error: argument --sensor:") and "\n" not in err

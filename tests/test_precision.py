@@ -315,6 +315,41 @@ def test_int8_copy_is_reused_until_a_weight_changes(tiny):
             weight.copy_(saved)
 
 
+def test_bf16_inference_runs_a_copy_with_bf16_linear_weights_and_fused_attention(tiny, monkeypatch):
+    copy = precision_module.bf16_copy(tiny)
+    assert precision_module.bf16_copy(tiny) is copy and precision_module.inference_copy(tiny, "bf16") is copy
+    assert precision_module.inference_copy(tiny, "fp32") is tiny
+    block = copy.trunk.blocks[0]
+    assert block.attn.qkv.weight.dtype == block.mlp.fc2.bias.dtype == torch.bfloat16
+    assert block.norm1.weight.dtype == torch.float32  # LayerNorm keeps fp32 (autocast runs it in fp32)
+    assert tiny.trunk.blocks[0].attn.qkv.weight.dtype == torch.float32  # the model itself is untouched
+    # What embed runs at bf16: the copy's bf16 weights (no per-call weight casts), attention through
+    # scaled_dot_product_attention (one call per block), the result float32 and close to fp32.
+    sdpa, linear = F.scaled_dot_product_attention, F.linear
+    attention_calls, weight_dtypes = [], set()
+
+    def counting_sdpa(*args, **kwargs):
+        attention_calls.append(args[0].dtype)
+        return sdpa(*args, **kwargs)
+
+    def recording_linear(x, weight, bias=None):
+        weight_dtypes.add(weight.dtype)
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+    monkeypatch.setattr(F, "linear", recording_linear)
+    images = load_sample("sentinel2_rgb_coast")[:64, :64]
+    got = tiny.embed(images, SENSOR, progress=False, precision="bf16")
+    assert attention_calls == [torch.bfloat16] * len(tiny.trunk.blocks)
+    assert weight_dtypes == {torch.bfloat16}
+    monkeypatch.undo()
+    reference = tiny.embed(images, SENSOR, progress=False, precision="fp32")
+    assert got.dtype == torch.float32 and mean_cosine(got, reference) >= MIN_MEAN_COSINE
+    with torch.no_grad():
+        tiny.trunk.blocks[0].mlp.fc1.weight.mul_(1.0)  # any in-place change makes a new copy
+    assert precision_module.bf16_copy(tiny) is not copy
+
+
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_bundled_model_on_the_bundled_samples_keeps_the_fp32_embedding(bundled, precision):
     for name in list_samples():
@@ -403,6 +438,29 @@ def test_cli_precision_flag_prints_what_ran(tiny, tmp_path, capsys):
         main(["embed", str(folder), sample, "--sensor", SENSOR, "--out", str(out) + ".npy", "--precision", "fp16"])
     assert exited.value.code == 2
     assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_cli_embed_prints_the_precision_it_runs_timed_on_the_files_size(tiny, calibrating, monkeypatch, tmp_path, capsys):
+    import xstars_models.model as model_module
+
+    timed_tokens = []
+    real_runs = model_module.model_runs
+
+    def recording_runs(model, device, tokens, batch, training):
+        timed_tokens.append(tokens)
+        return real_runs(model, device, tokens, batch, training)
+
+    monkeypatch.setattr(model_module, "model_runs", recording_runs)
+    # bf16 pays on the 256 px file, not on the default tile: the line must say what ran on the file.
+    monkeypatch.setattr(calibration, "time_runs", lambda runs: {"fp32": 1.0, "bf16": 0.5 if timed_tokens[-1] >= 256 else 1.0})
+    folder = tiny.save_pretrained(tmp_path / "model")
+    out = tmp_path / "auto.npy"
+    assert main(["embed", str(folder), str(sample_path("sentinel2_rgb_coast")), "--sensor", SENSOR, "--out", str(out)]) == 0
+    patch = tiny.sensors[SENSOR].patch_size
+    assert timed_tokens == [(256 // patch) ** 2]
+    assert "precision: bf16 (precision='auto'): measured: bf16 2.00x" in capsys.readouterr().out
+    expected = tiny.embed(load_sample("sentinel2_rgb_coast"), SENSOR, progress=False, precision="bf16")[0]
+    assert torch.equal(torch.from_numpy(np.load(out)), expected)
 
 
 def losses(run_dir) -> list[float]:

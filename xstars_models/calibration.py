@@ -35,7 +35,8 @@ from typing import Any
 import torch
 
 from .encoder import XStarsEncoder
-from .precision import BF16_MIN_SPEEDUP, cpu_flags, cpu_info, decide
+from .errors import BackendUnavailableError
+from .precision import BF16_MIN_SPEEDUP, cpu_flags, cpu_info, decide, inference_copy
 from .serialization import atomic_write_bytes
 
 __all__ = ["CACHE_ENV", "cache_path", "calibrate", "calibration_key", "model_runs", "time_runs"]
@@ -101,12 +102,13 @@ def time_runs(runs: dict[str, Callable[[], object]]) -> dict[str, float]:
 
 def model_runs(
     model: XStarsEncoder, device: torch.device, tokens: int, batch: int, training: bool,
-    int8: XStarsEncoder | None = None,
 ) -> dict[str, Callable[[], object]]:
-    """One batch of ``model`` at fp32, bf16 (and ``int8``, its int8 copy, when given), on random
-    digital numbers of its primary sensor, ``tokens`` tokens per image: a forward, or for
-    ``training`` a forward and the gradients of its trainable weights (``autograd.grad``, so no
-    ``.grad`` is touched). Run in eval mode, with a private random generator."""
+    """One batch of ``model`` at fp32 and bf16 (and int8 for inference on a CPU whose torch has
+    the kernels), each as it would really run (inference: :func:`~.precision.inference_copy`
+    under its autocast), on random digital numbers of its primary sensor, ``tokens`` tokens per
+    image: a forward, or for ``training`` a forward and the gradients of its trainable weights
+    (``autograd.grad``, so no ``.grad`` is touched). Run in eval mode, with a private random
+    generator."""
     stem = model.check_sensor(model.primary_sensor)
     side = max(1, round(tokens**0.5)) * stem.patch_size
     x = torch.rand(batch, len(stem.spec.bands), side, side, generator=torch.Generator().manual_seed(0)).to(device)
@@ -128,9 +130,12 @@ def model_runs(
 
         return once
 
-    runs = {"fp32": run(model, None), "bf16": run(model, torch.bfloat16)}
-    if int8 is not None:
-        runs["int8"] = run(int8, None)
+    if training:  # training keeps fp32 weights under autocast: that is what a bf16 step runs
+        return {"fp32": run(model, None), "bf16": run(model, torch.bfloat16)}
+    runs = {"fp32": run(model, None), "bf16": run(inference_copy(model, "bf16"), torch.bfloat16)}
+    if device.type == "cpu":
+        with contextlib.suppress(BackendUnavailableError):  # int8 is only reported: skip it where it cannot run
+            runs["int8"] = run(inference_copy(model, "int8"), None)
     return runs
 
 

@@ -5,7 +5,6 @@ which adds the methods whose work lives in the layers that use a model (``adapt`
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import re
@@ -19,11 +18,11 @@ from tqdm.auto import tqdm
 from .calibration import calibrate, calibration_key, model_runs
 from .config import CONFIG_NAME, WEIGHTS_NAME, WHITENING_NAME, StemConfig, XStarsConfig, stem_file_name
 from .encoder import XStarsEncoder, pool_tokens, take_indices
-from .errors import BackendUnavailableError, InvalidOptionError
+from .errors import InvalidOptionError
 from .hub import HubOptions, resolve_model
 from .inputs import ImageInput, check_token_count, to_batch, trim_to_patches
 from .lora import lora_config, merge_lora
-from .precision import Precision, int8_copy, resolve_precision
+from .precision import Precision, inference_copy, int8_copy, resolve_precision
 from .sensors import SensorSpec, get_sensor
 from .serialization import atomic_write_bytes, load_state_dict_strict, read_verified_safetensors, write_safetensors
 from .whitening import GlobalWhitening
@@ -289,7 +288,7 @@ class XStarsBase(XStarsEncoder):
         was_training = self.training
         self.eval()
         try:
-            encoder = self.int8_copy() if resolved.name == "int8" else self
+            encoder = inference_copy(self, resolved.name)
             chunks = [batch[i : i + batch_size] for i in range(0, len(batch), batch_size)]
             with resolved.autocast():
                 results = [
@@ -359,11 +358,7 @@ class XStarsBase(XStarsEncoder):
         tokens = tokens or int(self.trunk.patch_embed.grid_size[0] * self.trunk.patch_embed.grid_size[1])
 
         def runs() -> dict[str, Callable[[], object]]:
-            int8 = None
-            if not training and where.type == "cpu":
-                with contextlib.suppress(BackendUnavailableError):  # int8 is only reported: skip it
-                    int8 = self.int8_copy()
-            return model_runs(self, where, tokens, min(batch_size, 8), training, int8)
+            return model_runs(self, where, tokens, min(batch_size, 8), training)
 
         def measure() -> tuple[str, str]:
             return calibrate(calibration_key(where, self.arch, self.embed_dim, tokens, training), runs)

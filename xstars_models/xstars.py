@@ -93,7 +93,8 @@ class XStars(XStarsBase):
         self, path: str | Path, sensor: str, output: str = "cls", opset: int | None = None, **kwargs: Any
     ) -> FileRecord:
         """Write this model for ``sensor`` as an ONNX file whose input is the sensor's raw digital
-        numbers (float32 B x C x H x W, dynamic batch and size in whole patches) and whose output
-        is ``output`` (``"cls"``, ``"mean"`` or ``"map"``); see
-        :func:`xstars_models.export.export_onnx` for ``size``, ``int8`` and the metadata."""
+        numbers (B x C x H x W, float32 or ``input_dtype=`` ``"uint8"``/``"uint16"``; dynamic batch
+        and size in whole patches) and whose output is ``output`` (``"cls"``, ``"mean"`` or
+        ``"map"``); see :func:`xstars_models.export.export_onnx` for ``size``, ``int8``,
+        ``input_dtype`` and the metadata."""
         return export_onnx(self, path, sensor, output, opset, **kwargs)

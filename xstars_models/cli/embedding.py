@@ -146,6 +146,7 @@ def result_keys(files: Sequence[Path]) -> list[str]:
 def _embed(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from ..inputs import to_batch
     from ..io.outputs import refuse_input_as_output
     from ..serialization import atomic_write_bytes
     from ..xstars import XStars
@@ -161,12 +162,21 @@ def _embed(args: argparse.Namespace) -> int:
     refuse_input_as_output(out, files)
     keys = result_keys(files)
     model = XStars.from_pretrained(args.model, local_files_only=args.offline)
-    print(f"precision: {model.resolve_precision(args.precision)}")
+    stem = model.check_sensor(args.sensor)
     results = {}
+    precision = None
     for file, key in tqdm(list(zip(files, keys)), desc="embed", unit="file", disable=len(files) < 2):
         image = read_image(file)
+        if precision is None:
+            # Resolved once, on the first file's size (what "auto" times), and then used for every
+            # file: the line printed is what runs.
+            height, width = to_batch(image, stem.spec, stem.patch_size).shape[-2:]
+            tokens = max(1, (height // stem.patch_size) * (width // stem.patch_size))
+            resolved = model.resolve_precision(args.precision, tokens=tokens, batch_size=args.batch_size)
+            print(f"precision: {resolved}")
+            precision = resolved.name
         emb = model.embed(image, sensor=args.sensor, output=args.output, batch_size=args.batch_size, progress=False,
-                          precision=args.precision, whiten=args.whiten)
+                          precision=precision, whiten=args.whiten)
         # A 4-D array is a batch: all of its images are kept (first axis); one image has no batch axis.
         results[key] = (emb if image.ndim == 4 else emb[0]).numpy()
         batch = f", {len(emb)} images" if image.ndim == 4 else ""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..export import ONNX_OUTPUTS
+from ..export import ONNX_INPUT_DTYPES, ONNX_OUTPUTS
 
 
 def register(sub: Any) -> None:
@@ -16,6 +16,8 @@ def register(sub: Any) -> None:
     p.add_argument("--output", default="cls", choices=ONNX_OUTPUTS)
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18, the least that works)")
     p.add_argument("--int8", action="store_true", help="dynamically quantise the weights to int8")
+    p.add_argument("--input-dtype", default="float32", choices=ONNX_INPUT_DTYPES,
+                   help="element type of the graph's input: float32, or the raster's own uint8/uint16 (cast inside)")
     p.add_argument("--offline", action="store_true", help="use only the local cache")
     p.set_defaults(func=_export)
 
@@ -24,6 +26,7 @@ def _export(args: argparse.Namespace) -> int:
     from ..xstars import XStars
 
     model = XStars.from_pretrained(args.model, local_files_only=args.offline)
-    record = model.export_onnx(args.path, sensor=args.sensor, output=args.output, opset=args.opset, int8=args.int8)
+    record = model.export_onnx(args.path, sensor=args.sensor, output=args.output, opset=args.opset, int8=args.int8,
+                               input_dtype=args.input_dtype)
     print(f"{args.path}: {args.sensor} -> {args.output}, {record.size} bytes, sha256 {record.sha256}")
     return 0

@@ -2,8 +2,9 @@
 in a single graph that takes the sensor's raw digital numbers, for ONNX Runtime (QGIS plugins,
 machines without PyTorch).
 
-The graph's input ``digital_numbers`` is float32 B x C x H x W in the sensor's digital numbers
-(cast uint8/uint16 data to float32 first); batch, H and W are dynamic (H and W whole multiples of
+The graph's input ``digital_numbers`` is B x C x H x W in the sensor's digital numbers, float32 by
+default or uint8/uint16 (``input_dtype``: the raster's own type, cast inside the graph, so a QGIS
+plugin can hand over the bytes it read); batch, H and W are dynamic (H and W whole multiples of
 the sensor's patch size; the position embeddings are interpolated inside the graph)."""
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from ..errors import InvalidOptionError, MissingExtraError
 from ..model import XStarsBase
 from ..serialization import atomic_write_bytes
 
-__all__ = ["ONNX_INPUT", "ONNX_OUTPUTS", "export_onnx"]
+__all__ = ["ONNX_INPUT", "ONNX_INPUT_DTYPES", "ONNX_OUTPUTS", "export_onnx"]
 
 ONNX_INPUT = "digital_numbers"
 ONNX_OUTPUTS = ("cls", "mean", "map")
+ONNX_INPUT_DTYPES = ("float32", "uint8", "uint16")
 # Opset 18: LayerNormalization as one node, and Resize with antialiasing (the position embeddings'
 # bicubic interpolation, as timm does it); ONNX Runtime 1.20+ runs both.
 DEFAULT_OPSET = 18
@@ -60,6 +62,7 @@ def export_onnx(
     opset: int | None = None,
     size: int | None = None,
     int8: bool = False,
+    input_dtype: str = "float32",
 ) -> FileRecord:
     """Write ``model`` for ``sensor`` as an ONNX file (atomically: the old file or the whole new
     one) and return its record.
@@ -74,18 +77,24 @@ def export_onnx(
             non-pretraining grid, so that the position-embedding interpolation is in the graph).
         int8: dynamically quantise the MatMul weights to int8 (ONNX Runtime's
             ``quantize_dynamic``): smaller and faster on CPUs, outputs move slightly.
+        input_dtype: the input's element type: ``"float32"``, ``"uint8"`` or ``"uint16"``
+            (digital numbers as the raster stores them, cast to float32 inside the graph).
 
     The file's metadata properties hold the sensor, its band names, GSD (metres), units, scale,
     offset, patch size, the output, the model id and revision, and this package's version.
 
     Raises:
-        InvalidOptionError: an unknown ``sensor`` or ``output``, a ``path`` that is not
+        InvalidOptionError: an unknown ``sensor``, ``output`` or ``input_dtype``, a ``path`` that is not
             ``.onnx`` or is a folder, a ``size`` that is not a multiple of the patch size.
         MissingExtraError: ``onnx`` (or ``onnxruntime`` for ``int8``) is not installed.
     """
     stem = model.check_sensor(sensor)
     if output not in ONNX_OUTPUTS:
         raise InvalidOptionError(f"output must be one of {ONNX_OUTPUTS}, got {output!r}.", field="output")
+    if input_dtype not in ONNX_INPUT_DTYPES:
+        raise InvalidOptionError(
+            f"input_dtype must be one of {tuple(ONNX_INPUT_DTYPES)}, got {input_dtype!r}.", field="input_dtype"
+        )
     target = Path(path)
     if target.suffix != ".onnx" or target.is_dir():
         raise InvalidOptionError(f"{target}: the ONNX file name must end in .onnx.", field="path")
@@ -112,7 +121,9 @@ def export_onnx(
         graph = _trace(pooled, example, output, axes, opset, onnx)
     finally:
         model.to(device).train(was_training)
-    for key, value in _metadata(model, sensor, output).items():
+    if input_dtype != "float32":
+        _cast_input(graph, input_dtype, onnx)
+    for key, value in _metadata(model, sensor, output, input_dtype).items():
         graph.metadata_props.add(key=key, value=value)
     data = graph.SerializeToString()
     if int8:
@@ -135,6 +146,18 @@ def _trace(pooled: _Pooled, example: torch.Tensor, output: str, axes: dict[int, 
         return onnx.load(Path(folder, "graph.onnx"))
 
 
+def _cast_input(graph: Any, dtype: str, onnx: Any) -> None:
+    """Make the traced float32 graph take ``dtype`` (uint8/uint16) and cast it to float32 first.
+
+    Done on the ONNX graph rather than by tracing an integer example: torch's TorchScript exporter
+    has no uint16 type (``ScalarType UInt16 is an unexpected tensor scalar type``)."""
+    cast_name = f"{ONNX_INPUT}_float32"
+    for node in graph.graph.node:
+        node.input[:] = [cast_name if name == ONNX_INPUT else name for name in node.input]
+    graph.graph.node.insert(0, onnx.helper.make_node("Cast", [ONNX_INPUT], [cast_name], to=onnx.TensorProto.FLOAT))
+    graph.graph.input[0].type.tensor_type.elem_type = {"uint8": onnx.TensorProto.UINT8, "uint16": onnx.TensorProto.UINT16}[dtype]
+
+
 def _bicubic_aa(g: Any, x: Any, output_size: Any, align_corners: Any, *scales: Any) -> Any:
     if torch.onnx.symbolic_helper._maybe_get_const(align_corners, "b"):
         raise InvalidOptionError("ONNX export of align_corners=True bicubic interpolation is not supported.", field="model")
@@ -146,7 +169,7 @@ def _bicubic_aa(g: Any, x: Any, output_size: Any, align_corners: Any, *scales: A
                 coordinate_transformation_mode_s="half_pixel", exclude_outside_i=1)
 
 
-def _metadata(model: XStarsBase, sensor: str, output: str) -> dict[str, str]:
+def _metadata(model: XStarsBase, sensor: str, output: str, input_dtype: str) -> dict[str, str]:
     stem = model.sensors[sensor]
     spec = stem.spec
     try:
@@ -162,7 +185,7 @@ def _metadata(model: XStarsBase, sensor: str, output: str) -> dict[str, str]:
         "xstars.scale": repr(spec.scale),
         "xstars.offset": repr(spec.offset),
         "xstars.patch_size": str(stem.patch_size),
-        "xstars.input": f"{ONNX_INPUT}: float32 B x C x H x W digital numbers, H and W multiples of the patch size",
+        "xstars.input": f"{ONNX_INPUT}: {input_dtype} B x C x H x W digital numbers, H and W multiples of the patch size",
         "xstars.output": output,
         "xstars.model_id": model.name_or_path or "",
         "xstars.revision": model.revision or "",

@@ -19,6 +19,7 @@ import torch
 from ..errors import InvalidOptionError
 from ..io import GDAL_CACHE_BYTES, import_rasterio
 from ..io.outputs import refuse_input_as_output
+from ..precision import inference_copy
 from .options import SceneOptions
 from .reading import Scene
 from .sources import is_remote, open_scene
@@ -188,7 +189,7 @@ def embed_scene(
         writer.start(record)
         progress = Progress.resumed(record)
         resumed = progress.strips_done * len(plan.col_starts)
-        encoder = model.int8_copy() if resolved.name == "int8" else model
+        encoder = inference_copy(model, resolved.name)
         run_strips(encoder, scene, plan, writer, partial, progress, sensor=sensor, options=options, device=target,
                    autocast=resolved.autocast)
         path = writer.finish(out_path)

@@ -264,9 +264,12 @@ class MapWriter:
         GDAL copies block by block, within its capped cache."""
         from rasterio.shutil import copy as gdal_copy
 
+        # GDAL compresses one block per thread: with torch's thread count (the cores this process
+        # was given) the copy took 0.68 s instead of 1.24 s for a 41 MB map on 2 cores, about a
+        # fifth of a bf16 scene. ALL_CPUS would oversubscribe hosts shared by several workers.
         options = dict(
             driver="COG", COMPRESS="DEFLATE", PREDICTOR="YES", BLOCKSIZE=COG_BLOCK, BIGTIFF="IF_SAFER",
-            OVERVIEWS="NONE",
+            OVERVIEWS="NONE", NUM_THREADS=str(torch.get_num_threads()),
         )
         if self.overviews:
             # Halve until the coarsest level fits in one tile (at least one level).

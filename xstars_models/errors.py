@@ -32,6 +32,7 @@ __all__ = [
     "ManifestError",
     "MissingExtraError",
     "ModelNotFoundError",
+    "NetworkTimeoutError",
     "OfflineFilesMissingError",
     "PushIncompleteError",
     "SensorMismatchError",
@@ -171,3 +172,9 @@ class InvalidTypeError(XStarsError, TypeError):
 class UnknownOptionError(InvalidOptionError, TypeError):
     """A keyword argument the function does not take (``field``: that keyword); the message lists
     the ones it does. Also a ``TypeError``, what Python raises for an unexpected keyword."""
+
+
+class NetworkTimeoutError(XStarsError, TimeoutError):
+    """A server did not answer within the package's network limits (``field``: the input or
+    setting whose URL it was); the message names the URL, the limit and the environment variable
+    that raises it (:mod:`xstars_models.io.network`)."""

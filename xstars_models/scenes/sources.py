@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import InvalidInputError, InvalidOptionError, InvalidTypeError
 from ..io import REMOTE_GDAL_OPTIONS, import_rasterio
+from ..io.network import gdal_http_options, network_limits
 from ..sensors import SensorSpec
 from .options import SceneOptions
 from .reading import PixelWindow, Scene
@@ -164,11 +165,12 @@ def open_scene(
 
 def _open_url(rasterio: Any, url: str, stack: contextlib.ExitStack) -> Any:
     # The options stay set (with the stack) for the reads, not only for opening.
-    stack.enter_context(rasterio.Env(**REMOTE_GDAL_OPTIONS))
+    limits = network_limits()
+    stack.enter_context(rasterio.Env(**REMOTE_GDAL_OPTIONS, **gdal_http_options(limits)))
     try:
         return stack.enter_context(rasterio.open(url))
     except rasterio.errors.RasterioIOError as err:
         raise FileNotFoundError(
             f"Cannot open {url} as a raster over HTTP ({err}). Check the URL; GDAL reads it with "
-            "range requests, so the server must answer HEAD and Range requests."
+            f"range requests, so the server must answer HEAD and Range requests (network limits: {limits.describe()})."
         ) from None

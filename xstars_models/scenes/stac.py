@@ -14,16 +14,20 @@ first. Assets whose ``raster:bands`` declare another integer data type than the 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 from typing import Any
 from xml.sax.saxutils import escape
 
-from ..errors import InvalidInputError, MissingExtraError
+from ..errors import InvalidInputError, MissingExtraError, NetworkTimeoutError
 from ..io import REMOTE_GDAL_OPTIONS, import_rasterio
+from ..io.network import gdal_http_options, network_limits, read_url
 from ..sensors import Band, SensorSpec
 
 __all__ = ["open_stac_item", "pick_assets"]
 
+_URL = re.compile(r"^https?://", re.IGNORECASE)
 _GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32",
                "float32": "Float32", "float64": "Float64"}
 
@@ -35,8 +39,14 @@ def _load_item(source: Any) -> Any:
         raise MissingExtraError("Reading STAC Items needs pystac: pip install 'xstars-models[geo]'.") from None
     if isinstance(source, pystac.Item):
         return source
+    href = os.fspath(source)
     try:
-        return pystac.Item.from_file(os.fspath(source))
+        if _URL.match(href):
+            # Fetched here, within the network limits: pystac's own reader has no timeout.
+            return pystac.Item.from_dict(json.loads(read_url(href, "STAC item")), href=href)
+        return pystac.Item.from_file(href)
+    except (NetworkTimeoutError, FileNotFoundError):
+        raise
     except Exception as err:  # pystac raises many types (IO, JSON, schema) for a bad item
         raise InvalidInputError(
             f"{source}: not a readable STAC Item ({type(err).__name__}: {err}).", field="source"
@@ -118,7 +128,7 @@ def open_stac_item(source: Any, spec: SensorSpec, sensor: str, stack: contextlib
     """The item's bands for ``spec`` as one open dataset, a name for messages, and a fingerprint."""
     rasterio = import_rasterio()
     # The options stay set (with the stack) while the assets are read, not only while opened.
-    stack.enter_context(rasterio.Env(**REMOTE_GDAL_OPTIONS))
+    stack.enter_context(rasterio.Env(**REMOTE_GDAL_OPTIONS, **gdal_http_options()))
     item = _load_item(source)
     what = f"STAC item {item.id!r}"
     picks = pick_assets(item, spec)
@@ -128,7 +138,8 @@ def open_stac_item(source: Any, spec: SensorSpec, sensor: str, stack: contextlib
         try:
             datasets[key] = stack.enter_context(rasterio.open(_gdal_path(href)))
         except rasterio.errors.RasterioIOError as err:
-            raise FileNotFoundError(f"{what}: cannot open asset {key!r} at {href} ({err}).") from None
+            limits = f"; network limits: {network_limits().describe()}" if _URL.match(href) else ""
+            raise FileNotFoundError(f"{what}: cannot open asset {key!r} at {href} ({err}{limits}).") from None
     crss = {str(ds.crs) for ds in datasets.values()}
     if len(crss) > 1:
         raise InvalidInputError(f"{what}: the assets for sensor {sensor!r} are in different CRSs {sorted(crss)}.", field="source")

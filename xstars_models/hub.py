@@ -6,12 +6,13 @@ for and which sha256 each must have. Building a model from the files is :mod:`.m
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
-from huggingface_hub import constants, hf_hub_download
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import (
     EntryNotFoundError,
     FileMetadataError,
@@ -39,6 +40,7 @@ from .errors import (
     OfflineFilesMissingError,
 )
 from .io import read_json
+from .io.network import network_limits
 from .manifest import COMMIT_RE, REPO_ID, ModelEntry, get_model_entry, is_registered
 from .serialization import read_verified
 
@@ -201,6 +203,8 @@ class _HubFiles:
     def _get(self, filename: str) -> Path | None:
         """The file's local path; ``None`` when it is not cached and downloading is off."""
         options = self.options
+        if not (options.local_files_only or constants.is_offline_mode() or self._cached_at_commit(filename)):
+            self._wait_for_server(filename)
         try:
             path = Path(
                 hf_hub_download(
@@ -242,10 +246,47 @@ class _HubFiles:
             self.revision = path.parent.name
         return path
 
-    def _server_error(self, filename: str, err: BaseException) -> HubServerError:
+    def _cached_at_commit(self, filename: str) -> bool:
+        """Whether the Hub client will serve ``filename`` from the cache without a request (a
+        commit revision whose file is cached)."""
+        if self.options.force_download or not COMMIT_RE.match(self.revision or ""):
+            return False
+        return isinstance(try_to_load_from_cache(self.repo_id, filename, self.options.cache_dir, self.revision), str)
+
+    def _wait_for_server(self, filename: str) -> None:
+        """Ask for ``filename``'s metadata within the package's network limits
+        (:mod:`xstars_models.io.network`) before the Hub client downloads it.
+
+        Why: the client retries a metadata request that timed out six more times with its own
+        60 s limit, which no setting shortens, so a stalled server held a run for about 6.5
+        minutes. Here a server that does not answer ends the run after the limits; any answer,
+        even an error, is left to the client, which reports it as before.
+
+        Raises:
+            HubServerError: every attempt timed out; the message names the URL and the limits.
+        """
+        limits = network_limits()
+        url = hf_hub_url(self.repo_id, filename, revision=self.revision)
+        delay = limits.retry_delay_s
+        for attempt in range(limits.retries + 1):
+            if attempt:
+                time.sleep(delay)
+                delay *= 2
+            try:
+                get_hf_file_metadata(url, token=self.options.token, timeout=limits.timeout_s, library_name="xstars-models")
+                return
+            except _http.TimeoutException:
+                continue
+            except Exception:  # an answer or a refused connection: the client's own handling reports it
+                return
+        attempts = f"{limits.retries + 1} attempt" + ("s" if limits.retries else "")
+        raise self._server_error(filename, None, f"{url} did not answer in time ({attempts}; {limits.describe()})")
+
+    def _server_error(self, filename: str, err: BaseException | None, detail: str | None = None) -> HubServerError:
+        cause = detail if err is None else describe_network_failure(err)
         return HubServerError(
             f"Downloading {filename!r} of Hub repo {self.repo_id!r} (revision {self.revision or 'main'}) from "
-            f"{constants.ENDPOINT} failed: {describe_network_failure(err)}. Nothing was loaded and no further "
+            f"{constants.ENDPOINT} failed: {cause}. Nothing was loaded and no further "
             "file was requested; files already downloaded stay in the cache. This is the server or the "
             "network, not your cache or settings: try again later."
         )

@@ -71,7 +71,7 @@ def test_a_failed_write_names_the_file_and_keeps_the_previous_one(tmp_path):
     image = tmp_path / "big.npy"
     np.save(image, np.zeros((256, 256, 3), np.uint8))  # created before the limit applies
     argv = [sys.executable, "-m", "xstars_models.cli", "embed", str(folder), "--sensor", "sentinel2_rgb",
-            str(image), "--out", str(out), "--output", "patch"]  # 1024 tokens x 32 floats = 128 KiB
+            str(image), "--out", str(out), "--output", "patch", "--overwrite"]  # 1024 tokens x 32 floats = 128 KiB
     proc = subprocess.run(argv, capture_output=True, text=True, preexec_fn=_limit_file_size)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -17,7 +17,7 @@ ROOT = Path(xstars_models.__file__).resolve().parent
 LAYERS: list[tuple[str, ...]] = [
     # what describes sensors, imagery and a saved model's configuration
     ("errors", "units", "sensors", "config", "inputs", "precision", "distributed", "visualize", "io", "samples",
-     "whitening"),
+     "whitening", "devices"),
     ("encoder",),  # the network
     ("serialization", "lora", "manifest", "hub", "calibration"),  # weight files, the registry, the Hub
     ("model",),  # XStarsBase

@@ -196,6 +196,17 @@ def test_the_real_calibration_times_inference_and_training(tiny, calibrating):
     assert len(json.loads(calibrating.read_text())["entries"]) == 2
 
 
+def test_the_training_calibration_times_a_model_whose_primary_stem_is_frozen(calibrating):
+    # adapt in stem mode: only the new sensor's stem trains, nothing trainable is on the timed
+    # (primary) path; the backward through the trunk is timed all the same.
+    model = tiny_model()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    resolved = model.resolve_precision("auto", tokens=16, batch_size=2, training=True)
+    assert resolved.reason.startswith("measured: bf16 ")
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_xstars_precision_forces_auto_and_a_bad_value_is_named(tiny, calibrating, monkeypatch):
     calls = fake_timings(monkeypatch, 1.0, 0.5)
     monkeypatch.setenv("XSTARS_PRECISION", "fp32")

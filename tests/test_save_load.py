@@ -257,3 +257,19 @@ def test_config_without_timm_keys_still_loads(saved):
     path.write_text(json.dumps(config))
     x = rgb_images(1, 64)
     assert torch.equal(XStars.from_pretrained(folder).embed(x, "aerial"), model.embed(x, "aerial"))
+
+
+def test_safetensors_files_are_byte_identical_for_the_same_tensors_and_metadata(tmp_path):
+    from safetensors import safe_open
+
+    from xstars_models.serialization import write_safetensors
+
+    tensors = {f"layer{i}.weight": torch.full((3, 2), float(i)) for i in range(6)}
+    metadata = {f"key{i}": f"value {i}" for i in range(8)}  # many keys: safetensors orders them by hash
+    records = [write_safetensors(tmp_path / f"{i}.safetensors", tensors, metadata) for i in range(6)]
+    assert len({r.sha256 for r in records}) == 1
+    with safe_open(tmp_path / "0.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", **metadata}
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+    header_length = int.from_bytes((tmp_path / "0.safetensors").read_bytes()[:8], "little")
+    assert header_length % 8 == 0

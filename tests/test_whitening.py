@@ -190,7 +190,7 @@ def test_cli_embed_whiten(whitened_model, tmp_path):
     assert done.returncode == 0, done.stderr
     expected = whitened_model.embed(np.load(image), "aerial", progress=False, whiten=True)[0]
     assert np.allclose(np.load(out), expected.numpy(), atol=1e-5)
-    refused = subprocess.run([*cli, "--whiten", "--output", "patch"], capture_output=True, text=True)
+    refused = subprocess.run([*cli, "--whiten", "--output", "patch", "--overwrite"], capture_output=True, text=True)
     # The command names its own flags, not the API's keywords.
     assert refused.returncode == 2 and "xstars embed: error: --whiten applies to the final" in refused.stderr
     assert "not --output patch" in refused.stderr and "whiten=True" not in refused.stderr

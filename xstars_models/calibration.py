@@ -112,7 +112,11 @@ def model_runs(
     stem = model.check_sensor(model.primary_sensor)
     side = max(1, round(tokens**0.5)) * stem.patch_size
     x = torch.rand(batch, len(stem.spec.bands), side, side, generator=torch.Generator().manual_seed(0)).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # The input takes part in the gradients too: when only another sensor's stem trains (adapt in
+    # stem mode), no trainable weight is on this path, and the backward through the trunk is still
+    # what a step costs.
+    x.requires_grad_(training)
+    params = [x, *(p for p in model.parameters() if p.requires_grad)]
 
     def run(encoder: XStarsEncoder, dtype: torch.dtype | None) -> Callable[[], object]:
         def once() -> object:

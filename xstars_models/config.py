@@ -3,13 +3,17 @@ each of those files so that a folder (local or from the Hub) verifies itself."""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import timm
+from timm.models.vision_transformer import VisionTransformer
 
 from .errors import ConfigError, XStarsError
 from .io.jsonfile import read_json
@@ -21,6 +25,7 @@ __all__ = [
     "FileRecord",
     "StemConfig",
     "XStarsConfig",
+    "arch_kwargs_problem",
     "parse_file_records",
     "stem_file_name",
 ]
@@ -30,6 +35,17 @@ WEIGHTS_NAME = "model.safetensors"
 WHITENING_NAME = "whitening.safetensors"
 FORMAT_VERSION = 1
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+# Keywords of timm's VisionTransformer that the encoder sets itself (encoder.build_trunk), and why:
+# given again in ``arch_kwargs`` they would clash with its own (a TypeError from inside timm).
+SET_BY_MODEL = {
+    "in_chans": "the primary sensor's band count",
+    "num_classes": "0: the trunk has no classifier",
+    "dynamic_img_size": "True: any image size",
+    "embed_layer": "the patch embedding that routes each sensor to its stem",
+    "device": "the CPU; move the model with .to() or from_pretrained(map_location=...)",
+    "dtype": "float32; inference precision is chosen with precision=",
+}
 
 
 def stem_file_name(sensor: str) -> str:
@@ -76,6 +92,24 @@ class FileRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {"sha256": self.sha256, "size": self.size}
+
+
+def arch_kwargs_problem(arch_kwargs: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first key of ``arch_kwargs`` (``timm.create_model`` overrides of a ViT trunk) that
+    cannot be given, and why, as ``(key, reason)``; ``None`` when every key can. A key is refused
+    when timm's ``VisionTransformer`` takes no such keyword, or when the model sets it itself
+    (:data:`SET_BY_MODEL`). Checked before the trunk is built, which would otherwise fail with
+    timm's ``TypeError: ... got an unexpected keyword argument``."""
+    taken = [name for name in inspect.signature(VisionTransformer.__init__).parameters if name != "self"]
+    for key in arch_kwargs:
+        if key in SET_BY_MODEL:
+            return key, f"{key!r} is set by the model itself ({SET_BY_MODEL[key]}); remove it"
+        if key not in taken:
+            settable = [name for name in taken if name not in SET_BY_MODEL]
+            close = difflib.get_close_matches(key, settable, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            return key, f"{key!r} is not a setting of timm's VisionTransformer{hint}; it takes {settable}"
+    return None
 
 
 def parse_file_records(files: dict[str, Any], where: str, error: type[XStarsError] = ConfigError) -> dict[str, FileRecord]:
@@ -200,6 +234,9 @@ class XStarsConfig:
         for key, kind in (("arch", str), ("arch_kwargs", dict), ("sensors", dict), ("files", dict)):
             if not isinstance(data.get(key), kind):
                 raise fail(f"field {key!r} must be a {kind.__name__}, got {data.get(key)!r}.", key)
+        problem = arch_kwargs_problem(data["arch_kwargs"])
+        if problem is not None:
+            raise fail(f"field 'arch_kwargs.{problem[0]}': {problem[1]}.", f"arch_kwargs.{problem[0]}")
         if not data["sensors"]:
             raise fail("'sensors' is empty.", "sensors")
         sensors: dict[str, StemConfig] = {}

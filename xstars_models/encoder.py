@@ -16,6 +16,7 @@ a forward pass to that sensor.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, cast
@@ -26,7 +27,7 @@ from timm.layers import PatchEmbed, resample_patch_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .config import StemConfig
+from .config import StemConfig, arch_kwargs_problem
 from .errors import ConfigError, InvalidOptionError
 from .sensors import SensorSpec
 
@@ -101,6 +102,9 @@ def build_trunk(arch: str, in_chans: int, **arch_kwargs: Any) -> VisionTransform
 
     Raises:
         InvalidOptionError: ``arch`` is not a timm ViT (``field="arch"``).
+        ConfigError: an ``arch_kwargs`` key timm's ViT does not take or the model sets itself
+            (``field="arch_kwargs.KEY"``), or values timm cannot build a trunk from
+            (``field="arch_kwargs"``).
     """
     if not is_vit_arch(arch):
         raise InvalidOptionError(
@@ -108,16 +112,22 @@ def build_trunk(arch: str, in_chans: int, **arch_kwargs: Any) -> VisionTransform
             "(e.g. 'vit_small_patch16_224').",
             field="arch",
         )
+    problem = arch_kwargs_problem(arch_kwargs)
+    if problem is not None:
+        raise ConfigError(f"arch_kwargs of {arch!r}: {problem[1]}.", field=f"arch_kwargs.{problem[0]}")
+    try:
+        trunk = timm.create_model(
+            arch, pretrained=False, num_classes=0, dynamic_img_size=True, in_chans=in_chans, embed_layer=SensorPatchEmbed,
+            **arch_kwargs,
+        )
+    # What timm raises from deep inside for a value of the wrong type or range (mlp_ratio="x", num_heads not dividing embed_dim).
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ConfigError(
+            f"timm cannot build {arch!r} with arch_kwargs {arch_kwargs} ({type(err).__name__}: {str(err)[:200]}).",
+            field="arch_kwargs",
+        ) from None
     # is_vit_arch checked that the entrypoint builds a VisionTransformer.
-    return cast(VisionTransformer, timm.create_model(
-        arch,
-        pretrained=False,
-        num_classes=0,
-        dynamic_img_size=True,
-        in_chans=in_chans,
-        embed_layer=SensorPatchEmbed,
-        **arch_kwargs,
-    ))
+    return cast(VisionTransformer, trunk)
 
 
 def _make_patch_embed(stem: StemConfig, embed_dim: int) -> PatchEmbed:
@@ -229,11 +239,18 @@ class XStarsEncoder(nn.Module):
             name: the name the model knows the sensor by (default ``spec.name``).
 
         Raises:
-            InvalidOptionError: no whole ``patch_size`` fits the GSDs, a ``name`` the model already
-                has, an unknown ``init_from``.
+            InvalidOptionError: a ``patch_size`` that is not a whole number >= 1, no whole
+                ``patch_size`` fits the GSDs, a ``name`` the model already has, an unknown ``init_from``.
         """
         name = name or spec.name
         ground = self.sensors[self.primary_sensor].token_ground_m
+        whole = isinstance(patch_size, numbers.Real) and not isinstance(patch_size, bool) and float(patch_size).is_integer()
+        if patch_size is not None and not (whole and patch_size >= 1):
+            raise InvalidOptionError(
+                f"{{patch_size}}: pixels per token side must be a whole number >= 1 (leave it out to take it from "
+                f"the GSDs: tokens of the primary sensor cover {ground:g} m).",
+                field="patch_size", settings={"patch_size": patch_size},
+            )
         if patch_size is None:
             exact = ground / spec.gsd_m
             patch_size = round(exact)

@@ -26,6 +26,7 @@ __all__ = [
     "ChecksumError",
     "ConfigError",
     "HubServerError",
+    "InputReadError",
     "InvalidInputError",
     "InvalidOptionError",
     "InvalidTypeError",
@@ -34,6 +35,8 @@ __all__ = [
     "ModelNotFoundError",
     "NetworkTimeoutError",
     "OfflineFilesMissingError",
+    "OutputLockedError",
+    "OutputWriteError",
     "PushIncompleteError",
     "SensorMismatchError",
     "StateDictMismatchError",
@@ -178,3 +181,35 @@ class NetworkTimeoutError(XStarsError, TimeoutError):
     """A server did not answer within the package's network limits (``field``: the input or
     setting whose URL it was); the message names the URL, the limit and the environment variable
     that raises it (:mod:`xstars_models.io.network`)."""
+
+
+class OutputLockedError(XStarsError, OSError):
+    """Another process is writing the same output: its lock file (``<output>.lock``) is held. The
+    message names that process (pid, host, start time in UTC); ``field``: the argument that gives
+    the output (:mod:`xstars_models.io.lock`)."""
+
+
+class InputReadError(XStarsError, OSError):
+    """Reading an input failed part-way: a truncated or damaged file, a server that closed the
+    connection early. The message names the input and the rows that could not be read, with the
+    reader's own message (GDAL's "Read failed" names neither); ``field``: the argument that
+    carried the input."""
+
+
+class OutputWriteError(XStarsError, OSError):
+    """Writing an output failed: a full disk, a quota, a file size limit, a read-only folder. The
+    message names the cause and the file; ``errno`` is the operating system's error number when it
+    is known (``errno.ENOSPC``: no space left), ``filename`` the file being written; ``field``: the
+    argument that gives the output."""
+
+    def __init__(
+        self, message: str = "", *, errno: int | None = None, filename: str | None = None, field: str | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, field=field, settings=settings)
+        self.errno = errno
+        self.filename = filename
+
+    def __reduce__(self) -> tuple:
+        return (type(self), self.args, {"field": self.field, "settings": self.settings, "errno": self.errno,
+                                        "filename": self.filename})

@@ -16,9 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .calibration import calibrate, calibration_key, model_runs
-from .config import CONFIG_NAME, WEIGHTS_NAME, WHITENING_NAME, StemConfig, XStarsConfig, stem_file_name
+from .config import CONFIG_NAME, WEIGHTS_NAME, WHITENING_NAME, StemConfig, XStarsConfig, arch_kwargs_problem, stem_file_name
+from .devices import check_device
 from .encoder import XStarsEncoder, pool_tokens, take_indices
-from .errors import InvalidOptionError
+from .errors import ConfigError, InvalidOptionError, UnknownOptionError
 from .hub import HubOptions, resolve_model
 from .inputs import ImageInput, check_token_count, to_batch, trim_to_patches
 from .lora import lora_config, merge_lora
@@ -85,7 +86,12 @@ class XStarsBase(XStarsEncoder):
         Raises:
             InvalidOptionError: no ``sensors``, an unknown sensor name, an ``arch`` that is not a
                 timm ViT or whose patch size cannot be read, a ``patch_sizes`` entry that does not fit.
+            UnknownOptionError: an ``arch_kwargs`` keyword timm's ViT does not take, or one the
+                model sets itself (``field``: that keyword).
         """
+        problem = arch_kwargs_problem(arch_kwargs)
+        if problem is not None:
+            raise UnknownOptionError(f"{problem[1]}.", field=problem[0])
         if isinstance(sensors, Mapping):
             named = {name: get_sensor(s) if isinstance(s, str) else s for name, s in sensors.items()}
         else:
@@ -169,7 +175,10 @@ class XStarsBase(XStarsEncoder):
             OfflineFilesMissingError: files not cached while downloads are off.
             ChecksumError: a file's bytes differ from the recorded sha256 or size.
             StateDictMismatchError: weights that do not fit the architecture.
+            InvalidOptionError: a ``map_location`` this machine cannot compute on
+                (:func:`~.devices.check_device`), refused before anything is downloaded.
         """
+        where = check_device(map_location, field="map_location")
         options = HubOptions(
             revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
             force_download=force_download,
@@ -179,7 +188,13 @@ class XStarsBase(XStarsEncoder):
             name: read_verified_safetensors(path, resolved.records[name], "cpu", name, resolved.repair)
             for name, path in resolved.paths.items()
         }
-        model = cls(resolved.config)
+        try:
+            # Built on the CPU with random weights that the file's replace: drawing them must not
+            # move the caller's random stream (a seeded script would depend on what it loaded).
+            with torch.random.fork_rng(devices=[]):
+                model = cls(resolved.config)
+        except ConfigError as err:  # the trunk timm built does not match the config: name the model
+            raise ConfigError(f"{name_or_path} ({CONFIG_NAME}): {err}", field=err.field) from None
         load_state_dict_strict(model.trunk, tensors[WEIGHTS_NAME], f"{name_or_path} ({WEIGHTS_NAME})")
         for sensor in list(model.sensors)[1:]:
             file_name = stem_file_name(sensor)
@@ -190,7 +205,7 @@ class XStarsBase(XStarsEncoder):
             )
         model.name_or_path = str(name_or_path)
         model.revision = resolved.revision
-        return model.to(map_location).eval()
+        return model.to(where).eval()
 
     # The return type follows ``layers``: one tensor without it, a list of them (one per block) with it.
     @overload
@@ -246,7 +261,8 @@ class XStarsBase(XStarsEncoder):
                 last blocks as in timm's ``forward_intermediates``; then a list with one tensor per
                 block (raw block outputs, no final norm) is returned.
             batch_size: images per forward pass.
-            device: where to compute (the model is moved there); default: where the model is.
+            device: where to compute (the model is moved there): ``"cpu"``, ``"cuda[:N]"``,
+                ``"mps"`` (checked first: :func:`~.devices.check_device`); default: where the model is.
             progress: show a progress bar when there is more than one batch.
             bands: band names of the input channels when they are not in the sensor's order.
             layout: ``"HWC"`` or ``"CHW"`` when the band count cannot tell (e.g. 3 x W x 3).
@@ -265,7 +281,8 @@ class XStarsBase(XStarsEncoder):
 
         Raises:
             InvalidOptionError: a bad ``output``, ``batch_size``, ``layers``, ``sensor``,
-                ``bands``, ``layout``, ``precision`` or ``whiten`` (``field`` names it).
+                ``bands``, ``layout``, ``precision``, ``whiten`` or ``device`` (a device this
+                machine lacks included; ``field`` names it).
             InvalidInputError: ``images`` that do not fit the sensor (bands, dtype, units, NaN,
                 size, ``max_tokens``); ``field="images"``.
         """
@@ -275,12 +292,13 @@ class XStarsBase(XStarsEncoder):
             raise InvalidOptionError(f"batch_size must be >= 1, got {batch_size}.", field="batch_size")
         if layers is not None:
             take_indices(self.depth, layers, field="layers")
+        move_to = None if device is None else check_device(device)
         stem = self.check_sensor(sensor)
         whitening = self.check_whiten(output, layers, sensor) if whiten else None
         batch = trim_to_patches(to_batch(images, stem.spec, stem.patch_size, bands, layout), stem.patch_size, sensor)
         check_token_count(batch, stem.patch_size, sensor, max_tokens)
-        if device is not None:
-            self.to(device)
+        if move_to is not None:
+            self.to(move_to)
         target = self.device
         tokens = (batch.shape[-2] // stem.patch_size) * (batch.shape[-1] // stem.patch_size)
         resolved = self.resolve_precision(precision, tokens=tokens, batch_size=batch_size)
@@ -354,7 +372,7 @@ class XStarsBase(XStarsEncoder):
             batch_size: images per timed batch (at most 8 are timed, to keep it to seconds).
             training: time a training step (forward and backward) instead of a forward.
         """
-        where = torch.device(self.device if device is None else device)
+        where = self.device if device is None else check_device(device)
         tokens = tokens or int(self.trunk.patch_embed.grid_size[0] * self.trunk.patch_embed.grid_size[1])
 
         def runs() -> dict[str, Callable[[], object]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 from collections.abc import Iterator, Mapping
@@ -108,14 +109,28 @@ def _create_beside(path: Path) -> tuple[Path, int]:
 def write_safetensors(
     path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> FileRecord:
-    """Save tensors (moved to CPU, made contiguous) atomically; returns the file's record.
-
-    safetensors writes metadata from a hash map, so with more than one key the bytes (and the
-    sha256) of two saves of the same tensors can differ; callers needing reproducible files keep
-    metadata to the single ``format`` key."""
+    """Save tensors (moved to CPU, made contiguous) atomically; returns the file's record. The
+    same tensors and metadata always give the same bytes (see :func:`_sorted_header`)."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    data = save_safetensors_bytes(cpu, metadata={"format": "pt", **(metadata or {})})
-    return atomic_write_bytes(path, data)
+    metadata = {"format": "pt", **(metadata or {})}
+    data = save_safetensors_bytes(cpu, metadata=metadata)
+    # With the one "format" key the library's bytes are already reproducible, and they must stay
+    # as they are: adapters.trunk_sha256 recomputes them to match published model.safetensors files.
+    return atomic_write_bytes(path, _sorted_header(data) if len(metadata) > 1 else data)
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its JSON header's keys sorted.
+
+    Why by hand: safetensors writes the metadata from a hash map, so with more than one metadata
+    key two saves of the same tensors differed in bytes and sha256 (an adapter file of two
+    identically seeded runs did), and the library has no option to sort them. The format allows
+    it: an 8-byte little-endian header length, the header as JSON padded with spaces to a multiple
+    of 8 bytes, then the tensor data, whose offsets count from the end of the header."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + length]), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + length :]
 
 
 def read_verified(path: str | Path, expected: FileRecord, name: str | None = None, repair: str | None = None) -> bytes:

@@ -96,5 +96,5 @@ class XStars(XStarsBase):
         numbers (B x C x H x W, float32 or ``input_dtype=`` ``"uint8"``/``"uint16"``; dynamic batch
         and size in whole patches) and whose output is ``output`` (``"cls"``, ``"mean"`` or
         ``"map"``); see :func:`xstars_models.export.export_onnx` for ``size``, ``int8``,
-        ``input_dtype`` and the metadata."""
+        ``input_dtype``, ``overwrite`` (an existing file is refused without it) and the metadata."""
         return export_onnx(self, path, sensor, output, opset, **kwargs)

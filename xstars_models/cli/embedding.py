@@ -14,13 +14,16 @@ import numpy as np
 
 from ..errors import InvalidInputError, InvalidOptionError
 from ..io import read_raster
+from ..io.rasters import check_fits_in_memory
 from ..model import OUTPUTS
 from ..scenes import SCENE_OUTPUTS, SceneOptions
 
 SCENE_EPILOG = """\
 The scene is read window by window (memory does not grow with its size); its GSD (metres, from the
 file's transform) is checked against the sensor's: within 1% it is used as is, within 10% with a
-warning, beyond that an error unless --resample. An interrupted run resumes where it stopped.
+warning, beyond that an error unless --resample. An interrupted run resumes where it stopped; an
+existing output is replaced only with --overwrite, and one that is an input never; while a run
+writes, OUT.lock beside the output refuses a second run on it.
 A COG URL is read with HTTP range requests; a STAC Item's assets are picked by the sensor's band
 names; --bounds or --window limits the run to an area of interest.
 
@@ -37,6 +40,7 @@ def register(sub: Any) -> None:
     p.add_argument("files", nargs="+")
     p.add_argument("--sensor", required=True, help="the model's sensor name for these images")
     p.add_argument("--out", required=True, help="output .npz (one array per file) or .npy (one file)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (otherwise refused)")
     p.add_argument("--output", default="cls", choices=OUTPUTS)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument(
@@ -59,6 +63,8 @@ def register(sub: Any) -> None:
                                   "or STAC Item JSON (path or URL)")
     p.add_argument("--sensor", required=True, help="the model's sensor name for this imagery")
     p.add_argument("--out", help="output .tif (map) or .parquet (cls); default beside a local source")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output if it exists (otherwise refused; an interrupted run still resumes)")
     area = p.add_mutually_exclusive_group()
     area.add_argument("--bounds", type=float, nargs=4, metavar=("LEFT", "BOTTOM", "RIGHT", "TOP"),
                       help="embed only this area, in the scene's CRS units")
@@ -101,20 +107,42 @@ def read_image(path: Path) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix not in (".npy", ".tif", ".tiff", ".jp2", ".png", ".jpg", ".jpeg"):
         raise InvalidInputError(f"{path}: unsupported file type {suffix!r}; use .tif, .png, .jpg or .npy", field="files")
+    # Each reader refuses, before reading, an image that with its float32 copy (what embed
+    # computes on) would not fit in memory.
+    too_large = "Embed it tile by tile with `xstars embed-scene`, which reads it window by window in bounded memory."
     if suffix in (".tif", ".tiff", ".jp2"):
-        return read_raster(path, purpose=f"{path}: reading GeoTIFF/JP2")
+        return read_raster(path, purpose=f"{path}: reading GeoTIFF/JP2", extra_bytes_per_value=4, field="files",
+                           too_large=too_large)
+    from PIL import Image
+
     try:
         if suffix == ".npy":
+            shape, dtype = _npy_header(path)
+            check_fits_in_memory(shape, dtype, str(path), 4, too_large, field="files")
             return np.load(path)
-        from PIL import Image
-
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only
+            shape = (image.height, image.width, len(image.getbands()))
+            dtype = np.dtype({"I;16": "uint16", "I": "int32", "F": "float32"}.get(image.mode, "uint8"))
+            check_fits_in_memory(shape, dtype, str(path), 4, too_large, field="files")
             return np.asarray(image)
+    except Image.DecompressionBombError as err:
+        raise InvalidInputError(f"{path}: refused by Pillow as a possible decompression bomb ({err}). {too_large}",
+                                field="files") from None
     except FileNotFoundError:
         raise
     except (OSError, ValueError, EOFError) as err:
         # Readers report a truncated or damaged file without naming it ("Read failed.").
         raise OSError(f"{path}: cannot read it ({type(err).__name__}: {err}); is the file truncated or damaged?") from err
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a ``.npy`` file declares, read from its header alone (a memory map
+    would fail on a file shorter than it declares, before saying how large it claims to be)."""
+    with open(path, "rb") as fh:
+        major, _ = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fh)
+    return shape, dtype
 
 
 def result_keys(files: Sequence[Path]) -> list[str]:
@@ -144,12 +172,8 @@ def result_keys(files: Sequence[Path]) -> list[str]:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from ..inputs import to_batch
-    from ..io.outputs import refuse_input_as_output
-    from ..serialization import atomic_write_bytes
-    from ..xstars import XStars
+    from ..io.lock import output_lock
+    from ..io.outputs import refuse_existing_output, refuse_input_as_output
 
     out = Path(args.out)
     files = [Path(f) for f in args.files]
@@ -161,6 +185,21 @@ def _embed(args: argparse.Namespace) -> int:
         )
     refuse_input_as_output(out, files)
     keys = result_keys(files)
+    with output_lock(out):
+        refuse_existing_output(out, args.overwrite)
+        _embed_files(args, out, files, keys)
+    print(f"wrote {out}")
+    return 0
+
+
+def _embed_files(args: argparse.Namespace, out: Path, files: list[Path], keys: list[str]) -> None:
+    """Embed ``files`` and write their arrays (named ``keys``) to ``out``."""
+    from tqdm.auto import tqdm
+
+    from ..inputs import to_batch
+    from ..serialization import atomic_write_bytes
+    from ..xstars import XStars
+
     model = XStars.from_pretrained(args.model, local_files_only=args.offline)
     stem = model.check_sensor(args.sensor)
     results = {}
@@ -188,14 +227,14 @@ def _embed(args: argparse.Namespace) -> int:
         # numpy's stub takes any ** keyword for its allow_pickle flag; these are arrays by name.
         np.savez(buffer, **results)  # type: ignore[arg-type]
     atomic_write_bytes(out, buffer.getvalue())
-    print(f"wrote {out}")
-    return 0
 
 
 def _embed_scene(args: argparse.Namespace) -> int:
     from ..io.outputs import refuse_input_as_output
     from ..xstars import XStars
 
+    # Before the model is loaded. embed_scene checks it again with a STAC Item's assets, and then,
+    # under the output's lock, refuses an existing output without --overwrite.
     if args.out is not None and Path(args.source).exists():
         refuse_input_as_output(args.out, [args.source])
     # Checked before the model is loaded: a bad option fails at once.
@@ -203,7 +242,7 @@ def _embed_scene(args: argparse.Namespace) -> int:
         tile=args.tile, overlap=args.overlap, output=args.output, batch_size=args.batch_size, device=args.device,
         resample=args.resample, max_nodata=args.max_nodata, progress=not args.no_progress, resume=not args.restart,
         bounds=args.bounds, window=args.window, overviews=args.overviews, precision=args.precision,
-        compile=args.compile, whiten=args.whiten,
+        compile=args.compile, whiten=args.whiten, overwrite=args.overwrite,
     )
     model = XStars.from_pretrained(args.model, local_files_only=args.offline)
     result = model.embed_scene(args.source, args.sensor, args.out, options=options)

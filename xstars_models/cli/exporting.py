@@ -18,6 +18,7 @@ def register(sub: Any) -> None:
     p.add_argument("--int8", action="store_true", help="dynamically quantise the weights to int8")
     p.add_argument("--input-dtype", default="float32", choices=ONNX_INPUT_DTYPES,
                    help="element type of the graph's input: float32, or the raster's own uint8/uint16 (cast inside)")
+    p.add_argument("--overwrite", action="store_true", help="replace the .onnx file if it exists (otherwise refused)")
     p.add_argument("--offline", action="store_true", help="use only the local cache")
     p.set_defaults(func=_export)
 
@@ -27,6 +28,6 @@ def _export(args: argparse.Namespace) -> int:
 
     model = XStars.from_pretrained(args.model, local_files_only=args.offline)
     record = model.export_onnx(args.path, sensor=args.sensor, output=args.output, opset=args.opset, int8=args.int8,
-                               input_dtype=args.input_dtype)
+                               input_dtype=args.input_dtype, overwrite=args.overwrite)
     print(f"{args.path}: {args.sensor} -> {args.output}, {record.size} bytes, sha256 {record.sha256}")
     return 0

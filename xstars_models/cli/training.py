@@ -154,9 +154,12 @@ def _pairs(args: argparse.Namespace, base: Any, new: Any, old_sensor: str, confi
 
 
 def _adapt(args: argparse.Namespace) -> int:
+    from ..devices import check_device
     from ..xstars import XStars
 
     config = train_config(args)
+    if args.device is not None:  # before the model and the imagery are read
+        check_device(args.device)
     new = new_sensor_spec(args)
     base = XStars.from_pretrained(args.model, local_files_only=args.offline)
     old_sensor = args.old_sensor or base.primary_sensor

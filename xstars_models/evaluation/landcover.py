@@ -7,6 +7,7 @@ majority class. Origin and licences of the chips: ``xstars_models/samples/SOURCE
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,31 +85,39 @@ class LandcoverChips:
         return self.chips[self.is_test], self.labels[self.is_test]
 
 
+# The fields of a chips file (as scripts/make_landcover_chips.py writes them) that are read, and
+# those with one row per chip.
+CHIP_FIELDS = ("chips", "labels", "class_codes", "class_names", "split", "block", "bounds", "majority_fraction", "crs_wkt")
+_PER_CHIP = ("chips", "labels", "split", "block", "bounds", "majority_fraction")
+
+
 def load_landcover_chips(path: str | Path | None = None, area: str | None = None) -> LandcoverChips:
     """The bundled land-cover chips (``samples/landcover_chips_s2.npz``, built by
     ``scripts/make_landcover_chips.py``), or an npz with the same fields at ``path``.
 
     ``area="unseen"`` (the default for the bundled chips) keeps the chips of the tile's northern
     ``UNSEEN_ROWS`` chip rows, the area the default model never saw in pretraining (train and
-    test sides both inside it); ``"all"`` (the default for a file at ``path``) keeps every chip."""
+    test sides both inside it); ``"all"`` (the default for a file at ``path``) keeps every chip.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        InvalidInputError: a file that is not an ``.npz`` of :data:`CHIP_FIELDS` (a single ``.npy``
+            array, a damaged archive, a missing or mis-shaped field; ``field="path"``, the message
+            names the file and the field).
+    """
     area = area or ("all" if path is not None else "unseen")
     if area not in AREAS:
         raise InvalidOptionError(f"area must be one of {AREAS}, got {area!r}.", field="area")
     path = Path(path) if path is not None else CHIPS_PATH
     if not path.is_file():
         raise FileNotFoundError(f"No land-cover chips at {path}; rebuild with scripts/make_landcover_chips.py.")
-    with np.load(path) as data:
-        if area == "unseen" and "grid_row" not in data.files:
-            raise InvalidInputError(
-                f"{path} has no grid_row field, so its unseen area is unknown; load it with {{area}}.",
-                field="path",
-                settings={"area": "all"},
-            )
-        keep = data["grid_row"] < UNSEEN_ROWS if area == "unseen" else np.ones(len(data["split"]), dtype=bool)
-        data = {key: data[key][keep] if data[key].ndim and len(data[key]) == len(keep) else data[key] for key in data.files}
-        split = data["split"]
-        if not set(np.unique(split)) <= {"train", "test"}:
-            raise InvalidInputError(f"split must hold only 'train' / 'test', got {sorted(set(split))}.", field="path")
+    data = _read_chips_file(path, area)
+    keep = data["grid_row"] < UNSEEN_ROWS if area == "unseen" else np.ones(len(data["split"]), dtype=bool)
+    data = {key: value[keep] if value.ndim and len(value) == len(keep) else value for key, value in data.items()}
+    split = data["split"]
+    if not set(np.unique(split)) <= {"train", "test"}:
+        raise InvalidInputError(f"split must hold only 'train' / 'test', got {sorted(set(split))}.", field="path")
+    try:
         return LandcoverChips(
             chips=torch.from_numpy(data["chips"]),
             labels=torch.from_numpy(data["labels"].astype(np.int64)),
@@ -120,6 +129,44 @@ def load_landcover_chips(path: str | Path | None = None, area: str | None = None
             majority_fraction=data["majority_fraction"],
             crs_wkt=str(data["crs_wkt"]),
         )
+    except InvalidInputError as err:  # the chips' own checks, which do not know the file
+        raise InvalidInputError(f"{path}: {err}", field=err.field) from None
+    # Values numpy or torch cannot convert (text labels, unsigned 32-bit chips...): a field of the wrong type.
+    except (TypeError, ValueError) as err:
+        raise InvalidInputError(f"{path}: a field of the wrong type ({err}).", field="path") from None
+
+
+def _read_chips_file(path: Path, area: str) -> dict[str, np.ndarray]:
+    """Every field of the chips ``.npz`` at ``path`` that :func:`load_landcover_chips` reads,
+    checked for presence and one row per chip; ``grid_row`` too for ``area="unseen"``."""
+    expected = f"an .npz of labelled chips with the fields {list(CHIP_FIELDS)} (as scripts/make_landcover_chips.py writes)"
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise InvalidInputError(f"{path}: cannot read it as {expected} ({type(err).__name__}: {err}).", field="path") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise InvalidInputError(f"{path} holds one array ({type(loaded).__name__}), not {expected}.", field="path")
+    with loaded:
+        if area == "unseen" and "grid_row" not in loaded.files:
+            raise InvalidInputError(
+                f"{path} has no grid_row field, so its unseen area is unknown; load it with {{area}}.",
+                field="path",
+                settings={"area": "all"},
+            )
+        missing = [name for name in CHIP_FIELDS if name not in loaded.files]
+        if missing:
+            raise InvalidInputError(f"{path} has no {missing} field(s); expected {expected}.", field="path")
+        try:
+            data = {key: loaded[key] for key in loaded.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # a damaged member, or pickled objects
+            raise InvalidInputError(f"{path}: cannot read its fields ({type(err).__name__}: {err}).", field="path") from None
+    rows = len(data["chips"]) if data["chips"].ndim else 0
+    for name in (*_PER_CHIP, *(["grid_row"] if area == "unseen" else [])):
+        if data[name].ndim == 0 or len(data[name]) != rows:
+            raise InvalidInputError(
+                f"{path}: field {name!r} must have one row per chip ({rows}), got shape {data[name].shape}.", field="path"
+            )
+    return data
 
 
 def _predict(

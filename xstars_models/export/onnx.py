@@ -23,6 +23,8 @@ from torch import nn
 from ..config import FileRecord
 from ..encoder import pool_tokens
 from ..errors import InvalidOptionError, MissingExtraError
+from ..io.lock import output_lock
+from ..io.outputs import refuse_existing_output
 from ..model import XStarsBase
 from ..serialization import atomic_write_bytes
 
@@ -63,9 +65,11 @@ def export_onnx(
     size: int | None = None,
     int8: bool = False,
     input_dtype: str = "float32",
+    overwrite: bool = False,
 ) -> FileRecord:
     """Write ``model`` for ``sensor`` as an ONNX file (atomically: the old file or the whole new
-    one) and return its record.
+    one) and return its record. While it is written, ``<path>.lock`` refuses a second writer
+    (:mod:`xstars_models.io.lock`).
 
     Args:
         path: the ``.onnx`` file to write.
@@ -79,13 +83,16 @@ def export_onnx(
             ``quantize_dynamic``): smaller and faster on CPUs, outputs move slightly.
         input_dtype: the input's element type: ``"float32"``, ``"uint8"`` or ``"uint16"``
             (digital numbers as the raster stores them, cast to float32 inside the graph).
+        overwrite: replace ``path`` if it exists; without it an existing file is refused.
 
     The file's metadata properties hold the sensor, its band names, GSD (metres), units, scale,
     offset, patch size, the output, the model id and revision, and this package's version.
 
     Raises:
         InvalidOptionError: an unknown ``sensor``, ``output`` or ``input_dtype``, a ``path`` that is not
-            ``.onnx`` or is a folder, a ``size`` that is not a multiple of the patch size.
+            ``.onnx`` or is a folder, a ``size`` that is not a multiple of the patch size, a ``path``
+            that exists without ``overwrite=True``.
+        OutputLockedError: (``field="path"``) another process is writing ``path``.
         MissingExtraError: ``onnx`` (or ``onnxruntime`` for ``int8``) is not installed.
     """
     stem = model.check_sensor(sensor)
@@ -109,6 +116,17 @@ def export_onnx(
             field="opset",
         )
     onnx = _require("onnx")
+    with output_lock(target, field="path"):
+        refuse_existing_output(target, overwrite, field="path")
+        return _write(model, target, sensor, output, opset, side, int8, input_dtype, onnx)
+
+
+def _write(
+    model: XStarsBase, target: Path, sensor: str, output: str, opset: int, side: int, int8: bool, input_dtype: str,
+    onnx: Any,
+) -> FileRecord:
+    """Trace the graph (an example of ``side`` x ``side`` pixels) and write it to ``target``."""
+    stem = model.sensors[sensor]
     # timm interpolates the position embeddings with antialiased bicubic, which the TorchScript
     # exporter has no symbolic for; it is ONNX's Resize(cubic, a=-0.5, antialias=1).
     torch.onnx.register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _bicubic_aa, opset)

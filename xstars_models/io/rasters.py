@@ -15,8 +15,9 @@ import numpy as np
 from ..errors import InvalidInputError, MissingExtraError, user_stacklevel
 
 __all__ = [
-    "GDAL_CACHE_BYTES", "GSD_SAME", "GSD_WARN", "REMOTE_GDAL_OPTIONS", "gsd_mismatch", "gsd_scale", "import_rasterio",
-    "pixel_size_m", "quiet_georef", "read_raster", "read_window", "resampling_for",
+    "GDAL_CACHE_BYTES", "GSD_SAME", "GSD_WARN", "REMOTE_GDAL_OPTIONS", "available_memory", "check_fits_in_memory",
+    "gsd_mismatch", "gsd_scale", "import_rasterio", "pixel_size_m", "quiet_georef", "read_raster", "read_window",
+    "resampling_for",
 ]
 
 GSD_SAME = 0.01  # relative difference between pixel size and GSD used without comment
@@ -126,18 +127,82 @@ def read_window(
     return dataset.read(window=Window(*window), out_shape=(dataset.count, *out_shape), resampling=Resampling[resampling])
 
 
-def read_raster(path: str | os.PathLike[str], purpose: str = "Reading GeoTIFF/JP2 files") -> np.ndarray:
+def available_memory() -> int | None:
+    """Bytes of memory this process could still allocate without swapping: psutil's estimate
+    where it is installed, else Linux's ``MemAvailable``, else the machine's physical memory (an
+    upper bound); ``None`` where none of them can be read."""
+    try:
+        import psutil
+    except ImportError:
+        pass
+    else:
+        return int(psutil.virtual_memory().available)
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return None
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"
+
+
+def check_fits_in_memory(
+    shape: tuple[int, ...], dtype: Any, what: str, extra_bytes_per_value: int = 0, hint: str = "", field: str | None = None,
+) -> None:
+    """Refuse, before anything is read, an array of ``shape`` and ``dtype`` that would not fit in
+    the memory available now (:func:`available_memory`), counting ``extra_bytes_per_value`` more
+    per value for the copies the caller will make (4 for a float32 copy). Nothing is refused where
+    the available memory cannot be read.
+
+    Raises:
+        InvalidInputError: naming ``what``, its shape, the bytes needed and available, and ``hint``
+            (what to do instead); ``field=field``.
+    """
+    values = math.prod(shape)
+    itemsize = np.dtype(dtype).itemsize
+    needed = values * (itemsize + extra_bytes_per_value)
+    available = available_memory()
+    if available is None or needed <= available:
+        return
+    shown = " x ".join(map(str, shape))
+    used = f" and {_gib(needed)} with the copies made to use them" if extra_bytes_per_value else ""
+    raise InvalidInputError(
+        f"{what}: {shown} values of {np.dtype(dtype).name} take {_gib(values * itemsize)} once read{used}, more "
+        f"than the {_gib(available)} of memory available now; refused before reading it." + (f" {hint}" if hint else ""),
+        field=field,
+    )
+
+
+def read_raster(
+    path: str | os.PathLike[str], purpose: str = "Reading GeoTIFF/JP2 files", *, extra_bytes_per_value: int = 0,
+    too_large: str = "", field: str | None = None,
+) -> np.ndarray:
     """Every band of the raster at ``path``, C x H x W in its own dtype.
+
+    Args:
+        extra_bytes_per_value: bytes the caller will add per value (4 for a float32 copy), counted
+            when checking that the raster fits in memory (:func:`check_fits_in_memory`).
+        too_large: what to do instead when it does not fit, said in the error.
+        field: the argument that gave ``path``, carried by the errors about its contents.
 
     Raises:
         FileNotFoundError: no such file.
         OSError: a truncated or damaged file, named (GDAL's own message names none).
+        InvalidInputError: a raster whose declared size would not fit in the memory available,
+            refused before any pixel is read.
     """
     rasterio = import_rasterio(purpose)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file.")
     try:
         with quiet_georef(), rasterio.open(path) as src:
+            widest = max(src.dtypes, key=lambda name: np.dtype(name).itemsize)
+            check_fits_in_memory((src.count, src.height, src.width), widest, str(path), extra_bytes_per_value, too_large, field)
             return src.read()
     except (OSError, rasterio.errors.RasterioError) as err:
         raise OSError(f"{path}: cannot read it ({type(err).__name__}: {err}); is the file truncated or damaged?") from err

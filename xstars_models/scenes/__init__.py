@@ -78,8 +78,16 @@ Resuming
     and its assets, the raster's shape and transform, the area of interest, or a hash of an array)
     and of the model's weights. A later call with ``resume=True`` continues after the last finished
     strip and refuses, naming the differing settings, if any of them changed; ``resume=False``
-    discards a partial run and starts over. ``batch_size``, ``device``, ``compile`` and
-    ``overviews`` may change between runs.
+    discards a partial run and starts over. ``batch_size``, ``device``, ``compile``,
+    ``overviews`` and ``overwrite`` may change between runs.
+
+    An existing ``out`` is refused unless ``overwrite=True``; partial files are resumed either way.
+    ``out`` may not be a file the run reads (STAC assets included), and ``<out>.lock`` keeps a
+    second run off the same output while one writes it. After a failure (a full disk, an input
+    that cannot be read, Ctrl-C) a run leaves either its partial files, consistent, for a rerun to
+    resume (once a strip was recorded), or nothing of itself; ``OutputWriteError`` /
+    ``InputReadError`` name the cause (ENOSPC and the file, or the input's rows) and say which.
+    Network waits are bounded: :mod:`xstars_models.io.network`.
 """
 
 from .embed import SceneResult, embed_scene

@@ -1,5 +1,6 @@
-"""The entry point: :func:`embed_scene` opens the scene, plans its tiles, resumes or starts the output and
-runs the strips of tiles through the model (:mod:`.strips`) into a writer."""
+"""The entry point: :func:`embed_scene` checks that the output destroys nothing (no input, no earlier
+result) and locks it, opens the scene, plans its tiles, resumes or starts the output and runs the
+strips of tiles through the model (:mod:`.strips`) into a writer."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ import torch
 
 from ..errors import InvalidOptionError
 from ..io import GDAL_CACHE_BYTES, import_rasterio
-from ..io.outputs import refuse_input_as_output
+from ..io.lock import output_lock
+from ..io.outputs import refuse_existing_output, refuse_input_as_output, refuse_served_output
 from ..precision import inference_copy
 from .options import SceneOptions
 from .reading import Scene
-from .sources import is_remote, open_scene
+from .sources import is_remote, open_scene, scene_inputs
 from .strips import run_strips
 from .tiling import Plan, default_tile
 from .writers import ClsWriter, MapWriter, Partial, Progress, SceneWriter
@@ -131,7 +133,14 @@ def embed_scene(
         sensor: which of ``model.sensors`` the imagery comes from.
         out: output file: a ``.tif`` for ``map``, a ``.parquet`` for ``cls``. Default for a file
             ``scene.tif``: ``scene.<sensor>.map.tif`` or ``scene.<sensor>.cls.parquet`` beside it;
-            required for arrays, URLs and STAC Items.
+            required for arrays, URLs and STAC Items. Refused, before any work, when it is a
+            local file the run reads (the scene; a STAC Item's JSON or the file of an asset it
+            reads, by path, relative href or ``file://``), and when it exists, has the file name
+            of an ``http(s)://`` input and the size the server reports for it (the only check a
+            URL allows: a server does not say which file it serves). An existing ``out`` is
+            replaced only with ``overwrite=True``; the partial files of an interrupted run are
+            not ``out`` and are resumed. While the run writes, ``<out>.lock`` holds off other
+            writers (:mod:`xstars_models.io.lock`).
         options: a :class:`SceneOptions` (tile and overlap in pixels at the sensor's GSD, output
             ``"map"`` or ``"cls"``, batch size, device, nodata, resampling, precision...; see
             there); default: all its defaults.
@@ -146,9 +155,11 @@ def embed_scene(
     Raises:
         ImportError: rasterio (the ``geo`` extra) is missing.
         InvalidOptionError: a bad option (``field``: its name): a tile or overlap that is not a
-            whole number of patches, a partial run with other settings (``resume=True``)...
+            whole number of patches, a partial run with other settings (``resume=True``), an
+            ``out`` that is an input or that exists without ``overwrite=True`` (``field="out"``)...
         UnknownOptionError: a keyword that is not a :class:`SceneOptions` field.
         InvalidInputError: bands, data type or GSD that do not fit the sensor (``field="source"``).
+        OutputLockedError: (``field="out"``) another run is writing ``out``; names its process.
     """
     started = time.perf_counter()
     options = SceneOptions.from_call(options, positional, kwargs)
@@ -156,23 +167,28 @@ def embed_scene(
     stem = model.check_sensor(sensor)
     if options.whiten:
         model.check_whiten(options.output, sensor=sensor)
-    if options.device is not None:
-        model.to(options.device)
-    target = model.device
-    # The options as they run: the tile for this sensor, the precision for this device, timed
-    # (for "auto" on a CPU) on tiles of this size.
-    tile_px = default_tile(model, sensor) if options.tile is None else options.tile
-    resolved = model.resolve_precision(options.precision, target, tokens=(tile_px // stem.patch_size) ** 2,
-                                       batch_size=options.batch_size)
-    logger.info("embed_scene %s: precision %s", sensor, resolved)
     out_path = _output_path(out, source, sensor, options.output)
-    if isinstance(source, (str, os.PathLike)) and not is_remote(source):
-        refuse_input_as_output(out_path, [source])
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Before any work: every file the run will read (a STAC Item's JSON and picked assets too),
+    # and what can be told of the URLs it reads, must not be the output.
+    inputs = scene_inputs(source, stem.spec)
+    refuse_input_as_output(out_path, inputs.files)
+    refuse_served_output(out_path, inputs.urls)
 
-    with contextlib.ExitStack() as stack:
+    # One writer at a time, from the first file touched (the partial run) to the final rename.
+    with output_lock(out_path, field="out"), contextlib.ExitStack() as stack:
+        # Under the lock: a run that finished a moment ago has its output in place by now.
+        refuse_existing_output(out_path, options.overwrite)
+        if options.device is not None:
+            model.to(options.device)
+        target = model.device
+        # The options as they run: the tile for this sensor, the precision for this device, timed
+        # (for "auto" on a CPU) on tiles of this size.
+        tile_px = default_tile(model, sensor) if options.tile is None else options.tile
+        resolved = model.resolve_precision(options.precision, target, tokens=(tile_px // stem.patch_size) ** 2,
+                                           batch_size=options.batch_size)
+        logger.info("embed_scene %s: precision %s", sensor, resolved)
         stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
-        scene = open_scene(source, stem.spec, sensor, options, stack)
+        scene = open_scene(inputs.source, stem.spec, sensor, options, stack)
         options = dataclasses.replace(options, tile=tile_px, precision=resolved.name)
         plan = Plan.build(scene, stem.patch_size, tile_px, options.overlap, sensor)
         partial = Partial(out_path, {

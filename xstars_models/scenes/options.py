@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..devices import check_device
 from ..errors import InvalidOptionError, InvalidTypeError, UnknownOptionError
 from ..precision import PRECISIONS
 
@@ -68,6 +69,9 @@ class SceneOptions:
         compile: ``torch.compile`` the encoder first (pays off on long GPU runs).
         whiten: with ``output="cls"``, write the vectors whitened by the model's fitted whitening
             (``XStars.embed(..., whiten=True)``), to compare tiles across sensors.
+        overwrite: replace an existing output file; without it an existing output is refused
+            (rasterio's ``rio`` convention). The partial files of an interrupted run are not the
+            output: they are resumed (``resume``) either way.
     """
 
     tile: int | None = None
@@ -87,6 +91,7 @@ class SceneOptions:
     precision: str = "auto"
     compile: bool = False
     whiten: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.output not in SCENE_OUTPUTS:
@@ -113,12 +118,7 @@ class SceneOptions:
         if self.precision not in PRECISIONS:
             raise InvalidOptionError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.", field="precision")
         if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError) as err:
-                raise InvalidOptionError(
-                    f"{{device}} is not a device torch knows ({err}).", field="device", settings={"device": self.device}
-                ) from None
+            check_device(self.device)  # a device this machine lacks is refused before any work
         if self.bounds is not None and self.window is not None:
             raise InvalidOptionError("pass bounds= or window=, not both.", field="window")
         if self.bounds is not None:
@@ -177,7 +177,7 @@ class SceneOptions:
         the options as they ran, with ``tile`` and ``precision`` resolved for the model.
 
         The others may change between runs (``batch_size``, ``device``, ``progress``, ``resume``,
-        ``compile``, ``overviews``) or enter the record through the scene: ``resample`` as the
+        ``compile``, ``overviews``, ``overwrite``) or enter the record through the scene: ``resample`` as the
         resampling scale, ``bounds`` and ``window`` as the area of interest of the source's
         fingerprint. ``transform`` and ``crs`` of an array source are not recorded: change them
         only with ``resume=False``."""

@@ -5,21 +5,26 @@ Opening one is :mod:`.sources`' job."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InvalidInputError, user_stacklevel
+from ..errors import InvalidInputError, XStarsError, user_stacklevel
 from ..io import fill_missing, gsd_scale, missing_mask, pixel_size_m, read_window, resampling_for
+from ..io.network import network_limits
 from ..sensors import SensorSpec
 from ..units import check_value_range, expected_input
+from .failures import io_errors, read_error
 
 if TYPE_CHECKING:
     from affine import Affine
 
 # A window of input pixels: row offset, column offset, height, width.
 PixelWindow = tuple[int, int, int, int]
+# An input read over the network (a COG URL, a STAC asset's href).
+_REMOTE = re.compile(r"https?://", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,16 +123,32 @@ class Scene:
         Raises:
             ValueError: float values that cannot be the sensor's digital numbers (see
                 :func:`xstars_models.units.check_value_range`), nodata pixels aside.
+            InputReadError: the reader failed (a truncated file or HTTP body): names the input's
+                rows and the reader's own message, which GDAL's ("Read failed. See previous
+                exception") leaves in the exceptions chained below it.
         """
         try:
             strip = self._read(row, height, width)
-        except OSError as err:  # GDAL's message ("Read failed. See previous exception") names no file
-            raise OSError(f"{self.what}: reading rows {row}-{row + height} failed ({err}); is the file "
-                          "truncated or damaged?") from err
+        except XStarsError:
+            raise
+        except io_errors() as err:
+            raise read_error(err, self.what, self._input_rows(row, height), self._read_hint()) from err
         missing = missing_mask(strip, self.nodata)
         if strip.dtype.kind == "f":
             check_value_range(strip, self.spec, f"{self.what}, rows {row}-{row + height} at the sensor's GSD", ~missing)
         return fill_missing(strip, missing), missing
+
+    def _input_rows(self, row: int, height: int) -> tuple[int, int]:
+        """The input's rows (first, last) that sensor-GSD rows [row, row + height) come from."""
+        sy = self.scale[1] if self.scale is not None else 1.0
+        return self._row0 + math.floor(row * sy), self._row0 + math.ceil((row + height) * sy) - 1
+
+    def _read_hint(self) -> str:
+        """What to check after a failed read: the network limits for an input read over HTTP."""
+        read = [self.what, str(self.fingerprint.get("url", "")), *map(str, self.fingerprint.get("hrefs", []))]
+        if any(_REMOTE.match(name) for name in read):
+            return f"; did the server close the connection early? (network limits: {network_limits().describe()})."
+        return "; is the file truncated or damaged?"
 
     def _read(self, row: int, height: int, width: int) -> np.ndarray:
         r0, c0 = self._row0, self._col0

@@ -1,6 +1,7 @@
 """Opening a scene: a C x H x W array, a local raster file, an ``http(s)://`` URL of a
 cloud-optimised GeoTIFF (read by GDAL with HTTP range requests, never downloaded whole), or a STAC
-Item (a ``pystac.Item``, or the path or URL of its JSON); then its area of interest."""
+Item (a ``pystac.Item``, or the path or URL of its JSON); then its area of interest. Before that,
+:func:`scene_inputs` says which files and URLs a run on a source will read."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import hashlib
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +22,7 @@ from ..io.network import gdal_http_options, network_limits
 from ..sensors import SensorSpec
 from .options import SceneOptions
 from .reading import PixelWindow, Scene
-from .stac import open_stac_item
+from .stac import item_inputs, load_item, local_path, open_stac_item
 
 if TYPE_CHECKING:
     from affine import Affine
@@ -41,6 +43,45 @@ def _is_stac(source: Any) -> bool:
         path = str(source).split("?", 1)[0].split("#", 1)[0]
         return path.lower().endswith(".json")
     return False
+
+
+@dataclass(frozen=True)
+class SceneInputs:
+    """What a run on a source reads, known before it starts.
+
+    Attributes:
+        source: what to open: the source itself, or for a STAC Item given by the path or URL of
+            its JSON the loaded ``pystac.Item`` (so that the JSON is read once).
+        files: the local files read (for a STAC Item: its JSON and the files of the assets picked
+            for the sensor).
+        urls: the ``http(s)://`` URLs read (a COG; a STAC Item's JSON and picked assets).
+    """
+
+    source: Any
+    files: tuple[Path, ...] = ()
+    urls: tuple[str, ...] = ()
+
+
+def scene_inputs(source: str | os.PathLike | np.ndarray | Any, spec: SensorSpec) -> SceneInputs:
+    """The files and URLs a run on ``source`` for the sensor ``spec`` reads (nothing for an array).
+    A STAC Item is loaded and its assets picked here (:func:`~.stac.item_inputs`).
+
+    Raises:
+        InvalidInputError, FileNotFoundError, NetworkTimeoutError: a STAC Item that cannot be read,
+            or has no assets for the sensor's bands.
+    """
+    if isinstance(source, np.ndarray):
+        return SceneInputs(source)
+    if _is_stac(source):
+        item = load_item(source)
+        files, urls = item_inputs(item, spec, source)
+        return SceneInputs(item, tuple(files), tuple(urls))
+    if is_remote(source):
+        return SceneInputs(source, urls=(str(source),))
+    if isinstance(source, (str, os.PathLike)):
+        path = local_path(source)
+        return SceneInputs(source, files=(path,) if path is not None else ())
+    return SceneInputs(source)  # not a source at all: open_scene says so
 
 
 def resolve_aoi(

@@ -17,7 +17,10 @@ import contextlib
 import json
 import os
 import re
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 from xml.sax.saxutils import escape
 
 from ..errors import InvalidInputError, MissingExtraError, NetworkTimeoutError
@@ -25,14 +28,22 @@ from ..io import REMOTE_GDAL_OPTIONS, import_rasterio
 from ..io.network import gdal_http_options, network_limits, read_url
 from ..sensors import Band, SensorSpec
 
-__all__ = ["open_stac_item", "pick_assets"]
+__all__ = ["item_inputs", "load_item", "local_path", "open_stac_item", "pick_assets"]
 
 _URL = re.compile(r"^https?://", re.IGNORECASE)
 _GDAL_TYPES = {"uint8": "Byte", "uint16": "UInt16", "int16": "Int16", "uint32": "UInt32", "int32": "Int32",
                "float32": "Float32", "float64": "Float64"}
 
 
-def _load_item(source: Any) -> Any:
+def load_item(source: Any) -> Any:
+    """``source`` as a ``pystac.Item``: itself, or the item read from the path or URL of its JSON
+    (within the network limits).
+
+    Raises:
+        InvalidInputError: (``field="source"``) not a readable STAC Item.
+        NetworkTimeoutError, FileNotFoundError: the JSON could not be fetched or found.
+        MissingExtraError: pystac is not installed.
+    """
     try:
         import pystac
     except ImportError:
@@ -116,11 +127,55 @@ def pick_assets(item: Any, spec: SensorSpec) -> list[tuple[str, int]]:
     return picked
 
 
+def local_path(href: str | os.PathLike) -> Path | None:
+    """The local file an href or source names: a path (absolute, or relative to the working
+    folder) or a ``file://`` URL; ``None`` for one read over the network (``http(s)://``,
+    ``s3://``...)."""
+    text = os.fspath(href)
+    parts = urlsplit(text)
+    if parts.scheme.lower() == "file":
+        return Path(url2pathname(parts.path))
+    # A one-letter scheme is a Windows drive (C:\...), not a protocol.
+    return Path(text) if len(parts.scheme) <= 1 else None
+
+
+def _asset_href(item: Any, key: str) -> str:
+    """Where asset ``key`` is: relative hrefs resolved against the item's own location."""
+    asset = item.assets[key]
+    return asset.get_absolute_href() or asset.href
+
+
+def item_inputs(item: Any, spec: SensorSpec, source: Any = None) -> tuple[list[Path], list[str]]:
+    """What a run on the STAC Item ``item`` for ``spec`` reads: the local files and the
+    ``http(s)://`` URLs. These are the item's JSON when ``source`` (what ``item`` was loaded from)
+    is its path, ``file://`` URL or URL, and the assets :func:`pick_assets` chooses (only those:
+    the others are never read), their hrefs resolved as the run resolves them (absolute, relative
+    to the item's JSON, ``file://``).
+
+    Raises:
+        InvalidInputError: (``field="source"``) as :func:`pick_assets`.
+    """
+    hrefs = [] if source is None or not isinstance(source, (str, os.PathLike)) else [os.fspath(source)]
+    hrefs += [_asset_href(item, key) for key in dict.fromkeys(key for key, _ in pick_assets(item, spec))]
+    files: list[Path] = []
+    urls: list[str] = []
+    for href in hrefs:
+        path = local_path(href)
+        if path is not None:
+            files.append(path)
+        elif _URL.match(href):
+            urls.append(href)
+    return files, urls
+
+
 def _gdal_path(href: str) -> str:
     if href.lower().startswith(("http://", "https://")):
         return "/vsicurl/" + href
     if href.startswith("s3://"):
         return "/vsis3/" + href[len("s3://"):]
+    if href.lower().startswith("file://"):
+        # GDAL opens paths, not file:// URLs (rasterio translates one it opens; a VRT's source is not).
+        return str(local_path(href))
     return href
 
 
@@ -129,10 +184,10 @@ def open_stac_item(source: Any, spec: SensorSpec, sensor: str, stack: contextlib
     rasterio = import_rasterio()
     # The options stay set (with the stack) while the assets are read, not only while opened.
     stack.enter_context(rasterio.Env(**REMOTE_GDAL_OPTIONS, **gdal_http_options()))
-    item = _load_item(source)
+    item = load_item(source)
     what = f"STAC item {item.id!r}"
     picks = pick_assets(item, spec)
-    hrefs = {key: item.assets[key].get_absolute_href() or item.assets[key].href for key, _ in picks}
+    hrefs = {key: _asset_href(item, key) for key, _ in picks}
     datasets = {}
     for key, href in hrefs.items():
         try:

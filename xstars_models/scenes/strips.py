@@ -14,10 +14,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..inputs import dn_tensor
+from .failures import add_note
 from .options import SceneOptions
+from .partial import Partial, Progress
 from .reading import Scene
 from .tiling import Plan
-from .writers import Partial, Progress, SceneWriter
+from .writers import SceneWriter
 
 if TYPE_CHECKING:
     from ..model import XStarsBase
@@ -40,7 +42,16 @@ def run_strips(
     ``autocast``), handing each batch to ``writer``; after each strip, commit it to ``writer`` and
     record it in ``partial``. ``progress`` counts what was done, also when interrupted.
 
-    Uses the options ``batch_size``, ``max_nodata``, ``compile`` and ``progress``."""
+    Uses the options ``batch_size``, ``max_nodata``, ``compile`` and ``progress``.
+
+    After any failure (an exception, Ctrl-C) the partial output is either resumable (the data, the
+    record of the strips done and the carry it names) or, when no strip was ever recorded, gone;
+    an :class:`~xstars_models.errors.InputReadError` or
+    :class:`~xstars_models.errors.OutputWriteError` then also says which.
+
+    Raises:
+        InputReadError: reading a strip failed (names the input's rows and the cause).
+        OutputWriteError: writing a strip failed (names the cause, e.g. ENOSPC, and the file)."""
     p, (th, tw) = plan.patch_px, plan.tile_tokens
     width = plan.grid_tokens[1]
     cuda = device.type == "cuda"
@@ -88,6 +99,10 @@ def run_strips(
                 carry = writer.commit(i)
                 progress.strips_done = i + 1
                 partial.commit(progress, carry)
+    except BaseException as err:
+        # Keep the strips recorded so far for a rerun, or, before the first, nothing of this run.
+        add_note(err, partial.failure_note(partial.keep_resumable(), strips))
+        raise
     finally:
         bar.close()
         encoder.train(was_training)

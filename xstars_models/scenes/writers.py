@@ -1,129 +1,37 @@
-"""Writers: the partial output of an unfinished run, its carried-over accumulator rows, and the
-final files, streamed strip by strip: a Cloud-Optimised GeoTIFF for maps, GeoParquet for per-tile
-vectors. Both writers are a :class:`SceneWriter`, all that the strip runner knows of them."""
+"""Writers: the partial output of an unfinished run (kept as :mod:`.partial` says) and its
+carried-over accumulator rows, and the final files, streamed strip by strip: a Cloud-Optimised
+GeoTIFF for maps, GeoParquet for per-tile vectors. Both writers are a :class:`SceneWriter`, all
+that the strip runner knows of them."""
 
 from __future__ import annotations
 
+import glob
 import io
-import json
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 
-from ..errors import InvalidOptionError
 from ..io import import_rasterio, quiet_georef
 from ..serialization import atomic_open, atomic_path, atomic_write_bytes
+from .failures import GdalLog, chain_messages, io_errors, writing
 from .geoparquet import TileStrip, import_pyarrow, write_geoparquet
+from .partial import Partial, Progress
 from .reading import Scene
 from .tiling import Plan, ramps
 
 if TYPE_CHECKING:
     from affine import Affine
 
-_PARTIAL_FORMAT = "xstars-scene-partial/1"
+__all__ = ["COG_BLOCK", "ClsWriter", "MapWriter", "Partial", "Progress", "SceneWriter"]
 
 # COG tiles of the feature map, in tokens (the smallest GDAL accepts). All feature bands of a tile
 # are stored together (pixel interleaving, what reading the vectors of a place wants).
 COG_BLOCK = 128
-
-
-@dataclass
-class Progress:
-    """How far a scene has got, counted as the partial run's record counts it.
-
-    Attributes:
-        strips_done: rows of tiles finished, earlier (interrupted) calls included.
-        skipped: tiles not embedded because of nodata, earlier calls included.
-        embedded: tiles embedded by this call.
-    """
-
-    strips_done: int = 0
-    skipped: int = 0
-    embedded: int = 0
-
-    @classmethod
-    def resumed(cls, record: dict[str, Any] | None) -> Progress:
-        """Where a run starts: from the partial run's ``record``, or from nothing."""
-        return cls() if record is None else cls(strips_done=record["strips_done"], skipped=record["skipped"])
-
-
-class Partial:
-    """The files of an unfinished output: the partial data (``<out>.partial``), the accumulator
-    rows carried into the next strip, and the sidecar JSON recording the ``settings`` of the run
-    (what a resumed run must share with it) and the strips already done."""
-
-    def __init__(self, out: Path, settings: dict[str, Any]) -> None:
-        self.base = out.with_name(out.name + ".partial")
-        self.json = out.with_name(out.name + ".partial.json")
-        self.settings = settings
-
-    def carry(self, strips_done: int) -> Path:
-        return self.base.with_name(f"{self.base.name}.carry-{strips_done}.npz")
-
-    def files(self) -> list[Path]:
-        return [self.base, self.json, *self.base.parent.glob(self.base.name + ".carry-*.npz")]
-
-    def discard(self) -> None:
-        for path in self.files():
-            path.unlink(missing_ok=True)
-
-    def load(self, resume: bool) -> dict[str, Any] | None:
-        """The recorded progress to resume from, or ``None`` to start over (after discarding any
-        partial files: with ``resume=False``, or when there are none or they are unreadable).
-
-        Raises:
-            InvalidOptionError: (``field="resume"``) a partial run with other settings, naming them.
-        """
-        if not resume or not self.json.is_file() or not self.base.is_file():
-            self.discard()
-            return None
-        try:
-            record = json.loads(self.json.read_text())
-        except (OSError, ValueError):
-            self.discard()
-            return None
-        if record.get("format") != _PARTIAL_FORMAT:
-            self.discard()
-            return None
-        wanted = json.loads(json.dumps(self.settings))
-        before = record["settings"]
-        changed = sorted(k for k in wanted.keys() | before.keys() if before.get(k) != wanted.get(k))
-        if changed:
-            details = "; ".join(f"{k}: {_short(before.get(k))} then, {_short(wanted.get(k))} now" for k in changed)
-            raise InvalidOptionError(
-                f"{self.base} is a partial run with other settings ({details}). Rerun with the same "
-                "settings to resume it, or pass {resume} to discard it and start over.",
-                field="resume",
-                settings={"resume": False},
-            )
-        return record
-
-    def commit(self, progress: Progress, carry: Path | None) -> None:
-        """Record ``progress`` (the strips done and the tiles skipped) with the carry file that the
-        next strip starts from, atomically; then remove the carries of earlier strips."""
-        record = {
-            "format": _PARTIAL_FORMAT,
-            "settings": self.settings,
-            "strips_done": progress.strips_done,
-            "carry": carry.name if carry is not None else None,
-            "skipped": progress.skipped,
-        }
-        atomic_write_bytes(self.json, json.dumps(record, indent=1).encode("utf-8"))
-        # Carries of earlier strips go only once the record no longer names them.
-        for old in self.base.parent.glob(self.base.name + ".carry-*.npz"):
-            if carry is None or old.name != carry.name:
-                old.unlink(missing_ok=True)
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class SceneWriter(Protocol):
@@ -140,6 +48,8 @@ class SceneWriter(Protocol):
     later strips wrote, and redoing a strip writes the same values again. :meth:`finish` turns
     the partial data into ``out`` under a temporary name renamed into place
     (:func:`xstars_models.serialization.atomic_path`), so ``out`` never exists half-written.
+    After a failure the runner keeps the partial data only if a strip was recorded
+    (:meth:`Partial.keep_resumable`).
 
     Attributes:
         transform: the affine transform of the output's pixels (tokens for a map, the scene's
@@ -149,7 +59,9 @@ class SceneWriter(Protocol):
     transform: Affine
 
     def start(self, record: dict[str, Any] | None) -> None:
-        """Create the partial data, or reopen it at the recorded progress (``record``)."""
+        """Reopen the partial data at the recorded progress (``record``), or, with ``None``,
+        prepare a new one, which the first :meth:`commit` creates (so that a run that fails
+        before it leaves nothing)."""
 
     def begin_strip(self, token_missing: torch.Tensor, tile_missing: np.ndarray) -> None:
         """Missing-pixel fractions of the strip's tokens (tile rows x scene width, in tokens) and
@@ -160,10 +72,17 @@ class SceneWriter(Protocol):
         tile columns) of strip ``strip``."""
 
     def commit(self, strip: int) -> Path | None:
-        """Write strip ``strip`` to the partial data; returns the carry saved for the next strip."""
+        """Write strip ``strip`` to the partial data; returns the carry saved for the next strip.
+
+        Raises:
+            OutputWriteError: a failed write, naming the cause (ENOSPC...) and the file."""
 
     def finish(self, out: Path) -> Path:
-        """Write the final file ``out`` from the partial data, remove the latter, return ``out``."""
+        """Write the final file ``out`` from the partial data, remove the latter, return ``out``.
+
+        Raises:
+            OutputWriteError: a failed write, naming the cause; ``out`` is not written and the
+                partial data and its record are kept for a rerun."""
 
 
 class MapWriter:
@@ -196,14 +115,11 @@ class MapWriter:
         )
         self.tags = tags
         self.overviews = overviews
+        self._created = False  # the partial GeoTIFF, by start (resuming) or the first commit
 
     def start(self, record: dict[str, Any] | None) -> None:
-        rasterio = import_rasterio()
+        self._created = record is not None
         if record is None:
-            # An uncompressed GeoTIFF is laid out in full (NaN) at creation, so later windowed
-            # writes in "r+" mode overwrite blocks in place and the file never grows.
-            with quiet_georef(), rasterio.open(self.partial.base, "w", **self.profile) as dst:
-                dst.update_tags(**self.tags)
             return
         done = record["strips_done"]
         self.base = self.plan.row_starts[done] if done < len(self.plan.row_starts) else self.plan.grid_tokens[0]
@@ -212,6 +128,18 @@ class MapWriter:
                 rows = len(carry["wsum"])
                 self.acc[:rows] = torch.from_numpy(carry["acc"]).to(self.acc.device)
                 self.wsum[:rows] = torch.from_numpy(carry["wsum"]).to(self.wsum.device)
+
+    def _create(self) -> None:
+        """Create the partial GeoTIFF. Uncompressed, it is laid out in full (NaN) at creation, so
+        later windowed writes in "r+" mode overwrite blocks in place and the file never grows."""
+        rasterio = import_rasterio()
+        size = 4 * self.dim * self.plan.grid_tokens[0] * self.plan.grid_tokens[1]
+        with writing(self.partial.base, size) as log:
+            with quiet_georef(), rasterio.open(self.partial.base, "w", **self.profile) as dst:
+                dst.update_tags(**self.tags)
+            # GDAL writes the blocks when it closes the file, and only logs a failure there.
+            log.check(missing=size - self.partial.base.stat().st_size)
+        self._created = True
 
     def begin_strip(self, token_missing: torch.Tensor, tile_missing: np.ndarray) -> None:
         """Missing-pixel fractions of the strip's tokens (th x scene width) and tiles."""
@@ -242,8 +170,12 @@ class MapWriter:
         done = nxt - self.base
         # 0 / 0 -> NaN: tokens no embedded tile covered.
         rows = (self.acc[:done] / self.wsum[:done, :, None]).permute(2, 0, 1).float().cpu().numpy()
-        with quiet_georef(), rasterio.open(self.partial.base, "r+") as dst:
-            dst.write(rows, window=Window(0, self.base, self.plan.grid_tokens[1], done))
+        if not self._created:
+            self._create()
+        with writing(self.partial.base, rows.nbytes) as log:
+            with quiet_georef(), rasterio.open(self.partial.base, "r+") as dst:
+                dst.write(rows, window=Window(0, self.base, self.plan.grid_tokens[1], done))
+            log.check()  # GDAL writes cached blocks on closing, and only logs a failure there
         kept = th - done
         self.acc[:kept] = self.acc[done:].clone()
         self.wsum[:kept] = self.wsum[done:].clone()
@@ -256,7 +188,8 @@ class MapWriter:
         buffer = io.BytesIO()
         np.savez(buffer, acc=self.acc[:kept].cpu().numpy(), wsum=self.wsum[:kept].cpu().numpy())
         path = self.partial.carry(strip + 1)
-        atomic_write_bytes(path, buffer.getvalue())
+        with writing(path, buffer.getbuffer().nbytes):
+            atomic_write_bytes(path, buffer.getvalue())
         return path
 
     def finish(self, out: Path) -> Path:
@@ -275,10 +208,45 @@ class MapWriter:
             # Halve until the coarsest level fits in one tile (at least one level).
             levels = max(1, math.ceil(math.log2(max(self.plan.grid_tokens) / COG_BLOCK)))
             options.update(OVERVIEWS="IGNORE_EXISTING", OVERVIEW_COUNT=levels, OVERVIEW_RESAMPLING="AVERAGE")
-        with quiet_georef(), atomic_path(out) as tmp:
-            gdal_copy(self.partial.base, tmp, **options)
+        # The COG's size is not known before; the partial GeoTIFF's bounds it, compressed or not.
+        size = self.partial.base.stat().st_size
+        with self.partial.finishing(out, len(self.plan.row_starts)), writing(out, size) as log, quiet_georef(), \
+                atomic_path(out) as tmp:
+            try:
+                gdal_copy(self.partial.base, tmp, **options)
+                log.check()
+                _check_complete(tmp, log)
+            except BaseException:
+                # GDAL's own temporary files beside it (the overviews' "<tmp>.ovr.tmp").
+                for leftover in tmp.parent.glob(glob.escape(tmp.name) + ".*"):
+                    leftover.unlink(missing_ok=True)
+                raise
         self.partial.base.unlink()
         return out
+
+
+def _check_complete(path: Path, log: GdalLog) -> None:
+    """Raise the :class:`~xstars_models.errors.OutputWriteError` of a GeoTIFF whose directory or
+    blocks (at any overview level) do not all lie inside the file. GDAL's COG copy with several
+    threads may return as if it succeeded when its writes failed (a full disk): their errors
+    reach neither the caller nor the log."""
+    rasterio = import_rasterio()
+    size = path.stat().st_size
+    try:
+        with quiet_georef(), rasterio.open(path) as dataset:
+            levels = [None, *range(len(dataset.overviews(1)))]
+        for level in levels:
+            with quiet_georef(), rasterio.open(path, overview_level=level) as dataset:
+                # Pixel interleaving: band 1's blocks hold every band.
+                for (row, col), _ in dataset.block_windows(1):
+                    offset = int(dataset.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=1) or 0)
+                    length = int(dataset.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=1) or 0)
+                    if offset == 0 or length == 0 or offset + length > size:
+                        where = "" if level is None else f" of overview {level + 1}"
+                        raise OSError(f"block ({row}, {col}){where} is not in the {size} bytes written")
+    except io_errors() as err:
+        log.messages.extend(chain_messages(err))
+        log.check(missing=max(1, log.needed - size))
 
 
 class ClsWriter:
@@ -299,10 +267,11 @@ class ClsWriter:
         self._strip = np.full((len(plan.col_starts), self.record), np.nan, np.float32)
 
     def start(self, record: dict[str, Any] | None) -> None:
-        done = 0 if record is None else record["strips_done"]
+        if record is None:
+            return  # the first commit creates the file
         with open(self.partial.base, "ab") as fh:
             # Records past the last committed strip are from an interrupted strip: drop them.
-            fh.truncate(done * len(self.plan.col_starts) * self.record * 4)
+            fh.truncate(record["strips_done"] * len(self.plan.col_starts) * self.record * 4)
 
     def begin_strip(self, token_missing: torch.Tensor, tile_missing: np.ndarray) -> None:
         self._strip[:] = np.nan
@@ -313,7 +282,7 @@ class ClsWriter:
         self._strip[cols, 1:] = (cls if self.vectors is None else self.vectors(cls)).numpy()
 
     def commit(self, strip: int) -> None:
-        with open(self.partial.base, "ab") as fh:
+        with writing(self.partial.base, self._strip.nbytes), open(self.partial.base, "ab") as fh:
             fh.write(self._strip.tobytes())
             fh.flush()
             os.fsync(fh.fileno())
@@ -350,7 +319,8 @@ class ClsWriter:
 
         corners = np.concatenate([self._tile_geometry(i)[1] for i in (0, n_rows - 1)])
         bbox = [float(v) for v in (*corners.reshape(-1, 2).min(0), *corners.reshape(-1, 2).max(0))]
-        with atomic_open(out) as handle:
+        size = self.partial.base.stat().st_size
+        with self.partial.finishing(out, n_rows), writing(out, size), atomic_open(out) as handle:
             write_geoparquet(handle, strips(), self.dim, self.scene.crs, bbox, self.meta)
         self.partial.base.unlink()
         return out

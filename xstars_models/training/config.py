@@ -67,7 +67,9 @@ class TrainConfig:
     Attributes:
         steps: optimisation steps in total (not epochs).
         batch_size: pairs per step on each process.
-        seed: seeds the augmentation and the order of the batches.
+        seed: seeds every random draw of the run: the augmentation, the order of the batches,
+            the initial weights of what the run creates (new stem, heads, LoRA) and the steps' draws
+            (:mod:`.seeding`; the caller's own random state is left as it was).
         precision: ``"auto"``, ``"bf16"`` or ``"fp32"`` (see :mod:`xstars_models.precision`);
             ``"int8"`` is inference only. The DINO teacher softmax and the MSAD targets are
             computed in fp32 under any precision.
@@ -146,6 +148,25 @@ class TrainConfig:
                 f"TrainConfig.ibot.weight={self.ibot.weight} masks the global views after the first: set "
                 f"crops.n_global >= 2 (got {self.crops.n_global}) or ibot.weight=0.",
                 field="ibot.weight",
+            )
+        if self.ibot.weight > 0 and self.crops.global_tokens < 2:
+            raise ConfigError(
+                f"TrainConfig.ibot.weight={self.ibot.weight} masks some patches of a global view and keeps others: "
+                f"set crops.global_tokens >= 2 (got {self.crops.global_tokens}: one patch per view) or ibot.weight=0.",
+                field="ibot.weight",
+            )
+        if self.crops.n_global == 1 and self.crops.n_local == 0:
+            raise ConfigError(
+                "TrainConfig.crops.n_local=0 with crops.n_global=1: DINO matches each teacher view with the "
+                "student's other views, and there would be none. Set crops.n_local >= 1 or crops.n_global >= 2.",
+                field="crops.n_local",
+            )
+        if self.dino.koleo_weight > 0 and self.batch_size < 2:
+            raise ConfigError(
+                f"TrainConfig.dino.koleo_weight={self.dino.koleo_weight} spreads each view's batch by the distance to "
+                f"its nearest neighbour, which needs batch_size >= 2 (got {self.batch_size}); or set "
+                "dino.koleo_weight=0.",
+                field="dino.koleo_weight",
             )
 
     def to_dict(self) -> dict[str, Any]:

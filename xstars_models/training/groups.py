@@ -22,7 +22,12 @@ __all__ = [
 _AT_LEAST_ONE = (lambda v: v >= 1, "a whole number >= 1")
 _RANGES = {
     **dict.fromkeys(
-        ("steps", "batch_size", "checkpoint_every", "crops.n_global", "monitor.every", "monitor.images"), _AT_LEAST_ONE
+        (
+            "steps", "batch_size", "checkpoint_every", "crops.n_global", "monitor.every", "monitor.images",
+            # sizes: a head of 0 prototypes or a 0-wide bottleneck, a crop of 0 tokens
+            "dino.out_dim", "dino.bottleneck", "crops.global_tokens", "crops.local_tokens",
+        ),
+        _AT_LEAST_ONE,
     ),
     "dino.student_temp": (lambda v: v > 0, "a number > 0"),
     "dino.teacher_temp": (lambda v: v > 0, "a number > 0"),
@@ -70,7 +75,8 @@ def check_setting(name: str, kind: str, value: Any, where: str) -> Any:
             raise refuse(expected)
         value = (float(value[0]), float(value[1]))
     elif kind == "int":
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        # A negative count of a setting with a narrower range is refused below with that range.
+        if not isinstance(value, int) or isinstance(value, bool) or (value < 0 and name not in _RANGES):
             raise refuse("a whole number >= 0")
     else:  # float
         if not _number(value) or value < 0:

@@ -16,11 +16,14 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from ..devices import check_device
+from ..distributed import rank
 from ..model import ModelT, XStarsBase
 from ..sensors import SensorSpec
 from .config import TrainConfig
 from .loop import train_loop
 from .monitors import collapse_verdict, effective_rank, warn_if_collapsed
+from .seeding import seed_streams, seeded, step_seed
 from .steps import AdaptStep, PretrainStep, RecipeStep
 from .views import TrainingViews, make_loader, monitor_images
 
@@ -28,9 +31,10 @@ __all__ = ["adapt", "pretrain"]
 
 
 def _device(device: str | torch.device | None) -> torch.device:
+    """Where to train: ``device`` once checked (before any work), else CUDA when available."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return check_device(device)
 
 
 def _train(
@@ -45,8 +49,11 @@ def _train(
     in DINO), in eval mode, on the CPU, with the run recorded in its training record.
     The effective-rank monitor follows the teacher's CLS embeddings of a fixed batch of the
     recipe's monitor sensor. A run whose last step's monitors show a collapse warns with
-    :class:`~.monitors.CollapseWarning` and records the verdict under ``"monitors"``."""
+    :class:`~.monitors.CollapseWarning` and records the verdict under ``"monitors"``. Run inside
+    :func:`~.seeding.seeded`: the steps draw from their own stream of the run's seed (a resumed
+    run restores the checkpoint's)."""
     config, device, teacher = recipe.config, recipe.device, recipe.teacher
+    seed_streams(step_seed(config.seed, rank()), device)
     modules = recipe.modules.to(device)
     sensor = recipe.monitor_sensor
     images = monitor_images(views, sensor, recipe.msad_size(sensor), config.monitor.images).to(device)
@@ -106,17 +113,25 @@ def pretrain(
             ignore (e.g. ``dino.cross_sensor``) is refused.
         out_dir: run folder for checkpoints (``last.pt``) and ``metrics.jsonl``.
         resume: continue from the last checkpoint in ``out_dir``.
-        device: default CUDA when available.
+        device: ``"cpu"``, ``"cuda[:N]"`` or ``"mps"``, checked before any work; default CUDA
+            when available.
         data_description: recorded in the model's training record and model card.
 
     Returns:
-        The trained encoder (the EMA teacher), ready for ``save_pretrained``.
+        The trained encoder (the EMA teacher), ready for ``save_pretrained``; the same for the
+        same ``config.seed``, data and device (:mod:`.seeding`), whatever the caller's random state.
+
+    Raises:
+        InvalidOptionError: a ``device`` this machine cannot train on (``field="device"``).
     """
     config = config or TrainConfig()
-    recipe = PretrainStep(model, config, _device(device))
-    record = {"recipe": "pretrain", "sensors": recipe.sensors, "data": data_description}
-    # The teacher is a deep copy of ``model``, so of its class; the step objects do not carry the type.
-    return _train(recipe, recipe.views(pairs), out_dir, resume, progress, record)  # type: ignore[return-value]
+    where = _device(device)
+    # Every initialisation and every step's draw comes from config.seed, not the caller's random state.
+    with seeded(config.seed, where):
+        recipe = PretrainStep(model, config, where)
+        record = {"recipe": "pretrain", "sensors": recipe.sensors, "data": data_description}
+        # The teacher is a deep copy of ``model``, so of its class; the step objects do not carry the type.
+        return _train(recipe, recipe.views(pairs), out_dir, resume, progress, record)  # type: ignore[return-value]
 
 
 def adapt(
@@ -152,15 +167,26 @@ def adapt(
             the attention layers) or ``"full"`` (the whole student).
         config: training settings (defaults: :class:`TrainConfig`); a setting adapt would
             ignore (``anchor.weight``) is refused.
+        device: ``"cpu"``, ``"cuda[:N]"`` or ``"mps"``, checked before any work; default CUDA
+            when available.
         lora_rank: rank of the LoRA updates in ``"lora"`` mode.
         patch_size: override the stem's patch size (pixels).
 
     Returns:
-        The adapted model (EMA teacher) with ``lineage`` naming the base model and revision.
+        The adapted model (EMA teacher) with ``lineage`` naming the base model and revision; the
+        same for the same ``config.seed``, data and device (:mod:`.seeding`: the new stem and the
+        heads start from the seed), whatever the caller's random state.
+
+    Raises:
+        InvalidOptionError: a bad ``mode``, ``lora_rank``, ``patch_size`` or ``device`` (one this
+            machine cannot train on), named in ``field``.
     """
     config = config or TrainConfig()
-    recipe = AdaptStep(base, new_sensor, old_sensor, mode, config, _device(device), lora_rank, patch_size)
-    record = {"recipe": "adapt", "mode": mode, "new_sensor": recipe.new, "old_sensor": recipe.old, "data": data_description}
-    model = _train(recipe, recipe.views(pairs), out_dir, resume, progress, record)
+    where = _device(device)
+    # The new stem, the heads and every step's draw come from config.seed, not the caller's random state.
+    with seeded(config.seed, where):
+        recipe = AdaptStep(base, new_sensor, old_sensor, mode, config, where, lora_rank, patch_size)
+        record = {"recipe": "adapt", "mode": mode, "new_sensor": recipe.new, "old_sensor": recipe.old, "data": data_description}
+        model = _train(recipe, recipe.views(pairs), out_dir, resume, progress, record)
     model.lineage = {"base_model": base.name_or_path, "base_revision": base.revision, "adapt_mode": mode}
     return model  # type: ignore[return-value]  # a deep copy of ``base``, so of its class

@@ -195,6 +195,11 @@ class AdaptStep(RecipeStep):
     ) -> None:
         if mode not in ADAPT_MODES:
             raise InvalidOptionError(f"mode must be one of {ADAPT_MODES}, got {mode!r}.", field="mode")
+        if mode == "lora" and (not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank < 1):
+            raise InvalidOptionError(
+                "{lora_rank}: the rank of the LoRA updates must be a whole number >= 1 (8 by default).",
+                field="lora_rank", settings={"lora_rank": lora_rank},
+            )
         super().__init__(config, device)
         config.check_recipe("adapt", 2)
         self.new, self.old = new_sensor.name, old_sensor or base.primary_sensor

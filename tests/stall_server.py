@@ -5,7 +5,10 @@ of the path says how it misbehaves with the file named by the rest:
 - ``/before-headers/<file>``: accepts the connection and sends nothing;
 - ``/after-headers/<file>``: sends the status line and headers, then no body;
 - ``/after-open/<file>``: answers ranges that start in the file's first 16 KiB (where a GeoTIFF's
-  header and tile index are: enough to open it) and stalls on the rest (the pixels).
+  header and tile index are: enough to open it) and stalls on the rest (the pixels);
+- ``/cut/<file>``: answers normally, except that while a file ``CUT`` exists in the served folder,
+  a GET whose range reaches the byte offset written in it gets the full ``Content-Length`` but the
+  body only up to that offset, and the connection closes there (a truncated transfer).
 
 A stall lasts 10 minutes or until the server stops. It runs in its own process for the reason given
 in range_server.py (GDAL's reads may hold the GIL)."""
@@ -62,8 +65,14 @@ def _handler(root: Path) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 self._stall()
                 return
-            if self.command == "GET":
-                self.wfile.write(body)
+            if self.command != "GET":
+                return
+            cut = root / "CUT"
+            if mode == "cut" and cut.exists() and end >= int(cut.read_text()):
+                self.wfile.write(body[: max(0, int(cut.read_text()) - start)])
+                self.close_connection = True
+                return
+            self.wfile.write(body)
 
         def do_HEAD(self) -> None:
             self._answer()

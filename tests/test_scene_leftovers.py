@@ -12,8 +12,6 @@ import errno
 import json
 import os
 import shutil
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import rasterio.io
 import rasterio.shutil
 from factories import tiny_model
 from rasterio.errors import RasterioIOError
+from stall_server import StallServer
 
 import xstars_models.scenes.partial as partial_module
 import xstars_models.scenes.writers as writers
@@ -423,58 +422,6 @@ def test_cli_truncated_geotiff_is_one_line(folder, scene, tmp_path, capsys):
     assert_resumable(out, 3)
 
 
-# A file server on 127.0.0.1 (in its own process: GDAL's reads may hold the GIL) that answers HEAD
-# and single ranges; while the file CUT exists in its folder, a GET whose range reaches the byte
-# offset in CUT gets the full Content-Length but the body only up to that offset, and the
-# connection closes there.
-SERVER = r"""
-import re, sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-
-root = Path(sys.argv[1]).resolve()
-RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def answer(self):
-        path = (root / self.path.lstrip("/")).resolve()
-        if root not in path.parents or not path.is_file():
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        data = path.read_bytes()
-        match = RANGE.match(self.headers.get("Range") or "")
-        start, end = (int(match[1]), min(int(match[2] or len(data) - 1), len(data) - 1)) if match else (0, len(data) - 1)
-        body = data[start : end + 1]
-        self.send_response(206 if match else 200)
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(len(body)))
-        if match:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-        self.end_headers()
-        if self.command != "GET":
-            return
-        flag = root / "CUT"
-        if flag.exists() and end >= int(flag.read_text()):
-            self.wfile.write(body[: max(0, int(flag.read_text()) - start)])
-            self.close_connection = True
-            return
-        self.wfile.write(body)
-
-    do_GET = do_HEAD = answer
-
-server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-print(server.server_address[1], flush=True)
-server.serve_forever()
-"""
-
-
 @pytest.fixture
 def cutting_server(scene, tmp_path, monkeypatch):
     """A COG of the scene (128 px blocks, the least the COG driver takes: block row 1 is strips 2
@@ -486,18 +433,15 @@ def cutting_server(scene, tmp_path, monkeypatch):
     www.mkdir()
     name = f"{tmp_path.name}.tif"  # GDAL caches what it read of a URL: one URL per test
     rasterio.shutil.copy(scene, www / name, driver="COG", BLOCKSIZE=2 * BLOCK, COMPRESS="NONE")
-    process = subprocess.Popen([sys.executable, "-c", SERVER, str(www)], stdout=subprocess.PIPE, text=True)
+    server = StallServer(www)  # its "cut" mode truncates bodies while www/CUT exists
     try:
-        port = int(process.stdout.readline())
-        url = f"http://127.0.0.1:{port}/{name}"
+        url = f"{server.start()}/cut/{name}"
         # GDAL keeps what it read of a URL for later reads in the process, a short body included;
         # this drops it when the file is closed (a rerun in a new process starts afresh anyway).
         monkeypatch.setenv("CPL_VSIL_CURL_NON_CACHED", f"/vsicurl/{url}")
         yield www, url, lambda row: block_offset(www / name, row)
     finally:
-        process.terminate()
-        process.wait(timeout=30)
-        process.stdout.close()
+        server.stop()
 
 
 def test_a_truncated_http_body_names_the_rows_and_url_and_resumes(model, reference, cutting_server, tmp_path):

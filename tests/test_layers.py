@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("serialization", "lora", "manifest", "hub", "calibration"),  # weight files, the registry, the Hub
     ("model",),  # XStarsBase
     # what uses a model
-    ("training", "adapters", "scenes", "publish", "evaluation", "data", "losses", "integrations", "export"),
+    ("training", "adapters", "scenes", "archive", "publish", "evaluation", "data", "losses", "integrations", "export"),
     ("xstars",),  # XStars: the model plus the methods that call into the layer above
     ("convert", "demo", "cli", ""),  # what hands users an XStars, and the entry points
 ]

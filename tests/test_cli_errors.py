@@ -96,6 +96,11 @@ CASES = [
     (["eval", "MODEL", "--task", "landcover", "--features", "median"], "invalid choice: 'median'"),
     (["export", "MODEL", "TMP/m.onnx", "--sensor", "aerial_rgb"], "argument --sensor: This model has no stem for sensor 'aerial_rgb'"),
     (["export", "MODEL", "TMP/m.txt", "--sensor", "sentinel2_rgb"], "the ONNX file name must end in .onnx"),
+    (["embed-collection", "MODEL", "SCENE", "--sensor", "sentinel2_rgb", "--out", "TMP/d", "--workers", "0"],
+     "--workers 0 must be a whole number >= 1"),
+    (["embed-collection", "MODEL", "SCENE", "--sensor", "sentinel2_rgb", "--out", "TMP/d", "--scheduler", "banana"],
+     "--scheduler banana: not a Dask scheduler address"),
+    (["embed-collection", "MODEL", "SCENE", "--sensor", "nope", "--out", "TMP/d"], "argument --sensor: This model has no stem"),
     (["export", "MODEL", "TMP/m.onnx", "--sensor", "sentinel2_rgb", "--opset", "13"], "argument --opset: opset 13 has no antialiased Resize"),
 ]
 

@@ -8,12 +8,15 @@ plain call into the layer that owns the work."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .adapters import load_adapter, save_adapter
+from .archive import ArchiveOptions, CollectionResult, embed_collection
 from .config import FileRecord
 from .export import export_onnx
 from .model import XStarsBase
@@ -88,6 +91,22 @@ class XStars(XStarsBase):
         device`` may also come positionally after ``out``. See
         :func:`xstars_models.scenes.embed_scene` for the GSD check, nodata and resuming."""
         return embed_scene(self, source, sensor, out, *positional, options=options, **kwargs)
+
+    def embed_collection(
+        self,
+        sources: Iterable[str | os.PathLike[str]],
+        sensor: str,
+        out: str | os.PathLike[str],
+        options: ArchiveOptions | None = None,
+        **kwargs: Any,
+    ) -> CollectionResult:
+        """Embed every scene ``sources`` names (GeoTIFFs, COG URLs, STAC Items, ItemCollections or
+        Catalogs) into the GeoParquet dataset folder ``out``, one row per tile, resumable; in this
+        process or on a Dask cluster (``workers=``, ``scheduler=``, ``client=``). Options: the
+        fields of :class:`~xstars_models.archive.ArchiveOptions` and of
+        :class:`~xstars_models.scenes.SceneOptions`, by keyword or as ``options=``; see
+        :func:`xstars_models.archive.embed_collection`."""
+        return embed_collection(self, sources, sensor, out, options, **kwargs)
 
     def export_onnx(
         self, path: str | Path, sensor: str, output: str = "cls", opset: int | None = None, **kwargs: Any

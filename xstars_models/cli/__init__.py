@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..errors import XStarsError, api_setting
-from . import embedding, evaluating, exporting, models, publishing, training
+from . import archive, embedding, evaluating, exporting, models, publishing, training
 
 __all__ = ["build_parser", "main"]
 
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (models, embedding, training, publishing, evaluating, exporting):
+    for group in (models, embedding, archive, training, publishing, evaluating, exporting):
         group.register(sub)
     return parser
 

@@ -67,9 +67,11 @@ def register(sub: Any) -> None:
                    help="replace the output if it exists (otherwise refused; an interrupted run still resumes)")
     area = p.add_mutually_exclusive_group()
     area.add_argument("--bounds", type=float, nargs=4, metavar=("LEFT", "BOTTOM", "RIGHT", "TOP"),
-                      help="embed only this area, in the scene's CRS units")
+                      help="embed only this area, in the scene's CRS units (or --bounds-crs)")
     area.add_argument("--window", type=int, nargs=4, metavar=("ROW", "COL", "HEIGHT", "WIDTH"),
                       help="embed only this area, in input pixels")
+    p.add_argument("--bounds-crs", metavar="CRS",
+                   help="the CRS of --bounds, e.g. EPSG:4326 for longitude/latitude (default: the scene's)")
     p.add_argument("--overviews", action="store_true", help="add overviews to the map COG")
     p.add_argument("--output", default="map", choices=SCENE_OUTPUTS)
     p.add_argument("--whiten", action="store_true",
@@ -241,8 +243,8 @@ def _embed_scene(args: argparse.Namespace) -> int:
     options = SceneOptions(
         tile=args.tile, overlap=args.overlap, output=args.output, batch_size=args.batch_size, device=args.device,
         resample=args.resample, max_nodata=args.max_nodata, progress=not args.no_progress, resume=not args.restart,
-        bounds=args.bounds, window=args.window, overviews=args.overviews, precision=args.precision,
-        compile=args.compile, whiten=args.whiten, overwrite=args.overwrite,
+        bounds=args.bounds, bounds_crs=args.bounds_crs, window=args.window, overviews=args.overviews,
+        precision=args.precision, compile=args.compile, whiten=args.whiten, overwrite=args.overwrite,
     )
     model = XStars.from_pretrained(args.model, local_files_only=args.offline)
     result = model.embed_scene(args.source, args.sensor, args.out, options=options)

@@ -13,8 +13,9 @@ Sources
     A URL is opened by GDAL, which reads the file's header and then only the byte ranges of the
     windows asked for (HTTP range requests); nothing is downloaded whole. A STAC Item's assets are
     chosen by the sensor's band names (see :mod:`.stac`) and stacked into a virtual raster that is
-    read the same way. ``bounds=`` (in the scene's CRS) or ``window=`` (input pixels) restricts
-    everything below to an area of interest, whose corner becomes the outputs' origin.
+    read the same way. ``bounds=`` (in the scene's CRS, or in ``bounds_crs=``, e.g.
+    ``"EPSG:4326"``) or ``window=`` (input pixels) restricts everything below to an area of
+    interest, whose corner becomes the outputs' origin.
 
 Units
     Float imagery whose values cannot be the sensor's digital numbers (values of another bit
@@ -92,7 +93,11 @@ Resuming
 
 from .embed import SceneResult, embed_scene
 from .options import SCENE_OUTPUTS, SceneOptions
+from .tiles import SceneGrid, TileTable, embed_tiles, scene_grid
 from .tiling import default_tile
-from .writers import SceneWriter
+from .writers import SceneWriter, StripWriter
 
-__all__ = ["SCENE_OUTPUTS", "SceneOptions", "SceneResult", "SceneWriter", "default_tile", "embed_scene"]
+__all__ = [
+    "SCENE_OUTPUTS", "SceneGrid", "SceneOptions", "SceneResult", "SceneWriter", "StripWriter", "TileTable",
+    "default_tile", "embed_scene", "embed_tiles", "scene_grid",
+]

@@ -58,8 +58,12 @@ class SceneOptions:
         resume: continue a partial run of the same settings into the output; ``False`` starts over.
         transform: for an array source, the affine transform of its pixels (CRS units).
         crs: for an array source, its CRS (anything ``rasterio.crs.CRS.from_user_input`` takes).
-        bounds: embed only this area of interest, (left, bottom, right, top) in the scene's CRS
+        bounds: embed only this area of interest, (left, bottom, right, top) in ``bounds_crs``
             units; every input pixel it touches is included.
+        bounds_crs: the CRS of ``bounds`` (anything ``rasterio.crs.CRS.from_user_input`` takes,
+            e.g. ``"EPSG:4326"``: longitude, latitude); ``None``: the scene's CRS. The bounds are
+            then the envelope, in the scene's CRS, of the box with its edges densified (so the
+            area covers the whole box); used only with ``bounds``.
         window: embed only this area of interest, (row, col, height, width) in input pixels or a
             ``rasterio.windows.Window`` (kept as the tuple). Outputs are georeferenced to the area,
             not the scene. At most one of ``bounds`` and ``window``.
@@ -92,6 +96,8 @@ class SceneOptions:
     compile: bool = False
     whiten: bool = False
     overwrite: bool = False
+    # Last, so that options built positionally before it existed keep their meaning.
+    bounds_crs: str | None = None
 
     def __post_init__(self) -> None:
         if self.output not in SCENE_OUTPUTS:
@@ -125,6 +131,8 @@ class SceneOptions:
             self._set("bounds", _bounds(self.bounds))
         if self.window is not None:
             self._set("window", _window(self.window))
+        if self.bounds_crs is not None:
+            _check_crs(self.bounds_crs)
 
     def _set(self, name: str, value: Any) -> None:
         # The dataclass is frozen for its users; __post_init__ still stores normalised values
@@ -178,7 +186,7 @@ class SceneOptions:
 
         The others may change between runs (``batch_size``, ``device``, ``progress``, ``resume``,
         ``compile``, ``overviews``, ``overwrite``) or enter the record through the scene: ``resample`` as the
-        resampling scale, ``bounds`` and ``window`` as the area of interest of the source's
+        resampling scale, ``bounds`` (with ``bounds_crs``) and ``window`` as the area of interest of the source's
         fingerprint. ``transform`` and ``crs`` of an array source are not recorded: change them
         only with ``resume=False``."""
         return {
@@ -230,3 +238,21 @@ def _window(window: Any) -> tuple[int, int, int, int]:
         )
     row, col, height, width = (int(v) for v in values)
     return row, col, height, width
+
+
+def _check_crs(crs: Any) -> None:
+    """Refuse a ``bounds_crs`` that is not a CRS string rasterio reads."""
+    from ..io import import_rasterio
+
+    if isinstance(crs, str) and crs.strip():
+        rasterio = import_rasterio("bounds_crs")
+        try:
+            rasterio.crs.CRS.from_user_input(crs)
+            return
+        except (rasterio.errors.CRSError, ValueError):  # "EPSG:abc" raises a bare ValueError
+            pass
+    raise InvalidOptionError(
+        "{bounds_crs} is not a CRS; give one as a string rasterio reads, e.g. 'EPSG:4326' (longitude, latitude).",
+        field="bounds_crs",
+        settings={"bounds_crs": crs},
+    )

@@ -91,12 +91,20 @@ def resolve_aoi(
     height: int,
     width: int,
     what: str,
+    crs: Any = None,
+    bounds_crs: str | None = None,
 ) -> PixelWindow | None:
     """The area of interest as a whole-pixel window (row, col, height, width) of the input.
 
-    ``bounds`` (left, bottom, right, top in the scene's CRS units, checked by
-    :class:`SceneOptions`) become every pixel they touch; ``window`` (row, col, height, width in
-    input pixels) must lie inside the input's ``height`` x ``width`` pixels.
+    ``bounds`` (left, bottom, right, top in ``bounds_crs``, default the scene's ``crs``; checked
+    by :class:`SceneOptions`) become every pixel they touch; in another CRS, of their envelope in
+    the scene's CRS (:func:`bounds_in_crs`). ``window`` (row, col, height, width in input pixels)
+    must lie inside the input's ``height`` x ``width`` pixels.
+
+    Raises:
+        InvalidOptionError: a window outside the scene (``field="window"``); bounds that do not
+            overlap it, naming its bounds (``field="bounds"``); a ``bounds_crs`` for a scene
+            without a CRS (``field="bounds_crs"``).
     """
     if window is not None:
         row, col, h, w = window
@@ -112,19 +120,67 @@ def resolve_aoi(
     from rasterio.transform import array_bounds
     from rasterio.windows import from_bounds
 
-    area = from_bounds(*bounds, transform=transform)
+    native = bounds if bounds_crs is None else bounds_in_crs(bounds, bounds_crs, crs, what)
+    area = from_bounds(*native, transform=transform)
     row0 = max(0, math.floor(area.row_off + 1e-9))
     col0 = max(0, math.floor(area.col_off + 1e-9))
     row1 = min(height, math.ceil(area.row_off + area.height - 1e-9))
     col1 = min(width, math.ceil(area.col_off + area.width - 1e-9))
     if row1 <= row0 or col1 <= col0:
-        south, west, north, east = array_bounds(height, width, transform)
+        west, south, east, north = array_bounds(height, width, transform)
+        given = "" if bounds_crs is None else f" in {bounds_crs} ({_box(native)} in the scene's CRS)"
         raise InvalidOptionError(
-            f"{what}: bounds {tuple(bounds)} do not overlap the scene, which spans "
-            f"({west:g}, {south:g}, {east:g}, {north:g}) (left, bottom, right, top) in its CRS.",
+            f"{what}: bounds {_box(bounds)}{given} do not overlap the scene, which spans "
+            f"{_box((west, south, east, north))} (left, bottom, right, top) in its CRS.",
             field="bounds",
         )
     return row0, col0, row1 - row0, col1 - col0
+
+
+def bounds_in_crs(
+    bounds: tuple[float, float, float, float], bounds_crs: str, crs: Any, what: str
+) -> tuple[float, float, float, float]:
+    """``bounds`` (left, bottom, right, top in ``bounds_crs``) as the envelope of that box in the
+    scene's ``crs``. The box's edges are densified (100 points each) before transforming, so the
+    envelope covers the whole box, whose edges are curves in the scene's CRS.
+
+    Raises:
+        InvalidOptionError: a scene without a CRS (``field="bounds_crs"``); bounds that cannot
+            be transformed to the scene's CRS (``field="bounds"``).
+    """
+    rasterio = import_rasterio()
+    from rasterio.warp import transform_bounds
+
+    if crs is None:
+        raise InvalidOptionError(
+            f"{what} has no CRS, so bounds in {{bounds_crs}} cannot be placed on it; give bounds in its own "
+            "coordinates without a bounds CRS.",
+            field="bounds_crs",
+            settings={"bounds_crs": bounds_crs},
+        )
+    source = rasterio.crs.CRS.from_user_input(bounds_crs)
+    if source == crs:
+        return bounds
+    try:
+        left, bottom, right, top = transform_bounds(source, crs, *bounds, densify_pts=100)
+    except rasterio.errors.RasterioError as err:
+        left = bottom = right = top = math.nan
+        cause = f" ({err})"
+    else:
+        cause = ""
+    if not all(math.isfinite(v) for v in (left, bottom, right, top)) or not (left < right and bottom < top):
+        raise InvalidOptionError(
+            f"{what}: bounds {_box(bounds)} in {bounds_crs} cannot be transformed to the scene's CRS "
+            f"({crs.to_string()}){cause}.",
+            field="bounds",
+        )
+    return left, bottom, right, top
+
+
+def _box(values: Any) -> str:
+    """Coordinates as written in messages: all their digits up to 12 (not ``:g``'s 6, which
+    shows 4176460 m as 4.17646e+06)."""
+    return "(" + ", ".join(f"{float(v):.12g}" for v in values) + ")"
 
 
 def open_scene(
@@ -148,7 +204,8 @@ def open_scene(
         transform = options.transform if options.transform is not None else Affine.identity()
         data = np.ascontiguousarray(source)
         what = f"array {tuple(data.shape)}"
-        aoi = resolve_aoi(options.bounds, options.window, transform, data.shape[1], data.shape[2], what)
+        aoi = resolve_aoi(options.bounds, options.window, transform, data.shape[1], data.shape[2], what, crs,
+                          options.bounds_crs)
         fingerprint = {
             "array_sha256": hashlib.sha256(data.data.cast("B")).hexdigest(),
             "shape": list(data.shape),
@@ -198,7 +255,8 @@ def open_scene(
         shape=[dataset.count, dataset.height, dataset.width], dtype=dataset.dtypes[0],
         transform=list(dataset.transform)[:6],
     )
-    aoi = resolve_aoi(options.bounds, options.window, dataset.transform, dataset.height, dataset.width, what)
+    aoi = resolve_aoi(options.bounds, options.window, dataset.transform, dataset.height, dataset.width, what,
+                      dataset.crs, options.bounds_crs)
     fingerprint["aoi"] = aoi
     nodata = dataset.nodata if dataset.nodata is not None else spec.nodata
     return Scene(what, dataset, None, dataset.transform, dataset.crs, nodata, spec, sensor, options.resample, fingerprint, aoi)

@@ -1,5 +1,5 @@
 """The strip runner: reads a scene one row of tiles (a *strip*) at a time, embeds its tiles in
-batches and hands them to a :class:`~.writers.SceneWriter`, committing after each strip."""
+batches and hands them to a writer (:class:`~.writers.StripWriter`), committing after each strip."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .options import SceneOptions
 from .partial import Partial, Progress
 from .reading import Scene
 from .tiling import Plan
-from .writers import SceneWriter
+from .writers import StripWriter
 
 if TYPE_CHECKING:
     from ..model import XStarsBase
@@ -29,18 +29,21 @@ def run_strips(
     encoder: XStarsBase,
     scene: Scene,
     plan: Plan,
-    writer: SceneWriter,
-    partial: Partial,
+    writer: StripWriter,
+    partial: Partial | None,
     progress: Progress,
     *,
     sensor: str,
     options: SceneOptions,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
+    stop: int | None = None,
 ) -> None:
-    """Embed strips ``progress.strips_done``.. of ``plan`` with ``encoder`` on ``device`` (under
-    ``autocast``), handing each batch to ``writer``; after each strip, commit it to ``writer`` and
-    record it in ``partial``. ``progress`` counts what was done, also when interrupted.
+    """Embed strips ``progress.strips_done`` to ``stop`` (excluded; default: the last strip of
+    ``plan``) with ``encoder`` on ``device`` (under ``autocast``), handing each batch to
+    ``writer``; after each strip, commit it to ``writer`` and record it in ``partial`` (``None``:
+    a run that keeps nothing on disk, e.g. into memory). ``progress`` counts what was done, also
+    when interrupted.
 
     Uses the options ``batch_size``, ``max_nodata``, ``compile`` and ``progress``.
 
@@ -70,18 +73,19 @@ def run_strips(
     forward = torch.compile(encode) if options.compile else encode
     starts = plan.col_starts
     strips, per_strip = len(plan.row_starts), len(starts)
+    stop = strips if stop is None else stop
     was_training = encoder.training
     encoder.eval()
-    bar = tqdm(total=plan.tiles, initial=progress.strips_done * per_strip, desc=f"embed {Path(scene.what).name}",
+    bar = tqdm(total=stop * per_strip, initial=progress.strips_done * per_strip, desc=f"embed {Path(scene.what).name}",
                unit="tile", disable=not options.progress)
     try:
         with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
             # Read the next strip while this one is embedded.
-            pending = pool.submit(read, progress.strips_done) if progress.strips_done < strips else None
-            for i in range(progress.strips_done, strips):
+            pending = pool.submit(read, progress.strips_done) if progress.strips_done < stop else None
+            for i in range(progress.strips_done, stop):
                 assert pending is not None  # submitted for every strip of the loop
                 pixels, fraction = pending.result()
-                pending = pool.submit(read, i + 1) if i + 1 < strips else None
+                pending = pool.submit(read, i + 1) if i + 1 < stop else None
                 pixels = pixels.to(device, non_blocking=True)
                 tile_missing = np.array([fraction[:, c : c + tw].mean() for c in starts])
                 keep = [j for j, f in enumerate(tile_missing) if f <= options.max_nodata and f < 1]
@@ -98,10 +102,12 @@ def run_strips(
                 bar.update(per_strip - len(keep))
                 carry = writer.commit(i)
                 progress.strips_done = i + 1
-                partial.commit(progress, carry)
+                if partial is not None:
+                    partial.commit(progress, carry)
     except BaseException as err:
         # Keep the strips recorded so far for a rerun, or, before the first, nothing of this run.
-        add_note(err, partial.failure_note(partial.keep_resumable(), strips))
+        if partial is not None:
+            add_note(err, partial.failure_note(partial.keep_resumable(), strips))
         raise
     finally:
         bar.close()

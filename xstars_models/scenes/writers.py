@@ -1,7 +1,8 @@
 """Writers: the partial output of an unfinished run (kept as :mod:`.partial` says) and its
 carried-over accumulator rows, and the final files, streamed strip by strip: a Cloud-Optimised
-GeoTIFF for maps, GeoParquet for per-tile vectors. Both writers are a :class:`SceneWriter`, all
-that the strip runner knows of them."""
+GeoTIFF for maps, GeoParquet for per-tile vectors. Both writers are a :class:`SceneWriter`; the
+strip runner knows them only as a :class:`StripWriter` (which an in-memory collector of tiles,
+:mod:`.tiles`, is too)."""
 
 from __future__ import annotations
 
@@ -27,17 +28,33 @@ from .tiling import Plan, ramps
 if TYPE_CHECKING:
     from affine import Affine
 
-__all__ = ["COG_BLOCK", "ClsWriter", "MapWriter", "Partial", "Progress", "SceneWriter"]
+__all__ = ["COG_BLOCK", "ClsWriter", "MapWriter", "Partial", "Progress", "SceneWriter", "StripWriter", "tile_geometry"]
 
 # COG tiles of the feature map, in tokens (the smallest GDAL accepts). All feature bands of a tile
 # are stored together (pixel interleaving, what reading the vectors of a place wants).
 COG_BLOCK = 128
 
 
-class SceneWriter(Protocol):
-    """Where the tiles of a scene go, strip by strip. The runner calls :meth:`start` once,
-    then for each strip (row of tiles) in order :meth:`begin_strip`, :meth:`add` for each batch and
-    :meth:`commit`, and :meth:`finish` after the last.
+class StripWriter(Protocol):
+    """What the strip runner hands tiles to: for each strip (row of tiles) in order
+    :meth:`begin_strip`, :meth:`add` for each batch and :meth:`commit`."""
+
+    def begin_strip(self, token_missing: torch.Tensor, tile_missing: np.ndarray) -> None:
+        """Missing-pixel fractions of the strip's tokens (tile rows x scene width, in tokens) and
+        of its tiles (one per tile column)."""
+
+    def add(self, strip: int, cols: list[int], tokens: torch.Tensor) -> None:
+        """The final tokens (B x (prefix + h*w) x D) of tiles ``cols`` (indexes into the plan's
+        tile columns) of strip ``strip``."""
+
+    def commit(self, strip: int) -> Path | None:
+        """The end of strip ``strip``; returns the carry saved for the next strip, if any."""
+
+
+class SceneWriter(StripWriter, Protocol):
+    """Where the tiles of a scene go, strip by strip, into an output file. The runner calls
+    :meth:`start` once, then for each strip (row of tiles) in order :meth:`begin_strip`,
+    :meth:`add` for each batch and :meth:`commit`, and :meth:`finish` after the last.
 
     The ``commit`` contract: when ``commit(strip)`` returns, everything of strips up to ``strip``
     that no later strip changes has been handed to the operating system in the partial data
@@ -62,14 +79,6 @@ class SceneWriter(Protocol):
         """Reopen the partial data at the recorded progress (``record``), or, with ``None``,
         prepare a new one, which the first :meth:`commit` creates (so that a run that fails
         before it leaves nothing)."""
-
-    def begin_strip(self, token_missing: torch.Tensor, tile_missing: np.ndarray) -> None:
-        """Missing-pixel fractions of the strip's tokens (tile rows x scene width, in tokens) and
-        of its tiles (one per tile column)."""
-
-    def add(self, strip: int, cols: list[int], tokens: torch.Tensor) -> None:
-        """The final tokens (B x (prefix + h*w) x D) of tiles ``cols`` (indexes into the plan's
-        tile columns) of strip ``strip``."""
 
     def commit(self, strip: int) -> Path | None:
         """Write strip ``strip`` to the partial data; returns the carry saved for the next strip.
@@ -287,22 +296,6 @@ class ClsWriter:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def _tile_geometry(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Input-pixel windows (row, col, height, width; in the whole input, area of interest
-        included) and footprint rings (closed, counter-clockwise on a north-up map) of the tiles
-        of tile-row ``i``."""
-        p, (th, tw) = self.plan.patch_px, self.plan.tile_tokens
-        sx, sy = self.scene.scale or (1.0, 1.0)
-        row0, col0 = self.scene.origin
-        t = self.transform
-        windows, rings = [], []
-        for c in self.plan.col_starts:
-            r0, c0, h, w = self.plan.row_starts[i] * p, c * p, th * p, tw * p
-            corners = [t @ (c0, r0), t @ (c0, r0 + h), t @ (c0 + w, r0 + h), t @ (c0 + w, r0)]
-            windows.append((row0 + r0 * sy, col0 + c0 * sx, h * sy, w * sx))
-            rings.append(corners + corners[:1])
-        return np.asarray(windows, np.float64), np.asarray(rings, np.float64)
-
     def finish(self, out: Path) -> Path:
         n_rows, n_cols = len(self.plan.row_starts), len(self.plan.col_starts)
         strip_bytes = n_cols * self.record * 4
@@ -311,16 +304,33 @@ class ClsWriter:
             with open(self.partial.base, "rb") as fh:
                 for i in range(n_rows):
                     records = np.frombuffer(fh.read(strip_bytes), np.float32).reshape(n_cols, self.record)
-                    windows, rings = self._tile_geometry(i)
+                    windows, rings = tile_geometry(self.plan, self.scene, i)
                     yield (
                         np.arange(i * n_cols, (i + 1) * n_cols), np.full(n_cols, i), np.arange(n_cols),
                         np.asarray(np.isfinite(records[:, 1:]).all(1)), records[:, 0], windows, records[:, 1:], rings,
                     )
 
-        corners = np.concatenate([self._tile_geometry(i)[1] for i in (0, n_rows - 1)])
+        corners = np.concatenate([tile_geometry(self.plan, self.scene, i)[1] for i in (0, n_rows - 1)])
         bbox = [float(v) for v in (*corners.reshape(-1, 2).min(0), *corners.reshape(-1, 2).max(0))]
         size = self.partial.base.stat().st_size
         with self.partial.finishing(out, n_rows), writing(out, size), atomic_open(out) as handle:
             write_geoparquet(handle, strips(), self.dim, self.scene.crs, bbox, self.meta)
         self.partial.base.unlink()
         return out
+
+
+def tile_geometry(plan: Plan, scene: Scene, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Input-pixel windows (row, col, height, width; in the whole input, area of interest
+    included; n x 4) and footprint rings (closed, counter-clockwise on a north-up map, in the
+    scene's CRS; n x 5 x 2) of the tiles of tile-row ``i`` of ``plan``."""
+    p, (th, tw) = plan.patch_px, plan.tile_tokens
+    sx, sy = scene.scale or (1.0, 1.0)
+    row0, col0 = scene.origin
+    t = scene.transform
+    windows, rings = [], []
+    for c in plan.col_starts:
+        r0, c0, h, w = plan.row_starts[i] * p, c * p, th * p, tw * p
+        corners = [t @ (c0, r0), t @ (c0, r0 + h), t @ (c0 + w, r0 + h), t @ (c0 + w, r0)]
+        windows.append((row0 + r0 * sy, col0 + c0 * sx, h * sy, w * sx))
+        rings.append(corners + corners[:1])
+    return np.asarray(windows, np.float64), np.asarray(rings, np.float64)

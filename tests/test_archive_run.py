@@ -284,3 +284,25 @@ def test_an_existing_scheduler_with_two_dask_worker_processes_through_the_comman
             process.terminate()
             process.wait(timeout=60)
     assert_same_rows(dataset_rows(out), expected)
+
+
+def test_bounds_in_degrees_limit_every_scene_as_embed_scene_does(model, site, tmp_path):
+    files, _, _, _ = site
+    with rasterio.open(files[0]) as src:
+        from rasterio.warp import transform_bounds
+
+        west, south, east, north = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+    box = (west, south, west + (east - west) / 3, south + (north - south) / 2)  # the south-west sixth
+    out = tmp_path / "dataset"
+    result = embed_collection(model, files, SENSOR, out, bounds=box, bounds_crs="EPSG:4326", **FAST)
+    expected = {}
+    for path in files:
+        single = tmp_path / f"{path.stem}.parquet"
+        embed_scene(model, path, SENSOR, single, output="cls", precision="fp32", progress=False, bounds=box,
+                    bounds_crs="EPSG:4326")
+        table = pq.read_table(single).to_pydict()
+        for row, col, valid, vector in zip(table["row"], table["col"], table["valid"], table["embedding"]):
+            if valid:
+                expected[(path.stem, row, col)] = np.asarray(vector, np.float32)
+    assert 0 < result.rows == len(expected) < 2 * 3 * 4  # fewer than the scenes' 3 x 4 tiles each
+    assert_same_rows(dataset_rows(out), expected)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import subprocess
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import duckdb
@@ -29,26 +29,13 @@ import shapely
 
 from xstars_models.archive.parts import part_path, read_part_metadata, safe_id, sensor_folder, write_part
 from xstars_models.errors import InvalidInputError, InvalidOptionError
+from xstars_models.scenes.tiles import TileTable
 
 DIM = 8
 COLUMNS = ["scene_id", "row", "col", "geometry", "bbox", "crs", "native_bounds", "datetime", "sensor", "embedding"]
 
 
-@dataclass
-class Tiles:
-    """What write_part reads of a scenes.tiles.TileTable."""
-
-    row: np.ndarray
-    col: np.ndarray
-    embedding: np.ndarray
-    native_bounds: np.ndarray
-    rings_4326: np.ndarray
-    bbox_4326: np.ndarray
-    crs: str
-    skipped: int = 0
-
-
-def tiles(rows: range, cols: int, lon0: float, lat0: float, seed: int) -> Tiles:
+def tiles(rows: range, cols: int, lon0: float, lat0: float, seed: int) -> TileTable:
     """Tiles ``rows`` x ``cols`` of a grid of 0.01 degree tiles whose corner is (lon0, lat0) at
     row 0 (rows go south), each with a 640 m square in a UTM-like native CRS."""
     grid = [(r, c) for r in rows for c in range(cols)]
@@ -61,7 +48,7 @@ def tiles(rows: range, cols: int, lon0: float, lat0: float, seed: int) -> Tiles:
     native = np.stack([500_000 + 640.0 * col, 4_000_000 - 640.0 * (row + 1), 500_640 + 640.0 * col,
                        4_000_000 - 640.0 * row], -1)
     embedding = np.random.default_rng(seed).standard_normal((len(grid), DIM)).astype(np.float32)
-    return Tiles(row, col, embedding, native, rings, np.stack([west, south, east, north], -1), "EPSG:32631")
+    return TileTable(row, col, embedding, native, rings, np.stack([west, south, east, north], -1), "EPSG:32631", 0)
 
 
 # (sensor, scene id, block, strips, lon, lat, datetime): two sensors, three scenes, one in two blocks.
@@ -79,7 +66,7 @@ def metadata_for(sensor: str, scene_id: str, block: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> tuple[Path, dict[tuple[str, str, int], Tiles]]:
+def dataset(tmp_path_factory) -> tuple[Path, dict[tuple[str, str, int], TileTable]]:
     """The dataset folder and each part's tiles, by (sensor, scene id, block)."""
     folder = tmp_path_factory.mktemp("archive") / "dataset"
     written = {}
@@ -331,13 +318,13 @@ def test_part_path_refuses_bad_names_by_field(tmp_path, kwargs, field):
     assert info.value.field == field
 
 
-def _nan_embedding(t: Tiles) -> Tiles:
+def _nan_embedding(t: TileTable) -> TileTable:
     embedding = t.embedding.copy()
     embedding[1, 2] = np.nan
     return replace(t, embedding=embedding)
 
 
-def _open_ring(t: Tiles) -> Tiles:
+def _open_ring(t: TileTable) -> TileTable:
     rings = t.rings_4326.copy()
     rings[:, -1] += 0.001
     return replace(t, rings_4326=rings)

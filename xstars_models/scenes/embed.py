@@ -26,7 +26,7 @@ from .options import SceneOptions
 from .reading import Scene
 from .sources import is_remote, open_scene, scene_inputs
 from .strips import run_strips
-from .tiling import Plan, default_tile
+from .tiling import Plan, run_setup
 from .writers import ClsWriter, MapWriter, Partial, Progress, SceneWriter
 
 if TYPE_CHECKING:
@@ -178,14 +178,8 @@ def embed_scene(
     with output_lock(out_path, field="out"), contextlib.ExitStack() as stack:
         # Under the lock: a run that finished a moment ago has its output in place by now.
         refuse_existing_output(out_path, options.overwrite)
-        if options.device is not None:
-            model.to(options.device)
-        target = model.device
-        # The options as they run: the tile for this sensor, the precision for this device, timed
-        # (for "auto" on a CPU) on tiles of this size.
-        tile_px = default_tile(model, sensor) if options.tile is None else options.tile
-        resolved = model.resolve_precision(options.precision, target, tokens=(tile_px // stem.patch_size) ** 2,
-                                           batch_size=options.batch_size)
+        # The options as they run: the tile for this sensor, the precision for this device.
+        target, tile_px, resolved = run_setup(model, sensor, options)
         logger.info("embed_scene %s: precision %s", sensor, resolved)
         stack.enter_context(rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES))
         scene = open_scene(inputs.source, stem.spec, sensor, options, stack)

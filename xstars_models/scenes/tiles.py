@@ -32,7 +32,7 @@ from .options import SceneOptions
 from .reading import Scene
 from .sources import open_scene, scene_inputs
 from .strips import run_strips
-from .tiling import Plan, default_tile
+from .tiling import Plan, default_tile, run_setup
 from .writers import Progress, tile_geometry
 
 if TYPE_CHECKING:
@@ -138,14 +138,9 @@ def embed_tiles(
             everything ``embed_scene`` raises for its options.
     """
     options = _checked(options)
-    stem = model.check_sensor(sensor)
+    model.check_sensor(sensor)
     whitening = model.check_whiten("cls", sensor=sensor) if options.whiten else None
-    if options.device is not None:
-        model.to(options.device)
-    target = model.device
-    tile_px = default_tile(model, sensor) if options.tile is None else options.tile
-    resolved = model.resolve_precision(options.precision, target, tokens=(tile_px // stem.patch_size) ** 2,
-                                       batch_size=options.batch_size)
+    target, tile_px, resolved = run_setup(model, sensor, options)
     with _opened(model, source, sensor, options) as (scene, plan, crs):
         count = len(plan.row_starts)
         todo = range(count) if strips is None else strips

@@ -12,7 +12,11 @@ from ..errors import InvalidInputError, InvalidOptionError, user_stacklevel
 from .reading import Scene
 
 if TYPE_CHECKING:
+    import torch
+
     from ..model import XStarsBase
+    from ..precision import Precision
+    from .options import SceneOptions
 
 
 def _tile_starts(total: int, size: int, stride: int) -> list[int]:
@@ -95,6 +99,18 @@ class Plan:
     @property
     def tiles(self) -> int:
         return len(self.row_starts) * len(self.col_starts)
+
+
+def run_setup(model: XStarsBase, sensor: str, options: SceneOptions) -> tuple[torch.device, int, Precision]:
+    """Where a scene run computes (the model is moved to ``options.device`` first), its tile side
+    in pixels (``options.tile``, else :func:`default_tile`), and the precision resolved for that
+    device, timed for ``"auto"`` on a CPU on tiles of that size."""
+    if options.device is not None:
+        model.to(options.device)
+    target = model.device
+    tile_px = default_tile(model, sensor) if options.tile is None else options.tile
+    tokens = (tile_px // model.check_sensor(sensor).patch_size) ** 2
+    return target, tile_px, model.resolve_precision(options.precision, target, tokens=tokens, batch_size=options.batch_size)
 
 
 def default_tile(model: XStarsBase, sensor: str) -> int:

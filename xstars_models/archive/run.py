@@ -120,8 +120,10 @@ def _model_copy(model: XStarsBase, dataset: Path) -> tuple[ModelRef, dict[str, A
     return ref, info
 
 
-# A submitted task: a callable with its arguments, and how often a failure is retried.
-Submit = Callable[[Callable[..., Any], tuple[Any, ...]], Any]
+# Seconds between two saves of the manifest while parts finish: rewriting it after every part would
+# cost quadratic bytes in the number of parts, and a part the manifest does not list yet is adopted
+# by a rerun from its own footer, so a save lost with the driver loses nothing.
+SAVE_EVERY_S = 5.0
 
 
 class _Run:
@@ -137,6 +139,7 @@ class _Run:
     def drive(self, scenes: list[SceneRef], submit: Any) -> None:
         """Plan every scene, run the blocks not done yet, record each as it ends."""
         bar = tqdm(total=len(scenes), desc=f"embed {self.sensor}", unit="task", disable=not self.options.progress)
+        saved = time.monotonic()
         pending: dict[Any, tuple[str, Any]] = {}
         for scene in scenes:
             pending[submit(plan_scene, (self.ref, scene, self.sensor, self.options.scene))] = ("plan", scene)
@@ -160,8 +163,10 @@ class _Run:
                         self._fail(what.key, what.scene, error)
                         continue
                     self.manifest.add(PartRecord(**future.result()))
-                    self.manifest.save()
                     self.written += 1
+                    if time.monotonic() - saved > SAVE_EVERY_S:
+                        self.manifest.save()
+                        saved = time.monotonic()
         bar.close()
 
     def _blocks(self, scene: SceneRef, grid: Any) -> Iterator[BlockTask]:

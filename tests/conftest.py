@@ -93,3 +93,18 @@ def published(tmp_path, hub_server):
     commit = hub_server.seed_repo(repo_id, folder)
     hub_server.clear_log()
     return model, folder, repo_id, commit
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny test model (``factories.tiny_model()``), made once per test module; a module that
+    needs another model defines its own ``model``."""
+    from factories import tiny_model
+
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def folder(model, tmp_path_factory):
+    """``model`` saved with ``save_pretrained``, for the command line and subprocesses."""
+    return model.save_pretrained(tmp_path_factory.mktemp("model") / "tiny")

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from factories import tiny_model
 
 from xstars_models.cli import main
 from xstars_models.errors import InvalidOptionError, OutputLockedError
@@ -70,16 +69,6 @@ with output_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(600)
 """
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def folder(model, tmp_path_factory):
-    return model.save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def read_map(path: Path) -> tuple[np.ndarray, dict]:

@@ -14,7 +14,6 @@ import numpy as np
 import pystac
 import pytest
 import rasterio
-from factories import tiny_model
 from range_server import RangeServer
 
 from xstars_models.cli import main
@@ -26,17 +25,6 @@ SENSOR = "sentinel2_rgb"  # 10 m, patch 8 px in the tiny model
 SAMPLE = sample_path("sentinel2_rgb_inland")  # 256 x 256 px, 3 x uint8, EPSG:32618, 10 m
 SMALL = dict(window=(0, 0, 64, 64), tile=64, progress=False, precision="fp32")  # one tile
 RGB = [{"name": n, "common_name": n} for n in ("red", "green", "blue")]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def folder(model, tmp_path_factory):
-    """The tiny model saved, for the command line."""
-    return model.save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def write_item(path: Path, assets: dict[str, str]) -> Path:

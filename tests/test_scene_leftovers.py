@@ -21,7 +21,6 @@ import pytest
 import rasterio
 import rasterio.io
 import rasterio.shutil
-from factories import tiny_model
 from rasterio.errors import RasterioIOError
 from stall_server import StallServer
 
@@ -40,16 +39,6 @@ BLOCK = 64  # px: input blocks and tiles, so strip k reads block row k
 
 def enospc() -> OSError:
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def folder(model, tmp_path_factory):
-    return model.save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -184,13 +184,17 @@ class XStarsConfig:
         """The keys ``timm.create_model("hf-hub:org/name" or "local-dir:folder", pretrained=True)``
         reads: the trunk without classifier, built for the primary sensor's bands, and its input
         statistics (mean/std of ``value * scale + offset``). They are derived from the fields
-        above on every save and ignored when reading."""
-        spec = self.sensors[self.primary_sensor].spec
-        size = self.arch_kwargs.get("img_size")
-        if size is None:
-            default = timm.models.get_pretrained_cfg(self.arch)
-            size = tuple(default.input_size[1:]) if default is not None else 224
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        above on every save and ignored when reading.
+
+        timm 1.0 builds a ``PretrainedCfg`` dataclass from ``pretrained_cfg`` and refuses keys it
+        does not define, so the sensor's facts (bands, GSD in metres, dtype, value scale) travel in
+        its free-text fields ``description`` and ``notes`` (``key=value`` strings). ``input_size`` is
+        the pretraining size: timm's ``create_transform`` resizes every image to it (``crop_pct``
+        1.0 only stops the crop), so a chip of another size needs ``input_size`` in the data config.
+        """
+        primary = self.sensors[self.primary_sensor]
+        spec = primary.spec
+        height, width = self.pretraining_size()
         return {
             "architecture": self.arch,
             "num_classes": 0,
@@ -208,8 +212,64 @@ class XStarsConfig:
                 "classifier": "head",
                 "custom_load": False,
                 "paper_ids": ["arXiv:2405.09922", "doi:10.1109/JSTARS.2025.3566457"],
+                "description": (
+                    f"X-STARS trunk (no classifier) for the sensor {spec.name!r}: {spec.description} "
+                    f"Input: (dn * {spec.scale} + {spec.offset} - mean) / std, H and W any multiple of "
+                    f"{primary.patch_size} px. {self._timm_transform_fit(spec)}"
+                ),
+                "notes": self._timm_notes(),
             },
         }
+
+    def pretraining_size(self) -> tuple[int, int]:
+        """Height and width in pixels of the image the trunk was built for (its position-embedding
+        grid times the primary sensor's patch size)."""
+        size = self.arch_kwargs.get("img_size")
+        if size is None:
+            default = timm.models.get_pretrained_cfg(self.arch)
+            size = tuple(default.input_size[1:]) if default is not None else 224
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return height, width
+
+    def stem_image_size(self, sensor: str) -> tuple[int, int]:
+        """Pixels of ``sensor`` covering the trunk's token grid: the ``img_size`` for which a timm
+        ViT with that sensor's patch size has the trunk's position embeddings unresampled."""
+        height, width = self.pretraining_size()
+        trunk_patch = self.sensors[self.primary_sensor].patch_size
+        patch = self.sensors[sensor].patch_size
+        return height // trunk_patch * patch, width // trunk_patch * patch
+
+    @staticmethod
+    def _timm_transform_fit(spec: SensorSpec) -> str:
+        # timm's eval transform is PIL -> ToTensor (dn / 255) -> Normalize(mean, std).
+        if spec.dtype == "uint8" and abs(spec.scale * 255.0 - 1.0) < 1e-12 and spec.offset == 0.0:
+            return "timm.data.create_transform computes exactly this from 8-bit images of input_size."
+        return f"timm.data.create_transform does not: it divides by 255; scale the {spec.dtype} numbers yourself."
+
+    def _timm_notes(self) -> list[str]:
+        """The primary sensor's facts as ``key=value`` strings, then one line per other sensor
+        naming its stem file and the timm arguments that build a trunk for it (README, "timm")."""
+        name, primary = next(iter(self.sensors.items()))
+        spec = primary.spec
+        notes = [
+            f"sensor={name}",
+            f"bands={','.join(spec.band_names)}",
+            f"band_aliases={','.join(band.alias or band.name for band in spec.bands)}",
+            f"gsd_m={spec.gsd_m}",
+            f"dtype={spec.dtype}",
+            f"value_scale={spec.scale}",
+            f"value_offset={spec.offset}",
+            f"units={spec.units or 'unspecified'}",
+            f"patch_size={primary.patch_size}",
+        ]
+        for other, stem in list(self.sensors.items())[1:]:
+            height, width = self.stem_image_size(other)
+            size = height if height == width else (height, width)
+            notes.append(
+                f"stem_{other}={stem_file_name(other)} patch_size={stem.patch_size} img_size={size} "
+                f"in_chans={stem.spec.num_bands} gsd_m={stem.spec.gsd_m} (its bands, mean and std: 'sensors' in config.json)"
+            )
+        return notes
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"

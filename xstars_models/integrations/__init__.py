@@ -3,4 +3,6 @@ and is imported explicitly (importing this package imports none of them):
 
 - :mod:`xstars_models.integrations.terratorch`: the encoders as TerraTorch backbones
   (``pip install "xstars-models[terratorch]"``).
+- :mod:`xstars_models.integrations.torchgeo`: a TorchGeo-style ``WeightsEnum`` and ``xstars_vit``
+  (``pip install "xstars-models[torchgeo]"`` for TorchGeo's datasets and samplers).
 """

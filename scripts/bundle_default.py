@@ -26,6 +26,7 @@ from xstars_models.config import XStarsConfig  # noqa: E402
 from xstars_models.evaluation import landcover_table, retrieval_table  # noqa: E402
 from xstars_models.evaluation.landcover import load_landcover_chips  # noqa: E402
 from xstars_models.publish import manifest_entry, write_manifest_entry  # noqa: E402
+from xstars_models.stac_item import write_stac_item  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_ID = "xstars-s2-aerial"
@@ -152,6 +153,7 @@ def main() -> None:
             notes=NOTES.replace("## Limitations", results_table(table) + "\n\n" + landcover_results(landcover) + "\n\n## Limitations"),
         )
         (staged / "README.md").write_text(card, encoding="utf-8")
+        write_stac_item(staged, XStarsConfig.from_file(staged / "config.json"), license=LICENSE, item_id=MODEL_ID)
         if target.exists():
             shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)

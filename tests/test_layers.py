@@ -19,10 +19,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("errors", "units", "sensors", "config", "inputs", "precision", "distributed", "visualize", "io", "samples",
      "whitening", "devices"),
     ("encoder",),  # the network
-    ("serialization", "lora", "manifest", "hub", "calibration"),  # weight files, the registry, the Hub
+    ("serialization", "lora", "manifest", "hub", "calibration", "stac_item"),  # weight files, the registry, the Hub, their STAC item
     ("model",),  # XStarsBase
     # what uses a model
-    ("training", "adapters", "scenes", "archive", "publish", "evaluation", "data", "losses", "integrations", "export"),
+    ("training", "adapters", "scenes", "archive", "publish", "evaluation", "data", "losses", "integrations", "export",
+     "search"),
     ("xstars",),  # XStars: the model plus the methods that call into the layer above
     ("convert", "demo", "cli", ""),  # what hands users an XStars, and the entry points
 ]

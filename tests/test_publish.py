@@ -104,7 +104,8 @@ def test_manifest_entry_makes_a_registry_id(tmp_path, hub_server, hf_cache, monk
     entry = get_model_entry("my-pushed-model")
     assert entry.revision == commit and entry.repo_id == repo_id
     assert set(entry.files) == {
-        "config.json", "model.safetensors", "stem-aerial.safetensors", "stem-sentinel2.safetensors", "README.md"
+        "config.json", "model.safetensors", "stem-aerial.safetensors", "stem-sentinel2.safetensors", "README.md",
+        "stac-item.json",
     }
     card = hub_server.files(repo_id, commit)["README.md"]
     assert entry.files["README.md"].sha256 == hashlib.sha256(card).hexdigest()

@@ -33,7 +33,7 @@ def _sha(path) -> str:
 def test_round_trip_gives_identical_embeddings(saved):
     model, folder = saved
     assert sorted(os.listdir(folder)) == [
-        "config.json", "model.safetensors", "stem-aerial.safetensors", "stem-sentinel2.safetensors",
+        "config.json", "model.safetensors", "stac-item.json", "stem-aerial.safetensors", "stem-sentinel2.safetensors",
     ]
     loaded = XStars.from_pretrained(folder)
     x = rgb_images(2, 128)

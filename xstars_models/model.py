@@ -26,6 +26,7 @@ from .lora import lora_config, merge_lora
 from .precision import Precision, inference_copy, int8_copy, resolve_precision
 from .sensors import SensorSpec, get_sensor
 from .serialization import atomic_write_bytes, load_state_dict_strict, read_verified_safetensors, write_safetensors
+from .stac_item import write_stac_item
 from .whitening import GlobalWhitening
 
 __all__ = ["OUTPUTS", "ModelT", "XStarsBase"]
@@ -135,7 +136,8 @@ class XStarsBase(XStarsEncoder):
         return tensors
 
     def save_pretrained(self, save_directory: str | Path) -> Path:
-        """Write ``config.json`` and the safetensors weight files into ``save_directory``.
+        """Write ``config.json``, the safetensors weight files and their STAC item (``stac-item.json``,
+        :mod:`.stac_item`; no licence, which ``push_to_hub`` adds) into ``save_directory``.
 
         Each file is written to a temporary name and renamed; ``config.json``, which records the
         sha256 of every weight file, is written last, so an interrupted save never leaves a
@@ -145,6 +147,7 @@ class XStarsBase(XStarsEncoder):
         config = self.config
         for file_name, tensors in self.weight_tensors().items():
             config.files[file_name] = write_safetensors(folder / file_name, tensors)
+        write_stac_item(folder, config)
         atomic_write_bytes(folder / CONFIG_NAME, config.to_json().encode("utf-8"))
         return folder
 

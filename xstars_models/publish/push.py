@@ -19,6 +19,7 @@ from ..hub import NETWORK_ERRORS, describe_network_failure
 from ..io import read_json
 from ..manifest import COMMIT_RE, FORMAT_VERSION, REPO_ID_RE, load_manifest
 from ..serialization import atomic_write_bytes
+from ..stac_item import STAC_ITEM_NAME, write_stac_item
 from .card import CITATION, model_card
 
 if TYPE_CHECKING:
@@ -42,8 +43,9 @@ def manifest_entry(
 ) -> dict[str, Any]:
     """The registry entry for files in ``folder``: published as ``repo_id`` at commit
     ``revision``, or shipped inside the package at ``bundled`` (a path below ``xstars_models/``;
-    then ``repo_id`` and ``revision`` are ``None``). Lists ``config.json``, the weight files and
-    the model card (``README.md``) when there is one, each with its sha256 and size in bytes.
+    then ``repo_id`` and ``revision`` are ``None``). Lists ``config.json``, the weight files, and
+    the model card (``README.md``) and STAC item (``stac-item.json``) when there are, each with
+    its sha256 and size in bytes.
 
     Raises:
         InvalidOptionError: both or neither of a Hub repo and ``bundled`` (``field="bundled"``).
@@ -56,7 +58,7 @@ def manifest_entry(
     files = {
         p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "size": p.stat().st_size}
         for p in sorted(Path(folder).iterdir())
-        if p.is_file() and p.name in {CONFIG_NAME, CARD_NAME, *model.config.weight_files}
+        if p.is_file() and p.name in {CONFIG_NAME, CARD_NAME, STAC_ITEM_NAME, *model.config.weight_files}
     }
     return {
         "arch": model.arch,
@@ -125,8 +127,9 @@ def push_to_hub(
     model_id: str | None = None,
     overwrite_card: bool = False,
 ) -> str:
-    """Create ``repo_id`` if needed and upload ``config.json``, the weight files and a generated
-    ``README.md`` model card in ONE commit; returns the commit id.
+    """Create ``repo_id`` if needed and upload ``config.json``, the weight files, a generated
+    ``README.md`` model card and the STAC item (``stac-item.json``, MLM extension, with
+    ``license``) in ONE commit; returns the commit id.
 
     A ``README.md`` already in the repo at ``revision`` (a card its owners edited on the Hub) is
     kept unless ``overwrite_card=True``; the generated card is only uploaded where there is none.
@@ -137,7 +140,7 @@ def push_to_hub(
     entry are checked before anything is uploaded.
 
     Raises:
-        InvalidOptionError, ManifestError: a bad repo id, branch, model id or manifest; nothing uploaded.
+        InvalidOptionError, ManifestError: a bad repo id, branch, licence, model id or manifest; nothing uploaded.
         PermissionError: no token, or the Hub rejected it; the token never appears in the message.
         HubServerError: the Hub failed (HTTP error status, timeout, dropped connection).
         PushIncompleteError: the commit landed but writing the manifest failed; names the commit.
@@ -147,8 +150,11 @@ def push_to_hub(
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="xstars-push-") as tmp:
         folder = model.save_pretrained(Path(tmp) / "model")
-        card = model_card(XStarsConfig.from_file(folder / CONFIG_NAME), repo_id, license=license, description=description)
+        config = XStarsConfig.from_file(folder / CONFIG_NAME)
+        card = model_card(config, repo_id, license=license, description=description)
         (folder / CARD_NAME).write_text(card, encoding="utf-8")
+        # The item save_pretrained wrote, again with the licence and the repo's name.
+        write_stac_item(folder, config, license=license, item_id=repo_id.split("/")[-1], title=repo_id, description=description)
         if manifest_path is not None:
             # The entry with a stand-in commit id: a bad model id or manifest fails here, not after the commit.
             _manifest_with(Path(manifest_path), model_id, manifest_entry(model, repo_id, "0" * 40, folder, license))

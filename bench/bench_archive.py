@@ -5,6 +5,13 @@ running a plain loop over its share of the scenes (the same process and thread l
 per-task scheduling cost of that cluster (empty tasks) and each worker's peak resident memory.
 
     python bench/bench_archive.py [--scenes 8] [--size 1024] [--workers 2] [--repeats 2]
+
+With ``--rss``, instead: a worker's peak resident memory against the number and the size of the
+scenes it embeds. Each configuration ``SCENESxSIDE`` (``--rss 2x512,32x512,2x4096``) runs on a
+fresh LocalCluster of one single-threaded worker (so each peak is that run's alone);
+``--rss-maps`` lists configurations to run again with ``maps=True``.
+
+    python bench/bench_archive.py --rss 2x512,8x512,32x512,2x2048,8x2048,2x4096 --rss-maps 2x4096
 """
 
 from __future__ import annotations
@@ -51,13 +58,58 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def configurations(text: str) -> list[tuple[int, int]]:
+    """``"2x512,32x512"`` -> [(2, 512), (32, 512)]: scenes and side in pixels."""
+    return [(int(a), int(b)) for a, b in (item.split("x") for item in text.split(",") if item)]
+
+
+def rss(runs: list[tuple[int, int, bool]]) -> None:
+    """Peak RSS of one fresh single-threaded worker per run (scenes, side in pixels, maps)."""
+    from distributed import Client, LocalCluster
+
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="xstars-bench-rss-") as folder:
+        root = Path(folder)
+        model_dir = str(XStars.from_pretrained("xstars-s2-aerial").save_pretrained(root / "model"))
+        model = XStars.from_pretrained(model_dir, local_files_only=True)
+        for k, (count, side, maps) in enumerate(runs):
+            scenes = []
+            for i in range(count):  # scenes of one side are written once, shared by its runs
+                path = root / f"scene{side}-{i}.tif"
+                if not path.exists():
+                    write_scene(path, side, side)
+                scenes.append(str(path))
+            with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                    Client(cluster) as client:
+                client.run(torch.set_num_threads, 1)
+                started = time.perf_counter()
+                result = embed_collection(model, scenes, SENSOR, root / f"run{k}", precision="fp32", progress=False,
+                                          maps=maps, client=client)
+                seconds = time.perf_counter() - started
+                (peak,) = client.run(peak_rss_mib).values()
+            assert not result.failures, result.failures
+            rows.append((count, side, maps, result.rows, seconds, peak))
+            print(f"{count} x {side} px, maps={maps}: {peak:.0f} MiB", flush=True)
+    print(f"\nmachine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}; {date.today().isoformat()}; "
+          "xstars-s2-aerial fp32, 64 px tiles, strips_per_task 32, one worker x 1 thread\n")
+    print("| scenes | side (px) | maps | tiles | seconds | worker peak RSS (MiB) |\n|---|---|---|---|---|---|")
+    for count, side, maps, tiles, seconds, peak in rows:
+        print(f"| {count} | {side} | {'yes' if maps else 'no'} | {tiles} | {seconds:.1f} | {peak:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", type=int, default=8)
     parser.add_argument("--size", type=int, default=1024, help="scene side in pixels")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rss", type=configurations, help="measure peak RSS per worker for SCENESxSIDE,...")
+    parser.add_argument("--rss-maps", type=configurations, default=[], help="the same with maps=True")
     args = parser.parse_args()
+    if args.rss or args.rss_maps:
+        rss([(n, side, False) for n, side in args.rss or []] + [(n, side, True) for n, side in args.rss_maps])
+        return
     from distributed import Client, LocalCluster
 
     torch.set_num_threads(1)

@@ -2,7 +2,8 @@
 a loopback HTTP server reached through a static STAC catalogue) embedded into one GeoParquet
 dataset, in this process and on a two-worker Dask LocalCluster; the rows equal, key for key, those
 of single-scene ``embed_scene(output="cls")`` runs; a rerun is a no-op; a failing scene is recorded
-while the rest are written; other settings are refused by name; two sensors read back as one table."""
+while the rest are written; other settings are refused by name; two sensors read back as one table;
+parts and manifest record the precision that ran; a retry after a cut HTTP body reads afresh."""
 
 from __future__ import annotations
 
@@ -14,16 +15,22 @@ import pyarrow.parquet as pq
 import pystac
 import pytest
 import rasterio
+import rasterio.shutil
 from factories import tiny_model
 from range_server import RangeServer
+from stall_server import StallServer
 
+import xstars_models.archive.run as run_module
 from xstars_models.archive import expand_sources
 from xstars_models.archive.manifest import MANIFEST
-from xstars_models.archive.parts import sensor_folder
+from xstars_models.archive.parts import read_part_metadata, sensor_folder
 from xstars_models.archive.run import embed_collection
 from xstars_models.errors import InvalidOptionError
+from xstars_models.io.network import RETRIES_ENV, RETRY_DELAY_ENV, TIMEOUT_ENV
+from xstars_models.precision import PRECISION_ENV
 from xstars_models.samples import sample_path
-from xstars_models.scenes import embed_scene
+from xstars_models.scenes import SceneOptions, embed_scene
+from xstars_models.scenes.tiling import run_setup
 
 SENSOR = "sentinel2_rgb"  # 10 m, patch 8 px in the tiny model: 64 px tiles
 FAST = {"precision": "fp32", "progress": False, "strips_per_task": 2}
@@ -306,3 +313,66 @@ def test_bounds_in_degrees_limit_every_scene_as_embed_scene_does(model, site, tm
                 expected[(path.stem, row, col)] = np.asarray(vector, np.float32)
     assert 0 < result.rows == len(expected) < 2 * 3 * 4  # fewer than the scenes' 3 x 4 tiles each
     assert_same_rows(dataset_rows(out), expected)
+
+
+def assert_precision(dataset: Path, requested: str, ran: str) -> None:
+    """Every part's footer, and the manifest, say what ran; the settings what was asked."""
+    parts = sorted(sensor_folder(dataset, SENSOR).glob("*.parquet"))
+    assert parts
+    for part in parts:
+        metadata = read_part_metadata(part)
+        assert (metadata["precision"], metadata["settings"]["precision"]) == (ran, requested), part.name
+    manifest = json.loads((dataset / MANIFEST).read_text())
+    assert {p["precision"] for p in manifest["parts"].values()} == {ran}
+    assert manifest["sensors"][SENSOR]["precision"] == [ran]
+    assert manifest["sensors"][SENSOR]["settings"]["precision"] == requested
+
+
+def test_each_part_and_the_manifest_record_the_precision_that_ran(model, site, tmp_path, monkeypatch):
+    files, _, _, _ = site
+    embed_collection(model, files, SENSOR, tmp_path / "fp32", **FAST)
+    assert_precision(tmp_path / "fp32", "fp32", "fp32")
+    # "auto" as users get it: timed on this machine (conftest forces fp32 for the rest of the suite).
+    monkeypatch.delenv(PRECISION_ENV)
+    embed_collection(model, files, SENSOR, tmp_path / "auto", precision="auto", progress=False, strips_per_task=2)
+    _, _, resolved = run_setup(model, SENSOR, SceneOptions(precision="auto"))
+    assert_precision(tmp_path / "auto", "auto", resolved.name)
+
+
+def test_a_retry_in_the_same_process_reads_a_cut_body_afresh(model, tmp_path, monkeypatch):
+    """The first read of the scene's pixels gets a truncated HTTP body; the retry, in the same
+    process, succeeds only if GDAL does not serve it the short body it cached."""
+    for name, value in {TIMEOUT_ENV: "5", RETRIES_ENV: "0", RETRY_DELAY_ENV: "0"}.items():
+        monkeypatch.setenv(name, value)
+    www = tmp_path / "www"
+    www.mkdir()
+    name = f"{tmp_path.name}.tif"  # a URL of its own: GDAL's cache lives as long as the process
+    rasterio.shutil.copy(sample_path("sentinel2_rgb_inland"), www / name, driver="COG", BLOCKSIZE=128,
+                         COMPRESS="NONE")
+    with rasterio.open(www / name) as src:  # the pixels of block row 1 (rows 128-255): strips 2 and 3
+        (www / "CUT").write_text(str(int(src.get_tag_item("BLOCK_OFFSET_0_1", "TIFF", bidx=1)) + 100))
+    real = run_module.embed_block
+
+    def cut_once(task):
+        try:
+            return real(task)
+        except Exception:
+            (www / "CUT").unlink(missing_ok=True)  # the server answers in full from now on
+            raise
+
+    monkeypatch.setattr(run_module, "embed_block", cut_once)
+    server = StallServer(www)  # its "cut" mode truncates bodies while www/CUT exists
+    try:
+        url = f"{server.start()}/cut/{name}"
+        result = embed_collection(model, [url], SENSOR, tmp_path / "dataset", retries=1, precision="fp32",
+                                  progress=False, strips_per_task=8)
+    finally:
+        server.stop()
+    assert not (www / "CUT").exists(), "the first attempt was not cut: nothing was tested"
+    assert result.failures == [] and result.written == 1
+    single = tmp_path / "single.parquet"
+    embed_scene(model, www / name, SENSOR, single, output="cls", precision="fp32", progress=False)
+    table = pq.read_table(single).to_pydict()
+    expected = {(Path(name).stem, r, c): np.asarray(v, np.float32)
+                for r, c, ok, v in zip(table["row"], table["col"], table["valid"], table["embedding"]) if ok}
+    assert_same_rows(dataset_rows(tmp_path / "dataset"), expected)

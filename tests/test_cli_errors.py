@@ -102,6 +102,8 @@ CASES = [
      "--scheduler banana: not a Dask scheduler address"),
     (["embed-collection", "MODEL", "SCENE", "--sensor", "nope", "--out", "TMP/d"], "argument --sensor: This model has no stem"),
     (["export", "MODEL", "TMP/m.onnx", "--sensor", "sentinel2_rgb", "--opset", "13"], "argument --opset: opset 13 has no antialiased Resize"),
+    (["search", "TMP/absent"], "one of the arguments --image --near --like is required"),
+    (["search", "TMP/absent", "--near", "13.4", "52.5"], "absent: no such dataset folder"),
 ]
 
 

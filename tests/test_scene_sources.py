@@ -109,6 +109,26 @@ def test_bounds_and_window_select_the_same_area(model, served, tmp_path):
     assert info.value.field == "crs"
 
 
+def test_a_rasterio_window_and_the_tuple_of_the_same_area_give_identical_outputs(model, served, tmp_path):
+    root, _, _, _ = served
+    # Not square and not on the diagonal, so that any swap of rows and columns moves the area.
+    row, col, height, width = 512, 768, 64, 128
+    by_tuple = embed_scene(model, root / "scene.tif", SENSOR, out=tmp_path / "t.tif", window=(row, col, height, width),
+                           tile=64, progress=False)
+    by_window = embed_scene(model, root / "scene.tif", SENSOR, out=tmp_path / "w.tif",
+                            window=Window(col_off=col, row_off=row, width=width, height=height), tile=64, progress=False)
+    values, profile = read_map(by_tuple.path)
+    assert values.shape == (model.embed_dim, height // 8, width // 8)
+    np.testing.assert_array_equal(read_map(by_window.path)[0], values)
+    with rasterio.open(root / "scene.tif") as src:
+        assert profile["transform"] == src.transform @ Affine.translation(col, row) @ Affine.scale(8)
+    assert read_map(by_window.path)[1]["transform"] == profile["transform"]
+    # The same numbers in rasterio's order as a tuple are another area.
+    swapped = embed_scene(model, root / "scene.tif", SENSOR, out=tmp_path / "s.tif", window=(col, row, width, height),
+                          tile=64, progress=False)
+    assert read_map(swapped.path)[0].shape == (model.embed_dim, width // 8, height // 8)
+
+
 def write_item(root: Path, base: str, assets: dict[str, tuple[str, list[dict]]], extra: dict | None = None) -> pystac.Item:
     with rasterio.open(root / "scene.tif") as src:
         left, bottom, right, top = src.bounds

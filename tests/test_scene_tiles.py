@@ -71,7 +71,7 @@ def test_blocks_of_strips_equal_embed_scene_cls_on_the_valid_tiles(model, holed,
     blocks = [embed_tiles(model, holed, SENSOR, options, strips=range(0, k)),
               embed_tiles(model, holed, SENSOR, options, strips=range(k, grid.strips))]
     assert sorted(p.name for p in holed.parent.iterdir()) == before  # nothing written beside the scene
-    assert all(t.crs == "EPSG:32618" for t in (whole, *blocks))
+    assert all(t.crs == "EPSG:32618" and t.precision == "fp32" for t in (whole, *blocks))
     assert blocks[0].skipped + blocks[1].skipped == whole.skipped == written.skipped == (~valid).sum()
     assert_tables_equal(concat(blocks), concat([whole]))
 
@@ -112,6 +112,42 @@ def test_an_empty_block_and_bad_strips(model, holed):
         with pytest.raises(InvalidOptionError, match="strips must be a range") as info:
             embed_tiles(model, holed, SENSOR, options, strips=bad)
         assert info.value.field == "strips"
+    with pytest.raises(InvalidOptionError, match="needs at least one strip") as info:
+        embed_tiles(model, holed, SENSOR, options, strips=range(1, 1), map_piece=holed.parent / "piece.tif")
+    assert info.value.field == "strips" and not (holed.parent / "piece.tif").exists()
+
+
+@pytest.mark.parametrize(("overlap", "per_block"), [(0, 1), (16, 2), (48, 1)])
+def test_map_pieces_of_blocks_stack_into_embed_scene_map(model, holed, tmp_path, overlap, per_block):
+    """With overlap, a block's first rows also get tiles of the strips above it (48 px of 64 px
+    tiles: three strips), which the block embeds for its piece but not for its table."""
+    options = SceneOptions(tile=64, overlap=overlap, precision="fp32", progress=False)
+    written = embed_scene(model, holed, SENSOR, out=tmp_path / "map.tif", output="map", options=options)
+    strips = scene_grid(model, holed, SENSOR, options).strips
+    pieces, tables = [], []
+    for k, start in enumerate(range(0, strips, per_block)):
+        pieces.append(tmp_path / f"piece{k}.tif")
+        tables.append(embed_tiles(model, holed, SENSOR, options, strips=range(start, min(start + per_block, strips)),
+                                  map_piece=pieces[-1]))
+    assert_tables_equal(concat(tables), concat([embed_tiles(model, holed, SENSOR, options)]))
+    with rasterio.open(written.path) as src:
+        expected, transform, crs = src.read(), src.transform, src.crs
+    stacked = []
+    for piece in pieces:
+        with rasterio.open(piece) as src:
+            assert src.crs == crs and src.transform == transform @ rasterio.Affine.translation(0, sum(
+                a.shape[1] for a in stacked))
+            stacked.append(src.read())
+    assert np.isnan(expected).any() and not np.isnan(expected).all()  # the hole has no tokens
+    np.testing.assert_allclose(np.concatenate(stacked, axis=1), expected, rtol=0, atol=1e-6, equal_nan=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["map.tif", *(p.name for p in pieces)])
+
+
+def test_a_map_piece_is_not_whitened(model, holed, tmp_path):
+    options = SceneOptions(tile=128, precision="fp32", progress=False, whiten=True)
+    with pytest.raises(InvalidOptionError, match="not whitened") as info:
+        embed_tiles(model, holed, SENSOR, options, map_piece=tmp_path / "piece.tif")
+    assert info.value.field == "whiten" and not list(tmp_path.iterdir())
 
 
 def test_whitened_tiles_equal_embed_scene_whitened(tmp_path):

@@ -511,3 +511,97 @@ def test_a_failed_final_write_leaves_no_output_and_a_resumable_partial(model, tm
     result = embed_scene(model, SAMPLE, SENSOR, out=out, tile=128, output=output, progress=False)
     assert (result.resumed, result.embedded) == (4, 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_cls_output_columns_have_fixed_types_a_bbox_covering_and_read_in_duckdb(model, tmp_path):
+    import duckdb
+    import shapely
+
+    result = embed_scene(model, SAMPLE, SENSOR, out=tmp_path / "tiles.parquet", tile=64, overlap=16, output="cls",
+                         progress=False)
+    schema = pyarrow.parquet.read_schema(result.path)
+    dim = model.embed_dim
+    assert schema.field("embedding").type == pyarrow.list_(pyarrow.float32(), dim)
+    assert schema.field("window").type == pyarrow.list_(pyarrow.int32(), 4)
+    assert (schema.field("row").type, schema.field("col").type, schema.field("tile").type) == (
+        pyarrow.int32(), pyarrow.int32(), pyarrow.int64())
+    bbox_type = schema.field("bbox").type
+    assert [(f.name, f.type) for f in bbox_type] == [(k, pyarrow.float64()) for k in ("xmin", "ymin", "xmax", "ymax")]
+    geo = json.loads(schema.metadata[b"geo"])["columns"]["geometry"]
+    assert geo["covering"] == {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}}
+
+    tiles = pyarrow.parquet.read_table(result.path)
+    geometries = shapely.from_wkb(tiles["geometry"].to_pylist())
+    bbox = np.array([[b[k] for k in ("xmin", "ymin", "xmax", "ymax")] for b in tiles["bbox"].to_pylist()])
+    np.testing.assert_array_equal(bbox, shapely.bounds(geometries))  # a rectangle's bbox is itself
+    # Tiles every 48 px, the last column and row shifted inward to end at 256 px: it overlaps its
+    # neighbour by 64 - (192 - 144) = 16 px more than the others.
+    windows = np.array(tiles["window"].to_pylist())
+    assert windows.dtype.kind == "i"
+    assert sorted(set(windows[:, 1].tolist())) == [0, 48, 96, 144, 192]
+    assert set(windows[:, 2].tolist()) == set(windows[:, 3].tolist()) == {64}
+    # geopandas uses the covering to read only the tiles a box touches.
+    with rasterio.open(SAMPLE) as src:
+        left, top = src.transform.c, src.transform.f
+    frame = geopandas.read_parquet(result.path, bbox=(left + 10, top - 100, left + 20, top - 90))
+    assert list(zip(frame["row"], frame["col"])) == [(0, 0)]
+    vectors = np.stack(frame["embedding"].to_numpy())
+    assert vectors.shape == (1, dim) and vectors.dtype == np.float32
+
+    # DuckDB over Arrow sees FLOAT[D] and takes array functions without a cast; its own Parquet
+    # reader sees FLOAT[] (Parquet has no fixed-size list), where the list functions work as is.
+    # WINDOW is an SQL keyword: the column is named in quotes.
+    arrow = duckdb.sql('SELECT embedding, "window" FROM tiles')
+    assert [str(t) for t in arrow.types] == [f"FLOAT[{dim}]", "INTEGER[4]"]
+    similarity = duckdb.sql("SELECT array_cosine_similarity(embedding, embedding) FROM tiles").fetchall()
+    np.testing.assert_allclose([s for (s,) in similarity], 1.0, rtol=1e-5)
+    native = duckdb.sql(f"SELECT embedding, \"window\" FROM read_parquet('{result.path}')")
+    assert [str(t) for t in native.types] == ["FLOAT[]", "INTEGER[]"]
+    [(same, cast)] = duckdb.sql(f"SELECT list_cosine_similarity(embedding, embedding), embedding::FLOAT[{dim}] "
+                                f"FROM read_parquet('{result.path}') LIMIT 1").fetchall()
+    assert abs(same - 1.0) < 1e-5 and len(cast) == dim
+
+
+def test_resampled_windows_are_the_input_pixels_each_tile_touches(model, tmp_path):
+    with rasterio.open(SAMPLE) as src:
+        t = src.transform
+    # 12 m pixels: a 64 px tile at 10 m spans 53.33 input pixels.
+    scene = copy_sample(tmp_path, "12m.tif", transform=Affine(12.0, 0, t.c, 0, -12.0, t.f))
+    with pytest.warns(UserWarning, match="307 x 307 px is not a multiple"):  # 3072 m at 10 m
+        result = embed_scene(model, scene, SENSOR, out=tmp_path / "tiles.parquet", tile=64, output="cls",
+                             resample=True, progress=False)
+    frame = geopandas.read_parquet(result.path)
+    windows = np.stack(frame["window"].to_numpy())
+    assert windows.dtype == np.int32
+    # Each footprint in input pixels, rounded outward.
+    minx, miny, maxx, maxy = (frame.geometry.bounds[k].to_numpy() for k in ("minx", "miny", "maxx", "maxy"))
+    top, left = np.floor((t.f - maxy) / 12 + 1e-9), np.floor((minx - t.c) / 12 + 1e-9)
+    bottom, right = np.ceil((t.f - miny) / 12 - 1e-9), np.ceil((maxx - t.c) / 12 - 1e-9)
+    np.testing.assert_array_equal(windows, np.stack([top, left, bottom - top, right - left], axis=1))
+    assert {int(h) for h in windows[:, 2]} <= {54, 55} and windows[1, 1] == 53  # the second tile starts at 53.33
+
+
+def test_map_cog_names_its_bands_and_records_the_model(tmp_path):
+    import hashlib
+
+    model = tiny_model()
+    folder = model.save_pretrained(tmp_path / "model")
+    loaded = type(model).from_pretrained(folder)
+    loaded.revision = "0123abcd" * 5
+    result = embed_scene(loaded, SAMPLE, SENSOR, out=tmp_path / "map.tif", tile=64, overlap=16, progress=False)
+    with rasterio.open(result.path) as src:
+        assert src.descriptions == tuple(f"emb_{k:03d}" for k in range(model.embed_dim))
+        tags = src.tags()
+    assert tags["xstars_model"] == str(folder) and tags["xstars_revision"] == "0123abcd" * 5
+    assert tags["xstars_model_sha256"] == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert "xstars_stem_sha256" not in tags  # the primary sensor has no stem file
+    assert (tags["xstars_sensor"], tags["xstars_tile_px"], tags["xstars_overlap_px"]) == (SENSOR, "64", "16")
+
+    # Another sensor's run names its stem file too; the GeoParquet metadata records the same.
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 3000, (13, 64, 64), dtype=np.uint16)
+    tiles = embed_scene(loaded, pixels, "sentinel2", out=tmp_path / "s2.parquet", output="cls", progress=False,
+                        transform=Affine(10, 0, 500000, 0, -10, 4000000), crs="EPSG:32631")
+    meta = json.loads(pyarrow.parquet.read_schema(tiles.path).metadata[b"xstars"])
+    assert meta["model_sha256"] == tags["xstars_model_sha256"]
+    assert meta["stem_sha256"] == hashlib.sha256((folder / "stem-sentinel2.safetensors").read_bytes()).hexdigest()

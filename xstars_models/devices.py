@@ -1,5 +1,5 @@
 """Where computation runs: a device named by the user (``"cpu"``, ``"cuda"``, ``"cuda:1"``,
-``"mps"`` or a :class:`torch.device`) is checked once, before any work, so that a device this
+``"mps"``, ``"auto"`` or a :class:`torch.device`) is checked once, before any work, so that a device this
 machine lacks is one line naming the value and what to use instead, never torch's traceback from
 deep inside the first ``.to(device)``."""
 
@@ -9,10 +9,13 @@ import torch
 
 from .errors import InvalidOptionError, InvalidTypeError
 
-__all__ = ["DEVICE_TYPES", "check_device"]
+__all__ = ["DEVICE_AUTO", "DEVICE_TYPES", "check_device"]
 
 # The kinds of device the package computes on.
 DEVICE_TYPES = ("cpu", "cuda", "mps")
+# The GPU when there is one, as PyTorch users expect: the CLI's default. Resolved by the process
+# that computes, so the workers of a cluster whose driver has no GPU still use theirs.
+DEVICE_AUTO = "auto"
 
 
 def check_device(device: str | torch.device | int, field: str = "device") -> torch.device:
@@ -20,8 +23,9 @@ def check_device(device: str | torch.device | int, field: str = "device") -> tor
 
     Args:
         device: ``"cpu"``, ``"cuda"`` (the current CUDA device), ``"cuda:N"`` (the N-th, from 0),
-            ``"mps"`` (Apple-silicon GPU), a :class:`torch.device` of those, or an int N (torch's
-            shorthand for ``"cuda:N"``).
+            ``"mps"`` (Apple-silicon GPU), ``"auto"`` (``"cuda"`` when this machine has a CUDA
+            GPU, else ``"cpu"``), a :class:`torch.device` of those, or an int N (torch's shorthand
+            for ``"cuda:N"``).
         field: the argument that carried it, by its API name (named in the error).
 
     Raises:
@@ -37,6 +41,8 @@ def check_device(device: str | torch.device | int, field: str = "device") -> tor
             f"{field} must be a string such as 'cpu' or 'cuda:0', or a torch.device; got {type(device).__name__}.",
             field=field,
         )
+    if device == DEVICE_AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # As the user wrote it: a torch.device by its string ("cuda:1"), not its repr.
     settings: dict[str, object] = {field: str(device) if isinstance(device, torch.device) else device}
     name = "{" + field + "}"
@@ -44,7 +50,7 @@ def check_device(device: str | torch.device | int, field: str = "device") -> tor
         parsed = torch.device(device)
     except (RuntimeError, TypeError, ValueError):  # torch's words for a string it cannot parse
         raise InvalidOptionError(
-            f"{name} is not a device: use 'cpu', 'cuda', 'cuda:N' (N: a GPU's index from 0) or 'mps'.",
+            f"{name} is not a device: use 'cpu', 'cuda', 'cuda:N' (N: a GPU's index from 0), 'mps' or 'auto'.",
             field=field, settings=settings,
         ) from None
     if parsed.type == "meta":

@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 
 from .adapters import load_adapter, save_adapter
-from .archive import ArchiveOptions, CollectionResult, embed_collection
+from .archive import ArchiveOptions, CollectionResult, StacSearch, embed_collection
 from .config import FileRecord
 from .export import export_onnx
 from .model import XStarsBase
 from .publish import push_to_hub
 from .scenes import SceneOptions, SceneResult, embed_scene
+from .search import SearchResult, search
 from .sensors import SensorSpec
 from .training import adapt
 
@@ -94,19 +95,27 @@ class XStars(XStarsBase):
 
     def embed_collection(
         self,
-        sources: Iterable[str | os.PathLike[str]],
+        sources: Iterable[str | os.PathLike[str] | StacSearch],
         sensor: str,
         out: str | os.PathLike[str],
         options: ArchiveOptions | None = None,
         **kwargs: Any,
     ) -> CollectionResult:
-        """Embed every scene ``sources`` names (GeoTIFFs, COG URLs, STAC Items, ItemCollections or
-        Catalogs) into the GeoParquet dataset folder ``out``, one row per tile, resumable; in this
-        process or on a Dask cluster (``workers=``, ``scheduler=``, ``client=``). Options: the
-        fields of :class:`~xstars_models.archive.ArchiveOptions` and of
+        """Embed every scene ``sources`` names (GeoTIFFs, COG URLs, STAC Items, ItemCollections,
+        Catalogs or :class:`~xstars_models.archive.StacSearch` API searches) into the GeoParquet
+        dataset folder ``out``, one row per tile, resumable; in this process or on a Dask cluster
+        (``workers=``, ``scheduler=``, ``client=``). Options: the fields of
+        :class:`~xstars_models.archive.ArchiveOptions` and of
         :class:`~xstars_models.scenes.SceneOptions`, by keyword or as ``options=``; see
         :func:`xstars_models.archive.embed_collection`."""
         return embed_collection(self, sources, sensor, out, options, **kwargs)
+
+    def search(self, dataset: str | os.PathLike[str], **kwargs: Any) -> SearchResult:
+        """The tiles of ``dataset`` (an ``embed_collection`` folder, or a folder of
+        ``embed_scene(output="cls")`` files, embedded by this model) most like one query, across
+        sensors: ``image=`` with ``sensor=``, ``near=(lon, lat)`` or ``like=(scene_id, row, col)``,
+        with ``k``, ``where``...; see :func:`xstars_models.search.search`."""
+        return search(dataset, model=self, **kwargs)
 
     def export_onnx(
         self, path: str | Path, sensor: str, output: str = "cls", opset: int | None = None, **kwargs: Any

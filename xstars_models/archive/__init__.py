@@ -2,7 +2,7 @@
 (``XStars.embed_collection``, ``xstars embed-collection``).
 
 A run expands its sources into scenes (:mod:`.sources`: files, COG URLs, STAC Items,
-ItemCollections, static Catalogs), splits each scene into blocks of tile strips, embeds each block
+ItemCollections, static Catalogs, STAC API searches), splits each scene into blocks of tile strips, embeds each block
 as one task (in this process, or on a Dask cluster: a ``LocalCluster`` it starts, a ``client=``, or
 any scheduler by address) into one part file (:mod:`.parts`, written atomically under a
 deterministic name: a task that runs twice writes the same bytes) and records finished parts in
@@ -11,13 +11,13 @@ load the model once each, from the dataset's own copy (``_model``), checked by s
 (:mod:`.tasks`).
 """
 
-from .manifest import FAILURES, MANIFEST, PartRecord
+from .manifest import FAILURES, MANIFEST, MapRecord, PartRecord
 from .options import ArchiveOptions
 from .parts import part_path, read_part_metadata, sensor_folder
 from .run import CollectionResult, embed_collection
-from .sources import SceneRef, expand_sources
+from .sources import SceneRef, StacSearch, expand_sources
 
 __all__ = [
-    "FAILURES", "MANIFEST", "ArchiveOptions", "CollectionResult", "PartRecord", "SceneRef", "embed_collection",
-    "expand_sources", "part_path", "read_part_metadata", "sensor_folder",
+    "FAILURES", "MANIFEST", "ArchiveOptions", "CollectionResult", "MapRecord", "PartRecord", "SceneRef", "StacSearch",
+    "embed_collection", "expand_sources", "part_path", "read_part_metadata", "sensor_folder",
 ]

@@ -1,6 +1,7 @@
-"""The dataset's own record of itself: ``_manifest.json`` (the settings and model each sensor was
-embedded with, and every finished part with its sha256 and row count) and ``_failures.json`` (the
-tasks that failed after their retries, with their errors).
+"""The dataset's own record of itself: ``_manifest.json`` (the model, the settings each sensor was
+embedded with and the precisions that ran for it, every finished part with its sha256, row count
+and precision, and every finished map, :mod:`.maps`) and ``_failures.json`` (the tasks that
+failed after their retries, with their errors).
 
 Only the driver writes them, atomically, after each finished task, under the dataset's lock
 (:func:`xstars_models.io.lock.output_lock` on the manifest). A part is done when the manifest
@@ -21,9 +22,10 @@ from typing import Any
 from ..errors import InvalidInputError, InvalidOptionError
 from ..io import read_json
 from ..serialization import atomic_write_bytes, file_record
+from .maps import map_record, maps_folder, read_run_tag
 from .parts import read_part_metadata, sensor_folder
 
-__all__ = ["FAILURES", "MANIFEST", "Manifest", "PartRecord"]
+__all__ = ["FAILURES", "MANIFEST", "Manifest", "MapRecord", "PartRecord"]
 
 MANIFEST = "_manifest.json"
 FAILURES = "_failures.json"
@@ -42,6 +44,9 @@ class PartRecord:
         size: bytes.
         rows: tiles written (embedded tiles; tiles skipped for nodata are not rows).
         skipped: tiles of the block left out for nodata.
+        precision: what ran (``"fp32"``, ``"bf16"``, ``"int8"``): the requested precision
+            (``settings["precision"]``, ``"auto"`` included) as the worker resolved it; empty in
+            records written before it was recorded.
     """
 
     key: str
@@ -50,6 +55,24 @@ class PartRecord:
     size: int
     rows: int
     skipped: int
+    precision: str = ""
+
+
+@dataclass(frozen=True)
+class MapRecord:
+    """One finished map (:mod:`.maps`).
+
+    Attributes:
+        key: ``sensor/scene_id``.
+        path: the map file, relative to the dataset folder.
+        sha256: of the map's bytes, for checking it (a rerun compares the size only).
+        size: bytes.
+    """
+
+    key: str
+    path: str
+    sha256: str
+    size: int
 
 
 class Manifest:
@@ -58,7 +81,8 @@ class Manifest:
     def __init__(self, dataset: Path) -> None:
         self.dataset = dataset
         self.path = dataset / MANIFEST
-        self.data: dict[str, Any] = {"format": FORMAT, "version": VERSION, "model": None, "sensors": {}, "parts": {}}
+        self.data: dict[str, Any] = {"format": FORMAT, "version": VERSION, "model": None, "sensors": {}, "parts": {},
+                                     "maps": {}}
         if self.path.exists():
             data = read_json(self.path, error=InvalidInputError, field="out")
             if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
@@ -68,6 +92,7 @@ class Manifest:
                     field="out",
                 )
             self.data = data
+            data.setdefault("maps", {})  # manifests written before maps were recorded
 
     def check(self, sensor: str, model: dict[str, Any], settings: dict[str, Any], restart: bool) -> None:
         """Refuse a run whose model (``model["files"]``: the sha256 of each weight file) or (for
@@ -111,8 +136,10 @@ class Manifest:
 
     def _discard(self, sensor: str) -> None:
         shutil.rmtree(sensor_folder(self.dataset, sensor), ignore_errors=True)
+        shutil.rmtree(maps_folder(self.dataset, sensor), ignore_errors=True)
         self.data["sensors"].pop(sensor, None)
-        self.data["parts"] = {k: v for k, v in self.data["parts"].items() if not k.startswith(f"{sensor}/")}
+        for kind in ("parts", "maps"):
+            self.data[kind] = {k: v for k, v in self.data[kind].items() if not k.startswith(f"{sensor}/")}
 
     def done(self, key: str, path: Path, expected_metadata: dict[str, Any]) -> PartRecord | None:
         """The record of task ``key`` when its part at ``path`` is finished (listed with a
@@ -131,14 +158,40 @@ class Manifest:
         if any(metadata.get(k) != v for k, v in expected_metadata.items()):
             return None
         adopted = PartRecord(key, str(path.relative_to(self.dataset)), record.sha256, record.size,
-                             int(metadata.get("rows", 0)), int(metadata.get("skipped", 0)))
+                             int(metadata.get("rows", 0)), int(metadata.get("skipped", 0)),
+                             str(metadata.get("precision", "")))
         self.add(adopted)
         return adopted
 
     def add(self, record: PartRecord) -> None:
         self.data["parts"][record.key] = asdict(record)
 
+    def map_done(self, key: str, path: Path, run_tag: Any) -> MapRecord | None:
+        """The record of map ``key`` when its file at ``path`` is finished (listed with the same
+        size, or tagged with ``run_tag``: then adopted), else ``None``."""
+        if not path.exists():
+            return None
+        listed = self.data["maps"].get(key)
+        if listed is not None and listed["size"] == path.stat().st_size:
+            return MapRecord(**listed)
+        if read_run_tag(path) != run_tag:
+            return None
+        adopted = MapRecord(**map_record(key, path, self.dataset))
+        self.add_map(adopted)
+        return adopted
+
+    def add_map(self, record: MapRecord) -> None:
+        self.data["maps"][record.key] = asdict(record)
+
     def save(self) -> None:
+        """Write the manifest, each sensor's ``precision`` (the precisions its parts ran with,
+        sorted) brought up to date first."""
+        ran: dict[str, set[str]] = {}
+        for key, part in self.data["parts"].items():
+            if part.get("precision"):
+                ran.setdefault(key.split("/", 1)[0], set()).add(part["precision"])
+        for sensor, record in self.data["sensors"].items():
+            record["precision"] = sorted(ran.get(sensor, ()))
         atomic_write_bytes(self.path, (json.dumps(self.data, indent=1, sort_keys=True) + "\n").encode())
 
     def write_failures(self, failures: list[dict[str, Any]]) -> None:

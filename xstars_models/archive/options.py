@@ -1,8 +1,8 @@
 """The options of one collection run (:func:`~xstars_models.archive.embed_collection`): the scene
 options every task embeds with (one :class:`~xstars_models.scenes.SceneOptions`, the same object
-``embed_scene`` takes) and how the run is spread and kept: workers, scheduler, retries, task size,
-restart. Built and checked once by the driver; the tasks receive the scene options as they are
-(frozen and picklable)."""
+``embed_scene`` takes), whether feature maps are written too, and how the run is spread and kept:
+workers, scheduler, retries, task size, restart. Built and checked once by the driver; the tasks
+receive the scene options as they are (frozen and picklable)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ class ArchiveOptions:
             precision, max_nodata, resample, whiten, bounds with ``bounds_crs``...; see
             :class:`~xstars_models.scenes.SceneOptions`). ``output``, ``resume``, ``progress`` and
             ``overwrite`` are the run's own (CLS rows into parts) and may not be set.
+        maps: also write each scene's feature map, the COG ``embed_scene(output="map")`` writes
+            with these options (``overviews`` included), into ``DATASET/_maps/sensor-<sensor>/``
+            (:mod:`xstars_models.archive.maps`). Not with ``scene.whiten`` (a map is not whitened).
         workers: Dask worker processes of the local cluster the run starts; 1 runs every task in
             this process, with no cluster. Ignored with ``scheduler`` (the cluster is already
             there).
@@ -48,6 +51,7 @@ class ArchiveOptions:
     """
 
     scene: SceneOptions = field(default_factory=lambda: SceneOptions(**_FIXED))
+    maps: bool = False
     workers: int = 1
     threads_per_worker: int = 1
     scheduler: str | None = None
@@ -66,6 +70,16 @@ class ArchiveOptions:
                 f"{name}={fixed[name]!r}: a collection run sets {name} itself ({name}={_FIXED[name]!r}: CLS rows "
                 "into parts written whole).",
                 field=name,
+            )
+        for name in ("maps", "restart", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidTypeError(f"{name} must be True or False, got {getattr(self, name)!r}.", field=name)
+        if self.maps and self.scene.whiten:
+            raise InvalidOptionError(
+                "{maps} with {whiten}: whiten applies to the CLS rows, and embed_scene writes no whitened map. Run "
+                "without maps, or without whiten.",
+                field="maps",
+                settings={"maps": True, "whiten": True},
             )
         for name, least in (("workers", 1), ("threads_per_worker", 1), ("retries", 0), ("strips_per_task", 1)):
             value = getattr(self, name)

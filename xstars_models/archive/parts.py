@@ -36,7 +36,8 @@ Columns (one row per embedded tile)
 Metadata (the file footer)
     ``geo``: GeoParquet 1.1.0 (``crs`` left out: OGC:CRS84; ``geometry_types`` ["Polygon"];
     ``bbox`` of this part's rows; ``orientation`` counterclockwise; ``covering``). ``xstars``: the
-    caller's ``metadata`` as JSON (model, revision, weights sha256, settings, task...), readable
+    caller's ``metadata`` as JSON (model, revision, weights sha256, settings with the precision
+    asked for, ``precision``: what ran, e.g. ``"bf16"`` for ``"auto"``, task...), readable
     without the rows through :func:`read_part_metadata`. Nothing in a part depends on when or
     where it was written: the same rows give the same bytes, so a task that runs twice writes
     the same file.

@@ -1,11 +1,15 @@
 """The driver of a collection run: expand the sources into scenes, plan each scene's blocks of
 tile strips, run the blocks as tasks (in this process, or on a Dask cluster: a local one it starts
-or any existing scheduler), and keep the dataset's manifest as parts finish."""
+or any existing scheduler), merge each scene's map once its blocks are done (``maps=True``), and
+keep the dataset's manifest as parts and maps finish."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -14,16 +18,18 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..config import CONFIG_NAME
+from ..config import CONFIG_NAME, WEIGHTS_NAME, stem_file_name
 from ..errors import MissingExtraError
 from ..io import read_json
 from ..io.lock import output_lock
 from ..model import XStarsBase
+from ..scenes.tiles import SceneGrid
 from ..scenes.tiling import default_tile
-from .manifest import MANIFEST, Manifest, PartRecord
+from .manifest import MANIFEST, Manifest, MapRecord, PartRecord
+from .maps import RUN_TAG, MapTask, map_path, merge_map, piece_path
 from .options import ArchiveOptions
 from .parts import part_path
-from .sources import SceneRef, expand_sources
+from .sources import SceneRef, StacSearch, expand_sources
 from .tasks import BlockTask, ModelRef, embed_block, plan_scene, weights_sha256
 
 __all__ = ["CollectionResult", "embed_collection"]
@@ -43,6 +49,7 @@ class CollectionResult:
         failures: the tasks that failed after their retries (key, scene_id, source, error), also in
             ``_failures.json``.
         seconds: wall-clock time of the run.
+        maps: scene maps this run merged (``maps=True``).
     """
 
     dataset: Path
@@ -51,11 +58,12 @@ class CollectionResult:
     rows: int
     failures: list[dict[str, Any]]
     seconds: float
+    maps: int = 0
 
 
 def embed_collection(
     model: XStarsBase,
-    sources: Iterable[str | os.PathLike[str]],
+    sources: Iterable[str | os.PathLike[str] | StacSearch],
     sensor: str,
     out: str | os.PathLike[str],
     options: ArchiveOptions | None = None,
@@ -63,9 +71,11 @@ def embed_collection(
     client: Any = None,
     **kwargs: Any,
 ) -> CollectionResult:
-    """Embed every scene ``sources`` name (files, URLs, STAC Items, ItemCollections, Catalogs)
+    """Embed every scene ``sources`` name (files, URLs, STAC Items, ItemCollections, Catalogs,
+    :class:`~xstars_models.archive.StacSearch` API searches)
     into the GeoParquet dataset folder ``out``: one row per embedded tile, parts under
-    ``sensor=<sensor>/``, a ``_manifest.json``; see :mod:`xstars_models.archive`.
+    ``sensor-<sensor>/``, a ``_manifest.json``, and with ``maps=True`` each scene's feature-map COG
+    under ``_maps/sensor-<sensor>/``; see :mod:`xstars_models.archive`.
 
     Args:
         options: an :class:`ArchiveOptions`; keywords (its fields, or scene options such as
@@ -96,15 +106,18 @@ def embed_collection(
             "resample": scene_options.resample,
             "strips_per_task": options.strips_per_task,
         }
+        if options.maps:  # absent without maps: datasets written before maps existed keep their settings
+            settings["maps"] = {"overviews": scene_options.overviews}
         manifest.check(sensor, model_info, settings, options.restart)
         manifest.save()
-        run = _Run(manifest, dataset, ref, sensor, options, settings, model_info)
+        run = _Run(manifest, dataset, ref, sensor, options, settings, model_info, model.check_sensor(sensor).patch_size)
         with _executor(model, ref, options, client) as submit:
             run.drive(scenes, submit)
         manifest.write_failures(run.failures)
         manifest.save()
     rows = sum(p["rows"] for k, p in manifest.data["parts"].items() if k.startswith(f"{sensor}/"))
-    return CollectionResult(dataset, run.written, run.reused, rows, run.failures, time.perf_counter() - started)
+    return CollectionResult(dataset, run.written, run.reused, rows, run.failures, time.perf_counter() - started,
+                            run.maps)
 
 
 def _model_copy(model: XStarsBase, dataset: Path) -> tuple[ModelRef, dict[str, Any]]:
@@ -126,69 +139,151 @@ def _model_copy(model: XStarsBase, dataset: Path) -> tuple[ModelRef, dict[str, A
 SAVE_EVERY_S = 5.0
 
 
+@dataclass
+class _Scene:
+    """Where one scene of the run stands: its grid, its blocks not done yet, whether one failed,
+    whether its map is done or its merge submitted (``map_done``: nothing more to start for it)."""
+
+    ref: SceneRef
+    grid: SceneGrid
+    blocks: int
+    left: int = 0
+    failed: bool = False
+    map_done: bool = False
+
+
 class _Run:
     """The bookkeeping of one run: which tasks are done, failed or pending."""
 
     def __init__(self, manifest: Manifest, dataset: Path, ref: ModelRef, sensor: str, options: ArchiveOptions,
-                 settings: dict[str, Any], model_info: dict[str, Any]) -> None:
+                 settings: dict[str, Any], model_info: dict[str, Any], patch_px: int) -> None:
         self.manifest, self.dataset, self.ref, self.sensor = manifest, dataset, ref, sensor
-        self.options, self.settings, self.model_info = options, settings, model_info
-        self.written = self.reused = 0
+        self.options, self.settings, self.model_info, self.patch_px = options, settings, model_info, patch_px
+        self.written = self.reused = self.maps = 0
         self.failures: list[dict[str, Any]] = []
+        self.scenes: dict[str, _Scene] = {}
 
     def drive(self, scenes: list[SceneRef], submit: Any) -> None:
-        """Plan every scene, run the blocks not done yet, record each as it ends."""
+        """Plan every scene, run the blocks not done yet and the merges of maps not done yet,
+        record each as it ends."""
         bar = tqdm(total=len(scenes), desc=f"embed {self.sensor}", unit="task", disable=not self.options.progress)
         saved = time.monotonic()
         pending: dict[Any, tuple[str, Any]] = {}
+
+        def start(fn: Callable[..., Any], task: Any, kind: str) -> None:
+            pending[submit(fn, (task,))] = (kind, task)
+            bar.total += 1
+            bar.refresh()
+
         for scene in scenes:
             pending[submit(plan_scene, (self.ref, scene, self.sensor, self.options.scene))] = ("plan", scene)
         while pending:
             finished = submit.wait(list(pending))
             for future in finished:
                 kind, what = pending.pop(future)
+                bar.update(1)
                 error = submit.error(future)
-                if kind == "plan":
-                    bar.update(1)
-                    if error is not None:
-                        self._fail(f"{self.sensor}/{what.scene_id}", what, error)
-                        continue
-                    for task in self._blocks(what, future.result()):
-                        bar.total += 1
-                        pending[submit(embed_block, (task,))] = ("block", task)
-                    bar.refresh()
+                if error is not None:
+                    self._fail(kind, what, error)
+                    continue
+                if kind == "map":
+                    self.manifest.add_map(MapRecord(**future.result()))
+                    self.maps += 1
                 else:
-                    bar.update(1)
-                    if error is not None:
-                        self._fail(what.key, what.scene, error)
-                        continue
-                    self.manifest.add(PartRecord(**future.result()))
-                    self.written += 1
-                    if time.monotonic() - saved > SAVE_EVERY_S:
-                        self.manifest.save()
-                        saved = time.monotonic()
+                    if kind == "plan":
+                        for task in self._blocks(what, future.result()):
+                            start(embed_block, task, "block")
+                        state = self.scenes[what.scene_id]
+                    else:
+                        self.manifest.add(PartRecord(**future.result()))
+                        self.written += 1
+                        state = self.scenes[what.scene.scene_id]
+                        state.left -= 1
+                    merge = self._merge(state)
+                    if merge is not None:
+                        start(merge_map, merge, "map")
+                if time.monotonic() - saved > SAVE_EVERY_S:
+                    self.manifest.save()
+                    saved = time.monotonic()
         bar.close()
 
-    def _blocks(self, scene: SceneRef, grid: Any) -> Iterator[BlockTask]:
+    def _blocks(self, scene: SceneRef, grid: SceneGrid) -> Iterator[BlockTask]:
+        """The block tasks of ``scene`` not done yet (a block with maps is done when its part is
+        and its map piece is, or the whole map)."""
         per = self.options.strips_per_task
+        state = self.scenes[scene.scene_id] = _Scene(scene, grid, math.ceil(grid.strips / per))
+        if self.options.maps:
+            key = f"{self.sensor}/{scene.scene_id}"
+            state.map_done = self.manifest.map_done(key, map_path(self.dataset, self.sensor, scene.scene_id),
+                                                    self._run_tag(key)) is not None
+            if state.map_done:  # pieces left by a merge that stopped after its rename
+                shutil.rmtree(piece_path(self.dataset, self.sensor, scene.scene_id, 0).parent, ignore_errors=True)
         for block, start in enumerate(range(0, grid.strips, per)):
             key = f"{self.sensor}/{scene.scene_id}/{block}"
             # What makes a part this task's: its key, the settings and the weights (a part written by
             # a driver that died before recording it is adopted on these).
             metadata = {"task": key, "settings": self.settings, "model_files": self.model_info["files"]}
             path = part_path(self.dataset, self.sensor, scene.scene_id, block)
-            if self.manifest.done(key, path, metadata) is not None:
+            piece = None
+            if self.options.maps and not state.map_done:
+                piece = piece_path(self.dataset, self.sensor, scene.scene_id, block)
+            if self.manifest.done(key, path, metadata) is not None and (piece is None or piece.exists()):
                 self.reused += 1
                 continue
+            state.left += 1
             yield BlockTask(key, scene, self.sensor, block, start, min(start + per, grid.strips), str(self.dataset),
                             self.ref, self.options.scene, {
                                 **metadata, "model": self.model_info, "scene_id": scene.scene_id, "sensor": self.sensor,
                                 "block": block,
                                 "strips": [start, min(start + per, grid.strips)], "source": scene.origin,
                                 "datetime": scene.datetime, "package_version": _version(),
-                            })
+                            }, None if piece is None else str(piece))
 
-    def _fail(self, key: str, scene: SceneRef, error: BaseException) -> None:
+    def _merge(self, scene: _Scene) -> MapTask | None:
+        """The merge of ``scene``'s map, once all its blocks are done (once: it is then marked
+        done); ``None`` before, without maps, or when a block failed."""
+        if not self.options.maps or scene.map_done or scene.failed or scene.left:
+            return None
+        scene.map_done = True
+        scene_id = scene.ref.scene_id
+        key = f"{self.sensor}/{scene_id}"
+        parts = self.manifest.data["parts"]
+        precisions = {parts[f"{key}/{block}"].get("precision", "") for block in range(scene.blocks)}
+        files = self.model_info["files"]
+        tags = {
+            "xstars_sensor": self.sensor,
+            "xstars_scene_id": scene_id,
+            "xstars_model": self.ref.name,
+            "xstars_model_sha256": files[WEIGHTS_NAME],
+            "xstars_patch_px": str(self.patch_px),
+            "xstars_tile_px": str(self.settings["tile_px"]),
+            "xstars_overlap_px": str(self.options.scene.overlap),
+            "xstars_precision": ",".join(sorted(precisions - {""})),  # what ran; several if workers differed
+            RUN_TAG: json.dumps(self._run_tag(key), sort_keys=True),
+        }
+        if stem_file_name(self.sensor) in files:
+            tags["xstars_stem_sha256"] = files[stem_file_name(self.sensor)]
+        if self.ref.revision:
+            tags["xstars_revision"] = self.ref.revision
+        if scene.grid.resample_scale is not None:
+            tags["xstars_resample_scale"] = " ".join(f"{v:.6g}" for v in scene.grid.resample_scale)
+        return MapTask(key, str(self.dataset), self.sensor, scene_id, scene.blocks,
+                       bool(self.options.scene.overviews), tags)
+
+    def _run_tag(self, key: str) -> Any:
+        """What names the run a map belongs to (its :data:`~.maps.RUN_TAG`), as JSON reads it back."""
+        return json.loads(json.dumps({"task": key, "settings": self.settings, "model_files": self.model_info["files"]}))
+
+    def _fail(self, kind: str, what: Any, error: BaseException) -> None:
+        """Record the failure of a task of ``kind`` ("plan": ``what`` is its scene; "block", "map":
+        its task); a scene with a failed block gets no map."""
+        if kind == "plan":
+            key, scene = f"{self.sensor}/{what.scene_id}", what
+        elif kind == "block":
+            key, scene = what.key, what.scene
+            self.scenes[scene.scene_id].failed = True
+        else:
+            key, scene = f"{what.key}/map", self.scenes[what.scene_id].ref
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         self.failures.append({"key": key, "scene_id": scene.scene_id, "source": scene.origin,
                               "error": f"{type(error).__name__}: {first_line}"})

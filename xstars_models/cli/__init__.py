@@ -9,8 +9,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .. import __version__
 from ..errors import XStarsError, api_setting
-from . import archive, embedding, evaluating, exporting, models, publishing, training
+from . import archive, embedding, evaluating, exporting, models, publishing, search, training
+from .flags import HelpFormatter
 
 __all__ = ["build_parser", "main"]
 
@@ -47,17 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xstars",
         description="Pretrained X-STARS cross-sensor remote-sensing encoders.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=__version__, help="print the package's version")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (models, embedding, archive, training, publishing, evaluating, exporting):
+    for group in (models, embedding, archive, search, training, publishing, evaluating, exporting):
         group.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     try:
         return args.func(args)
     except Exception as err:
@@ -68,14 +71,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line's arguments. A command whose positional list may be empty (``sources`` of
+    ``embed-collection``, named by its parser's ``intermixed`` default) also takes list items after
+    its options, as ``cp``-style commands do: argparse binds an empty ``nargs="*"`` list at the first
+    positional and would refuse those later ones, and its ``parse_intermixed_args`` cannot be
+    used with subcommands."""
+    args, extra = parser.parse_known_args(argv)
+    name = getattr(args, "intermixed", None)
+    if name is not None:
+        getattr(args, name).extend(item for item in extra if not item.startswith("-"))
+        extra = [item for item in extra if item.startswith("-")]
+    if extra:
+        _command(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the subcommand ``args`` are for."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+
+
 def _command_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Callable[[str, Any], str]:
     """How this command names an API setting: the flag that sets it (``--tile 256``, ``--restart``
     for ``resume=False``), or the keyword itself when the command has no such flag."""
     overrides: dict[tuple[str, Any], str] = dict(getattr(args, "setting_flags", {}))
     if hasattr(args, "offline"):
         overrides["local_files_only", True] = "--offline"
-    command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
-    by_dest = {a.dest: a for a in command._actions if a.option_strings}
+    by_dest = {a.dest: a for a in _command(parser, args)._actions if a.option_strings}
 
     def flag(name: str, value: Any) -> str:
         try:

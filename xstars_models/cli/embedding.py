@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..errors import InvalidInputError, InvalidOptionError
 from ..io import read_raster
 from ..io.rasters import check_fits_in_memory
 from ..model import OUTPUTS
 from ..scenes import SCENE_OUTPUTS, SceneOptions
+from .flags import HelpFormatter, add_device_flag, chosen_device
 
 SCENE_EPILOG = """\
 The scene is read window by window (memory does not grow with its size); its GSD (metres, from the
@@ -35,18 +37,21 @@ examples:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("embed", help="embed image files (GeoTIFF, PNG, JPEG, .npy) into .npy/.npz")
+    p = sub.add_parser("embed", help="embed image files (GeoTIFF, PNG, JPEG, .npy) into .npy/.npz",
+                       formatter_class=HelpFormatter)
     p.add_argument("model", help="registry id, Hub repo (org/name[@rev]) or folder")
-    p.add_argument("files", nargs="+")
+    p.add_argument("files", nargs="+", help="images of the sensor: .tif, .jp2, .png, .jpg or .npy")
     p.add_argument("--sensor", required=True, help="the model's sensor name for these images")
     p.add_argument("--out", required=True, help="output .npz (one array per file) or .npy (one file)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (otherwise refused)")
-    p.add_argument("--output", default="cls", choices=OUTPUTS)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--output", default="cls", choices=OUTPUTS,
+                   help="cls or mean (one vector per image), patch (one per token) or map (D x h x w)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument(
         "--whiten", action="store_true",
         help="whiten the cls / mean output with the model's fitted whitening, to compare footprints across sensors",
     )
+    add_device_flag(p)
     _add_precision_flag(p)
     p.add_argument("--offline", action="store_true", help="use only the local cache")
     p.set_defaults(func=_embed)
@@ -56,38 +61,42 @@ def register(sub: Any) -> None:
         help="embed a whole scene (GeoTIFF, COG URL or STAC Item) tile by tile into a feature-map COG (.tif) "
              "or per-tile vectors (GeoParquet)",
         epilog=SCENE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("model", help="registry id, Hub repo (org/name[@rev]) or folder")
     p.add_argument("source", help="GeoTIFF of the scene (bands in the sensor's order), http(s):// URL of a COG, "
                                   "or STAC Item JSON (path or URL)")
     p.add_argument("--sensor", required=True, help="the model's sensor name for this imagery")
-    p.add_argument("--out", help="output .tif (map) or .parquet (cls); default beside a local source")
+    p.add_argument("--out", help="output .tif (map) or .parquet (cls) (default: beside a local source)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the output if it exists (otherwise refused; an interrupted run still resumes)")
     area = p.add_mutually_exclusive_group()
     area.add_argument("--bounds", type=float, nargs=4, metavar=("LEFT", "BOTTOM", "RIGHT", "TOP"),
                       help="embed only this area, in the scene's CRS units (or --bounds-crs)")
     area.add_argument("--window", type=int, nargs=4, metavar=("ROW", "COL", "HEIGHT", "WIDTH"),
-                      help="embed only this area, in input pixels")
+                      help="embed only this area, in input pixels: row and column offsets first (the reverse of "
+                           "rasterio's Window(col_off, row_off, width, height))")
     p.add_argument("--bounds-crs", metavar="CRS",
                    help="the CRS of --bounds, e.g. EPSG:4326 for longitude/latitude (default: the scene's)")
     p.add_argument("--overviews", action="store_true", help="add overviews to the map COG")
-    p.add_argument("--output", default="map", choices=SCENE_OUTPUTS)
+    p.add_argument("--output", default="map", choices=SCENE_OUTPUTS,
+                   help="map: a feature-map COG, one band per feature; cls: one vector per tile, GeoParquet")
     p.add_argument("--whiten", action="store_true",
                    help="with --output cls: whiten the tile vectors with the model's fitted whitening "
                         "(to compare across sensors)")
-    p.add_argument("--tile", type=int, help="tile side in pixels at the sensor's GSD (multiple of the patch size)")
+    p.add_argument("--tile", type=int, help="tile side in pixels at the sensor's GSD (multiple of the patch size; "
+                                            "default: the model's pretraining grid)")
     p.add_argument("--overlap", type=int, default=0,
-                   help="tile overlap in pixels at the sensor's GSD (multiple of the patch size)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", help="cpu, cuda, cuda:1... (default cpu)")
+                   help="tile overlap in pixels at the sensor's GSD (multiple of the patch size); the last tile "
+                        "of each row and column is shifted inward to end at the edge, overlapping more")
+    p.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass")
+    add_device_flag(p)
     p.add_argument("--resample", action="store_true", help="resample windows to the sensor's GSD")
     p.add_argument("--max-nodata", type=float, default=0.5, help="skip tiles with a larger nodata fraction (0-1)")
     p.add_argument("--restart", action="store_true", help="discard a partial run instead of resuming it")
     _add_precision_flag(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="show no progress bar")
     p.add_argument("--offline", action="store_true", help="use only the local cache")
     p.set_defaults(func=_embed_scene, setting_flags={("resume", False): "--restart", ("resample", True): "--resample"})
 
@@ -96,7 +105,7 @@ def _add_precision_flag(p: argparse.ArgumentParser) -> None:
     from ..precision import PRECISIONS
 
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="auto (default): bf16 on CUDA; on a CPU, bf16 only where this model measured >= 1.15x "
+                   help="auto: bf16 on CUDA; on a CPU, bf16 only where this model measured >= 1.15x "
                         "faster than fp32 (timed once per machine and tile size, a few seconds, cached in "
                         "$XSTARS_CACHE or ~/.cache/xstars_models); the XSTARS_PRECISION environment variable "
                         "forces what auto means. int8: int8 Linear layers (CPU). Outputs are float32 either way; "
@@ -187,22 +196,25 @@ def _embed(args: argparse.Namespace) -> int:
         )
     refuse_input_as_output(out, files)
     keys = result_keys(files)
+    device = chosen_device(args)  # before the model is loaded
     with output_lock(out):
         refuse_existing_output(out, args.overwrite)
-        _embed_files(args, out, files, keys)
+        _embed_files(args, out, files, keys, device)
     print(f"wrote {out}")
     return 0
 
 
-def _embed_files(args: argparse.Namespace, out: Path, files: list[Path], keys: list[str]) -> None:
-    """Embed ``files`` and write their arrays (named ``keys``) to ``out``."""
+def _embed_files(
+    args: argparse.Namespace, out: Path, files: list[Path], keys: list[str], device: torch.device
+) -> None:
+    """Embed ``files`` on ``device`` and write their arrays (named ``keys``) to ``out``."""
     from tqdm.auto import tqdm
 
     from ..inputs import to_batch
     from ..serialization import atomic_write_bytes
     from ..xstars import XStars
 
-    model = XStars.from_pretrained(args.model, local_files_only=args.offline)
+    model = XStars.from_pretrained(args.model, local_files_only=args.offline, map_location=device)
     stem = model.check_sensor(args.sensor)
     results = {}
     precision = None
@@ -241,7 +253,7 @@ def _embed_scene(args: argparse.Namespace) -> int:
         refuse_input_as_output(args.out, [args.source])
     # Checked before the model is loaded: a bad option fails at once.
     options = SceneOptions(
-        tile=args.tile, overlap=args.overlap, output=args.output, batch_size=args.batch_size, device=args.device,
+        tile=args.tile, overlap=args.overlap, output=args.output, batch_size=args.batch_size, device=chosen_device(args),
         resample=args.resample, max_nodata=args.max_nodata, progress=not args.no_progress, resume=not args.restart,
         bounds=args.bounds, bounds_crs=args.bounds_crs, window=args.window, overviews=args.overviews,
         precision=args.precision, compile=args.compile, whiten=args.whiten, overwrite=args.overwrite,

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import InvalidOptionError
 from ..evaluation.common import FEATURES
+from .flags import HelpFormatter
 
 EVAL_EPILOG = """\
 retrieval: windows of --footprint-m metres cut from co-registered rasters of two sensors; for each
@@ -30,7 +31,7 @@ examples:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("eval", help="retrieval / land-cover evaluation beside random-init and pixel baselines",
-                       epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EVAL_EPILOG, formatter_class=HelpFormatter)
     p.add_argument("model", help="registry id, Hub repo (org/name[@rev]) or folder")
     p.add_argument("--task", required=True, choices=("retrieval", "landcover"))
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -45,9 +46,9 @@ def register(sub: Any) -> None:
     r.add_argument("--b-bands", nargs="+", type=int, help="1-based bands of --b, in the sensor's order")
     r.add_argument("--footprint-m", type=float, help="window size in metres (default: the model's pretraining grid)")
     r.add_argument("--stride-m", type=float, help="distance between windows in metres (default: the footprint)")
-    r.add_argument("--split", default="val", choices=("val", "train", "all"), help="which part of the area (default val)")
-    r.add_argument("--val-fraction", type=float, default=0.2)
-    r.add_argument("--split-axis", choices=("x", "y"), default="y")
+    r.add_argument("--split", default="val", choices=("val", "train", "all"), help="which part of the area")
+    r.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction of the area (--split val)")
+    r.add_argument("--split-axis", choices=("x", "y"), default="y", help="axis of the spatial split (x: columns)")
     r.add_argument("--resample", action="store_true",
                    help="accept rasters whose pixel size is more than 10%% off the sensor's GSD (windows resampled)")
     p.add_argument("--features", nargs="+", choices=FEATURES,
@@ -55,7 +56,7 @@ def register(sub: Any) -> None:
                         "ones, retrieval only, use the model's fitted whitening)")
     lc = p.add_argument_group("landcover")
     lc.add_argument("--chips", help="an .npz of labelled chips in the bundled file's format (default: the bundled chips)")
-    lc.add_argument("--sensor", default="sentinel2_rgb", help="the model's sensor of the chips (default sentinel2_rgb)")
+    lc.add_argument("--sensor", default="sentinel2_rgb", help="the model's sensor of the chips")
     lc.add_argument("--folds", type=int, help="spatial cross-validation over this many folds of whole blocks "
                     "(default: the chips' own train/test split)")
     p.set_defaults(func=_eval)

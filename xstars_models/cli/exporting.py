@@ -6,15 +6,17 @@ import argparse
 from typing import Any
 
 from ..export import ONNX_INPUT_DTYPES, ONNX_OUTPUTS
+from .flags import HelpFormatter
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("export", help="write a model for one sensor as an ONNX file (raw digital numbers in)")
+    p = sub.add_parser("export", help="write a model for one sensor as an ONNX file (raw digital numbers in)",
+                       formatter_class=HelpFormatter)
     p.add_argument("model", help="registry id, Hub repo (org/name[@rev]) or folder")
     p.add_argument("path", help="the .onnx file to write")
     p.add_argument("--sensor", required=True, help="the model's sensor whose digital numbers the file takes")
-    p.add_argument("--output", default="cls", choices=ONNX_OUTPUTS)
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18, the least that works)")
+    p.add_argument("--output", default="cls", choices=ONNX_OUTPUTS, help="what the graph returns")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 18, the least that works)")
     p.add_argument("--int8", action="store_true", help="dynamically quantise the weights to int8")
     p.add_argument("--input-dtype", default="float32", choices=ONNX_INPUT_DTYPES,
                    help="element type of the graph's input: float32, or the raster's own uint8/uint16 (cast inside)")

@@ -7,23 +7,27 @@ import argparse
 import json
 from typing import Any
 
+from .flags import HelpFormatter
+
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("list", help="registered models and their sensors")
+    p = sub.add_parser("list", help="registered models and their sensors", formatter_class=HelpFormatter)
     p.add_argument("--sensor", help="only models with a stem for this sensor")
     p.set_defaults(func=_list)
-    p = sub.add_parser("info", help="architecture, sensors (bands, wavelengths, GSD), lineage, metrics")
+    p = sub.add_parser("info", help="architecture, sensors (bands, wavelengths, GSD), lineage, metrics",
+                       formatter_class=HelpFormatter)
     p.add_argument("model", help="registry id, Hub repo (org/name[@rev]) or folder")
     p.add_argument("--offline", action="store_true", help="use only the local cache")
     p.add_argument("--json", action="store_true", help="print everything as one JSON object instead")
     p.set_defaults(func=_info)
-    p = sub.add_parser("download", help="download and verify a model into the Hub cache")
-    p.add_argument("model")
+    p = sub.add_parser("download", help="download and verify a model into the Hub cache", formatter_class=HelpFormatter)
+    p.add_argument("model", help="registry id or Hub repo (org/name[@rev])")
     p.add_argument("--to", help="also save a copy into this folder")
     p.add_argument("--force-download", action="store_true",
                    help="download every file again, replacing the cached copies (repairs a corrupted cache)")
     p.set_defaults(func=_download)
-    p = sub.add_parser("verify", help="check every file's sha256 against the manifest or config (offline)")
+    p = sub.add_parser("verify", help="check every file's sha256 against the manifest or config (offline)",
+                       formatter_class=HelpFormatter)
     p.add_argument("model", help="registry id, Hub repo or folder")
     p.set_defaults(func=_verify)
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .flags import HelpFormatter
+
 PUSH_EPILOG = """\
 The token comes from the HF_TOKEN environment variable or a stored `hf auth login`, never from the
 command line (it would show in the process list and shell history); the Hub is HF_ENDPOINT
@@ -30,13 +32,13 @@ example:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("push", help="upload a saved model folder to a Hub repo (one commit, model card)",
-                       epilog=PUSH_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=PUSH_EPILOG, formatter_class=HelpFormatter)
     p.add_argument("model", help="folder written by save_pretrained (or any model id)")
     p.add_argument("repo_id", help="Hub repo, org/name (created if needed)")
     p.add_argument("--private", action="store_true")
-    p.add_argument("--revision", help="branch to commit to (created if needed; default main)")
+    p.add_argument("--revision", help="branch to commit to (created if needed; default: main)")
     p.add_argument("--message", default="Upload X-STARS model", help="commit message")
-    p.add_argument("--license", default="mit", help="licence in the model card (default mit)")
+    p.add_argument("--license", default="mit", help="licence in the model card")
     p.add_argument("--description", default="", help="a paragraph for the model card")
     p.add_argument("--manifest", help="write the registry entry (repo, commit, sha256 per file) into this manifest")
     p.add_argument("--model-id", help="registry id for --manifest (default: the repo name)")
@@ -46,12 +48,12 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_push)
 
     p = sub.add_parser("convert", help="convert an official X-STARS checkpoint (.pth) into a model folder",
-                       epilog=CONVERT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=CONVERT_EPILOG, formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="official checkpoint .pth (student/teacher/args dicts)")
     p.add_argument("out", help="output folder (config.json + model.safetensors)")
     p.add_argument("--arch", help="vit_tiny|vit_small|vit_base|vit_large or a timm name (default: the checkpoint's args)")
     p.add_argument("--sensor", help="the sensor of the trunk's patch embedding, e.g. sentinel2_rgb, spot67_rgb, landsat8_rgb")
-    p.add_argument("--key", default="teacher", choices=("teacher", "student"), help="which network to keep (default teacher)")
+    p.add_argument("--key", default="teacher", choices=("teacher", "student"), help="which network to keep")
     p.set_defaults(func=_convert)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import InvalidInputError, InvalidOptionError
 from ..io import read_json
+from .flags import HelpFormatter, add_device_flag, chosen_device
 
 ADAPT_EPILOG = """\
 Pairs come either from co-registered rasters of the two sensors (--new/--old, cut into windows of
@@ -34,7 +35,7 @@ def register(sub: Any) -> None:
         "adapt",
         help="continual pretraining to a new sensor (MSAD + DINO against a frozen copy)",
         epilog=ADAPT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("model", help="base model: registry id, Hub repo (org/name[@rev]) or folder")
     p.add_argument(
@@ -52,8 +53,8 @@ def register(sub: Any) -> None:
         "--footprint-m", type=float, help="pair footprint in metres (default: crops.global_tokens tokens of the old sensor)"
     )
     data.add_argument("--stride-m", type=float, help="distance between pair windows in metres (default: the footprint)")
-    data.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction of the area (default 0.2)")
-    data.add_argument("--split-axis", choices=("x", "y"), default="y", help="axis of the spatial split")
+    data.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction of the area")
+    data.add_argument("--split-axis", choices=("x", "y"), default="y", help="axis of the spatial split (x: columns)")
     data.add_argument("--resample", action="store_true",
                       help="accept rasters whose pixel size is more than 10%% off the sensor's GSD (windows resampled)")
     msc = p.add_argument_group("pairs from an MSC-France style folder")
@@ -62,12 +63,13 @@ def register(sub: Any) -> None:
     msc.add_argument("--old-folder", help="the old sensor's folder under ROOT (e.g. Sentinel)")
     msc.add_argument("--cities", nargs="+", help="city folders to use (default: all)")
     run = p.add_argument_group("run")
-    run.add_argument("--mode", default="stem", choices=("stem", "lora", "full"), help="what is trained (default stem)")
-    run.add_argument("--lora-rank", type=int, default=8)
+    run.add_argument("--mode", default="stem", choices=("stem", "lora", "full"),
+                     help="what is trained: the new stem, LoRA updates of the trunk too, or everything")
+    run.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA updates (--mode lora)")
     run.add_argument("--config", help="TrainConfig settings as JSON, e.g. {\"steps\": 500, \"msad\": {\"alpha\": 1.0}}")
     run.add_argument("--run-dir", default="runs/adapt", help="checkpoints (last.pt) and metrics.jsonl")
     run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --run-dir")
-    run.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    add_device_flag(run)
     run.add_argument("--offline", action="store_true", help="load the base model from the local cache only")
     run.add_argument("--out", required=True, help="save the adapted model into this folder")
     run.add_argument("--adapter", help="also save the small adapter file (stem, LoRA) here")
@@ -88,7 +90,7 @@ def _add_train_config_flags(group: argparse._ArgumentGroup) -> None:
         if isinstance(default, tuple):  # ranges like crops.global_scale: set in --config only
             continue
         flag = "--" + name.replace("_", "-")
-        about = f"{dotted}, default {default}" if dotted != name else f"default {default}"
+        about = f"{dotted} (default: {default})" if dotted != name else f"(default: {default})"
         if isinstance(default, bool):
             group.add_argument(flag, dest=dotted, action=argparse.BooleanOptionalAction, default=None, help=about)
         else:
@@ -154,12 +156,10 @@ def _pairs(args: argparse.Namespace, base: Any, new: Any, old_sensor: str, confi
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    from ..devices import check_device
     from ..xstars import XStars
 
     config = train_config(args)
-    if args.device is not None:  # before the model and the imagery are read
-        check_device(args.device)
+    device = chosen_device(args)  # before the model and the imagery are read
     new = new_sensor_spec(args)
     base = XStars.from_pretrained(args.model, local_files_only=args.offline)
     old_sensor = args.old_sensor or base.primary_sensor
@@ -168,7 +168,7 @@ def _adapt(args: argparse.Namespace) -> int:
     print(f"adapting {args.model} ({old_sensor}) to {new.name} ({new.gsd_m:g} m): {description}")
     adapted = base.adapt(
         new, pairs, old_sensor=old_sensor, mode=args.mode, config=config, out_dir=args.run_dir,
-        resume=args.resume, device=args.device, lora_rank=args.lora_rank, data_description=description,
+        resume=args.resume, device=device, lora_rank=args.lora_rank, data_description=description,
     )
     adapted.save_pretrained(args.out)
     print(f"saved {args.out}")

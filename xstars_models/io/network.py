@@ -1,5 +1,6 @@
 """Bounded network waits. Every read over HTTP(S) the package makes — GDAL's ``/vsicurl/`` range
-requests for COG URLs and STAC assets, STAC Item documents, the Hugging Face Hub — gives up after
+requests for COG URLs and STAC assets, STAC Item documents, STAC API searches (pystac-client, each
+page), the Hugging Face Hub — gives up after
 a stated time instead of waiting on a stalled server forever, and the error names the URL, the
 limit and how to raise it.
 

@@ -4,8 +4,9 @@ large C x H x W array) in, georeferenced embeddings out.
 :func:`embed_scene` cuts a scene into tiles, embeds them in batches and writes either a dense
 feature map — a float32 Cloud-Optimised GeoTIFF with one band per feature dimension and one pixel
 per token — or one vector per tile with its footprint, as GeoParquet (read by geopandas; a
-geometry column plus an ``embedding`` list column, the layout of the GeoParquet embedding datasets
-TorchGeo and TerraTorch use, though not tested against those libraries here). A job's settings
+geometry column, a GeoParquet 1.1 ``bbox`` covering and an ``embedding`` fixed-size list of
+float32, the layout of the GeoParquet embedding datasets TorchGeo and TerraTorch use, though not
+tested against those libraries here). A job's settings
 (tile, overlap, output, batch size, precision...) are one :class:`SceneOptions`, checked when
 built, given as ``options=`` or field by field as keywords.
 

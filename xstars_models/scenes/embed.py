@@ -16,12 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors.torch import save as save_safetensors_bytes
 
+from ..config import WEIGHTS_NAME, stem_file_name
 from ..errors import InvalidOptionError
 from ..io import GDAL_CACHE_BYTES, import_rasterio
 from ..io.lock import output_lock
 from ..io.outputs import refuse_existing_output, refuse_input_as_output, refuse_served_output
 from ..precision import inference_copy
+from ..serialization import sha256_bytes
 from .options import SceneOptions
 from .reading import Scene
 from .sources import is_remote, open_scene, scene_inputs
@@ -88,6 +91,25 @@ def _model_fingerprint(model: XStarsBase) -> str:
             digest.update(flat[::step].double().cpu().numpy().tobytes())
             digest.update(np.float64(flat.sum(dtype=torch.float64).item()).tobytes())
     return digest.hexdigest()
+
+
+def _weights_sha256(model: XStarsBase, sensor: str) -> dict[str, str]:
+    """The sha256 of the weight files that embedding ``sensor`` uses, as
+    :meth:`~xstars_models.model.XStarsBase.save_pretrained` writes them (the values its
+    ``config.json`` records): ``xstars_model_sha256`` for ``model.safetensors`` (LoRA updates
+    merged), and ``xstars_stem_sha256`` for ``stem-<sensor>.safetensors`` when ``sensor`` is not
+    the primary one. Hashed from the weights in memory, so a model changed after loading (or never
+    saved) is named by what it computes with."""
+    files = {"xstars_model_sha256": WEIGHTS_NAME}
+    if sensor != model.primary_sensor:
+        files["xstars_stem_sha256"] = stem_file_name(sensor)
+    tensors = model.weight_tensors()
+    hashes = {}
+    for tag, name in files.items():
+        cpu = {key: value.detach().to("cpu").contiguous() for key, value in tensors[name].items()}
+        # Byte for byte what serialization.write_safetensors writes (metadata {"format": "pt"} only).
+        hashes[tag] = sha256_bytes(save_safetensors_bytes(cpu, metadata={"format": "pt"}))
+    return hashes
 
 
 def _output_path(out: str | os.PathLike | None, source: Any, sensor: str, output: str) -> Path:
@@ -230,8 +252,9 @@ def _writer(
     model: XStarsBase, sensor: str, source: Any, scene: Scene, plan: Plan, partial: Partial, options: SceneOptions,
     device: torch.device,
 ) -> SceneWriter:
-    """The writer of ``options.output``, with the metadata that the output records (model,
-    sensor, tiling in pixels at the sensor's GSD)."""
+    """The writer of ``options.output``, with the metadata that the output records (model id,
+    revision and weights sha256, sensor, tiling in pixels at the sensor's GSD: the COG's tags, or
+    the same without the ``xstars_`` prefix in the GeoParquet's ``xstars`` metadata)."""
     tags = {
         "xstars_sensor": sensor,
         "xstars_model": str(getattr(model, "name_or_path", None) or model.arch),
@@ -243,6 +266,7 @@ def _writer(
     }
     if getattr(model, "revision", None):
         tags["xstars_revision"] = str(model.revision)
+    tags.update(_weights_sha256(model, sensor))
     if scene.scale is not None:
         tags["xstars_resample_scale"] = f"{scene.scale[0]:.6g} {scene.scale[1]:.6g}"
     if options.output == "map":

@@ -39,18 +39,25 @@ class SceneOptions:
         tile: tile side in pixels at the sensor's GSD, a multiple of the sensor's patch size.
             ``None``: :func:`~xstars_models.scenes.default_tile` (the trunk's pretraining token grid).
         overlap: overlap between neighbouring tiles in pixels at the sensor's GSD, a multiple of
-            the patch size, smaller than ``tile``.
+            the patch size, smaller than ``tile``. Tiles start every ``tile - overlap`` pixels;
+            the last along each axis is shifted inward to end at the scene's edge, so it may
+            overlap its neighbour by more than ``overlap`` (with ``overlap=0`` too).
         output: ``"map"``: a float32 Cloud-Optimised GeoTIFF (DEFLATE, 128 x 128 tiles, all
-            features of a token together), one band per feature dimension and one pixel per token
-            (``patch_size`` sensor pixels), same CRS, transform = the scene's transform at the
-            sensor's GSD scaled by the patch size, NaN as nodata. ``"cls"``: GeoParquet, one row
-            per tile: ``tile`` index, ``row``/``col`` in the tiling, ``valid``,
-            ``nodata_fraction``, ``window`` (row, col, height, width in input pixels),
-            ``embedding`` (the CLS vector, a float32 list) and ``geometry`` (the footprint
-            polygon in the scene's CRS); the file's ``xstars`` metadata records the model, its
-            revision, the sensor and the tiling.
+            features of a token together), one band per feature dimension (described
+            ``emb_000``, ``emb_001``...) and one pixel per token (``patch_size`` sensor pixels),
+            same CRS, transform = the scene's transform at the sensor's GSD scaled by the patch
+            size, NaN as nodata; its tags record the model (id, revision, weights sha256), the
+            sensor and the tiling (:mod:`xstars_models.scenes.writers`). ``"cls"``: GeoParquet,
+            one row per tile: ``tile`` index, ``row``/``col`` in the tiling, ``valid``,
+            ``nodata_fraction``, ``window`` (int32 row, col, height, width in input pixels),
+            ``embedding`` (the CLS vector, a fixed-size list of float32), ``geometry`` (the
+            footprint polygon in the scene's CRS) and ``bbox`` (its GeoParquet 1.1 covering); the
+            file's ``xstars`` metadata records the same as the map's tags
+            (:mod:`xstars_models.scenes.geoparquet`).
         batch_size: tiles per forward pass.
-        device: where to compute (the model is moved there); ``None``: where the model is.
+        device: where to compute (the model is moved there): ``"cpu"``, ``"cuda[:N]"``, ``"mps"``
+            or ``"auto"`` (the GPU when the computing process has one: on a cluster, each
+            worker's); ``None``: where the model is.
         resample: read windows resampled to the sensor's GSD when the scene's pixel size differs
             from it by more than 1 %.
         max_nodata: largest fraction (0-1) of missing pixels a tile may have and still be embedded.
@@ -64,9 +71,12 @@ class SceneOptions:
             e.g. ``"EPSG:4326"``: longitude, latitude); ``None``: the scene's CRS. The bounds are
             then the envelope, in the scene's CRS, of the box with its edges densified (so the
             area covers the whole box); used only with ``bounds``.
-        window: embed only this area of interest, (row, col, height, width) in input pixels or a
-            ``rasterio.windows.Window`` (kept as the tuple). Outputs are georeferenced to the area,
-            not the scene. At most one of ``bounds`` and ``window``.
+        window: embed only this area of interest, in input pixels: a tuple **(row, col, height,
+            width)** -- rows first, NumPy's order -- or a ``rasterio.windows.Window``, whose
+            arguments run the other way, ``Window(col_off, row_off, width, height)``; the two
+            are the same area when they name the same offsets and sizes (a Window is kept as the
+            tuple). Outputs are georeferenced to the area, not the scene. At most one of
+            ``bounds`` and ``window``.
         overviews: add average-resampled overviews to the ``map`` COG.
         precision: ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"int8"``; see
             :mod:`xstars_models.precision`. The map is float32 either way.
@@ -232,7 +242,8 @@ def _window(window: Any) -> tuple[int, int, int, int]:
     if len(values) != 4 or not all(v.is_integer() for v in values):
         shown = tuple(window) if isinstance(window, (list, tuple)) else window
         raise InvalidOptionError(
-            "{window} must be 4 whole numbers of pixels (row, col, height, width).",
+            "{window} must be 4 whole numbers of pixels (row, col, height, width), or a "
+            "rasterio.windows.Window(col_off, row_off, width, height).",
             field="window",
             settings={"window": shown},
         )

@@ -4,8 +4,9 @@ EPSG:4326 (longitude, latitude). This is what an archive worker (:mod:`xstars_mo
 turns into one part of a GeoParquet dataset. It runs the code of
 :func:`~xstars_models.scenes.embed_scene` (``output="cls"``): the same opening, tiling, precision,
 whitening and strip runner, into a collector instead of a file, so its vectors are the ones
-``embed_scene`` writes. Nothing is written to disk: no output, no partial run to resume (a block
-is small; a failed one is redone whole).
+``embed_scene`` writes. Nothing is written to disk (no output, no partial run to resume: a block
+is small; a failed one is redone whole), except, when asked, the block's piece of the scene's
+feature map (:mod:`.maprows`).
 
 Footprints in EPSG:4326 are the tile's four corners transformed, joined by straight lines in
 longitude/latitude. A tile's edges are straight in its scene's CRS, so in longitude/latitude they
@@ -18,8 +19,10 @@ antimeridian (their ring would span the globe) or contain a pole.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,12 +31,14 @@ import torch
 from ..errors import InvalidInputError, InvalidOptionError, InvalidTypeError
 from ..io import GDAL_CACHE_BYTES, import_rasterio
 from ..precision import inference_copy
+from ..serialization import atomic_path
+from .maprows import MapRows
 from .options import SceneOptions
 from .reading import Scene
 from .sources import open_scene, scene_inputs
 from .strips import run_strips
 from .tiling import Plan, default_tile, run_setup
-from .writers import Progress, tile_geometry
+from .writers import Progress, StripWriter, tile_geometry
 
 if TYPE_CHECKING:
     from ..model import XStarsBase
@@ -53,12 +58,15 @@ class SceneGrid:
         crs: the scene's CRS: ``"EPSG:<code>"`` where it has an EPSG code, else its WKT.
         bounds_4326: (west, south, east, north) in degrees of longitude and latitude: the
             envelope of the area the tiles cover (edges densified).
+        resample_scale: (x, y) input pixels per sensor pixel when windows are resampled
+            (``resample=True`` and another pixel size), else ``None``.
     """
 
     strips: int
     tiles_per_strip: int
     crs: str
     bounds_4326: tuple[float, float, float, float]
+    resample_scale: tuple[float, float] | None = None
 
     @property
     def tiles(self) -> int:
@@ -81,6 +89,9 @@ class TileTable:
         bbox_4326: float64 (n, 4): xmin, ymin, xmax, ymax of each ring (degrees).
         crs: the scene's CRS, as :attr:`SceneGrid.crs`.
         skipped: tiles of the strips embedded that were left out for nodata.
+        precision: what ran (``"fp32"``, ``"bf16"`` or ``"int8"``): ``options.precision``
+            resolved for the device, ``"auto"`` included; empty for a table not made by
+            :func:`embed_tiles`.
     """
 
     row: np.ndarray
@@ -91,6 +102,7 @@ class TileTable:
     bbox_4326: np.ndarray
     crs: str
     skipped: int
+    precision: str = ""
 
 
 def scene_grid(model: XStarsBase, source: Any, sensor: str, options: SceneOptions) -> SceneGrid:
@@ -111,11 +123,12 @@ def scene_grid(model: XStarsBase, source: Any, sensor: str, options: SceneOption
 
         west, south, east, north = transform_bounds(
             scene.crs, _LONLAT, *corners.min(axis=0), *corners.max(axis=0), densify_pts=100)
-        return SceneGrid(len(plan.row_starts), len(plan.col_starts), crs, (west, south, east, north))
+        return SceneGrid(len(plan.row_starts), len(plan.col_starts), crs, (west, south, east, north), scene.scale)
 
 
 def embed_tiles(
-    model: XStarsBase, source: Any, sensor: str, options: SceneOptions, strips: range | None = None
+    model: XStarsBase, source: Any, sensor: str, options: SceneOptions, strips: range | None = None, *,
+    map_piece: str | os.PathLike[str] | None = None,
 ) -> TileTable:
     """Embed strips ``strips`` (default: all) of ``source``'s tile grid (:func:`scene_grid`)
     into memory, as ``embed_scene(model, source, sensor, output="cls", options=...)`` would
@@ -127,18 +140,30 @@ def embed_tiles(
             (or the path or URL of its JSON), or a C x H x W array with ``options.crs``.
         sensor: which of ``model.sensors`` the imagery comes from.
         options: the scene options; ``output``, ``resume``, ``overwrite`` and ``overviews`` do not
-            apply (the vectors are CLS tokens, nothing is written).
+            apply (the vectors are CLS tokens; a map piece has no overviews).
         strips: a range (step 1) of strip indices within ``range(scene_grid(...).strips)``.
+        map_piece: also write the strips' piece of the scene's feature map (see
+            :mod:`.maprows`) to this GeoTIFF: float32, one band per feature, one pixel per token,
+            georeferenced as the map's rows it holds, uncompressed, not whitened; written under
+            a temporary name and renamed when complete. Needs at least one strip.
 
     Raises:
         InvalidInputError: (``field="source"``) a scene without a CRS (footprints in EPSG:4326
             need one), or whose corners cannot be placed in EPSG:4326.
-        InvalidOptionError: ``strips`` that is not a part of the grid (``field="strips"``);
-            ``whiten=True`` for a model without a fitted whitening (``field="whiten"``); and
+        InvalidOptionError: ``strips`` that is not a part of the grid, or empty with a
+            ``map_piece`` (``field="strips"``); ``whiten=True`` for a model without a fitted
+            whitening, or with a ``map_piece`` (``field="whiten"``); and
             everything ``embed_scene`` raises for its options.
     """
     options = _checked(options)
     model.check_sensor(sensor)
+    if map_piece is not None and options.whiten:
+        raise InvalidOptionError(
+            "{whiten} applies to the CLS vectors; a feature map is not whitened (embed_scene has no whitened "
+            "map). Write the map piece without whiten.",
+            field="whiten",
+            settings={"whiten": True},
+        )
     whitening = model.check_whiten("cls", sensor=sensor) if options.whiten else None
     target, tile_px, resolved = run_setup(model, sensor, options)
     with _opened(model, source, sensor, options) as (scene, plan, crs):
@@ -149,12 +174,28 @@ def embed_tiles(
                 f"strips must be a range (step 1) within the scene's {count} strips, range(0, {count}); got {strips!r}.",
                 field="strips",
             )
+        if map_piece is not None and not todo:
+            raise InvalidOptionError(f"strips {todo!r} is empty: a map piece needs at least one strip.", field="strips")
         collector = _Collector(plan, scene, model.embed_dim, _whitened(whitening, sensor))
         progress = Progress(strips_done=todo.start)
         encoder = inference_copy(model, resolved.name)
-        run_strips(encoder, scene, plan, collector, None, progress, sensor=sensor, options=options, device=target,
-                   autocast=resolved.autocast, stop=todo.stop)
-        return collector.table(crs, progress.skipped)
+
+        def run(writer: StripWriter, done: Progress, stop: int) -> None:
+            run_strips(encoder, scene, plan, writer, None, done, sensor=sensor, options=options, device=target,
+                       autocast=resolved.autocast, stop=stop)
+
+        if map_piece is None:
+            run(collector, progress, todo.stop)
+        else:
+            with atomic_path(Path(map_piece)) as tmp:
+                rows = MapRows(plan, scene, model, target, todo, tmp)
+                try:
+                    # The strips above the block that reach into its rows: the map's, not the table's.
+                    run(rows, Progress(strips_done=rows.first_strip), todo.start)
+                    run(_Both(collector, rows), progress, todo.stop)
+                finally:
+                    rows.close()
+        return collector.table(crs, progress.skipped, resolved.name)
 
 
 def _whitened(whitening: Any, sensor: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -231,7 +272,7 @@ class _Collector:
         self.cols.append(cols.astype(np.int32))
         self.rings.append(tile_geometry(self.plan, self.scene, strip)[1][cols])
 
-    def table(self, crs: str, skipped: int) -> TileTable:
+    def table(self, crs: str, skipped: int, precision: str) -> TileTable:
         rings = np.concatenate(self.rings) if self.rings else np.zeros((0, 5, 2))
         native = np.concatenate([rings.min(axis=1), rings.max(axis=1)], axis=1)
         lonlat = _to_lonlat(self.scene, rings)
@@ -244,6 +285,7 @@ class _Collector:
             bbox_4326=np.concatenate([lonlat.min(axis=1), lonlat.max(axis=1)], axis=1),
             crs=crs,
             skipped=int(skipped),
+            precision=precision,
         )
 
 
@@ -270,3 +312,22 @@ def _to_lonlat(scene: Scene, rings: np.ndarray) -> np.ndarray:
     x, y = lonlat[..., 0], lonlat[..., 1]
     clockwise = (x[:, :-1] * y[:, 1:] - x[:, 1:] * y[:, :-1]).sum(axis=1) < 0
     return np.where(clockwise[:, None, None], lonlat[:, ::-1], lonlat)
+
+
+class _Both:
+    """A :class:`~.writers.StripWriter` handing every call to two writers."""
+
+    def __init__(self, first: StripWriter, second: StripWriter) -> None:
+        self.writers = (first, second)
+
+    def begin_strip(self, token_missing: torch.Tensor, tile_missing: np.ndarray) -> None:
+        for writer in self.writers:
+            writer.begin_strip(token_missing, tile_missing)
+
+    def add(self, strip: int, cols: list[int], tokens: torch.Tensor) -> None:
+        for writer in self.writers:
+            writer.add(strip, cols, tokens)
+
+    def commit(self, strip: int) -> None:
+        for writer in self.writers:
+            writer.commit(strip)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..devices import check_device
 from ..errors import InvalidInputError, InvalidOptionError, user_stacklevel
 from .reading import Scene
 
@@ -106,7 +107,7 @@ def run_setup(model: XStarsBase, sensor: str, options: SceneOptions) -> tuple[to
     in pixels (``options.tile``, else :func:`default_tile`), and the precision resolved for that
     device, timed for ``"auto"`` on a CPU on tiles of that size."""
     if options.device is not None:
-        model.to(options.device)
+        model.to(check_device(options.device))  # "auto" is resolved here, where the scene is computed
     target = model.device
     tile_px = default_tile(model, sensor) if options.tile is None else options.tile
     tokens = (tile_px // model.check_sensor(sensor).patch_size) ** 2

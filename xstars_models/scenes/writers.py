@@ -1,8 +1,24 @@
 """Writers: the partial output of an unfinished run (kept as :mod:`.partial` says) and its
 carried-over accumulator rows, and the final files, streamed strip by strip: a Cloud-Optimised
-GeoTIFF for maps, GeoParquet for per-tile vectors. Both writers are a :class:`SceneWriter`; the
-strip runner knows them only as a :class:`StripWriter` (which an in-memory collector of tiles,
-:mod:`.tiles`, is too)."""
+GeoTIFF for maps, GeoParquet for per-tile vectors (its layout: :mod:`.geoparquet`). Both writers
+are a :class:`SceneWriter`; the strip runner knows them only as a :class:`StripWriter` (which an
+in-memory collector of tiles, :mod:`.tiles`, is too).
+
+The map COG
+    float32, one band per feature dimension, described ``emb_000``, ``emb_001``... (three digits
+    at least, more for 1000 features or more), one pixel per token, NaN as nodata; DEFLATE with
+    the floating-point predictor, 128 x 128 pixel-interleaved blocks. Its dataset tags record the
+    model and the run: ``xstars_model`` (id or folder), ``xstars_revision`` (when loaded from the
+    Hub), ``xstars_model_sha256`` (of ``model.safetensors`` as ``save_pretrained`` writes it),
+    ``xstars_stem_sha256`` (of the sensor's ``stem-<sensor>.safetensors``, for a sensor other than
+    the primary), ``xstars_sensor``, ``xstars_patch_px``, ``xstars_tile_px``,
+    ``xstars_overlap_px`` (pixels at the sensor's GSD), ``xstars_precision``, ``xstars_source``
+    and, when windows were resampled, ``xstars_resample_scale``.
+
+    Tiles start every ``tile - overlap`` pixels along each axis and the last one is shifted inward
+    to end at the scene's edge, so it may overlap its neighbour by more than ``overlap``; tokens
+    covered by several tiles are their weighted mean, the weights ramping linearly across each
+    overlap (:func:`.tiling.ramps`), so the map has no seams there either."""
 
 from __future__ import annotations
 
@@ -19,16 +35,20 @@ import torch
 
 from ..io import import_rasterio, quiet_georef
 from ..serialization import atomic_open, atomic_path, atomic_write_bytes
+from .blend import TokenBlend
 from .failures import GdalLog, chain_messages, io_errors, writing
 from .geoparquet import TileStrip, import_pyarrow, write_geoparquet
 from .partial import Partial, Progress
 from .reading import Scene
-from .tiling import Plan, ramps
+from .tiling import Plan
 
 if TYPE_CHECKING:
     from affine import Affine
 
-__all__ = ["COG_BLOCK", "ClsWriter", "MapWriter", "Partial", "Progress", "SceneWriter", "StripWriter", "tile_geometry"]
+__all__ = [
+    "COG_BLOCK", "ClsWriter", "MapWriter", "Partial", "Progress", "SceneWriter", "StripWriter", "band_names",
+    "check_complete", "tile_geometry",
+]
 
 # COG tiles of the feature map, in tokens (the smallest GDAL accepts). All feature bands of a tile
 # are stored together (pixel interleaving, what reading the vectors of a place wants).
@@ -94,10 +114,11 @@ class SceneWriter(StripWriter, Protocol):
                 partial data and its record are kept for a rerun."""
 
 
-class MapWriter:
-    """Accumulates weighted features of one strip of tiles and writes finished token rows into
-    the partial GeoTIFF; at the end copies it into a DEFLATE-compressed, tiled Cloud-Optimised
-    GeoTIFF (with average-resampled overviews when ``overviews``)."""
+class MapWriter(TokenBlend):
+    """Accumulates weighted features of one strip of tiles (:class:`~.blend.TokenBlend`) and
+    writes finished token rows into the partial GeoTIFF; at the end copies it into a
+    DEFLATE-compressed, tiled Cloud-Optimised GeoTIFF (with average-resampled overviews when
+    ``overviews``)."""
 
     def __init__(
         self, plan: Plan, scene: Scene, dim: int, prefix: int, device: torch.device, partial: Partial,
@@ -105,17 +126,8 @@ class MapWriter:
     ) -> None:
         from affine import Affine
 
-        self.plan, self.partial, self.dim, self.prefix = plan, partial, dim, prefix
-        self.token_missing = torch.zeros(plan.tile_tokens[0], plan.grid_tokens[1], device=device)
-        th, tw = plan.tile_tokens
-        self.row_w = [torch.from_numpy(w).to(device) for w in ramps(plan.row_starts, th)]
-        self.col_w = torch.from_numpy(np.stack(ramps(plan.col_starts, tw))).to(device)  # tiles x tw
-        # Scene token column of each token column of each tile in a tile-row: tiles x tw.
-        self.col_index = (torch.tensor(plan.col_starts)[:, None] + torch.arange(tw)).to(device)
-        # Token rows [base, base + th) of the scene, full width: the only rows still changing.
-        self.acc = torch.zeros(th, plan.grid_tokens[1], dim, device=device)
-        self.wsum = torch.zeros(th, plan.grid_tokens[1], device=device)
-        self.base = 0
+        super().__init__(plan, dim, prefix, device)
+        self.partial = partial
         self.transform = scene.transform @ Affine.scale(plan.patch_px)
         self.profile = dict(
             driver="GTiff", dtype="float32", count=dim, height=plan.grid_tokens[0], width=plan.grid_tokens[1],
@@ -146,51 +158,26 @@ class MapWriter:
         with writing(self.partial.base, size) as log:
             with quiet_georef(), rasterio.open(self.partial.base, "w", **self.profile) as dst:
                 dst.update_tags(**self.tags)
+                for band, name in enumerate(band_names(self.dim), start=1):
+                    dst.set_band_description(band, name)
             # GDAL writes the blocks when it closes the file, and only logs a failure there.
             log.check(missing=size - self.partial.base.stat().st_size)
         self._created = True
-
-    def begin_strip(self, token_missing: torch.Tensor, tile_missing: np.ndarray) -> None:
-        """Missing-pixel fractions of the strip's tokens (th x scene width) and tiles."""
-        self.token_missing = token_missing
-
-    def add(self, strip: int, cols: list[int], tokens: torch.Tensor) -> None:
-        """Add the final tokens (B x (prefix + h*w) x D) of tiles ``cols`` of tile-row ``strip``."""
-        th, tw = self.plan.tile_tokens
-        picked = torch.tensor(cols, device=self.col_w.device)
-        # The whole batch in one scatter-add over scene columns (overlapping tiles accumulate),
-        # rather than a handful of small tensor operations per tile.
-        index = self.col_index[picked].reshape(-1)  # B*tw
-        features = tokens[:, self.prefix :].reshape(len(cols), th, tw, self.dim)
-        features = features.permute(1, 0, 2, 3).reshape(th, -1, self.dim)  # th x B*tw x D
-        weight = self.row_w[strip][:, None] * self.col_w[picked].reshape(1, -1)  # th x B*tw
-        # Tokens whose pixels are all missing get no weight, so they end up NaN.
-        weight = weight * (self.token_missing[:, index] < 1)
-        self.acc.index_add_(1, index, features * weight[..., None])
-        self.wsum.index_add_(1, index, weight)
 
     def commit(self, strip: int) -> Path | None:
         """Write the token rows no later strip touches, keep the rest; returns the saved carry."""
         rasterio = import_rasterio()
         from rasterio.windows import Window
 
-        th = self.plan.tile_tokens[0]
-        nxt = self.plan.row_starts[strip + 1] if strip + 1 < len(self.plan.row_starts) else self.plan.grid_tokens[0]
-        done = nxt - self.base
-        # 0 / 0 -> NaN: tokens no embedded tile covered.
-        rows = (self.acc[:done] / self.wsum[:done, :, None]).permute(2, 0, 1).float().cpu().numpy()
+        done = self.next_row(strip) - self.base
+        rows = self.blended(slice(0, done))
         if not self._created:
             self._create()
         with writing(self.partial.base, rows.nbytes) as log:
             with quiet_georef(), rasterio.open(self.partial.base, "r+") as dst:
                 dst.write(rows, window=Window(0, self.base, self.plan.grid_tokens[1], done))
             log.check()  # GDAL writes cached blocks on closing, and only logs a failure there
-        kept = th - done
-        self.acc[:kept] = self.acc[done:].clone()
-        self.wsum[:kept] = self.wsum[done:].clone()
-        self.acc[kept:] = 0
-        self.wsum[kept:] = 0
-        self.base = nxt
+        kept = self.advance(strip)
         # The kept rows are what the next strip adds to; without overlap there are none.
         if kept == 0 or not bool(self.wsum[:kept].any()):
             return None
@@ -224,7 +211,7 @@ class MapWriter:
             try:
                 gdal_copy(self.partial.base, tmp, **options)
                 log.check()
-                _check_complete(tmp, log)
+                check_complete(tmp, log)
             except BaseException:
                 # GDAL's own temporary files beside it (the overviews' "<tmp>.ovr.tmp").
                 for leftover in tmp.parent.glob(glob.escape(tmp.name) + ".*"):
@@ -234,7 +221,14 @@ class MapWriter:
         return out
 
 
-def _check_complete(path: Path, log: GdalLog) -> None:
+def band_names(dim: int) -> list[str]:
+    """The map's band descriptions: ``emb_000`` to ``emb_<dim - 1>``, zero-padded to one width
+    (three digits at least) so that they sort in band order."""
+    width = max(3, len(str(dim - 1)))
+    return [f"emb_{k:0{width}d}" for k in range(dim)]
+
+
+def check_complete(path: Path, log: GdalLog) -> None:
     """Raise the :class:`~xstars_models.errors.OutputWriteError` of a GeoTIFF whose directory or
     blocks (at any overview level) do not all lie inside the file. GDAL's COG copy with several
     threads may return as if it succeeded when its writes failed (a full disk): their errors
@@ -320,9 +314,13 @@ class ClsWriter:
 
 
 def tile_geometry(plan: Plan, scene: Scene, i: int) -> tuple[np.ndarray, np.ndarray]:
-    """Input-pixel windows (row, col, height, width; in the whole input, area of interest
-    included; n x 4) and footprint rings (closed, counter-clockwise on a north-up map, in the
-    scene's CRS; n x 5 x 2) of the tiles of tile-row ``i`` of ``plan``."""
+    """Input-pixel windows (row, col, height, width; integers, in the whole input, area of
+    interest included; n x 4) and footprint rings (closed, counter-clockwise on a north-up map, in
+    the scene's CRS; n x 5 x 2) of the tiles of tile-row ``i`` of ``plan``.
+
+    A scene read at its own pixel size has exact windows. A resampled one (``scene.scale`` input
+    pixels per sensor pixel) gives a tile a fractional extent in input pixels; its window is then
+    the input pixels that extent touches (start rounded down, end up), and its ring is exact."""
     p, (th, tw) = plan.patch_px, plan.tile_tokens
     sx, sy = scene.scale or (1.0, 1.0)
     row0, col0 = scene.origin
@@ -331,6 +329,9 @@ def tile_geometry(plan: Plan, scene: Scene, i: int) -> tuple[np.ndarray, np.ndar
     for c in plan.col_starts:
         r0, c0, h, w = plan.row_starts[i] * p, c * p, th * p, tw * p
         corners = [t @ (c0, r0), t @ (c0, r0 + h), t @ (c0 + w, r0 + h), t @ (c0 + w, r0)]
-        windows.append((row0 + r0 * sy, col0 + c0 * sx, h * sy, w * sx))
+        # The 1e-9 absorbs float error in scales such as 10 / 3 (a start of 2.9999999999 is 3).
+        top, left = math.floor(r0 * sy + 1e-9), math.floor(c0 * sx + 1e-9)
+        bottom, right = math.ceil((r0 + h) * sy - 1e-9), math.ceil((c0 + w) * sx - 1e-9)
+        windows.append((row0 + top, col0 + left, bottom - top, right - left))
         rings.append(corners + corners[:1])
-    return np.asarray(windows, np.float64), np.asarray(rings, np.float64)
+    return np.asarray(windows, np.int64), np.asarray(rings, np.float64)

@@ -6,7 +6,6 @@ for and which sha256 each must have. Building a model from the files is :mod:`.m
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,11 +266,7 @@ class _HubFiles:
         """
         limits = network_limits()
         url = hf_hub_url(self.repo_id, filename, revision=self.revision)
-        delay = limits.retry_delay_s
-        for attempt in range(limits.retries + 1):
-            if attempt:
-                time.sleep(delay)
-                delay *= 2
+        for _ in limits.attempts():
             try:
                 get_hf_file_metadata(url, token=self.options.token, timeout=limits.timeout_s, library_name="xstars-models")
                 return

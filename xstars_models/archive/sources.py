@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,11 +220,7 @@ def _bounded_api_io(limits: NetworkLimits) -> Any:
         def request(self, href: str, method: str | None = None, headers: dict[str, str] | None = None,
                     parameters: dict[str, Any] | None = None) -> str:
             what = f"{method or 'GET'} {href}"
-            delay = limits.retry_delay_s
-            for attempt in range(limits.retries + 1):
-                if attempt:
-                    time.sleep(delay)
-                    delay *= 2
+            for _ in limits.attempts():
                 try:
                     return str(super().request(href, method=method, headers=headers, parameters=parameters))
                 except APIError as err:

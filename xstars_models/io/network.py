@@ -24,6 +24,7 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..errors import InvalidOptionError, NetworkTimeoutError
@@ -62,6 +63,18 @@ class NetworkLimits:
     timeout_s: float
     retries: int
     retry_delay_s: float
+
+    def attempts(self) -> Iterator[int]:
+        """The attempts of one request, numbered from 0: the first at once, then ``retries``
+        more, waiting ``retry_delay_s`` before the second and twice as long before each later
+        one (exponential backoff). The caller breaks out when an attempt succeeds or must not
+        be repeated."""
+        delay = self.retry_delay_s
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(delay)
+                delay *= 2
+            yield attempt
 
     def describe(self) -> str:
         """The limits and how to change them, for error messages."""
@@ -119,13 +132,9 @@ def read_url(url: str, what: str, field: str = "source", limits: NetworkLimits |
         FileNotFoundError: the server answered 4xx, or could not be reached after the retries.
     """
     limits = limits or network_limits()
-    delay = limits.retry_delay_s
     failure = ""
     timed_out = False
-    for attempt in range(limits.retries + 1):
-        if attempt:
-            time.sleep(delay)
-            delay *= 2
+    for _ in limits.attempts():
         try:
             with urllib.request.urlopen(url, timeout=limits.timeout_s) as response:
                 return response.read()

@@ -38,9 +38,19 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# Bytes read at a time when hashing a file: feature maps and official checkpoints may be larger
+# than memory.
+_HASH_CHUNK = 16 << 20
+
+
 def file_record(path: str | Path) -> FileRecord:
-    data = Path(path).read_bytes()
-    return FileRecord(sha256_bytes(data), len(data))
+    """The sha256 and size in bytes of the file at ``path``, read in chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileRecord(digest.hexdigest(), size)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,6 @@ Resuming
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import math
 import re
@@ -39,7 +38,7 @@ from ..errors import InvalidInputError
 from ..io import GDAL_CACHE_BYTES, import_rasterio, quiet_georef
 from ..scenes.failures import writing
 from ..scenes.writers import COG_BLOCK, band_names, check_complete
-from ..serialization import atomic_path
+from ..serialization import atomic_path, file_record
 from .parts import safe_id, sensor_folder
 
 __all__ = ["MAPS", "RUN_TAG", "MapTask", "map_path", "map_record", "maps_folder", "merge_map", "piece_path",
@@ -48,7 +47,6 @@ __all__ = ["MAPS", "RUN_TAG", "MapTask", "map_path", "map_record", "maps_folder"
 MAPS = "_maps"
 # The tag naming the run a map belongs to: its task key, settings and model files, as JSON.
 RUN_TAG = "xstars_run"
-_HASH_CHUNK = 16 * 2**20  # bytes read at a time when hashing a map
 
 
 def maps_folder(dataset: Path, sensor: str) -> Path:
@@ -139,12 +137,8 @@ def merge_map(task: MapTask) -> dict[str, Any]:
 def map_record(key: str, path: Path, dataset: Path) -> dict[str, Any]:
     """The manifest's record fields of the map ``key`` at ``path``: its path relative to
     ``dataset``, sha256 and size (read in chunks: a map may be larger than memory)."""
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"key": key, "path": str(path.relative_to(dataset)), "sha256": digest.hexdigest(), "size": size}
+    record = file_record(path)
+    return {"key": key, "path": str(path.relative_to(dataset)), "sha256": record.sha256, "size": record.size}
 
 
 def _write_cog(pieces: list[Path], vrt: Path, out: Path, task: MapTask) -> None:

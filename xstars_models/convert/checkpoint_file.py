@@ -5,7 +5,6 @@ the run's arguments checked, and the backbone's tensors under timm's names."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import pickle
 import zipfile
@@ -17,21 +16,9 @@ import torch
 
 from ..errors import CheckpointFormatError
 
-__all__ = ["args_of", "backbone_state", "load_checkpoint", "network_state", "sha256_file", "unsafe_globals"]
+__all__ = ["args_of", "backbone_state", "load_checkpoint", "network_state", "unsafe_globals"]
 
 logger = logging.getLogger(__name__)
-
-_HASH_CHUNK = 1 << 20  # bytes read at a time while hashing
-
-
-def sha256_file(path: Path) -> str:
-    # Streamed: official checkpoints (heads of 65536 outputs, optimizer state) reach gigabytes.
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     # mmap keeps the optimizer state and heads, which are thrown away, out of memory; it needs the

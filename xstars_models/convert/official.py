@@ -27,9 +27,9 @@ from torch import nn
 
 from ..errors import CheckpointFormatError, InvalidOptionError, StateDictMismatchError
 from ..sensors import SensorSpec, get_sensor
-from ..serialization import load_state_dict_strict
+from ..serialization import file_record, load_state_dict_strict
 from ..xstars import XStars
-from .checkpoint_file import args_of, backbone_state, load_checkpoint, network_state, sha256_file
+from .checkpoint_file import args_of, backbone_state, load_checkpoint, network_state
 
 __all__ = ["OFFICIAL_ARCHS", "OFFICIAL_SENSORS", "convert_official_checkpoint"]
 
@@ -112,7 +112,7 @@ def convert_official_checkpoint(
         raise FileNotFoundError(f"No checkpoint file at {path}.")
 
     before = path.stat()
-    digest = sha256_file(path)
+    digest = file_record(path).sha256  # streamed: official checkpoints reach gigabytes
     loaded = load_checkpoint(path)
     after = path.stat()
     # The hash is taken on one read and the tensors on another: make sure both saw the same file.

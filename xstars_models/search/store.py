@@ -19,7 +19,6 @@ build at once (the second is refused with :class:`~xstars_models.errors.OutputLo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from dataclasses import asdict, dataclass
@@ -30,7 +29,7 @@ import numpy as np
 
 from ..errors import InvalidInputError, user_stacklevel
 from ..io.lock import output_lock
-from ..serialization import atomic_path, atomic_write_bytes
+from ..serialization import atomic_path, atomic_write_bytes, file_record
 from .dataset import EmbeddingDataset, Part
 from .faiss_index import FLAT, IVFPQ, Built, add_vectors, build_index, import_faiss
 from .options import SearchOptions
@@ -144,7 +143,8 @@ class _Store:
                 None, None
         file = self.folder / INDEX_FILE
         try:
-            if not file.exists() or file.stat().st_size != record["file"]["size"] or _sha256(file) != record["file"]["sha256"]:
+            found = file_record(file) if file.exists() else None
+            if found is None or (found.size, found.sha256) != (record["file"]["size"], record["file"]["sha256"]):
                 raise ValueError("its size or sha256 differs from its record's")
             index = import_faiss().read_index(str(file))
             if index.ntotal != record["rows"]:
@@ -171,7 +171,7 @@ class _Store:
         done = {e["path"] for e in covered}
         todo = [p for p in dataset.parts if p.name not in done]
         entries: list[dict[str, Any]] = [
-            {"path": p.name, **_stat(p.path), "sha256": _sha256(p.path), "rows": dataset.rows(p)} for p in todo
+            {"path": p.name, **_stat(p.path), "sha256": file_record(p.path).sha256, "rows": dataset.rows(p)} for p in todo
         ]
         expected = [int(e["rows"]) for e in entries]
 
@@ -200,7 +200,8 @@ class _Store:
         self.folder.mkdir(exist_ok=True)
         with atomic_path(self.folder / INDEX_FILE) as tmp:
             import_faiss().write_index(index, str(tmp))
-            record["file"] = {"size": tmp.stat().st_size, "sha256": _sha256(tmp)}
+            written = file_record(tmp)
+            record["file"] = {"size": written.size, "sha256": written.sha256}
         atomic_write_bytes(self.folder / RECORD, (json.dumps(record, indent=1) + "\n").encode())
         reason = reason or ("no index yet" if action == "built" else "")
         return self._open(index, record, IndexReport(action, reason, record["rows"], len(record["parts"]), built))
@@ -222,12 +223,6 @@ def _unchanged(path: Path, entry: dict[str, Any]) -> bool:
     found = _stat(path)
     if found == {"size": entry["size"], "mtime_ns": entry["mtime_ns"]}:
         return True
-    return found["size"] == entry["size"] and _sha256(path) == entry["sha256"]
+    return found["size"] == entry["size"] and file_record(path).sha256 == entry["sha256"]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()

@@ -57,7 +57,7 @@ import numpy as np
 from ..config import FileRecord
 from ..errors import InvalidInputError, InvalidOptionError, InvalidTypeError
 from ..scenes.failures import write_error
-from ..scenes.geoparquet import GEOPARQUET_VERSION, import_pyarrow, polygon_wkb
+from ..scenes.geoparquet import bbox_struct, geo_metadata, import_pyarrow, polygon_wkb, union_bbox
 from ..serialization import atomic_open
 
 if TYPE_CHECKING:
@@ -71,7 +71,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _HASH_SUFFIX = re.compile(r"-[0-9a-f]{12}$")
 _MAX_KEPT = 96  # characters of the id kept in a file name (names stay far below 255 bytes)
 _RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})?")
-_BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
 _DICTIONARY_COLUMNS = ["scene_id", "crs", "sensor"]  # few distinct values; floats would only waste the try
 
 
@@ -161,15 +160,14 @@ def write_part(
             pa.field("row", pa.int32(), nullable=False),
             pa.field("col", pa.int32(), nullable=False),
             pa.field("geometry", pa.binary(), nullable=False),
-            pa.field("bbox", pa.struct([pa.field(k, pa.float64(), nullable=False) for k in _BBOX_FIELDS]),
-                     nullable=False),
+            pa.field("bbox", bbox_struct(), nullable=False),
             pa.field("crs", pa.string(), nullable=False),
             pa.field("native_bounds", pa.list_(pa.float64(), 4), nullable=False),
             pa.field("datetime", pa.timestamp("us", tz="UTC")),
             pa.field("sensor", pa.string(), nullable=False),
             pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
         ],
-        metadata={b"geo": json.dumps(_geo_metadata(bbox)).encode(), b"xstars": footer},
+        metadata={b"geo": json.dumps(geo_metadata(union_bbox(bbox))).encode(), b"xstars": footer},
     )
     arrays = [
         pa.array([scene_id] * n, pa.string()),
@@ -343,17 +341,3 @@ def _columns(table: TileTable) -> dict[str, Any]:
                           axis=1) if n else bbox
     return {"row": row.astype(np.int32), "col": col.astype(np.int32), "embedding": np.ascontiguousarray(embedding),
             "native_bounds": arrays["native_bounds"], "rings": rings, "bbox": bbox, "crs": table.crs}
-
-
-def _geo_metadata(bbox: np.ndarray) -> dict[str, Any]:
-    column: dict[str, Any] = {
-        "encoding": "WKB",
-        "geometry_types": ["Polygon"],
-        # No "crs": GeoParquet's default, OGC:CRS84 (longitude, latitude in degrees on WGS 84).
-        "orientation": "counterclockwise",
-        "covering": {"bbox": {k: ["bbox", k] for k in _BBOX_FIELDS}},
-    }
-    if len(bbox):
-        column["bbox"] = [float(bbox[:, 0].min()), float(bbox[:, 1].min()), float(bbox[:, 2].max()),
-                          float(bbox[:, 3].max())]
-    return {"version": GEOPARQUET_VERSION, "primary_column": "geometry", "columns": {"geometry": column}}

@@ -53,6 +53,8 @@ __all__ = [
 
 GEOPARQUET_VERSION = "1.1.0"
 BBOX_FIELDS = ("xmin", "ymin", "xmax", "ymax")
+# geo_metadata's crs for geometry in longitude and latitude (GeoParquet's default CRS).
+LONLAT = "OGC:CRS84"
 
 # One strip of tiles: index, tile row, tile column, valid, nodata fraction, input-pixel window
 # (row, col, height, width; n x 4 integers), CLS vectors (n x D), footprint rings (n x 5 x 2).
@@ -96,24 +98,37 @@ def polygon_wkb(ring: np.ndarray) -> bytes:
     return bytes(polygons_wkb(np.asarray(ring)[None])[0])
 
 
-def _geo_metadata(crs: Any, bbox: list[float]) -> dict[str, Any]:
-    # A missing "crs" means OGC:CRS84 in GeoParquet; scenes without georeferencing say null.
-    projjson = crs.to_dict(projjson=True) if crs is not None else None
-    return {
-        "version": GEOPARQUET_VERSION,
-        "primary_column": "geometry",
-        "columns": {
-            "geometry": {
-                "encoding": "WKB",
-                "geometry_types": ["Polygon"],
-                "crs": projjson,
-                "bbox": bbox,
-                # Rings are counter-clockwise on a north-up map (RFC 7946's exterior orientation).
-                "orientation": "counterclockwise",
-                "covering": {"bbox": {k: ["bbox", k] for k in BBOX_FIELDS}},
-            }
-        },
-    }
+def bbox_struct() -> Any:
+    """The type of the GeoParquet 1.1 ``bbox`` covering column: a struct of float64 ``xmin``,
+    ``ymin``, ``xmax``, ``ymax``."""
+    pa, _ = import_pyarrow()
+    return pa.struct([pa.field(k, pa.float64(), nullable=False) for k in BBOX_FIELDS])
+
+
+def union_bbox(boxes: np.ndarray) -> list[float] | None:
+    """The (xmin, ymin, xmax, ymax) covering every row of ``boxes`` (n x 4, the same order);
+    ``None`` for no rows."""
+    if not len(boxes):
+        return None
+    return [float(boxes[:, 0].min()), float(boxes[:, 1].min()), float(boxes[:, 2].max()), float(boxes[:, 3].max())]
+
+
+def geo_metadata(bbox: list[float] | None, crs: Any = LONLAT) -> dict[str, Any]:
+    """The GeoParquet 1.1 ``geo`` metadata of a ``geometry`` column of WKB polygons
+    (counterclockwise) with a ``bbox`` covering column. ``bbox``: the column's (xmin, ymin, xmax,
+    ymax), ``None`` (left out) for no rows. ``crs``: a rasterio CRS (written as PROJJSON),
+    ``None`` (null: a scene without georeferencing, footprints in input pixels), or
+    :data:`LONLAT` (left out: GeoParquet's default, OGC:CRS84, longitude and latitude in degrees
+    on WGS 84)."""
+    column: dict[str, Any] = {"encoding": "WKB", "geometry_types": ["Polygon"]}
+    if not (isinstance(crs, str) and crs == LONLAT):
+        column["crs"] = crs.to_dict(projjson=True) if crs is not None else None
+    if bbox is not None:
+        column["bbox"] = bbox
+    # Rings are counter-clockwise on a north-up map (RFC 7946's exterior orientation).
+    column["orientation"] = "counterclockwise"
+    column["covering"] = {"bbox": {k: ["bbox", k] for k in BBOX_FIELDS}}
+    return {"version": GEOPARQUET_VERSION, "primary_column": "geometry", "columns": {"geometry": column}}
 
 
 def write_geoparquet(
@@ -124,7 +139,6 @@ def write_geoparquet(
     under the ``xstars`` key of the file's key-value metadata."""
     pa, pq = import_pyarrow()
     _import_shapely()  # before the file is begun
-    bbox_type = pa.struct([pa.field(k, pa.float64(), nullable=False) for k in BBOX_FIELDS])
     schema = pa.schema(
         [
             pa.field("tile", pa.int64(), nullable=False),
@@ -135,10 +149,10 @@ def write_geoparquet(
             pa.field("window", pa.list_(pa.int32(), 4), nullable=False),
             pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
             pa.field("geometry", pa.binary(), nullable=False),
-            pa.field("bbox", bbox_type, nullable=False),
+            pa.field("bbox", bbox_struct(), nullable=False),
         ],
         metadata={
-            b"geo": json.dumps(_geo_metadata(crs, bbox)).encode(),
+            b"geo": json.dumps(geo_metadata(bbox, crs)).encode(),
             b"xstars": json.dumps(metadata).encode(),
         },
     )
@@ -159,7 +173,7 @@ def write_geoparquet(
                         pa.array(np.ascontiguousarray(vectors, np.float32).reshape(-1)), dim
                     ),
                     pa.array(polygons_wkb(rings), pa.binary()),
-                    pa.StructArray.from_arrays([pa.array(v) for v in corners], fields=list(bbox_type)),
+                    pa.StructArray.from_arrays([pa.array(v) for v in corners], fields=list(schema.field("bbox").type)),
                 ],
                 schema=schema,
             )

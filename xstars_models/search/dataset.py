@@ -32,7 +32,7 @@ from ..archive.run import MODEL_FOLDER
 from ..config import CONFIG_NAME
 from ..errors import InvalidInputError, ModelNotFoundError
 from ..io import import_rasterio, read_json
-from ..scenes.geoparquet import import_pyarrow, polygon_wkb
+from ..scenes.geoparquet import bbox_struct, import_pyarrow, polygon_wkb
 
 if TYPE_CHECKING:
     from ..model import XStarsBase
@@ -235,14 +235,13 @@ def _scene_rows(part: Part, columns: list[str]) -> Any:
     clockwise = (x[:, :-1] * y[:, 1:] - x[:, 1:] * y[:, :-1]).sum(axis=1) < 0  # GeoParquet's counterclockwise
     rings = np.where(clockwise[:, None, None], rings[:, ::-1], rings)
     low, high = rings.min(axis=1), rings.max(axis=1)
-    bbox_type = pa.struct([pa.field(k, pa.float64(), nullable=False) for k in ("xmin", "ymin", "xmax", "ymax")])
     built = {
         "scene_id": pa.array([part.path.stem] * n, pa.string()),
         "row": raw["row"].cast(pa.int32()),
         "col": raw["col"].cast(pa.int32()),
         "geometry": pa.array([polygon_wkb(r) for r in rings], pa.binary()),
         "bbox": pa.StructArray.from_arrays([pa.array(low[:, 0]), pa.array(low[:, 1]), pa.array(high[:, 0]),
-                                            pa.array(high[:, 1])], fields=list(bbox_type)),
+                                            pa.array(high[:, 1])], fields=list(bbox_struct())),
         "crs": pa.array([f"EPSG:{code}" if code is not None else crs.to_wkt()] * n, pa.string()),
         "native_bounds": pa.FixedSizeListArray.from_arrays(
             pa.array(np.concatenate([native.min(axis=1), native.max(axis=1)], axis=1).reshape(-1)), 4),

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import InvalidOptionError
 from ..io.outputs import refuse_existing_output
-from ..scenes.geoparquet import GEOPARQUET_VERSION, import_pyarrow
+from ..scenes.geoparquet import BBOX_FIELDS, geo_metadata, import_pyarrow, union_bbox
 from ..serialization import atomic_open, atomic_write_bytes
 
 __all__ = ["hit_lines", "write_hits"]
@@ -40,7 +40,9 @@ def write_hits(hits: Any, out: str | os.PathLike[str], overwrite: bool = False) 
         atomic_write_bytes(out, (json.dumps(_geojson(hits), indent=1) + "\n").encode())
         return out
     _, pq = import_pyarrow()
-    table = hits.replace_schema_metadata({b"geo": json.dumps(_geo_metadata(hits)).encode()})
+    boxes = hits["bbox"].combine_chunks()
+    bounds = np.stack([boxes.field(k).to_numpy() for k in BBOX_FIELDS], axis=1) if hits.num_rows else np.zeros((0, 4))
+    table = hits.replace_schema_metadata({b"geo": json.dumps(geo_metadata(union_bbox(bounds))).encode()})
     with atomic_open(out) as handle:
         pq.write_table(table, handle, compression="zstd")
     return out
@@ -77,18 +79,3 @@ def _geojson(hits: Any) -> dict[str, Any]:
         features.append({"type": "Feature", "geometry": json.loads(shapely.to_geojson(shape)), "properties": row})
     return {"type": "FeatureCollection", "features": features}
 
-
-def _geo_metadata(hits: Any) -> dict[str, Any]:
-    column: dict[str, Any] = {
-        "encoding": "WKB",
-        "geometry_types": ["Polygon"],
-        "orientation": "counterclockwise",
-        "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}},
-    }
-    if hits.num_rows:
-        box = hits["bbox"].combine_chunks()
-        low = [float(np.min(box.field(k).to_numpy())) for k in ("xmin", "ymin")]
-        high = [float(np.max(box.field(k).to_numpy())) for k in ("xmax", "ymax")]
-        column["bbox"] = [*low, *high]
-    # No "crs": GeoParquet's default, OGC:CRS84 (longitude, latitude in degrees on WGS 84).
-    return {"version": GEOPARQUET_VERSION, "primary_column": "geometry", "columns": {"geometry": column}}

@@ -169,6 +169,17 @@ def test_a_filter_applies_before_ranking_and_k_hits_of_the_filtered_set_come_bac
     assert {h["scene_id"] for h in narrow.hits.to_pylist()} == {"inland"}
 
 
+def test_rows_and_their_vectors_come_in_the_order_of_the_ids_across_parts(model, dataset):
+    index = SearchIndex(dataset)
+    assert len(index.parts) > 1
+    ids = np.array([int(index.offsets[-1]) - 1, 0, int(index.offsets[1]) - 1])  # last part, first part, first part
+    table = index.rows(ids).to_pylist()
+    keys = [(r["sensor"], r["scene_id"], r["row"], r["col"]) for r in table]
+    assert keys[1] != keys[0] and keys[1] != keys[2]
+    expected = whitened_unit_rows(model, dataset)
+    np.testing.assert_allclose(index.row_vectors(ids), np.stack([expected[k] for k in keys]), atol=1e-5)
+
+
 def test_where_parses_a_small_sql_subset_and_names_what_is_wrong():
     import pyarrow as pa
 

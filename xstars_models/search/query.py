@@ -212,12 +212,14 @@ class SearchIndex:
         return best[1]
 
     def row_vectors(self, ids: np.ndarray) -> np.ndarray:
-        """The dataset's rows ``ids`` as unit vectors in the search's space (len(ids) x D)."""
-        out = []
-        for number, local in self._by_part(np.asarray(ids, np.int64)):
+        """The dataset's rows ``ids`` as unit vectors in the search's space (len(ids) x D), in the
+        order of ``ids``."""
+        pieces, order = [], []
+        for number, local, at in self._by_part(np.asarray(ids, np.int64)):
             part = self.parts[number]
-            out.append(self.space.index_vectors(self.dataset.vectors(part)[local], part.sensor, part.whitened))
-        return np.concatenate(out)
+            pieces.append(self.space.index_vectors(self.dataset.vectors(part)[local], part.sensor, part.whitened))
+            order.append(at)
+        return np.concatenate(pieces)[np.argsort(np.concatenate(order))]
 
     # ---- ranking -------------------------------------------------------------------------
 
@@ -261,9 +263,9 @@ class SearchIndex:
         keep = ids >= 0
         ids = ids[keep]
         pieces, order = [], []
-        for number, local in self._by_part(ids):
+        for number, local, at in self._by_part(ids):
             pieces.append(self.dataset.table(self.parts[number]).take(pa.array(local)))
-            order.append(np.flatnonzero(np.searchsorted(self.offsets, ids, side="right") - 1 == number))
+            order.append(at)
         first = pieces[0] if pieces else self.dataset.table(self.parts[0])
         schema = pa.schema([first.schema.field(c) for c in ROW_COLUMNS])  # without the parts' footers
         table = pa.concat_tables([p.cast(schema) for p in pieces]) if pieces else schema.empty_table()
@@ -309,10 +311,14 @@ class SearchIndex:
         scores, ids = self.nearest(vectors[:1], k, where)
         return SearchResult(self.rows(ids[0], scores[0]), query, self.report, self.dataset.root)
 
-    def _by_part(self, ids: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """(part number, row indices in it) of ``ids``, part by part."""
+    def _by_part(self, ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """``ids`` part by part: (part number, row indices in it, their positions in ``ids``)."""
         numbers = np.searchsorted(self.offsets, ids, side="right") - 1
-        return [(int(n), ids[numbers == n] - self.offsets[n]) for n in np.unique(numbers)]
+        found = []
+        for n in np.unique(numbers):
+            at = np.flatnonzero(numbers == n)
+            found.append((int(n), ids[at] - self.offsets[n], at))
+        return found
 
 
 def search(dataset: str | os.PathLike[str], *, image: Any = None, sensor: str | None = None,

@@ -23,6 +23,7 @@ from ..errors import MissingExtraError
 from ..io import read_json
 from ..io.lock import output_lock
 from ..model import XStarsBase
+from ..scenes.embed import output_tags
 from ..scenes.tiles import SceneGrid
 from ..scenes.tiling import default_tile
 from .manifest import MANIFEST, Manifest, MapRecord, PartRecord
@@ -250,23 +251,16 @@ class _Run:
         parts = self.manifest.data["parts"]
         precisions = {parts[f"{key}/{block}"].get("precision", "") for block in range(scene.blocks)}
         files = self.model_info["files"]
-        tags = {
-            "xstars_sensor": self.sensor,
-            "xstars_scene_id": scene_id,
-            "xstars_model": self.ref.name,
-            "xstars_model_sha256": files[WEIGHTS_NAME],
-            "xstars_patch_px": str(self.patch_px),
-            "xstars_tile_px": str(self.settings["tile_px"]),
-            "xstars_overlap_px": str(self.options.scene.overlap),
-            "xstars_precision": ",".join(sorted(precisions - {""})),  # what ran; several if workers differed
-            RUN_TAG: json.dumps(self._run_tag(key), sort_keys=True),
-        }
+        weights = {"xstars_model_sha256": files[WEIGHTS_NAME]}
         if stem_file_name(self.sensor) in files:
-            tags["xstars_stem_sha256"] = files[stem_file_name(self.sensor)]
-        if self.ref.revision:
-            tags["xstars_revision"] = self.ref.revision
-        if scene.grid.resample_scale is not None:
-            tags["xstars_resample_scale"] = " ".join(f"{v:.6g}" for v in scene.grid.resample_scale)
+            weights["xstars_stem_sha256"] = files[stem_file_name(self.sensor)]
+        tags = output_tags(
+            sensor=self.sensor, model=self.ref.name, revision=self.ref.revision, weights=weights,
+            patch_px=self.patch_px, tile_px=self.settings["tile_px"], overlap_px=self.options.scene.overlap,
+            precision=",".join(sorted(precisions - {""})),  # what ran; several if workers differed
+            resample_scale=scene.grid.resample_scale,
+        )
+        tags.update({"xstars_scene_id": scene_id, RUN_TAG: json.dumps(self._run_tag(key), sort_keys=True)})
         return MapTask(key, str(self.dataset), self.sensor, scene_id, scene.blocks,
                        bool(self.options.scene.overviews), tags)
 

@@ -248,6 +248,30 @@ def _crs_wkt(scene: Scene) -> str | None:
     return scene.crs.to_wkt() if scene.crs is not None else None
 
 
+def output_tags(*, sensor: str, model: str, revision: str | None, weights: dict[str, str], patch_px: int,
+                tile_px: int, overlap_px: int, precision: str,
+                resample_scale: tuple[float, float] | None) -> dict[str, str]:
+    """The tags a scene's outputs carry (a map's GDAL tags; without the ``xstars_`` prefix, the
+    GeoParquet's ``xstars`` metadata), whether ``embed_scene`` or a collection run wrote them:
+    sensor, model id and ``revision``, the ``weights`` tags (``xstars_model_sha256`` and, for a
+    sensor other than the primary one, ``xstars_stem_sha256``), the tiling in pixels at the
+    sensor's GSD, the ``precision`` that ran and the ``resample_scale`` of resampled reads."""
+    tags = {
+        "xstars_sensor": sensor,
+        "xstars_model": model,
+        "xstars_patch_px": str(patch_px),
+        "xstars_tile_px": str(tile_px),
+        "xstars_overlap_px": str(overlap_px),
+        "xstars_precision": precision,
+        **weights,
+    }
+    if revision:
+        tags["xstars_revision"] = str(revision)
+    if resample_scale is not None:
+        tags["xstars_resample_scale"] = f"{resample_scale[0]:.6g} {resample_scale[1]:.6g}"
+    return tags
+
+
 def _writer(
     model: XStarsBase, sensor: str, source: Any, scene: Scene, plan: Plan, partial: Partial, options: SceneOptions,
     device: torch.device,
@@ -255,20 +279,15 @@ def _writer(
     """The writer of ``options.output``, with the metadata that the output records (model id,
     revision and weights sha256, sensor, tiling in pixels at the sensor's GSD: the COG's tags, or
     the same without the ``xstars_`` prefix in the GeoParquet's ``xstars`` metadata)."""
-    tags = {
-        "xstars_sensor": sensor,
-        "xstars_model": str(getattr(model, "name_or_path", None) or model.arch),
-        "xstars_patch_px": str(plan.patch_px),
-        "xstars_tile_px": str(options.tile),
-        "xstars_overlap_px": str(options.overlap),
-        "xstars_precision": options.precision,  # what ran; SceneResult.precision says why
-        "xstars_source": Path(scene.what).name if not isinstance(source, np.ndarray) else scene.what,
-    }
-    if getattr(model, "revision", None):
-        tags["xstars_revision"] = str(model.revision)
-    tags.update(_weights_sha256(model, sensor))
-    if scene.scale is not None:
-        tags["xstars_resample_scale"] = f"{scene.scale[0]:.6g} {scene.scale[1]:.6g}"
+    assert options.tile is not None  # embed_scene replaced it with the tile that runs
+    tags = output_tags(
+        sensor=sensor, model=str(getattr(model, "name_or_path", None) or model.arch),
+        revision=getattr(model, "revision", None), weights=_weights_sha256(model, sensor), patch_px=plan.patch_px,
+        tile_px=options.tile, overlap_px=options.overlap,
+        precision=options.precision,  # what ran; SceneResult.precision says why
+        resample_scale=scene.scale,
+    )
+    tags["xstars_source"] = Path(scene.what).name if not isinstance(source, np.ndarray) else scene.what
     if options.output == "map":
         prefix = model.trunk.num_prefix_tokens
         return MapWriter(plan, scene, model.embed_dim, prefix, device, partial, tags, options.overviews)
